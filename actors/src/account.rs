@@ -1,0 +1,274 @@
+//! Account actors: one ractor actor per *active* account owns its live
+//! balance and reservations. The [`Registry`] spawns an actor on first use
+//! (loading the committed balance from redb) and retires it after an idle
+//! period, so a ledger with millions of accounts on disk runs only as many
+//! actors as are busy.
+//!
+//! A live balance has one writer, its actor. Retiring is safe because the
+//! registry counts messages on their way to each actor: an actor leaves only
+//! when none are in flight and it holds no reservation, so nothing it owned is
+//! lost, and its successor reloads a balance that already includes every
+//! commit it saw (credits carry their commit number to avoid double counting).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tapledger_protocol::{AccountId, TxKey};
+use tokio::sync::Mutex;
+
+use crate::core::book::AccountBook;
+use crate::error::LedgerError;
+use crate::matcher::MatcherMsg;
+use crate::store::Store;
+
+/// How long a retiring actor may take to stop before shutdown moves on.
+const ACTOR_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub enum AccountMsg {
+    /// Reserve `amount` for the settlement of `tx_key` and tell `reply_to`.
+    Reserve {
+        tx_key: TxKey,
+        amount: u64,
+        reply_to: ActorRef<MatcherMsg>,
+    },
+    /// The reserved settlement committed in `commit`.
+    Debit { amount: u64, commit: u64 },
+    /// The reserved settlement did not commit.
+    Release { amount: u64 },
+    /// Money arrived in `commit`.
+    Credit { amount: u64, commit: u64 },
+    /// Live (balance, reserved).
+    Inspect(RpcReplyPort<(u64, u64)>),
+    /// Sent by the idle sweep, outside the in-flight count: stop if idle.
+    Retire,
+}
+
+pub struct AccountActor;
+
+pub struct AccountState {
+    book: AccountBook,
+    /// Messages sent through the registry and not yet handled.
+    inflight: Arc<AtomicU64>,
+    registry: Arc<Registry>,
+}
+
+impl Actor for AccountActor {
+    type Msg = AccountMsg;
+    type State = AccountState;
+    type Arguments = AccountState;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<AccountMsg>,
+        state: AccountState,
+    ) -> Result<AccountState, ActorProcessingErr> {
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<AccountMsg>,
+        message: AccountMsg,
+        state: &mut AccountState,
+    ) -> Result<(), ActorProcessingErr> {
+        if !matches!(message, AccountMsg::Retire) {
+            state.inflight.fetch_sub(1, Ordering::AcqRel);
+        }
+        match message {
+            AccountMsg::Reserve {
+                tx_key,
+                amount,
+                reply_to,
+            } => {
+                let result = state.book.reserve(amount);
+                let sender = state.book.account;
+                // A matcher that is gone is shutting down: the reservation dies with the process state.
+                let _ = reply_to.send_message(MatcherMsg::Reserved {
+                    tx_key,
+                    sender,
+                    amount,
+                    result,
+                });
+            }
+            AccountMsg::Debit { amount, commit } => state.book.debit(amount, commit),
+            AccountMsg::Release { amount } => state.book.release(amount),
+            AccountMsg::Credit { amount, commit } => {
+                state.book.credit(amount, commit);
+            }
+            AccountMsg::Inspect(reply) => {
+                let _ = reply.send((state.book.balance(), state.book.reserved()));
+            }
+            AccountMsg::Retire => {
+                if state.book.reserved() == 0
+                    && state
+                        .registry
+                        .remove_if_idle(state.book.account, &myself)
+                        .await
+                {
+                    myself.stop(None);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Entry {
+    actor: ActorRef<AccountMsg>,
+    inflight: Arc<AtomicU64>,
+    last_used: Instant,
+}
+
+/// The live account actors, by account id.
+pub struct Registry {
+    store: Arc<Store>,
+    entries: Mutex<HashMap<AccountId, Entry>>,
+    live: AtomicUsize,
+    spawned: AtomicU64,
+}
+
+impl Registry {
+    pub fn new(store: Arc<Store>) -> Arc<Registry> {
+        Arc::new(Registry {
+            store,
+            entries: Mutex::new(HashMap::new()),
+            live: AtomicUsize::new(0),
+            spawned: AtomicU64::new(0),
+        })
+    }
+
+    /// Account actors alive now.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Account actors started since the ledger opened.
+    pub fn spawned(&self) -> u64 {
+        self.spawned.load(Ordering::Relaxed)
+    }
+
+    /// Sends `message` to `account`'s actor, starting it if it is not live.
+    pub async fn send(
+        self: &Arc<Self>,
+        account: AccountId,
+        message: AccountMsg,
+    ) -> Result<(), LedgerError> {
+        let mut entries = self.entries.lock().await;
+        let mut message = message;
+        for _attempt in 0..2 {
+            if !entries.contains_key(&account) {
+                let entry = self.spawn(account).await?;
+                entries.insert(account, entry);
+            }
+            let entry = entries.get_mut(&account).expect("just inserted");
+            entry.last_used = Instant::now();
+            entry.inflight.fetch_add(1, Ordering::AcqRel);
+            match entry.actor.send_message(message) {
+                Ok(()) => return Ok(()),
+                Err(ractor::MessagingErr::SendErr(returned)) => {
+                    // The actor died (only a broken invariant does that); start afresh.
+                    tracing::error!(account, "account actor died; restarting it from storage");
+                    entries.remove(&account);
+                    self.live.fetch_sub(1, Ordering::Relaxed);
+                    message = returned;
+                }
+                Err(other) => {
+                    return Err(LedgerError::Invalid(format!(
+                        "account {account} actor: {other}"
+                    )));
+                }
+            }
+        }
+        Err(LedgerError::Invalid(format!(
+            "account {account} actor cannot be started"
+        )))
+    }
+
+    /// Sends `message` only if `account` has a live actor. Used for credits:
+    /// an account without a live actor will load the credit from storage.
+    pub async fn send_if_live(&self, account: AccountId, message: AccountMsg) {
+        let mut entries = self.entries.lock().await;
+        if let Some(entry) = entries.get_mut(&account) {
+            entry.inflight.fetch_add(1, Ordering::AcqRel);
+            if entry.actor.send_message(message).is_err() {
+                entry.inflight.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    async fn spawn(self: &Arc<Self>, account: AccountId) -> Result<Entry, LedgerError> {
+        let (balance, commit) = self
+            .store
+            .balance_at_commit(account)?
+            .ok_or(LedgerError::UnknownAccount(account))?;
+        let inflight = Arc::new(AtomicU64::new(0));
+        let state = AccountState {
+            book: AccountBook::new(account, balance, commit),
+            inflight: inflight.clone(),
+            registry: self.clone(),
+        };
+        let (actor, _join) = Actor::spawn(None, AccountActor, state)
+            .await
+            .map_err(|error| {
+                LedgerError::Invalid(format!("cannot start actor for account {account}: {error}"))
+            })?;
+        self.live.fetch_add(1, Ordering::Relaxed);
+        self.spawned.fetch_add(1, Ordering::Relaxed);
+        Ok(Entry {
+            actor,
+            inflight,
+            last_used: Instant::now(),
+        })
+    }
+
+    /// Asks every actor unused for `idle` to retire.
+    pub async fn sweep_idle(&self, idle: Duration) {
+        let entries = self.entries.lock().await;
+        let now = Instant::now();
+        for entry in entries.values() {
+            if now.duration_since(entry.last_used) >= idle {
+                let _ = entry.actor.send_message(AccountMsg::Retire);
+            }
+        }
+    }
+
+    /// Called by an actor that wants to retire: removes it if no message is on
+    /// its way to it. After this returns true no one can reach the actor.
+    async fn remove_if_idle(&self, account: AccountId, actor: &ActorRef<AccountMsg>) -> bool {
+        let mut entries = self.entries.lock().await;
+        match entries.get(&account) {
+            Some(entry)
+                if entry.actor.get_id() == actor.get_id()
+                    && entry.inflight.load(Ordering::Acquire) == 0 =>
+            {
+                entries.remove(&account);
+                self.live.fetch_sub(1, Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Live (balance, reserved) of `account`, starting its actor if needed.
+    pub async fn inspect(self: &Arc<Self>, account: AccountId) -> Result<(u64, u64), LedgerError> {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        self.send(account, AccountMsg::Inspect(RpcReplyPort::from(sender)))
+            .await?;
+        receiver.await.map_err(|_| LedgerError::Closed)
+    }
+
+    /// Stops every actor and waits for each.
+    pub async fn stop_all(&self) {
+        let actors: Vec<ActorRef<AccountMsg>> = {
+            let mut entries = self.entries.lock().await;
+            self.live.store(0, Ordering::Relaxed);
+            entries.drain().map(|(_, entry)| entry.actor).collect()
+        };
+        for actor in actors {
+            let _ = actor.stop_and_wait(None, Some(ACTOR_STOP_TIMEOUT)).await;
+        }
+    }
+}

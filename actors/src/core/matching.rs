@@ -1,0 +1,676 @@
+//! The matcher's decisions as a deterministic state machine: halves in, effects
+//! out. It pairs halves by `tx_key`, applies the rules, tracks who is waiting
+//! for which key and when each lone half expires.
+//!
+//! It never reads a clock, touches storage or awaits: time arrives as an
+//! argument, and everything that must happen outside (persist, reserve, debit,
+//! credit) leaves as an [`Effect`]. Callers waiting on a half are a generic
+//! [`Waiter`], so tests use plain recorders and the actor uses channels.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use tapledger_protocol::{
+    AccountId, Half, Outcome, ReceiveHalf, RejectCode, SendHalf, Side, Stamped, Timestamp, TxKey,
+};
+
+use super::rules::{self, HalfContext};
+use crate::error::LedgerError;
+
+/// How many recent outcomes each matcher keeps in memory to answer replays
+/// without a storage round trip. Older ones are found in redb.
+pub const RECENT_OUTCOMES_MAX: usize = 65_536;
+
+/// How a submission ended, as seen by the phone that sent the half.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    /// The key's final outcome (this half is one of the halves it recorded).
+    Final(Arc<Outcome>),
+    /// This half was refused; the key's own state is unchanged.
+    Refused(RejectCode),
+}
+
+/// Someone waiting on a half: first to hear that it is durably pending, then
+/// for its resolution.
+pub trait Waiter {
+    /// The half is durable and waits for its partner.
+    fn accepted(&mut self);
+    /// The submission is over.
+    fn finish(self, result: Result<Resolution, LedgerError>);
+}
+
+/// A lone half as stored while it waits for its partner.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum PendingHalf {
+    Send(Stamped<SendHalf>),
+    Receive(Stamped<ReceiveHalf>),
+}
+
+impl PendingHalf {
+    pub fn tx_key(&self) -> TxKey {
+        match self {
+            PendingHalf::Send(stamped) => stamped.half.tx_key,
+            PendingHalf::Receive(stamped) => stamped.half.tx_key,
+        }
+    }
+    pub fn received_at(&self) -> Timestamp {
+        match self {
+            PendingHalf::Send(stamped) => stamped.received_at,
+            PendingHalf::Receive(stamped) => stamped.received_at,
+        }
+    }
+    pub fn party(&self) -> AccountId {
+        match self {
+            PendingHalf::Send(stamped) => stamped.half.sender_id,
+            PendingHalf::Receive(stamped) => stamped.half.receiver_id,
+        }
+    }
+}
+
+/// A final decision the matcher hands to storage. Storage stamps the time,
+/// reads the balances before the move and refuses it if the key already has an
+/// outcome.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Settle {
+        send: Stamped<SendHalf>,
+        receive: Stamped<ReceiveHalf>,
+    },
+    Reject {
+        tx_key: TxKey,
+        code: RejectCode,
+        send: Option<Stamped<SendHalf>>,
+        receive: Option<Stamped<ReceiveHalf>>,
+        sender_balance: Option<u64>,
+    },
+}
+
+impl Decision {
+    pub fn tx_key(&self) -> TxKey {
+        match self {
+            Decision::Settle { send, .. } => send.half.tx_key,
+            Decision::Reject { tx_key, .. } => *tx_key,
+        }
+    }
+}
+
+/// Work the matcher asks for. Results come back through
+/// [`Matcher::on_reserved`] and [`Matcher::on_committed`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Make this lone half durable as pending.
+    StorePending(PendingHalf),
+    /// Make this decision durable. `reserved` names the sender's reservation it
+    /// holds, to be debited if it commits and released otherwise.
+    Decide {
+        decision: Decision,
+        reserved: Option<(AccountId, u64)>,
+    },
+    /// Ask the sender's account to reserve `amount` for `tx_key`.
+    Reserve {
+        tx_key: TxKey,
+        sender: AccountId,
+        amount: u64,
+    },
+    /// A committed settlement: turn the sender's reservation into a debit.
+    Debit {
+        account: AccountId,
+        amount: u64,
+        commit: u64,
+    },
+    /// The reservation's settlement did not commit: give the money back.
+    Release { account: AccountId, amount: u64 },
+    /// A committed settlement: credit the receiver's live balance.
+    Credit {
+        account: AccountId,
+        amount: u64,
+        commit: u64,
+    },
+}
+
+/// What storage reported for one [`Effect::StorePending`] or [`Effect::Decide`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Committed {
+    /// The lone half is durable.
+    PendingStored,
+    /// The lone half was not written: its key reached a decision in the same
+    /// commit, whose own result follows.
+    PendingSkipped,
+    /// The decision was recorded as the key's outcome.
+    Decided(Arc<Outcome>),
+    /// The key already had this outcome; nothing was written.
+    AlreadyFinal(Arc<Outcome>),
+}
+
+/// Which effect a commit result answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Persisted {
+    Pending(Side),
+    Decision { reserved: Option<(AccountId, u64)> },
+}
+
+#[derive(Debug)]
+struct Slot<H, W> {
+    stamped: Stamped<H>,
+    /// True once storage confirmed the half as pending.
+    durable: bool,
+    waiters: Vec<W>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// One half waits for its partner.
+    Waiting,
+    /// Both halves agree; the sender's account is reserving the amount.
+    Reserving,
+    /// A decision is on its way to storage.
+    Deciding,
+}
+
+#[derive(Debug)]
+struct Entry<W> {
+    send: Option<Slot<SendHalf, W>>,
+    receive: Option<Slot<ReceiveHalf, W>>,
+    /// The side that arrived first and waited for its partner; its deadline
+    /// and its party's pending count belong to the entry while `Waiting`.
+    first: Side,
+    phase: Phase,
+}
+
+impl<W> Entry<W> {
+    fn new_send(stamped: Stamped<SendHalf>, durable: bool, waiters: Vec<W>) -> Entry<W> {
+        Entry {
+            send: Some(Slot {
+                stamped,
+                durable,
+                waiters,
+            }),
+            receive: None,
+            first: Side::Send,
+            phase: Phase::Waiting,
+        }
+    }
+
+    fn new_receive(stamped: Stamped<ReceiveHalf>, durable: bool, waiters: Vec<W>) -> Entry<W> {
+        Entry {
+            send: None,
+            receive: Some(Slot {
+                stamped,
+                durable,
+                waiters,
+            }),
+            first: Side::Receive,
+            phase: Phase::Waiting,
+        }
+    }
+
+    /// The first half's expiry time and party.
+    fn first_deadline_and_party(&self, half_ttl_micros: u64) -> (Timestamp, AccountId) {
+        let (received_at, party) = match self.first {
+            Side::Send => {
+                let slot = self.send.as_ref().expect("first half present");
+                (slot.stamped.received_at, slot.stamped.half.sender_id)
+            }
+            Side::Receive => {
+                let slot = self.receive.as_ref().expect("first half present");
+                (slot.stamped.received_at, slot.stamped.half.receiver_id)
+            }
+        };
+        (received_at.saturating_add_micros(half_ttl_micros), party)
+    }
+
+    fn waiters(self) -> impl Iterator<Item = (Half, W)> {
+        let send = self.send.into_iter().flat_map(|slot| {
+            let half = Half::Send(slot.stamped.half);
+            slot.waiters
+                .into_iter()
+                .map(move |waiter| (half.clone(), waiter))
+        });
+        let receive = self.receive.into_iter().flat_map(|slot| {
+            let half = Half::Receive(slot.stamped.half);
+            slot.waiters
+                .into_iter()
+                .map(move |waiter| (half.clone(), waiter))
+        });
+        send.chain(receive)
+    }
+}
+
+/// Limits and settings of one matcher.
+#[derive(Clone, Copy, Debug)]
+pub struct MatcherConfig {
+    pub half_ttl_micros: u64,
+    /// Lone halves one account may have waiting in this matcher.
+    pub pending_halves_per_account_max: u32,
+}
+
+/// The pairing state of one matcher shard.
+pub struct Matcher<W> {
+    config: MatcherConfig,
+    entries: HashMap<TxKey, Entry<W>>,
+    /// Lone halves by expiry time. Invariant: holds exactly the entries in
+    /// phase `Waiting`, at their lone half's deadline.
+    deadlines: BTreeSet<(Timestamp, TxKey)>,
+    /// Lone halves per account, counted against the per-account cap.
+    pending_per_account: HashMap<AccountId, u32>,
+    recent: HashMap<TxKey, Arc<Outcome>>,
+    recent_order: VecDeque<TxKey>,
+}
+
+impl<W: Waiter> Matcher<W> {
+    pub fn new(config: MatcherConfig) -> Matcher<W> {
+        Matcher {
+            config,
+            entries: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            pending_per_account: HashMap::new(),
+            recent: HashMap::new(),
+            recent_order: VecDeque::new(),
+        }
+    }
+
+    /// Restores a half that was durably pending before a restart, with its
+    /// original receive time (and so its original deadline).
+    pub fn restore(&mut self, pending: PendingHalf) {
+        let tx_key = pending.tx_key();
+        assert!(
+            !self.entries.contains_key(&tx_key),
+            "pending half {tx_key} restored twice"
+        );
+        let entry = match pending {
+            PendingHalf::Send(stamped) => Entry::new_send(stamped, true, Vec::new()),
+            PendingHalf::Receive(stamped) => Entry::new_receive(stamped, true, Vec::new()),
+        };
+        self.add_waiting(tx_key, entry);
+    }
+
+    /// Number of keys this matcher tracks (waiting, reserving or deciding).
+    pub fn keys_in_flight(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Number of lone halves waiting for a partner.
+    pub fn lone_halves(&self) -> usize {
+        self.deadlines.len()
+    }
+
+    /// The earliest time at which [`Matcher::expire_due`] has work.
+    pub fn next_deadline(&self) -> Option<Timestamp> {
+        self.deadlines.first().map(|(deadline, _)| *deadline)
+    }
+
+    /// A half arrives at node time `now`.
+    pub fn submit(
+        &mut self,
+        now: Timestamp,
+        context: &HalfContext,
+        half: Half,
+        waiter: W,
+    ) -> Vec<Effect> {
+        if let Err(code) = rules::check_half(&half, context) {
+            waiter.finish(Ok(Resolution::Refused(code)));
+            return Vec::new();
+        }
+        let tx_key = half.tx_key();
+        if let Some(outcome) = self.recent.get(&tx_key) {
+            waiter.finish(Ok(resolve_against(outcome, &half)));
+            return Vec::new();
+        }
+        let Some(entry) = self.entries.get_mut(&tx_key) else {
+            return self.start_entry(now, half, waiter);
+        };
+        // A half for a key already in flight: identical (join), conflicting
+        // (refuse), or the missing partner (pair).
+        match half {
+            Half::Send(send) => match &mut entry.send {
+                Some(slot) => join_or_refuse(slot, &send, waiter),
+                None if entry.phase == Phase::Waiting => {
+                    entry.send = Some(Slot {
+                        stamped: Stamped {
+                            half: send,
+                            received_at: now,
+                        },
+                        durable: false,
+                        waiters: vec![waiter],
+                    });
+                    self.pair(tx_key)
+                }
+                None => refuse(waiter, RejectCode::TxKeyAlreadyUsed),
+            },
+            Half::Receive(receive) => match &mut entry.receive {
+                Some(slot) => join_or_refuse(slot, &receive, waiter),
+                None if entry.phase == Phase::Waiting => {
+                    entry.receive = Some(Slot {
+                        stamped: Stamped {
+                            half: receive,
+                            received_at: now,
+                        },
+                        durable: false,
+                        waiters: vec![waiter],
+                    });
+                    self.pair(tx_key)
+                }
+                None => refuse(waiter, RejectCode::TxKeyAlreadyUsed),
+            },
+        }
+    }
+
+    fn start_entry(&mut self, now: Timestamp, half: Half, waiter: W) -> Vec<Effect> {
+        let party = half.party();
+        let waiting = self.pending_per_account.get(&party).copied().unwrap_or(0);
+        if waiting >= self.config.pending_halves_per_account_max {
+            return refuse(waiter, RejectCode::TooManyPending);
+        }
+        let tx_key = half.tx_key();
+        let (entry, pending) = match half {
+            Half::Send(send) => {
+                let stamped = Stamped {
+                    half: send,
+                    received_at: now,
+                };
+                (
+                    Entry::new_send(stamped.clone(), false, vec![waiter]),
+                    PendingHalf::Send(stamped),
+                )
+            }
+            Half::Receive(receive) => {
+                let stamped = Stamped {
+                    half: receive,
+                    received_at: now,
+                };
+                (
+                    Entry::new_receive(stamped.clone(), false, vec![waiter]),
+                    PendingHalf::Receive(stamped),
+                )
+            }
+        };
+        self.add_waiting(tx_key, entry);
+        vec![Effect::StorePending(pending)]
+    }
+
+    fn add_waiting(&mut self, tx_key: TxKey, entry: Entry<W>) {
+        let (deadline, party) = entry.first_deadline_and_party(self.config.half_ttl_micros);
+        self.deadlines.insert((deadline, tx_key));
+        *self.pending_per_account.entry(party).or_insert(0) += 1;
+        self.entries.insert(tx_key, entry);
+    }
+
+    /// Takes an entry in phase `Waiting` out of the lone-half bookkeeping.
+    fn leave_waiting(&mut self, tx_key: TxKey) {
+        let entry = self.entries.get(&tx_key).expect("entry exists");
+        assert_eq!(entry.phase, Phase::Waiting, "entry {tx_key} is waiting");
+        let (deadline, party) = entry.first_deadline_and_party(self.config.half_ttl_micros);
+        assert!(
+            self.deadlines.remove(&(deadline, tx_key)),
+            "deadline of {tx_key} missing"
+        );
+        self.uncount_pending(party);
+    }
+
+    fn uncount_pending(&mut self, party: AccountId) {
+        let count = self
+            .pending_per_account
+            .get_mut(&party)
+            .expect("pending count exists");
+        *count -= 1;
+        if *count == 0 {
+            self.pending_per_account.remove(&party);
+        }
+    }
+
+    /// Both halves are present: decide what they say together.
+    fn pair(&mut self, tx_key: TxKey) -> Vec<Effect> {
+        self.leave_waiting(tx_key);
+        let entry = self.entries.get_mut(&tx_key).expect("entry exists");
+        let send = &entry.send.as_ref().expect("send half").stamped;
+        let receive = &entry.receive.as_ref().expect("receive half").stamped;
+        match rules::check_pair(&send.half, &receive.half) {
+            Ok(()) => {
+                entry.phase = Phase::Reserving;
+                vec![Effect::Reserve {
+                    tx_key,
+                    sender: send.half.sender_id,
+                    amount: send.half.amount,
+                }]
+            }
+            Err(code) => {
+                entry.phase = Phase::Deciding;
+                let decision = Decision::Reject {
+                    tx_key,
+                    code,
+                    send: Some(send.clone()),
+                    receive: Some(receive.clone()),
+                    sender_balance: None,
+                };
+                vec![Effect::Decide {
+                    decision,
+                    reserved: None,
+                }]
+            }
+        }
+    }
+
+    /// The sender's account answered a reservation: `Ok` if it holds the
+    /// amount, `Err(available)` if it could not.
+    pub fn on_reserved(
+        &mut self,
+        tx_key: TxKey,
+        sender: AccountId,
+        amount: u64,
+        result: Result<(), u64>,
+    ) -> Vec<Effect> {
+        let entry = match self.entries.get_mut(&tx_key) {
+            Some(entry) if entry.phase == Phase::Reserving => entry,
+            // The key was resolved meanwhile (storage reported an older outcome):
+            // give back what was reserved.
+            _ => {
+                return match result {
+                    Ok(()) => vec![Effect::Release {
+                        account: sender,
+                        amount,
+                    }],
+                    Err(_) => Vec::new(),
+                };
+            }
+        };
+        entry.phase = Phase::Deciding;
+        let send = entry.send.as_ref().expect("send half").stamped.clone();
+        let receive = entry
+            .receive
+            .as_ref()
+            .expect("receive half")
+            .stamped
+            .clone();
+        debug_assert_eq!((send.half.sender_id, send.half.amount), (sender, amount));
+        match result {
+            Ok(()) => vec![Effect::Decide {
+                decision: Decision::Settle { send, receive },
+                reserved: Some((sender, amount)),
+            }],
+            Err(available) => vec![Effect::Decide {
+                decision: Decision::Reject {
+                    tx_key,
+                    code: RejectCode::InsufficientFunds,
+                    send: Some(send),
+                    receive: Some(receive),
+                    sender_balance: Some(available),
+                },
+                reserved: None,
+            }],
+        }
+    }
+
+    /// Storage answered an effect. `commit` is the sequence number of the
+    /// commit that held it.
+    pub fn on_committed(
+        &mut self,
+        tx_key: TxKey,
+        persisted: Persisted,
+        commit: u64,
+        result: Result<Committed, LedgerError>,
+    ) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        match (persisted, result) {
+            (Persisted::Pending(side), Ok(Committed::PendingStored)) => {
+                if let Some(entry) = self.entries.get_mut(&tx_key) {
+                    let waiters = match side {
+                        Side::Send => entry.send.as_mut().map(|slot| {
+                            slot.durable = true;
+                            &mut slot.waiters
+                        }),
+                        Side::Receive => entry.receive.as_mut().map(|slot| {
+                            slot.durable = true;
+                            &mut slot.waiters
+                        }),
+                    };
+                    for waiter in waiters.into_iter().flatten() {
+                        waiter.accepted();
+                    }
+                }
+            }
+            (Persisted::Pending(_), Ok(Committed::PendingSkipped)) => {}
+            (Persisted::Pending(_), Ok(Committed::AlreadyFinal(outcome))) => {
+                self.resolve(tx_key, &outcome)
+            }
+            (Persisted::Decision { reserved }, Ok(Committed::Decided(outcome))) => {
+                if let Outcome::Settled(settlement) = &*outcome {
+                    let (sender, amount) = reserved.expect("a settlement holds a reservation");
+                    assert_eq!(
+                        (sender, amount),
+                        (settlement.sender(), settlement.amount()),
+                        "settlement {tx_key} debits what was reserved"
+                    );
+                    effects.push(Effect::Debit {
+                        account: sender,
+                        amount,
+                        commit,
+                    });
+                    effects.push(Effect::Credit {
+                        account: settlement.receiver(),
+                        amount,
+                        commit,
+                    });
+                } else if let Some((account, amount)) = reserved {
+                    effects.push(Effect::Release { account, amount });
+                }
+                self.resolve(tx_key, &outcome);
+            }
+            (Persisted::Decision { reserved }, Ok(Committed::AlreadyFinal(outcome))) => {
+                if let Some((account, amount)) = reserved {
+                    effects.push(Effect::Release { account, amount });
+                }
+                self.resolve(tx_key, &outcome);
+            }
+            (
+                Persisted::Decision { .. },
+                Ok(other @ (Committed::PendingStored | Committed::PendingSkipped)),
+            ) => {
+                unreachable!("decision for {tx_key} answered with {other:?}")
+            }
+            (Persisted::Pending(_), Ok(Committed::Decided(_))) => {
+                unreachable!("pending half for {tx_key} answered with a decision")
+            }
+            (persisted, Err(error)) => {
+                if let Persisted::Decision {
+                    reserved: Some((account, amount)),
+                } = persisted
+                {
+                    effects.push(Effect::Release { account, amount });
+                }
+                if let Some(entry) = self.remove_entry(tx_key) {
+                    for (_, waiter) in entry.waiters() {
+                        waiter.finish(Err(error.clone()));
+                    }
+                }
+            }
+        }
+        effects
+    }
+
+    /// Every lone half whose deadline is at or before `now` becomes a decision
+    /// to record it as expired (code 500).
+    pub fn expire_due(&mut self, now: Timestamp) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        while let Some(&(deadline, tx_key)) = self.deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            self.leave_waiting(tx_key);
+            let entry = self.entries.get_mut(&tx_key).expect("waiting entry exists");
+            entry.phase = Phase::Deciding;
+            let decision = Decision::Reject {
+                tx_key,
+                code: RejectCode::Expired,
+                send: entry.send.as_ref().map(|slot| slot.stamped.clone()),
+                receive: entry.receive.as_ref().map(|slot| slot.stamped.clone()),
+                sender_balance: None,
+            };
+            effects.push(Effect::Decide {
+                decision,
+                reserved: None,
+            });
+        }
+        effects
+    }
+
+    /// Ends every submission for `tx_key` against its final outcome.
+    fn resolve(&mut self, tx_key: TxKey, outcome: &Arc<Outcome>) {
+        if let Some(entry) = self.remove_entry(tx_key) {
+            for (half, waiter) in entry.waiters() {
+                waiter.finish(Ok(resolve_against(outcome, &half)));
+            }
+        }
+        self.remember(tx_key, outcome.clone());
+    }
+
+    fn remove_entry(&mut self, tx_key: TxKey) -> Option<Entry<W>> {
+        if self.entries.get(&tx_key)?.phase == Phase::Waiting {
+            self.leave_waiting(tx_key);
+        }
+        self.entries.remove(&tx_key)
+    }
+
+    fn remember(&mut self, tx_key: TxKey, outcome: Arc<Outcome>) {
+        if self.recent.insert(tx_key, outcome).is_none() {
+            self.recent_order.push_back(tx_key);
+            if self.recent_order.len() > RECENT_OUTCOMES_MAX {
+                let oldest = self.recent_order.pop_front().expect("not empty");
+                self.recent.remove(&oldest);
+            }
+        }
+    }
+}
+
+/// What a half hears about a key that already has `outcome`: the outcome if it
+/// is the half recorded for its side, otherwise 700.
+fn resolve_against(outcome: &Arc<Outcome>, half: &Half) -> Resolution {
+    if outcome.recorded(half) {
+        Resolution::Final(outcome.clone())
+    } else {
+        Resolution::Refused(RejectCode::TxKeyAlreadyUsed)
+    }
+}
+
+fn join_or_refuse<H: PartialEq, W: Waiter>(
+    slot: &mut Slot<H, W>,
+    half: &H,
+    mut waiter: W,
+) -> Vec<Effect> {
+    if &slot.stamped.half != half {
+        return refuse(waiter, RejectCode::ConflictingHalf);
+    }
+    if slot.durable {
+        waiter.accepted();
+    }
+    slot.waiters.push(waiter);
+    Vec::new()
+}
+
+fn refuse<W: Waiter>(waiter: W, code: RejectCode) -> Vec<Effect> {
+    waiter.finish(Ok(Resolution::Refused(code)));
+    Vec::new()
+}
+
+#[cfg(test)]
+#[path = "matching_tests.rs"]
+mod tests;

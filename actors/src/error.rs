@@ -1,0 +1,59 @@
+//! Operational failures of the ledger. Rejections are not errors: they are
+//! outcomes (`tapledger_protocol::Outcome`) or refusals (`Resolution::Refused`).
+
+use std::sync::Arc;
+
+/// A failure of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage: {0}")]
+    Redb(#[from] redb::Error),
+    #[error("the file has schema version {found}, this build reads version {expected}")]
+    SchemaVersion { found: u64, expected: u64 },
+    #[error("the file is not a tapledger ledger (no schema version)")]
+    NotALedger,
+    #[error("stored record could not be decoded: {0}")]
+    Decode(#[from] rmp_serde::decode::Error),
+    #[error("record could not be encoded: {0}")]
+    Encode(#[from] rmp_serde::encode::Error),
+    #[error("an earlier commit failed; the ledger refuses writes until it is reopened")]
+    Poisoned,
+}
+
+macro_rules! redb_error_from {
+    ($($source:ty),*) => {$(
+        impl From<$source> for StoreError {
+            fn from(error: $source) -> StoreError {
+                StoreError::Redb(error.into())
+            }
+        }
+    )*};
+}
+redb_error_from!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+/// Why a ledger request failed. Cheap to clone: one failed commit fails every
+/// request it held.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error(transparent)]
+    Store(Arc<StoreError>),
+    #[error("the ledger is shut down")]
+    Closed,
+    #[error("account {0} does not exist")]
+    UnknownAccount(u64),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+impl From<StoreError> for LedgerError {
+    fn from(error: StoreError) -> LedgerError {
+        LedgerError::Store(Arc::new(error))
+    }
+}

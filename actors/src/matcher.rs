@@ -1,0 +1,290 @@
+//! The matcher actor: a thin shell around [`core::matching::Matcher`]. It
+//! stamps each half with node time, feeds the core, and carries the core's
+//! effects out: intents to the committer, reservations, debits and credits to
+//! account actors. Keys are partitioned across a few matcher shards by
+//! `tx_key`, so both halves of a payment always meet in the same shard.
+
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tapledger_protocol::{AccountId, Half, TxKey};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::account::{AccountMsg, Registry};
+use crate::clock::Clock;
+use crate::committer::{Job, MatcherResults, ReplyTo};
+use crate::core::matching::{
+    Effect, Matcher, MatcherConfig, PendingHalf, Persisted, Resolution, Waiter,
+};
+use crate::core::rules::HalfContext;
+use crate::error::LedgerError;
+use crate::store::Intent;
+
+/// First answer to a submission.
+#[derive(Debug)]
+pub enum Ack {
+    /// The half is durable and waits for its partner.
+    Pending,
+    /// The submission is already over.
+    Done(Resolution),
+}
+
+/// A submitter waiting on two channels: the first answer, then (if the first
+/// was `Pending`) the resolution.
+pub struct ChannelWaiter {
+    ack: Option<oneshot::Sender<Result<Ack, LedgerError>>>,
+    resolution: Option<oneshot::Sender<Result<Resolution, LedgerError>>>,
+}
+
+impl ChannelWaiter {
+    pub fn new() -> (
+        ChannelWaiter,
+        oneshot::Receiver<Result<Ack, LedgerError>>,
+        oneshot::Receiver<Result<Resolution, LedgerError>>,
+    ) {
+        let (ack_sender, ack_receiver) = oneshot::channel();
+        let (resolution_sender, resolution_receiver) = oneshot::channel();
+        (
+            ChannelWaiter {
+                ack: Some(ack_sender),
+                resolution: Some(resolution_sender),
+            },
+            ack_receiver,
+            resolution_receiver,
+        )
+    }
+}
+
+impl Waiter for ChannelWaiter {
+    fn accepted(&mut self) {
+        if let Some(ack) = self.ack.take() {
+            // The submitter may have gone away; the half stays pending regardless.
+            let _ = ack.send(Ok(Ack::Pending));
+        }
+    }
+
+    fn finish(mut self, result: Result<Resolution, LedgerError>) {
+        if let Some(ack) = self.ack.take() {
+            let _ = ack.send(result.map(Ack::Done));
+        } else if let Some(resolution) = self.resolution.take() {
+            let _ = resolution.send(result);
+        }
+    }
+}
+
+pub enum MatcherMsg {
+    Submit {
+        context: HalfContext,
+        half: Half,
+        waiter: ChannelWaiter,
+    },
+    Reserved {
+        tx_key: TxKey,
+        sender: AccountId,
+        amount: u64,
+        result: Result<(), u64>,
+    },
+    Committed {
+        commit: u64,
+        results: MatcherResults,
+    },
+    /// Expire every lone half that is due; `done` hears how many were.
+    ExpireDue {
+        done: Option<oneshot::Sender<usize>>,
+    },
+    /// (keys in flight, lone halves).
+    Stats(oneshot::Sender<(usize, usize)>),
+}
+
+pub struct MatcherActor;
+
+pub struct MatcherArgs {
+    pub shard: usize,
+    pub config: MatcherConfig,
+    pub restored: Vec<PendingHalf>,
+    pub commit_queue: mpsc::Sender<Job>,
+    pub registry: Arc<Registry>,
+    pub clock: Arc<dyn Clock>,
+}
+
+pub struct MatcherState {
+    shard: usize,
+    core: Matcher<ChannelWaiter>,
+    commit_queue: mpsc::Sender<Job>,
+    registry: Arc<Registry>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Actor for MatcherActor {
+    type Msg = MatcherMsg;
+    type State = MatcherState;
+    type Arguments = MatcherArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<MatcherMsg>,
+        args: MatcherArgs,
+    ) -> Result<MatcherState, ActorProcessingErr> {
+        let mut core = Matcher::new(args.config);
+        for pending in args.restored {
+            core.restore(pending);
+        }
+        Ok(MatcherState {
+            shard: args.shard,
+            core,
+            commit_queue: args.commit_queue,
+            registry: args.registry,
+            clock: args.clock,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<MatcherMsg>,
+        message: MatcherMsg,
+        state: &mut MatcherState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            MatcherMsg::Submit {
+                context,
+                half,
+                waiter,
+            } => {
+                let now = state.clock.now();
+                let effects = state.core.submit(now, &context, half, waiter);
+                state.carry_out(&myself, effects).await;
+            }
+            MatcherMsg::Reserved {
+                tx_key,
+                sender,
+                amount,
+                result,
+            } => {
+                let effects = state.core.on_reserved(tx_key, sender, amount, result);
+                state.carry_out(&myself, effects).await;
+            }
+            MatcherMsg::Committed { commit, results } => {
+                for (tx_key, persisted, result) in results {
+                    let effects = state.core.on_committed(tx_key, persisted, commit, result);
+                    state.carry_out(&myself, effects).await;
+                }
+            }
+            MatcherMsg::ExpireDue { done } => {
+                let effects = state.core.expire_due(state.clock.now());
+                let expired = effects.len();
+                state.carry_out(&myself, effects).await;
+                if let Some(done) = done {
+                    let _ = done.send(expired);
+                }
+            }
+            MatcherMsg::Stats(reply) => {
+                let _ = reply.send((state.core.keys_in_flight(), state.core.lone_halves()));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl MatcherState {
+    async fn carry_out(&mut self, myself: &ActorRef<MatcherMsg>, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::StorePending(pending) => {
+                    let tx_key = pending.tx_key();
+                    let side = match &pending {
+                        PendingHalf::Send(_) => tapledger_protocol::Side::Send,
+                        PendingHalf::Receive(_) => tapledger_protocol::Side::Receive,
+                    };
+                    self.commit(
+                        Intent::StorePending(pending),
+                        tx_key,
+                        Persisted::Pending(side),
+                    )
+                    .await;
+                }
+                Effect::Decide { decision, reserved } => {
+                    let tx_key = decision.tx_key();
+                    self.commit(
+                        Intent::Decide(decision),
+                        tx_key,
+                        Persisted::Decision { reserved },
+                    )
+                    .await;
+                }
+                Effect::Reserve {
+                    tx_key,
+                    sender,
+                    amount,
+                } => {
+                    let message = AccountMsg::Reserve {
+                        tx_key,
+                        amount,
+                        reply_to: myself.clone(),
+                    };
+                    if let Err(error) = self.registry.send(sender, message).await {
+                        tracing::error!(%error, %tx_key, sender, "reservation could not be asked for");
+                        // Fail the key's submissions rather than leave them hanging.
+                        let effects = self.core.on_committed(
+                            tx_key,
+                            Persisted::Decision { reserved: None },
+                            0,
+                            Err(error),
+                        );
+                        debug_assert!(effects.is_empty());
+                    }
+                }
+                Effect::Debit {
+                    account,
+                    amount,
+                    commit,
+                } => {
+                    self.to_account(account, AccountMsg::Debit { amount, commit })
+                        .await
+                }
+                Effect::Release { account, amount } => {
+                    self.to_account(account, AccountMsg::Release { amount })
+                        .await
+                }
+                Effect::Credit {
+                    account,
+                    amount,
+                    commit,
+                } => {
+                    self.registry
+                        .send_if_live(account, AccountMsg::Credit { amount, commit })
+                        .await;
+                }
+            }
+        }
+    }
+
+    async fn commit(&mut self, intent: Intent, tx_key: TxKey, persisted: Persisted) {
+        let job = Job {
+            intent,
+            reply: ReplyTo::Matcher {
+                shard: self.shard,
+                tx_key,
+                persisted,
+            },
+        };
+        if self.commit_queue.send(job).await.is_err() {
+            // The committer has stopped: the ledger is closing.
+            let effects = self
+                .core
+                .on_committed(tx_key, persisted, 0, Err(LedgerError::Closed));
+            for effect in effects {
+                if let Effect::Release { account, amount } = effect {
+                    self.to_account(account, AccountMsg::Release { amount })
+                        .await;
+                }
+            }
+        }
+    }
+
+    async fn to_account(&self, account: AccountId, message: AccountMsg) {
+        if let Err(error) = self.registry.send(account, message).await {
+            // Debits and releases go to an actor that holds a reservation, so it is live.
+            tracing::error!(%error, account, "account actor unreachable");
+        }
+    }
+}

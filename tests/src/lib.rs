@@ -1,0 +1,1 @@
+//! Cross-crate integration and property tests live in `it/`.
