@@ -1,0 +1,4 @@
+//! Integration tests across crates: one test binary, a module per area.
+
+mod ledger_smoke;
+mod support;
