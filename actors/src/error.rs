@@ -16,6 +16,8 @@ pub enum StoreError {
     Decode(#[from] rmp_serde::decode::Error),
     #[error("record could not be encoded: {0}")]
     Encode(#[from] rmp_serde::encode::Error),
+    #[error("{0} already exists; refusing to overwrite it")]
+    TargetExists(String),
     #[error("an earlier commit failed; the ledger refuses writes until it is reopened")]
     Poisoned,
 }

@@ -548,8 +548,11 @@ impl Store {
     }
 
     /// Writes a consistent copy of the ledger, from one read snapshot, to a new
-    /// file at `to`.
+    /// file at `to`. An existing file is never overwritten.
     pub fn backup(&self, to: &Path) -> Result<(), StoreError> {
+        if to.exists() {
+            return Err(StoreError::TargetExists(to.display().to_string()));
+        }
         let read = self.db.begin_read()?;
         let copy = Database::builder().create(to)?;
         let write = copy.begin_write()?;
@@ -896,3 +899,7 @@ impl Batch<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;

@@ -1,0 +1,349 @@
+//! Store tests on real redb files: schema checks, group-commit semantics,
+//! the audit catching tampered books, and backups.
+
+use tapledger_protocol::{ReceiveHalf, RejectCode, SendHalf, Stamped};
+
+use super::*;
+
+fn new_account(opening_balance: u64) -> NewAccount {
+    NewAccount {
+        account_type: "checking".into(),
+        bank_name: "Bank".into(),
+        salt: vec![1; 16],
+        key_hash: vec![2; 64],
+        opening_balance,
+    }
+}
+
+fn settle(key: u128, sender: AccountId, receiver: AccountId, amount: u64) -> Intent {
+    let tx_key = TxKey::from_u128(key);
+    Intent::Decide(Decision::Settle {
+        send: Stamped {
+            half: SendHalf {
+                tx_key,
+                sender_id: sender,
+                amount,
+                device_os: "ios".into(),
+                client_time: 0,
+            },
+            received_at: Timestamp(1),
+        },
+        receive: Stamped {
+            half: ReceiveHalf {
+                tx_key,
+                receiver_id: receiver,
+                expected_sender_id: sender,
+                expected_amount: amount,
+                device_os: "android".into(),
+                client_time: 0,
+            },
+            received_at: Timestamp(2),
+        },
+    })
+}
+
+fn store_in(dir: &tempfile::TempDir) -> Store {
+    Store::open(&dir.path().join("ledger.redb")).unwrap()
+}
+
+#[test]
+fn new_file_gets_schema_and_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_in(&dir);
+    assert_eq!(
+        store.counters().unwrap(),
+        Counters {
+            commit_seq: 0,
+            journal_entries: 0,
+            account_next: 1,
+            issued: 0
+        }
+    );
+    drop(store);
+    let store = store_in(&dir);
+    assert!(store.audit().unwrap().is_ok());
+}
+
+#[test]
+fn other_schema_version_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.redb");
+    drop(Store::open(&path).unwrap());
+    {
+        let db = Database::create(&path).unwrap();
+        let write = db.begin_write().unwrap();
+        write
+            .open_table(META)
+            .unwrap()
+            .insert(META_SCHEMA_VERSION, SCHEMA_VERSION + 1)
+            .unwrap();
+        write.commit().unwrap();
+    }
+    let error = Store::open(&path).unwrap_err();
+    assert!(
+        matches!(error, StoreError::SchemaVersion { found, expected } if found == SCHEMA_VERSION + 1 && expected == SCHEMA_VERSION),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_redb_file_of_another_program_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.redb");
+    {
+        let db = Database::create(&path).unwrap();
+        let write = db.begin_write().unwrap();
+        write
+            .open_table(TableDefinition::<&str, &str>::new("settings"))
+            .unwrap()
+            .insert("a", "b")
+            .unwrap();
+        write.commit().unwrap();
+    }
+    assert!(matches!(Store::open(&path), Err(StoreError::NotALedger)));
+}
+
+#[test]
+fn a_batch_applies_in_order_and_balances_sum_to_issued() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_in(&dir);
+    let (commit, applied) = store
+        .commit_batch(
+            Timestamp(10),
+            &[
+                Intent::OpenAccount(new_account(100)),
+                Intent::OpenAccount(new_account(0)),
+            ],
+        )
+        .unwrap();
+    assert_eq!(commit, 1);
+    assert_eq!(
+        applied,
+        vec![Applied::AccountOpened(1), Applied::AccountOpened(2)]
+    );
+    let (_, applied) = store
+        .commit_batch(
+            Timestamp(20),
+            &[
+                settle(7, 1, 2, 100),
+                settle(7, 1, 2, 100),
+                Intent::TopUp {
+                    account: 2,
+                    amount: 5,
+                },
+            ],
+        )
+        .unwrap();
+    let Applied::Matched(Committed::Decided(outcome)) = &applied[0] else {
+        panic!("{applied:?}")
+    };
+    let Outcome::Settled(settlement) = &**outcome else {
+        panic!()
+    };
+    assert_eq!(
+        (
+            settlement.sender_balance_before,
+            settlement.receiver_balance_before,
+            settlement.settled_at
+        ),
+        (100, 0, Timestamp(20))
+    );
+    assert!(
+        matches!(&applied[1], Applied::Matched(Committed::AlreadyFinal(again)) if again == outcome),
+        "a key decides once, even within one batch"
+    );
+    assert_eq!(applied[2], Applied::ToppedUp { balance: 105 });
+    assert_eq!(
+        (store.balance(1).unwrap(), store.balance(2).unwrap()),
+        (Some(0), Some(105))
+    );
+    let report = store.audit().unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_eq!(
+        (
+            report.settlements,
+            report.fundings,
+            report.issued,
+            report.user_balances_total
+        ),
+        (1, 3, 105, 105)
+    );
+    assert_eq!(store.history(2).unwrap().len(), 3);
+}
+
+#[test]
+fn pending_half_is_skipped_when_decided_in_the_same_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_in(&dir);
+    store
+        .commit_batch(
+            Timestamp(1),
+            &[
+                Intent::OpenAccount(new_account(10)),
+                Intent::OpenAccount(new_account(0)),
+            ],
+        )
+        .unwrap();
+    let Intent::Decide(Decision::Settle { send, .. }) = settle(9, 1, 2, 10) else {
+        unreachable!()
+    };
+    let (_, applied) = store
+        .commit_batch(
+            Timestamp(2),
+            &[
+                Intent::StorePending(PendingHalf::Send(send.clone())),
+                settle(9, 1, 2, 10),
+            ],
+        )
+        .unwrap();
+    assert_eq!(applied[0], Applied::Matched(Committed::PendingSkipped));
+    assert!(store.all_pending().unwrap().is_empty());
+    // A pending half for a decided key is answered with the outcome, not stored.
+    let (_, applied) = store
+        .commit_batch(
+            Timestamp(3),
+            &[Intent::StorePending(PendingHalf::Send(send))],
+        )
+        .unwrap();
+    assert!(matches!(
+        &applied[0],
+        Applied::Matched(Committed::AlreadyFinal(_))
+    ));
+    assert!(store.audit().unwrap().is_ok());
+}
+
+#[test]
+fn rejection_is_recorded_without_moving_money() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_in(&dir);
+    store
+        .commit_batch(Timestamp(1), &[Intent::OpenAccount(new_account(10))])
+        .unwrap();
+    let Intent::Decide(Decision::Settle { send, .. }) = settle(3, 1, 2, 10) else {
+        unreachable!()
+    };
+    let reject = Intent::Decide(Decision::Reject {
+        tx_key: TxKey::from_u128(3),
+        code: RejectCode::Expired,
+        send: Some(send),
+        receive: None,
+        sender_balance: None,
+    });
+    store.commit_batch(Timestamp(5), &[reject]).unwrap();
+    let Some(Outcome::Rejected(rejection)) = store.outcome(TxKey::from_u128(3)).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        (rejection.code, rejection.decided_at),
+        (RejectCode::Expired, Timestamp(5))
+    );
+    assert_eq!(store.balance(1).unwrap(), Some(10));
+    assert!(store.audit().unwrap().is_ok());
+}
+
+#[test]
+fn invalid_top_ups_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_in(&dir);
+    store
+        .commit_batch(
+            Timestamp(1),
+            &[Intent::OpenAccount(new_account(u64::MAX - 1))],
+        )
+        .unwrap();
+    let (_, applied) = store
+        .commit_batch(
+            Timestamp(2),
+            &[
+                Intent::TopUp {
+                    account: 1,
+                    amount: 2,
+                },
+                Intent::TopUp {
+                    account: 99,
+                    amount: 1,
+                },
+                Intent::TopUp {
+                    account: 1,
+                    amount: 0,
+                },
+            ],
+        )
+        .unwrap();
+    assert!(
+        applied
+            .iter()
+            .all(|applied| matches!(applied, Applied::Invalid(_))),
+        "{applied:?}"
+    );
+    assert_eq!(store.balance(1).unwrap(), Some(u64::MAX - 1));
+    assert!(store.audit().unwrap().is_ok());
+}
+
+#[test]
+fn audit_names_an_account_whose_balance_was_tampered_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_in(&dir);
+    store
+        .commit_batch(
+            Timestamp(1),
+            &[
+                Intent::OpenAccount(new_account(50)),
+                Intent::OpenAccount(new_account(50)),
+            ],
+        )
+        .unwrap();
+    {
+        let write = store.db.begin_write().unwrap();
+        write.open_table(BALANCES).unwrap().insert(2, 51).unwrap();
+        write.commit().unwrap();
+    }
+    let report = store.audit().unwrap();
+    assert!(!report.is_ok());
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|problem| problem.contains("account 2")),
+        "{:?}",
+        report.problems
+    );
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|problem| problem.contains("sum to zero")),
+        "{:?}",
+        report.problems
+    );
+}
+
+#[test]
+fn backup_is_a_consistent_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_in(&dir);
+    store
+        .commit_batch(
+            Timestamp(1),
+            &[
+                Intent::OpenAccount(new_account(50)),
+                Intent::OpenAccount(new_account(0)),
+                settle(1, 1, 2, 20),
+            ],
+        )
+        .unwrap();
+    let copy_path = dir.path().join("copy.redb");
+    store.backup(&copy_path).unwrap();
+    let copy = Store::open(&copy_path).unwrap();
+    assert!(copy.audit().unwrap().is_ok());
+    assert_eq!(copy.counters().unwrap(), store.counters().unwrap());
+    assert_eq!(
+        copy.outcome(TxKey::from_u128(1)).unwrap(),
+        store.outcome(TxKey::from_u128(1)).unwrap()
+    );
+    drop(copy);
+    assert!(
+        matches!(store.backup(&copy_path), Err(StoreError::TargetExists(_))),
+        "never overwrites"
+    );
+}
