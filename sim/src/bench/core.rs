@@ -1,0 +1,994 @@
+//! `bench core`: the ledger alone, in process, durable. Opens `accounts`
+//! funded accounts, then settles `payments` seeded random payments among them,
+//! each as two halves submitted by `concurrency` tasks at once so group commit
+//! has work to batch. Measures durable settlements per second, the latency from
+//! a payment's second half to its outcome, commits and memory, and the raw
+//! fsync and redb commit rates of the same directory to read them against.
+//!
+//! It checks what it measured: every payment has one outcome that both halves
+//! agree on, the counts add up, and the ledger's audit passes; a report with a
+//! failed check makes the binary exit non-zero.
+//!
+//! It deliberately uses only the public `Ledger` API (no network, no TLS, no
+//! authentication: the submitter is always the half's own party) and changes
+//! nothing inside the ledger; limits are raised only where the workload itself
+//! would trip them (lone halves per account, see [`ledger_config`]).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rand::rngs::Xoshiro256PlusPlus;
+use rand::{RngExt, SeedableRng};
+use tapledger_actors::{AuditReport, Ledger, LedgerConfig, LedgerError, NewAccount, Resolution};
+use tapledger_protocol::{AccountId, Half, Outcome, ReceiveHalf, SendHalf, TxKey};
+use tokio::task::JoinSet;
+
+use super::hardware::{self, Rate};
+use super::memory;
+
+/// Account openings in flight at once while setting up (each is one intent
+/// for group commit, so they batch like payments do).
+const OPEN_CONCURRENCY: usize = 1_024;
+/// If no payment finishes for this long the run is stuck: abort it.
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the progress bar and the stall check look at the counters.
+const PROGRESS_TICK: Duration = Duration::from_millis(200);
+/// Latencies above this are recorded as this (one minute, in microseconds).
+const LATENCY_US_MAX: u64 = 60_000_000;
+/// Client timestamps start here (2023-11-14, in milliseconds); the ledger
+/// records them for analysis and never trusts them.
+const CLIENT_TIME_BASE_MS: u64 = 1_700_000_000_000;
+
+/// How the two phones of a payment submit their halves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum HalvesMode {
+    /// Both halves at once (the usual tap: both phones talk to the node within
+    /// milliseconds); they often meet inside one commit.
+    Together,
+    /// The second half only after the first is durably pending: two commits
+    /// per payment, one of them for a pending half.
+    Sequential,
+}
+
+impl HalvesMode {
+    fn name(self) -> &'static str {
+        match self {
+            HalvesMode::Together => "together",
+            HalvesMode::Sequential => "sequential",
+        }
+    }
+}
+
+/// What to run. [`CoreBenchConfig::default`] is the documented default run.
+#[derive(Clone, Debug)]
+pub struct CoreBenchConfig {
+    /// Payments to make, each of two halves.
+    pub payments: u64,
+    /// Accounts to open before the payments start (at least 2).
+    pub accounts: u64,
+    /// Matcher shards of the ledger.
+    pub shards: usize,
+    /// Payments in flight at once, one task each.
+    pub concurrency: usize,
+    /// Seeds the workload: the same seed makes the same payments.
+    pub seed: u64,
+    /// Directory to create the run's own temporary directory in (the ledger
+    /// file and the disk probes go there); the system temp dir if `None`.
+    pub dir: Option<PathBuf>,
+    pub halves: HalvesMode,
+    /// Every account's opening balance, in minor units.
+    pub opening_balance: u64,
+    /// Payment amounts are uniform in `1 ..= amount_max` minor units.
+    pub amount_max: u64,
+    /// How long each disk probe (fdatasync, redb commit) runs.
+    pub probe: Duration,
+    /// Show phases and a progress bar on stderr (hidden when not a terminal).
+    pub progress: bool,
+}
+
+impl Default for CoreBenchConfig {
+    fn default() -> CoreBenchConfig {
+        CoreBenchConfig {
+            payments: 1_000_000,
+            accounts: 10_000,
+            shards: 2,
+            concurrency: 4_096,
+            seed: 1,
+            dir: None,
+            halves: HalvesMode::Together,
+            opening_balance: 100_000,
+            amount_max: 10_000,
+            probe: Duration::from_secs(2),
+            progress: false,
+        }
+    }
+}
+
+/// Latency percentiles from a payment's second half to its outcome.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub mean_us: f64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
+
+impl LatencySummary {
+    fn of(histogram: &Histogram<u64>) -> LatencySummary {
+        if histogram.is_empty() {
+            return LatencySummary::default();
+        }
+        LatencySummary {
+            count: histogram.len(),
+            mean_us: histogram.mean(),
+            p50_us: histogram.value_at_quantile(0.50),
+            p90_us: histogram.value_at_quantile(0.90),
+            p99_us: histogram.value_at_quantile(0.99),
+            p999_us: histogram.value_at_quantile(0.999),
+            max_us: histogram.max(),
+        }
+    }
+}
+
+/// Resident memory around starting one idle actor per account. The actors are
+/// started after every account's balance was read once, so redb's page cache
+/// is already warm and the difference is the actors and their registry entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ActorMemory {
+    pub actors: u64,
+    pub rss_before_bytes: u64,
+    pub rss_after_bytes: u64,
+}
+
+impl ActorMemory {
+    pub fn bytes_per_actor(&self) -> f64 {
+        if self.actors == 0 {
+            return 0.0;
+        }
+        self.rss_after_bytes.saturating_sub(self.rss_before_bytes) as f64 / self.actors as f64
+    }
+}
+
+/// Everything one run measured and checked.
+#[derive(Clone, Debug)]
+pub struct CoreBenchReport {
+    pub payments: u64,
+    pub accounts: u64,
+    pub shards: usize,
+    pub concurrency: usize,
+    pub runtime_workers: usize,
+    pub seed: u64,
+    pub halves: HalvesMode,
+    /// Where the ledger file and the probes were written.
+    pub dir: PathBuf,
+    pub open_accounts_seconds: f64,
+    /// Payments both halves saw settle.
+    pub settled: u64,
+    /// Payments both halves saw rejected, by rejection code.
+    pub rejected: BTreeMap<u16, u64>,
+    /// Payments with a half refused on its own, by refusal code.
+    pub refused: BTreeMap<u16, u64>,
+    /// Payments with a half that ended in a ledger error.
+    pub errors: u64,
+    /// Payments whose halves heard different outcomes, or an outcome of another key.
+    pub inconsistent: u64,
+    pub first_error: Option<String>,
+    /// Wall time of the payment phase: first submission to last outcome.
+    pub seconds: f64,
+    pub latency: LatencySummary,
+    /// Commits and intents during the payment phase only.
+    pub commits: u64,
+    pub intents_committed: u64,
+    pub fsync: Rate,
+    pub redb_commit: Rate,
+    pub peak_rss_bytes: Option<u64>,
+    pub live_account_actors: usize,
+    pub account_actors_started: u64,
+    pub actor_memory: Option<ActorMemory>,
+    pub audit: AuditReport,
+    /// Matcher keys still in flight and lone halves after the run (both 0).
+    pub keys_in_flight: usize,
+    pub lone_halves: usize,
+}
+
+impl CoreBenchReport {
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.values().sum()
+    }
+
+    pub fn refused_total(&self) -> u64 {
+        self.refused.values().sum()
+    }
+
+    /// Payments accounted for in some outcome class; equals `payments` when
+    /// every payment finished.
+    pub fn outcomes_total(&self) -> u64 {
+        self.settled
+            + self.rejected_total()
+            + self.refused_total()
+            + self.errors
+            + self.inconsistent
+    }
+
+    pub fn settlements_per_sec(&self) -> f64 {
+        per(self.settled as f64, self.seconds)
+    }
+
+    pub fn settlements_per_commit(&self) -> f64 {
+        per(self.settled as f64, self.commits as f64)
+    }
+
+    pub fn commits_per_sec(&self) -> f64 {
+        per(self.commits as f64, self.seconds)
+    }
+
+    /// Every check that failed; empty means the run is trustworthy.
+    pub fn failures(&self) -> Vec<String> {
+        let mut failures = Vec::new();
+        if !self.audit.is_ok() {
+            failures.push(format!(
+                "audit found {} problems, first: {}",
+                self.audit.problems.len(),
+                self.audit.problems.first().map_or("", String::as_str)
+            ));
+        }
+        if self.outcomes_total() != self.payments {
+            failures.push(format!(
+                "{} payments made but {} outcomes counted",
+                self.payments,
+                self.outcomes_total()
+            ));
+        }
+        if self.audit.settlements != self.settled {
+            failures.push(format!(
+                "the ledger recorded {} settlements but the tasks saw {}",
+                self.audit.settlements, self.settled
+            ));
+        }
+        if self.audit.rejections != self.rejected_total() {
+            failures.push(format!(
+                "the ledger recorded {} rejections but the tasks saw {}",
+                self.audit.rejections,
+                self.rejected_total()
+            ));
+        }
+        if self.audit.pending_halves != 0 || self.lone_halves != 0 || self.keys_in_flight != 0 {
+            failures.push(format!(
+                "left behind: {} pending halves in storage, {} lone halves and {} keys in the matchers",
+                self.audit.pending_halves, self.lone_halves, self.keys_in_flight
+            ));
+        }
+        if self.errors != 0 {
+            failures.push(format!(
+                "{} payments ended in a ledger error, first: {}",
+                self.errors,
+                self.first_error.as_deref().unwrap_or("")
+            ));
+        }
+        if self.inconsistent != 0 {
+            failures.push(format!(
+                "{} payments had halves that heard different outcomes",
+                self.inconsistent
+            ));
+        }
+        failures
+    }
+
+    /// The figures as JSON (keys are stable: scripts read them).
+    pub fn to_json(&self) -> serde_json::Value {
+        let codes = |counts: &BTreeMap<u16, u64>| {
+            counts
+                .iter()
+                .map(|(code, count)| (code.to_string(), serde_json::json!(count)))
+                .collect::<serde_json::Map<_, _>>()
+        };
+        serde_json::json!({
+            "settlements": self.settled,
+            "seconds": self.seconds,
+            "settlements_per_sec": self.settlements_per_sec(),
+            "p50_us": self.latency.p50_us,
+            "p99_us": self.latency.p99_us,
+            "commits": self.commits,
+            "fsync_per_sec": self.fsync.per_sec(),
+            "redb_commits_per_sec": self.redb_commit.per_sec(),
+            "settlements_per_commit": self.settlements_per_commit(),
+            "settlements_per_fsync": per(self.settlements_per_sec(), self.fsync.per_sec()),
+            "settlements_per_redb_commit": per(self.settlements_per_sec(), self.redb_commit.per_sec()),
+            "intents_committed": self.intents_committed,
+            "payments": self.payments,
+            "accounts": self.accounts,
+            "shards": self.shards,
+            "concurrency": self.concurrency,
+            "runtime_workers": self.runtime_workers,
+            "seed": self.seed,
+            "halves": self.halves.name(),
+            "rejected": self.rejected_total(),
+            "rejected_by_code": codes(&self.rejected),
+            "refused": self.refused_total(),
+            "refused_by_code": codes(&self.refused),
+            "errors": self.errors,
+            "inconsistent": self.inconsistent,
+            "p90_us": self.latency.p90_us,
+            "p999_us": self.latency.p999_us,
+            "max_us": self.latency.max_us,
+            "mean_us": self.latency.mean_us,
+            "open_accounts_seconds": self.open_accounts_seconds,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "live_account_actors": self.live_account_actors,
+            "account_actors_started": self.account_actors_started,
+            "rss_per_live_actor_bytes": self.actor_memory.map(|memory| memory.bytes_per_actor()),
+            "audit_ok": self.audit.is_ok(),
+            "failures": self.failures(),
+        })
+    }
+
+    /// The report people read.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let fsync_per_sec = self.fsync.per_sec();
+        let redb_per_sec = self.redb_commit.per_sec();
+        let _ = writeln!(out, "tapledger bench core");
+        let _ = writeln!(
+            out,
+            "  workload      {} payments among {} accounts, seed {}, halves {}, {} in flight, {} matcher shard(s), {} runtime worker(s)",
+            thousands(self.payments),
+            thousands(self.accounts),
+            self.seed,
+            self.halves.name(),
+            thousands(self.concurrency as u64),
+            self.shards,
+            self.runtime_workers
+        );
+        let _ = writeln!(out, "  directory     {}", self.dir.display());
+        let _ = writeln!(
+            out,
+            "  setup         {} accounts opened in {:.2} s",
+            thousands(self.accounts),
+            self.open_accounts_seconds
+        );
+        let _ = writeln!(out, "outcomes");
+        let _ = writeln!(out, "  settled       {}", thousands(self.settled));
+        for (code, count) in &self.rejected {
+            let _ = writeln!(out, "  rejected {code}  {}", thousands(*count));
+        }
+        for (code, count) in &self.refused {
+            let _ = writeln!(out, "  refused {code}   {}", thousands(*count));
+        }
+        if self.errors != 0 || self.inconsistent != 0 {
+            let _ = writeln!(
+                out,
+                "  errors        {}   inconsistent {}",
+                self.errors, self.inconsistent
+            );
+        }
+        let _ = writeln!(out, "throughput (durable)");
+        let _ = writeln!(
+            out,
+            "  settlements   {:>12.0} /s   ({} in {:.2} s)",
+            self.settlements_per_sec(),
+            thousands(self.settled),
+            self.seconds
+        );
+        let _ = writeln!(
+            out,
+            "  commits       {:>12}      {:.0} /s, {:.1} settlements and {:.1} intents per commit",
+            thousands(self.commits),
+            self.commits_per_sec(),
+            self.settlements_per_commit(),
+            per(self.intents_committed as f64, self.commits as f64)
+        );
+        let _ = writeln!(out, "latency, second half to outcome");
+        let _ = writeln!(
+            out,
+            "  p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (mean {})",
+            micros(self.latency.p50_us),
+            micros(self.latency.p90_us),
+            micros(self.latency.p99_us),
+            micros(self.latency.p999_us),
+            micros(self.latency.max_us),
+            micros(self.latency.mean_us as u64)
+        );
+        let _ = writeln!(out, "hardware, same directory");
+        let _ = writeln!(
+            out,
+            "  fdatasync     {:>12.0} /s   (4 KiB overwrite + fdatasync, {:.1} s)",
+            fsync_per_sec, self.fsync.seconds
+        );
+        let _ = writeln!(
+            out,
+            "  redb commit   {:>12.0} /s   (one insert per write txn, Durability::Immediate, {:.1} s)",
+            redb_per_sec, self.redb_commit.seconds
+        );
+        let _ = writeln!(
+            out,
+            "  ratios        {:.1} settlements per fdatasync-equivalent, {:.1} per raw redb commit; ledger commits ran at {:.0}% of the raw redb commit rate",
+            per(self.settlements_per_sec(), fsync_per_sec),
+            per(self.settlements_per_sec(), redb_per_sec),
+            100.0 * per(self.commits_per_sec(), redb_per_sec)
+        );
+        let _ = writeln!(out, "memory");
+        let _ = writeln!(
+            out,
+            "  peak RSS      {}",
+            self.peak_rss_bytes.map_or("unknown".into(), mebibytes)
+        );
+        let _ = writeln!(
+            out,
+            "  live actors   {} account actors ({} started)",
+            thousands(self.live_account_actors as u64),
+            thousands(self.account_actors_started)
+        );
+        if let Some(memory) = self.actor_memory {
+            let _ = writeln!(
+                out,
+                "  per actor     {:.0} bytes of RSS (RSS {} -> {} starting {} idle actors, page cache warmed first)",
+                memory.bytes_per_actor(),
+                mebibytes(memory.rss_before_bytes),
+                mebibytes(memory.rss_after_bytes),
+                thousands(memory.actors)
+            );
+        }
+        let _ = writeln!(out, "checks");
+        let _ = writeln!(
+            out,
+            "  audit         {} ({} settlements, {} rejections, {} fundings, {} pending halves)",
+            if self.audit.is_ok() { "ok" } else { "FAILED" },
+            thousands(self.audit.settlements),
+            thousands(self.audit.rejections),
+            thousands(self.audit.fundings),
+            self.audit.pending_halves
+        );
+        let failures = self.failures();
+        if failures.is_empty() {
+            let _ = writeln!(
+                out,
+                "  counts        ok (every payment has one outcome both halves agree on)"
+            );
+        }
+        for failure in failures {
+            let _ = writeln!(out, "  FAILED        {failure}");
+        }
+        out
+    }
+}
+
+/// Runs the benchmark on the current (multi-threaded) tokio runtime.
+pub async fn run(config: &CoreBenchConfig) -> anyhow::Result<CoreBenchReport> {
+    if config.accounts < 2 {
+        bail!("--accounts must be at least 2 (a payment needs two parties)");
+    }
+    if config.payments == 0 || config.concurrency == 0 || config.shards == 0 {
+        bail!("--payments, --concurrency and --shards must be at least 1");
+    }
+    if config.amount_max == 0 {
+        bail!("--amount-max must be at least 1");
+    }
+    let parent = match &config.dir {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir(),
+    };
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let work_dir = tempfile::Builder::new()
+        .prefix("tapledger-bench-")
+        .tempdir_in(&parent)
+        .with_context(|| format!("cannot create a directory in {}", parent.display()))?;
+    let phase = |text: &str| {
+        if config.progress {
+            eprintln!("{text}");
+        }
+    };
+
+    phase("measuring the disk (fdatasync, redb commits)...");
+    let (fsync, redb_commit) = probe_disk(work_dir.path(), config.probe).await?;
+
+    let ledger = Arc::new(
+        Ledger::open(ledger_config(config, work_dir.path()))
+            .await
+            .context("cannot open the ledger")?,
+    );
+    phase(&format!(
+        "opening {} accounts...",
+        thousands(config.accounts)
+    ));
+    let open_started = Instant::now();
+    let accounts = open_accounts(&ledger, config.accounts, config.opening_balance).await?;
+    let open_accounts_seconds = open_started.elapsed().as_secs_f64();
+
+    phase("starting one account actor per account...");
+    let actor_memory = start_account_actors(&ledger, &accounts).await?;
+
+    let workload = Arc::new(Workload {
+        seed: config.seed,
+        payments: config.payments,
+        accounts,
+        amount_max: config.amount_max,
+        halves: config.halves,
+    });
+    phase(&format!(
+        "settling {} payments, {} in flight...",
+        thousands(config.payments),
+        thousands(config.concurrency as u64)
+    ));
+    let stats_before = ledger.stats().await;
+    let started = Instant::now();
+    let tally = pay_all(&ledger, &workload, config.concurrency, config.progress).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let stats_after = ledger.stats().await;
+
+    phase("auditing the books...");
+    ledger.flush().await.context("final flush")?;
+    let (keys_in_flight, lone_halves) = ledger.matcher_stats().await?;
+    let audit = {
+        let ledger = ledger.clone();
+        tokio::task::spawn_blocking(move || ledger.audit())
+            .await
+            .context("audit task")??
+    };
+    let peak_rss_bytes = memory::peak_rss_bytes();
+    match Arc::try_unwrap(ledger) {
+        Ok(ledger) => ledger.close().await,
+        Err(_) => bail!("the ledger is still shared after every task ended"),
+    }
+
+    Ok(CoreBenchReport {
+        payments: config.payments,
+        accounts: config.accounts,
+        shards: config.shards,
+        concurrency: config.concurrency,
+        runtime_workers: tokio::runtime::Handle::current().metrics().num_workers(),
+        seed: config.seed,
+        halves: config.halves,
+        dir: parent,
+        open_accounts_seconds,
+        settled: tally.settled,
+        rejected: tally.rejected,
+        refused: tally.refused,
+        errors: tally.errors,
+        inconsistent: tally.inconsistent,
+        first_error: tally.first_error,
+        seconds,
+        latency: LatencySummary::of(&tally.latency_us),
+        commits: stats_after.commits - stats_before.commits,
+        intents_committed: stats_after.intents_committed - stats_before.intents_committed,
+        fsync,
+        redb_commit,
+        peak_rss_bytes,
+        live_account_actors: stats_after.live_account_actors,
+        account_actors_started: stats_after.account_actors_started,
+        actor_memory,
+        audit,
+        keys_in_flight,
+        lone_halves,
+    })
+}
+
+/// The ledger's defaults, except: the shard count asked for, and a cap on lone
+/// halves per account no lower than the payments in flight. With many
+/// payments in flight among few accounts the default cap (64) would refuse a
+/// first half with 800, and its partner would then wait out the whole TTL.
+fn ledger_config(config: &CoreBenchConfig, dir: &Path) -> LedgerConfig {
+    let mut ledger_config = LedgerConfig::new(dir.join("ledger.redb"));
+    ledger_config.matcher_shards = config.shards;
+    let in_flight = u32::try_from(config.concurrency).unwrap_or(u32::MAX);
+    ledger_config.pending_halves_per_account_max =
+        ledger_config.pending_halves_per_account_max.max(in_flight);
+    ledger_config
+}
+
+async fn probe_disk(dir: &Path, duration: Duration) -> anyhow::Result<(Rate, Rate)> {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<(Rate, Rate)> {
+        let fsync = hardware::fdatasync_rate(&dir, duration).context("fdatasync probe")?;
+        let redb = hardware::redb_commit_rate(&dir, duration).context("redb commit probe")?;
+        Ok((fsync, redb))
+    })
+    .await
+    .context("disk probe task")?
+}
+
+/// Opens `count` accounts, many at once so their commits batch. Returns their
+/// ids in ascending order.
+async fn open_accounts(
+    ledger: &Arc<Ledger>,
+    count: u64,
+    opening_balance: u64,
+) -> anyhow::Result<Vec<AccountId>> {
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = JoinSet::new();
+    for _ in 0..OPEN_CONCURRENCY.min(usize::try_from(count).unwrap_or(usize::MAX)) {
+        let ledger = ledger.clone();
+        let next = next.clone();
+        tasks.spawn(async move {
+            let mut ids = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < count {
+                ids.push(ledger.open_account(new_account(opening_balance)).await?);
+            }
+            Ok::<_, LedgerError>(ids)
+        });
+    }
+    let mut ids = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+    while let Some(joined) = tasks.join_next().await {
+        ids.extend(joined.context("account opening task")??);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.len() as u64 != count {
+        bail!("opened {count} accounts but got {} distinct ids", ids.len());
+    }
+    Ok(ids)
+}
+
+/// The bench authenticates nobody, so the key material is a fixed placeholder.
+fn new_account(opening_balance: u64) -> NewAccount {
+    NewAccount {
+        account_type: "checking".into(),
+        bank_name: "Bench Bank".into(),
+        salt: vec![0x5a; 16],
+        key_hash: vec![0xa5; 64],
+        opening_balance,
+    }
+}
+
+/// Starts every account's actor before the payments (as a busy node would have
+/// them) and measures what that cost in resident memory.
+async fn start_account_actors(
+    ledger: &Ledger,
+    accounts: &[AccountId],
+) -> anyhow::Result<Option<ActorMemory>> {
+    // Read every balance once so that redb's cache holds the pages the actors
+    // load from, and their growth is not counted against the actors.
+    for &account in accounts {
+        ledger.balance(account)?;
+    }
+    let live_before = ledger.stats().await.live_account_actors;
+    let rss_before = memory::rss_bytes();
+    for &account in accounts {
+        ledger.live_balance(account).await?;
+    }
+    let rss_after = memory::rss_bytes();
+    let live_after = ledger.stats().await.live_account_actors;
+    Ok(match (rss_before, rss_after) {
+        (Some(rss_before_bytes), Some(rss_after_bytes)) => Some(ActorMemory {
+            actors: (live_after - live_before) as u64,
+            rss_before_bytes,
+            rss_after_bytes,
+        }),
+        _ => None,
+    })
+}
+
+/// The seeded payments. Payment `index` depends only on the seed and the
+/// index, so the workload is the same whatever the task scheduling.
+struct Workload {
+    seed: u64,
+    payments: u64,
+    accounts: Vec<AccountId>,
+    amount_max: u64,
+    halves: HalvesMode,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Payment {
+    pub tx_key: TxKey,
+    pub sender: AccountId,
+    pub receiver: AccountId,
+    pub amount: u64,
+    /// Which phone's half reaches the node first.
+    pub send_first: bool,
+    pub index: u64,
+}
+
+impl Workload {
+    fn payment(&self, index: u64) -> Payment {
+        payment(self.seed, index, &self.accounts, self.amount_max)
+    }
+}
+
+/// Payment `index` of the workload seeded with `seed`, between two distinct
+/// accounts of `accounts` (at least two).
+pub fn payment(seed: u64, index: u64, accounts: &[AccountId], amount_max: u64) -> Payment {
+    let mut rng =
+        Xoshiro256PlusPlus::seed_from_u64(seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let count = accounts.len();
+    let sender_slot = rng.random_range(0..count);
+    let receiver_slot = (sender_slot + 1 + rng.random_range(0..count - 1)) % count;
+    // A UUID v4, as phones make them: version nibble 4, variant bits 10.
+    let random: u128 = rng.random();
+    let uuid = (random & !(0xf << 76) & !(0x3 << 62)) | (0x4 << 76) | (0x2 << 62);
+    Payment {
+        tx_key: TxKey::from_u128(uuid),
+        sender: accounts[sender_slot],
+        receiver: accounts[receiver_slot],
+        amount: rng.random_range(1..=amount_max),
+        send_first: rng.random(),
+        index,
+    }
+}
+
+impl Payment {
+    fn send_half(&self) -> Half {
+        Half::Send(SendHalf {
+            tx_key: self.tx_key,
+            sender_id: self.sender,
+            amount: self.amount,
+            device_os: "ios 18.2".into(),
+            client_time: CLIENT_TIME_BASE_MS + self.index,
+        })
+    }
+
+    fn receive_half(&self) -> Half {
+        Half::Receive(ReceiveHalf {
+            tx_key: self.tx_key,
+            receiver_id: self.receiver,
+            expected_sender_id: self.sender,
+            expected_amount: self.amount,
+            device_os: "android 15".into(),
+            client_time: CLIENT_TIME_BASE_MS + self.index,
+        })
+    }
+}
+
+/// What each task counted; merged at the end.
+struct Tally {
+    settled: u64,
+    rejected: BTreeMap<u16, u64>,
+    refused: BTreeMap<u16, u64>,
+    errors: u64,
+    inconsistent: u64,
+    first_error: Option<String>,
+    latency_us: Histogram<u64>,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        Tally {
+            settled: 0,
+            rejected: BTreeMap::new(),
+            refused: BTreeMap::new(),
+            errors: 0,
+            inconsistent: 0,
+            first_error: None,
+            latency_us: Histogram::new_with_bounds(1, LATENCY_US_MAX, 3)
+                .expect("valid histogram bounds"),
+        }
+    }
+
+    fn record(&mut self, payment: &Payment, paid: Paid) {
+        let Paid {
+            send,
+            receive,
+            latency,
+        } = paid;
+        match (send, receive) {
+            (Ok(Resolution::Final(send)), Ok(Resolution::Final(receive))) => {
+                let agree = Arc::ptr_eq(&send, &receive) || send == receive;
+                if !agree || send.tx_key() != payment.tx_key {
+                    self.inconsistent += 1;
+                    return;
+                }
+                let latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+                self.latency_us
+                    .saturating_record(latency_us.clamp(1, LATENCY_US_MAX));
+                match &*send {
+                    Outcome::Settled(_) => self.settled += 1,
+                    Outcome::Rejected(rejection) => {
+                        *self.rejected.entry(rejection.code.code()).or_insert(0) += 1
+                    }
+                }
+            }
+            (Err(error), _) | (_, Err(error)) => {
+                self.errors += 1;
+                self.first_error
+                    .get_or_insert_with(|| format!("payment {}: {error}", payment.tx_key));
+            }
+            (Ok(Resolution::Refused(code)), _) | (_, Ok(Resolution::Refused(code))) => {
+                *self.refused.entry(code.code()).or_insert(0) += 1
+            }
+        }
+    }
+
+    fn merge(&mut self, other: Tally) {
+        self.settled += other.settled;
+        for (code, count) in other.rejected {
+            *self.rejected.entry(code).or_insert(0) += count;
+        }
+        for (code, count) in other.refused {
+            *self.refused.entry(code).or_insert(0) += count;
+        }
+        self.errors += other.errors;
+        self.inconsistent += other.inconsistent;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+        self.latency_us
+            .add(&other.latency_us)
+            .expect("histograms share bounds");
+    }
+}
+
+/// What the two phones of one payment heard.
+struct Paid {
+    send: Result<Resolution, LedgerError>,
+    receive: Result<Resolution, LedgerError>,
+    /// From the second half's submission to its outcome.
+    latency: Duration,
+}
+
+/// Runs every payment of `workload` from `concurrency` tasks, each with one
+/// payment in flight, and aborts if the run stops making progress.
+async fn pay_all(
+    ledger: &Arc<Ledger>,
+    workload: &Arc<Workload>,
+    concurrency: usize,
+    show_progress: bool,
+) -> anyhow::Result<Tally> {
+    let next = Arc::new(AtomicU64::new(0));
+    let completed = Arc::new(AtomicU64::new(0));
+    let progress = if show_progress {
+        ProgressBar::with_draw_target(Some(workload.payments), ProgressDrawTarget::stderr())
+    } else {
+        ProgressBar::hidden()
+    };
+    progress.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {human_pos}/{human_len} payments, {per_sec}, eta {eta}",
+        )
+        .expect("valid progress template")
+        .progress_chars("=> "),
+    );
+    let mut tasks = JoinSet::new();
+    let task_count = concurrency.min(usize::try_from(workload.payments).unwrap_or(usize::MAX));
+    for _ in 0..task_count {
+        let ledger = ledger.clone();
+        let workload = workload.clone();
+        let next = next.clone();
+        let completed = completed.clone();
+        tasks.spawn(async move {
+            let mut tally = Tally::new();
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                if index >= workload.payments {
+                    break;
+                }
+                let payment = workload.payment(index);
+                let paid = pay(&ledger, &payment, workload.halves).await;
+                tally.record(&payment, paid);
+                completed.fetch_add(1, Ordering::Relaxed);
+            }
+            tally
+        });
+    }
+
+    let mut total = Tally::new();
+    let mut ticker = tokio::time::interval(PROGRESS_TICK);
+    let mut last_done = 0;
+    let mut last_change = Instant::now();
+    loop {
+        tokio::select! {
+            joined = tasks.join_next() => match joined {
+                Some(tally) => total.merge(tally.context("payment task")?),
+                None => break,
+            },
+            _ = ticker.tick() => {
+                let done = completed.load(Ordering::Relaxed);
+                progress.set_position(done);
+                if done != last_done {
+                    last_done = done;
+                    last_change = Instant::now();
+                } else if last_change.elapsed() > STALL_TIMEOUT {
+                    tasks.abort_all();
+                    progress.abandon();
+                    bail!("no payment finished for {STALL_TIMEOUT:?} ({done} of {} done); aborting", workload.payments);
+                }
+            }
+        }
+    }
+    progress.set_position(completed.load(Ordering::Relaxed));
+    progress.finish_and_clear();
+    Ok(total)
+}
+
+/// Both phones of one payment submit their halves, and each waits for its
+/// resolution.
+async fn pay(ledger: &Ledger, payment: &Payment, halves: HalvesMode) -> Paid {
+    let send = (payment.sender, payment.send_half());
+    let receive = (payment.receiver, payment.receive_half());
+    let (first, second) = if payment.send_first {
+        (send, receive)
+    } else {
+        (receive, send)
+    };
+    let (first_result, second_result, latency) = match halves {
+        HalvesMode::Together => {
+            // `join!` polls in order, so the first half is queued at its
+            // matcher before the second is submitted.
+            let first_done = resolve(ledger, first.0, first.1);
+            let second_done = async {
+                let submitted = Instant::now();
+                let result = resolve(ledger, second.0, second.1).await;
+                (result, submitted.elapsed())
+            };
+            let (first_result, (second_result, latency)) = tokio::join!(first_done, second_done);
+            (first_result, second_result, latency)
+        }
+        HalvesMode::Sequential => {
+            let first_submission = ledger.submit(first.0, first.1).await;
+            let submitted = Instant::now();
+            let second_result = resolve(ledger, second.0, second.1).await;
+            let latency = submitted.elapsed();
+            let first_result = match first_submission {
+                Ok(submission) => submission.resolution().await,
+                Err(error) => Err(error),
+            };
+            (first_result, second_result, latency)
+        }
+    };
+    if payment.send_first {
+        Paid {
+            send: first_result,
+            receive: second_result,
+            latency,
+        }
+    } else {
+        Paid {
+            send: second_result,
+            receive: first_result,
+            latency,
+        }
+    }
+}
+
+async fn resolve(
+    ledger: &Ledger,
+    submitter: AccountId,
+    half: Half,
+) -> Result<Resolution, LedgerError> {
+    ledger.submit(submitter, half).await?.resolution().await
+}
+
+fn per(numerator: f64, denominator: f64) -> f64 {
+    if denominator > 0.0 {
+        numerator / denominator
+    } else {
+        0.0
+    }
+}
+
+fn thousands(value: u64) -> String {
+    let digits = value.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+fn micros(value: u64) -> String {
+    if value >= 10_000 {
+        format!("{:.1} ms", value as f64 / 1_000.0)
+    } else {
+        format!("{value} µs")
+    }
+}
+
+fn mebibytes(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

@@ -1,0 +1,7 @@
+//! Benchmarks. Each one owns its workload, its measurements and its report;
+//! [`hardware`] and [`memory`] measure the machine the figures should be read
+//! against.
+
+pub mod core;
+pub mod hardware;
+pub mod memory;
