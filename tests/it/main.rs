@@ -1,4 +1,5 @@
 //! Integration tests across crates: one test binary, a module per area.
 
 mod ledger_smoke;
+mod model;
 mod support;

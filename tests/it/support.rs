@@ -1,10 +1,13 @@
 //! Helpers shared by the integration tests: a ledger in a temporary directory,
 //! funded accounts and half builders.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use tapledger_actors::{Ledger, LedgerConfig, NewAccount};
-use tapledger_protocol::{AccountId, Half, ReceiveHalf, SendHalf, TxKey};
+use tapledger_actors::{
+    AuditReport, Ledger, LedgerConfig, ManualClock, NewAccount, Resolution, Submission, Ticket,
+};
+use tapledger_protocol::{AccountId, Half, Outcome, ReceiveHalf, SendHalf, Timestamp, TxKey};
 
 /// A ledger on a fresh temporary file. Keep the `TempDir` alive while it runs.
 pub async fn temp_ledger(configure: impl FnOnce(&mut LedgerConfig)) -> (tempfile::TempDir, Ledger) {
@@ -69,4 +72,101 @@ pub async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(20), future)
         .await
         .expect("test step timed out")
+}
+
+/// Like [`within`] with a caller-chosen bound, for steps that legitimately
+/// take longer (thousands of payments).
+pub async fn within_for<T>(limit: Duration, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(limit, future)
+        .await
+        .expect("test step timed out")
+}
+
+/// Node time at which manual clocks start: 2023-11-14, far from zero so that
+/// "the past" is representable.
+pub const CLOCK_START: Timestamp = Timestamp(1_700_000_000_000_000);
+
+/// A ledger on a fresh temporary file whose node time moves only when the
+/// returned clock is advanced.
+pub async fn manual_ledger(
+    configure: impl FnOnce(&mut LedgerConfig),
+) -> (tempfile::TempDir, Ledger, ManualClock) {
+    let clock = ManualClock::new(CLOCK_START);
+    let shared = clock.clone();
+    let (dir, ledger) = temp_ledger(move |config| {
+        config.clock = Arc::new(shared);
+        configure(config);
+    })
+    .await;
+    (dir, ledger, clock)
+}
+
+/// Closes `ledger` cleanly and opens the same file with the same
+/// configuration (and so the same clock): a restart.
+pub async fn reopen(ledger: Ledger) -> Ledger {
+    let config = ledger.config().clone();
+    within(ledger.close()).await;
+    within(Ledger::open(config)).await.expect("reopen ledger")
+}
+
+/// Audits the books and fails the test, naming every problem, if they are off.
+pub fn assert_books(ledger: &Ledger) -> AuditReport {
+    let report = ledger.audit().expect("audit");
+    assert!(report.is_ok(), "audit problems: {:#?}", report.problems);
+    report
+}
+
+/// Submits a half that must be over at once (refused, or its key decided).
+pub async fn submit_done(ledger: &Ledger, submitter: AccountId, half: Half) -> Resolution {
+    match within(ledger.submit(submitter, half.clone()))
+        .await
+        .expect("submit")
+    {
+        Submission::Done(resolution) => resolution,
+        Submission::Pending(_) => panic!("{half:?} from {submitter} should be over, not pending"),
+    }
+}
+
+/// Submits a half that must wait for its partner.
+pub async fn submit_pending(ledger: &Ledger, submitter: AccountId, half: Half) -> Ticket {
+    match within(ledger.submit(submitter, half.clone()))
+        .await
+        .expect("submit")
+    {
+        Submission::Pending(ticket) => ticket,
+        Submission::Done(resolution) => {
+            panic!("{half:?} from {submitter} should be pending, got {resolution:?}")
+        }
+    }
+}
+
+/// The outcome a resolution carries; fails the test on a refusal.
+pub fn final_outcome(resolution: &Resolution) -> Arc<Outcome> {
+    match resolution {
+        Resolution::Final(outcome) => outcome.clone(),
+        Resolution::Refused(code) => panic!("expected a final outcome, got refusal {code}"),
+    }
+}
+
+/// A payment's two halves in one go: send first, then receive. Returns the
+/// outcome both submitters heard (they must agree).
+pub async fn pay(
+    ledger: &Ledger,
+    tx_key: TxKey,
+    sender: AccountId,
+    receiver: AccountId,
+    amount: u64,
+) -> Arc<Outcome> {
+    let ticket = submit_pending(ledger, sender, send(tx_key, sender, amount)).await;
+    let resolution = submit_done(ledger, receiver, receive(tx_key, receiver, sender, amount)).await;
+    let outcome = final_outcome(&resolution);
+    let heard_by_sender = within(ticket.resolution()).await.expect("ticket");
+    assert_eq!(heard_by_sender, Resolution::Final(outcome.clone()));
+    outcome
+}
+
+/// A key on a chosen matcher shard (the ledger spreads keys by
+/// `tx_key % matcher_shards`), distinct for distinct `index`.
+pub fn key_on_shard(index: u128, shard: u128, shards: u128) -> TxKey {
+    TxKey::from_u128((index + 1) * shards + shard)
 }
