@@ -4,8 +4,29 @@
 //!
 //! This crate deliberately does no IO: no sockets, no async, no clocks, no
 //! storage. Encoders write into buffers and decoders read byte slices, so the
-//! same code serves the node, the Rust client and the fuzzers.
+//! same code serves the node, the Rust client and the fuzzers. `PROTOCOL.md`
+//! at the repository root describes the same format for other languages.
 
+pub mod auth;
 pub mod domain;
+pub mod error_code;
+pub mod examples;
+pub mod frame;
+pub mod limits;
+pub mod messages;
+pub mod scan;
+pub mod validate;
 
+pub use auth::{Secret, bytes_equal, key_hash, key_matches};
 pub use domain::*;
+pub use error_code::ErrorCode;
+pub use frame::{
+    DecodeError, EncodeError, WireMessage, decode_body, decode_frame, encode_frame,
+    encode_frame_to_vec, split_frame,
+};
+pub use limits::*;
+pub use messages::{
+    ClientMessage, HistoryEntry, HistoryKind, NodeMessage, OutcomeReport, OutcomeStatus,
+    QueryStatus, RequestId,
+};
+pub use validate::{Problem, ValidationError};
