@@ -2,4 +2,5 @@
 
 mod ledger_smoke;
 mod model;
+mod regressions;
 mod support;
