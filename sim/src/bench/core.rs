@@ -26,12 +26,15 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
-use tapledger_actors::{AuditReport, Ledger, LedgerConfig, LedgerError, NewAccount, Resolution};
+use tapledger_actors::{
+    AuditReport, Ledger, LedgerConfig, LedgerError, NewAccount, Resolution, Submission,
+};
 use tapledger_protocol::{AccountId, Half, Outcome, ReceiveHalf, SendHalf, TxKey};
 use tokio::task::JoinSet;
 
 use super::hardware::{self, Rate};
 use super::memory;
+use super::threads::{self, Usage};
 
 /// Account openings in flight at once while setting up (each is one intent
 /// for group commit, so they batch like payments do).
@@ -183,6 +186,9 @@ pub struct CoreBenchReport {
     /// Payments whose halves heard different outcomes, or an outcome of another key.
     pub inconsistent: u64,
     pub first_error: Option<String>,
+    /// Payments whose first half was written as pending before its partner
+    /// was decided (the rest met their partner within one commit).
+    pub first_stored_pending: u64,
     /// Wall time of the payment phase: first submission to last outcome.
     pub seconds: f64,
     pub latency: LatencySummary,
@@ -191,6 +197,12 @@ pub struct CoreBenchReport {
     pub intents_committed: u64,
     pub fsync: Rate,
     pub redb_commit: Rate,
+    /// Sequential write bandwidth; `count` is bytes.
+    pub write_bandwidth: Rate,
+    /// CPU per thread name and bytes written to storage during the payments.
+    pub usage: Usage,
+    /// CPUs the process may use.
+    pub cpus: usize,
     pub peak_rss_bytes: Option<u64>,
     pub live_account_actors: usize,
     pub account_actors_started: u64,
@@ -292,7 +304,8 @@ impl CoreBenchReport {
                 .map(|(code, count)| (code.to_string(), serde_json::json!(count)))
                 .collect::<serde_json::Map<_, _>>()
         };
-        serde_json::json!({
+        let redb_per_sec = self.redb_commit.per_sec();
+        let mut json = serde_json::json!({
             "settlements": self.settled,
             "seconds": self.seconds,
             "settlements_per_sec": self.settlements_per_sec(),
@@ -303,7 +316,10 @@ impl CoreBenchReport {
             "redb_commits_per_sec": self.redb_commit.per_sec(),
             "settlements_per_commit": self.settlements_per_commit(),
             "settlements_per_fsync": per(self.settlements_per_sec(), self.fsync.per_sec()),
-            "settlements_per_redb_commit": per(self.settlements_per_sec(), self.redb_commit.per_sec()),
+            "settlements_per_redb_commit": per(self.settlements_per_sec(), redb_per_sec),
+        });
+        let rss_per_live_actor = self.actor_memory.map(|memory| memory.bytes_per_actor());
+        let details = serde_json::json!({
             "intents_committed": self.intents_committed,
             "payments": self.payments,
             "accounts": self.accounts,
@@ -318,6 +334,7 @@ impl CoreBenchReport {
             "refused_by_code": codes(&self.refused),
             "errors": self.errors,
             "inconsistent": self.inconsistent,
+            "first_halves_stored_pending": self.first_stored_pending,
             "p90_us": self.latency.p90_us,
             "p999_us": self.latency.p999_us,
             "max_us": self.latency.max_us,
@@ -326,10 +343,40 @@ impl CoreBenchReport {
             "peak_rss_bytes": self.peak_rss_bytes,
             "live_account_actors": self.live_account_actors,
             "account_actors_started": self.account_actors_started,
-            "rss_per_live_actor_bytes": self.actor_memory.map(|memory| memory.bytes_per_actor()),
+            "rss_per_live_actor_bytes": rss_per_live_actor,
+        });
+        let cpu_by_thread = self
+            .usage
+            .by_name
+            .iter()
+            .map(|(name, group)| {
+                let times = serde_json::json!({
+                    "threads": group.threads,
+                    "run_seconds": group.run_ns as f64 / 1e9,
+                    "runnable_waiting_seconds": group.wait_ns as f64 / 1e9,
+                });
+                (name.clone(), times)
+            })
+            .collect::<serde_json::Map<_, _>>();
+        let write_bytes_per_settlement = self
+            .usage
+            .write_bytes
+            .map(|bytes| per(bytes as f64, self.settled as f64));
+        let hardware_and_checks = serde_json::json!({
+            "write_bandwidth_bytes_per_sec": self.write_bandwidth.per_sec(),
+            "disk_write_bytes": self.usage.write_bytes,
+            "disk_write_bytes_per_settlement": write_bytes_per_settlement,
+            "cpu_seconds_by_thread": cpu_by_thread,
             "audit_ok": self.audit.is_ok(),
             "failures": self.failures(),
-        })
+        });
+        let object = json.as_object_mut().expect("an object");
+        for extra in [details, hardware_and_checks] {
+            if let serde_json::Value::Object(extra) = extra {
+                object.extend(extra);
+            }
+        }
+        json
     }
 
     /// The report people read.
@@ -387,6 +434,11 @@ impl CoreBenchReport {
             self.settlements_per_commit(),
             per(self.intents_committed as f64, self.commits as f64)
         );
+        let _ = writeln!(
+            out,
+            "  pairing       {:.1}% of first halves were written as pending (and deleted a commit later); the rest met their partner inside one commit",
+            100.0 * per(self.first_stored_pending as f64, self.payments as f64)
+        );
         let _ = writeln!(out, "latency, second half to outcome");
         let _ = writeln!(
             out,
@@ -416,6 +468,57 @@ impl CoreBenchReport {
             per(self.settlements_per_sec(), redb_per_sec),
             100.0 * per(self.commits_per_sec(), redb_per_sec)
         );
+        let _ = writeln!(
+            out,
+            "  write bandwidth {:>10.0} MiB/s (1 MiB sequential writes + fdatasync)",
+            self.write_bandwidth.per_sec() / MIB
+        );
+        if let Some(bytes) = self.usage.write_bytes {
+            let _ = writeln!(
+                out,
+                "  ledger wrote  {:>12.0} MiB/s   ({:.0} MiB during payments: {:.0} bytes per settlement, {:.1} MiB per commit; {:.0}% of the write bandwidth)",
+                per(bytes as f64 / MIB, self.seconds),
+                bytes as f64 / MIB,
+                per(bytes as f64, self.settled as f64),
+                per(bytes as f64 / MIB, self.commits as f64),
+                100.0
+                    * per(
+                        per(bytes as f64, self.seconds),
+                        self.write_bandwidth.per_sec()
+                    )
+            );
+        }
+        if !self.usage.by_name.is_empty() {
+            let _ = writeln!(
+                out,
+                "cpu during payments ({} CPUs x {:.2} s = {:.2} CPU-s available)",
+                self.cpus,
+                self.seconds,
+                self.cpus as f64 * self.seconds
+            );
+            let mut used = 0.0;
+            for (name, group) in &self.usage.by_name {
+                let run = group.run_ns as f64 / 1e9;
+                used += run;
+                if run < 0.005 && group.wait_ns < 5_000_000 {
+                    continue;
+                }
+                let _ = writeln!(
+                    out,
+                    "  {:<16} {:>2} thread(s) {:>8.2} CPU-s ({:>3.0}% of wall), {:>6.2} s runnable but waiting for a CPU",
+                    name,
+                    group.threads,
+                    run,
+                    100.0 * per(run, self.seconds),
+                    group.wait_ns as f64 / 1e9
+                );
+            }
+            let _ = writeln!(
+                out,
+                "  idle             {:>8.2} CPU-s",
+                (self.cpus as f64 * self.seconds - used).max(0.0)
+            );
+        }
         let _ = writeln!(out, "memory");
         let _ = writeln!(
             out,
@@ -490,7 +593,7 @@ pub async fn run(config: &CoreBenchConfig) -> anyhow::Result<CoreBenchReport> {
     };
 
     phase("measuring the disk (fdatasync, redb commits)...");
-    let (fsync, redb_commit) = probe_disk(work_dir.path(), config.probe).await?;
+    let (fsync, redb_commit, write_bandwidth) = probe_disk(work_dir.path(), config.probe).await?;
 
     let ledger = Arc::new(
         Ledger::open(ledger_config(config, work_dir.path()))
@@ -521,9 +624,11 @@ pub async fn run(config: &CoreBenchConfig) -> anyhow::Result<CoreBenchReport> {
         thousands(config.concurrency as u64)
     ));
     let stats_before = ledger.stats().await;
+    let threads_before = threads::Snapshot::take();
     let started = Instant::now();
     let tally = pay_all(&ledger, &workload, config.concurrency, config.progress).await?;
     let seconds = started.elapsed().as_secs_f64();
+    let usage = threads_before.usage_until(&threads::Snapshot::take());
     let stats_after = ledger.stats().await;
 
     phase("auditing the books...");
@@ -557,12 +662,16 @@ pub async fn run(config: &CoreBenchConfig) -> anyhow::Result<CoreBenchReport> {
         errors: tally.errors,
         inconsistent: tally.inconsistent,
         first_error: tally.first_error,
+        first_stored_pending: tally.first_stored_pending,
         seconds,
         latency: LatencySummary::of(&tally.latency_us),
         commits: stats_after.commits - stats_before.commits,
         intents_committed: stats_after.intents_committed - stats_before.intents_committed,
         fsync,
         redb_commit,
+        write_bandwidth,
+        usage,
+        cpus: std::thread::available_parallelism().map_or(1, usize::from),
         peak_rss_bytes,
         live_account_actors: stats_after.live_account_actors,
         account_actors_started: stats_after.account_actors_started,
@@ -586,12 +695,14 @@ fn ledger_config(config: &CoreBenchConfig, dir: &Path) -> LedgerConfig {
     ledger_config
 }
 
-async fn probe_disk(dir: &Path, duration: Duration) -> anyhow::Result<(Rate, Rate)> {
+async fn probe_disk(dir: &Path, duration: Duration) -> anyhow::Result<(Rate, Rate, Rate)> {
     let dir = dir.to_owned();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<(Rate, Rate)> {
+    tokio::task::spawn_blocking(move || -> anyhow::Result<(Rate, Rate, Rate)> {
         let fsync = hardware::fdatasync_rate(&dir, duration).context("fdatasync probe")?;
         let redb = hardware::redb_commit_rate(&dir, duration).context("redb commit probe")?;
-        Ok((fsync, redb))
+        let bandwidth =
+            hardware::write_bandwidth(&dir, duration / 2).context("write bandwidth probe")?;
+        Ok((fsync, redb, bandwidth))
     })
     .await
     .context("disk probe task")?
@@ -746,6 +857,7 @@ struct Tally {
     refused: BTreeMap<u16, u64>,
     errors: u64,
     inconsistent: u64,
+    first_stored_pending: u64,
     first_error: Option<String>,
     latency_us: Histogram<u64>,
 }
@@ -758,6 +870,7 @@ impl Tally {
             refused: BTreeMap::new(),
             errors: 0,
             inconsistent: 0,
+            first_stored_pending: 0,
             first_error: None,
             latency_us: Histogram::new_with_bounds(1, LATENCY_US_MAX, 3)
                 .expect("valid histogram bounds"),
@@ -769,7 +882,9 @@ impl Tally {
             send,
             receive,
             latency,
+            first_stored_pending,
         } = paid;
+        self.first_stored_pending += u64::from(first_stored_pending);
         match (send, receive) {
             (Ok(Resolution::Final(send)), Ok(Resolution::Final(receive))) => {
                 let agree = Arc::ptr_eq(&send, &receive) || send == receive;
@@ -808,6 +923,7 @@ impl Tally {
         }
         self.errors += other.errors;
         self.inconsistent += other.inconsistent;
+        self.first_stored_pending += other.first_stored_pending;
         if self.first_error.is_none() {
             self.first_error = other.first_error;
         }
@@ -823,6 +939,9 @@ struct Paid {
     receive: Result<Resolution, LedgerError>,
     /// From the second half's submission to its outcome.
     latency: Duration,
+    /// The first half was written to storage as pending (its partner did not
+    /// reach a decision in the same commit).
+    first_stored_pending: bool,
 }
 
 /// Runs every payment of `workload` from `concurrency` tasks, each with one
@@ -909,29 +1028,32 @@ async fn pay(ledger: &Ledger, payment: &Payment, halves: HalvesMode) -> Paid {
     } else {
         (receive, send)
     };
-    let (first_result, second_result, latency) = match halves {
+    let (first_result, second_result, latency, first_stored_pending) = match halves {
         HalvesMode::Together => {
             // `join!` polls in order, so the first half is queued at its
             // matcher before the second is submitted.
-            let first_done = resolve(ledger, first.0, first.1);
+            let first_done = async {
+                let submission = ledger.submit(first.0, first.1).await;
+                let stored_pending = matches!(submission, Ok(Submission::Pending(_)));
+                (resolution_of(submission).await, stored_pending)
+            };
             let second_done = async {
                 let submitted = Instant::now();
-                let result = resolve(ledger, second.0, second.1).await;
+                let result = resolution_of(ledger.submit(second.0, second.1).await).await;
                 (result, submitted.elapsed())
             };
-            let (first_result, (second_result, latency)) = tokio::join!(first_done, second_done);
-            (first_result, second_result, latency)
+            let ((first_result, stored_pending), (second_result, latency)) =
+                tokio::join!(first_done, second_done);
+            (first_result, second_result, latency, stored_pending)
         }
         HalvesMode::Sequential => {
             let first_submission = ledger.submit(first.0, first.1).await;
+            let stored_pending = matches!(first_submission, Ok(Submission::Pending(_)));
             let submitted = Instant::now();
-            let second_result = resolve(ledger, second.0, second.1).await;
+            let second_result = resolution_of(ledger.submit(second.0, second.1).await).await;
             let latency = submitted.elapsed();
-            let first_result = match first_submission {
-                Ok(submission) => submission.resolution().await,
-                Err(error) => Err(error),
-            };
-            (first_result, second_result, latency)
+            let first_result = resolution_of(first_submission).await;
+            (first_result, second_result, latency, stored_pending)
         }
     };
     if payment.send_first {
@@ -939,22 +1061,22 @@ async fn pay(ledger: &Ledger, payment: &Payment, halves: HalvesMode) -> Paid {
             send: first_result,
             receive: second_result,
             latency,
+            first_stored_pending,
         }
     } else {
         Paid {
             send: second_result,
             receive: first_result,
             latency,
+            first_stored_pending,
         }
     }
 }
 
-async fn resolve(
-    ledger: &Ledger,
-    submitter: AccountId,
-    half: Half,
+async fn resolution_of(
+    submission: Result<Submission, LedgerError>,
 ) -> Result<Resolution, LedgerError> {
-    ledger.submit(submitter, half).await?.resolution().await
+    submission?.resolution().await
 }
 
 fn per(numerator: f64, denominator: f64) -> f64 {
@@ -985,8 +1107,10 @@ fn micros(value: u64) -> String {
     }
 }
 
+const MIB: f64 = 1024.0 * 1024.0;
+
 fn mebibytes(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+    format!("{:.1} MiB", bytes as f64 / MIB)
 }
 
 #[cfg(test)]

@@ -5,3 +5,4 @@
 pub mod core;
 pub mod hardware;
 pub mod memory;
+pub mod threads;

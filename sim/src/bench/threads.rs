@@ -1,0 +1,149 @@
+//! Where the process spent its CPU, per thread, from Linux's
+//! `/proc/self/task/*/schedstat` (nanoseconds on a CPU, nanoseconds runnable
+//! but waiting for one) and `/proc/self/io` (bytes sent to storage). Two
+//! snapshots around a phase give its breakdown by thread name: the ledger's
+//! commit thread, the tokio workers, and the rest.
+//!
+//! On other systems, or with schedstats missing, snapshots are empty and the
+//! report leaves the section out. Threads that ended between two snapshots
+//! are not counted.
+
+use std::collections::{BTreeMap, HashMap};
+
+/// CPU figures of one thread at one moment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ThreadSample {
+    name: String,
+    run_ns: u64,
+    wait_ns: u64,
+}
+
+/// All threads of the process at one moment, by thread id, and the bytes the
+/// process had caused to be written to storage so far.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    threads: HashMap<u32, ThreadSample>,
+    write_bytes: Option<u64>,
+}
+
+/// What the threads of one name did between two snapshots.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadGroupTimes {
+    pub threads: usize,
+    /// Time on a CPU.
+    pub run_ns: u64,
+    /// Time runnable but waiting for a CPU.
+    pub wait_ns: u64,
+}
+
+/// The difference between two snapshots.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// By thread name (`comm`, at most 15 characters).
+    pub by_name: BTreeMap<String, ThreadGroupTimes>,
+    pub write_bytes: Option<u64>,
+}
+
+impl Snapshot {
+    pub fn take() -> Snapshot {
+        let mut threads = HashMap::new();
+        if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+            for task in tasks.flatten() {
+                let Some(tid) = task.file_name().to_str().and_then(|tid| tid.parse().ok()) else {
+                    continue;
+                };
+                let path = task.path();
+                let (Ok(name), Ok(schedstat)) = (
+                    std::fs::read_to_string(path.join("comm")),
+                    std::fs::read_to_string(path.join("schedstat")),
+                ) else {
+                    continue;
+                };
+                if let Some((run_ns, wait_ns)) = parse_schedstat(&schedstat) {
+                    threads.insert(
+                        tid,
+                        ThreadSample {
+                            name: name.trim_end().to_string(),
+                            run_ns,
+                            wait_ns,
+                        },
+                    );
+                }
+            }
+        }
+        let write_bytes = std::fs::read_to_string("/proc/self/io")
+            .ok()
+            .and_then(|io| parse_io_field(&io, "write_bytes:"));
+        Snapshot {
+            threads,
+            write_bytes,
+        }
+    }
+
+    /// What happened from `self` to `later`. A thread born in between counts
+    /// from zero.
+    pub fn usage_until(&self, later: &Snapshot) -> Usage {
+        let mut by_name: BTreeMap<String, ThreadGroupTimes> = BTreeMap::new();
+        for (tid, sample) in &later.threads {
+            let (run_before, wait_before) = self
+                .threads
+                .get(tid)
+                .filter(|before| before.name == sample.name)
+                .map_or((0, 0), |before| (before.run_ns, before.wait_ns));
+            let group = by_name.entry(sample.name.clone()).or_default();
+            group.threads += 1;
+            group.run_ns += sample.run_ns.saturating_sub(run_before);
+            group.wait_ns += sample.wait_ns.saturating_sub(wait_before);
+        }
+        let write_bytes = match (self.write_bytes, later.write_bytes) {
+            (Some(before), Some(after)) => Some(after.saturating_sub(before)),
+            _ => None,
+        };
+        Usage {
+            by_name,
+            write_bytes,
+        }
+    }
+}
+
+/// `schedstat` is `run_ns wait_ns timeslices`.
+fn parse_schedstat(text: &str) -> Option<(u64, u64)> {
+    let mut fields = text.split_whitespace();
+    Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+}
+
+fn parse_io_field(text: &str, field: &str) -> Option<u64> {
+    let line = text.lines().find(|line| line.starts_with(field))?;
+    line[field.len()..].trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_schedstat_and_io() {
+        assert_eq!(
+            parse_schedstat("476204646 82352 30\n"),
+            Some((476_204_646, 82_352))
+        );
+        assert_eq!(parse_schedstat(""), None);
+        let io = "rchar: 6976\nwrite_bytes: 8192\ncancelled_write_bytes: 0\n";
+        assert_eq!(parse_io_field(io, "write_bytes:"), Some(8_192));
+    }
+
+    #[test]
+    fn usage_counts_this_threads_work() {
+        let before = Snapshot::take();
+        let mut sum = 0u64;
+        for value in 0..2_000_000u64 {
+            sum = sum.wrapping_add(value * value);
+        }
+        std::hint::black_box(sum);
+        let usage = before.usage_until(&Snapshot::take());
+        if cfg!(target_os = "linux") {
+            let total: u64 = usage.by_name.values().map(|group| group.run_ns).sum();
+            assert!(total > 0, "{usage:?}");
+        }
+    }
+}
