@@ -1,30 +1,39 @@
-//! Prints the "Examples" section of `PROTOCOL.md`: every example message as
+//! Prints sections 13.1 and 13.2 of `PROTOCOL.md`: every example message as
 //! readable MessagePack notation and as the exact frame bytes.
 //!
 //! Run `cargo run -p tapledger-protocol --example wire_examples` and paste the
-//! output into `PROTOCOL.md`; the protocol crate's tests check that the
-//! document shows these bytes. It reads only its own constants: no files, no
-//! network.
+//! output over those sections (from "### 13.1" up to "## 14."); the protocol
+//! crate's tests check that the document shows these bytes. It reads only
+//! its own constants: no files, no network.
 
-use tapledger_protocol::FRAME_HEADER_BYTES;
-use tapledger_protocol::examples::{example_frames, hex_dump};
+use tapledger_protocol::examples::{client_examples, hex_dump, node_examples};
+use tapledger_protocol::{FRAME_HEADER_BYTES, encode_frame_to_vec};
 
 fn main() {
-    for (title, frame) in example_frames() {
-        let body = &frame[FRAME_HEADER_BYTES..];
-        println!("#### {title}\n");
-        println!(
-            "{} bytes: prefix `{}` then a {}-byte body.\n",
-            frame.len(),
-            hex_dump(&frame[..FRAME_HEADER_BYTES]),
-            body.len()
-        );
-        let mut at = 0;
-        let mut text = String::new();
-        describe(body, &mut at, 0, &mut text);
-        println!("```text\n{text}\n```\n");
-        println!("```hex\n{}\n```\n", hex_dump(&frame));
+    println!("### 13.1 Client messages\n");
+    for (title, message) in client_examples() {
+        print_example(title, &encode_frame_to_vec(&message).expect("examples fit"));
     }
+    println!("### 13.2 Node messages\n");
+    for (title, message) in node_examples() {
+        print_example(title, &encode_frame_to_vec(&message).expect("examples fit"));
+    }
+}
+
+fn print_example(title: &str, frame: &[u8]) {
+    let body = &frame[FRAME_HEADER_BYTES..];
+    println!("#### {title}\n");
+    println!(
+        "{} bytes: prefix `{}` then a {}-byte body.\n",
+        frame.len(),
+        hex_dump(&frame[..FRAME_HEADER_BYTES]),
+        body.len()
+    );
+    let mut at = 0;
+    let mut text = String::new();
+    describe(body, &mut at, 0, &mut text);
+    println!("```text\n{text}\n```\n");
+    println!("```hex\n{}\n```\n", hex_dump(frame));
 }
 
 /// Writes the value at `at` in a JSON-like notation: `bin` as `h'..'`.

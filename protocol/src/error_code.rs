@@ -12,6 +12,11 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+/// QUIC application error code of a normal connection close or stream reset.
+/// Any other close or reset carries the [`ErrorCode`] number that caused it
+/// (for example 1014 after repeated failed authentication, 1101 at shutdown).
+pub const CLOSE_CODE_NORMAL: u32 = 0;
+
 /// A protocol-level error, with a fixed wire number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(into = "u16", try_from = "u16")]

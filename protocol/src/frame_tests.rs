@@ -737,3 +737,39 @@ fn node_examples_are_valid_and_decode_as_node_messages_only() {
         assert_eq!(error.code(), ErrorCode::UnknownMessage, "{title}");
     }
 }
+
+#[test]
+fn byte_strings_sent_as_integer_arrays_are_accepted() {
+    // {"type": "authenticate", "request_id": 1, "account_id": 3,
+    //  "api_key": [32 integers]} from a writer without `bin` support.
+    let mut body = vec![0x84];
+    body.extend_from_slice(b"\xa4type\xacauthenticate");
+    body.extend_from_slice(b"\xaarequest_id\x01");
+    body.extend_from_slice(b"\xaaaccount_id\x03");
+    body.extend_from_slice(b"\xa7api_key\xdc\x00\x20");
+    body.extend(0u8..32);
+    let (message, _) = decode_frame::<ClientMessage>(&framed(&body))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        message,
+        ClientMessage::Authenticate {
+            request_id: 1,
+            account_id: 3,
+            api_key: Secret::new((0u8..32).collect::<Vec<u8>>()),
+        }
+    );
+}
+
+#[test]
+fn a_body_without_a_string_type_is_malformed() {
+    for body in [
+        &b"\x81\xa4type\x05"[..],
+        b"\x81\xaarequest_id\x01",
+        b"\x92\x01\x02",
+        b"\xa7balance",
+    ] {
+        let error = decode_frame::<ClientMessage>(&framed(body)).unwrap_err();
+        assert_eq!(error.code(), ErrorCode::Malformed, "{body:?}: {error}");
+    }
+}

@@ -19,7 +19,7 @@ pub mod validate;
 
 pub use auth::{Secret, bytes_equal, key_hash, key_matches};
 pub use domain::*;
-pub use error_code::ErrorCode;
+pub use error_code::{CLOSE_CODE_NORMAL, ErrorCode};
 pub use frame::{
     DecodeError, EncodeError, WireMessage, decode_body, decode_frame, encode_frame,
     encode_frame_to_vec, split_frame,
