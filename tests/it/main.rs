@@ -1,5 +1,6 @@
 //! Integration tests across crates: one test binary, a module per area.
 
+mod concurrency;
 mod ledger_smoke;
 mod model;
 mod regressions;
