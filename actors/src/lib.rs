@@ -22,7 +22,10 @@ pub mod store;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use core::matching::Resolution;
 pub use error::{LedgerError, StoreError};
-pub use ledger::{Ledger, LedgerConfig, LedgerStats, Submission, Ticket};
+pub use ledger::{
+    ACCOUNT_IDLE_DEFAULT, HALF_TTL_DEFAULT, Ledger, LedgerConfig, LedgerStats, MAX_AMOUNT_DEFAULT,
+    PENDING_HALVES_PER_ACCOUNT_MAX_DEFAULT, Submission, Ticket,
+};
 pub use store::{
     AccountRecord, AuditReport, Counters, Funding, FundingKind, JournalEntry, NewAccount, Store,
 };

@@ -1,1 +1,20 @@
-//! placeholder
+//! The tapledger node: serves the ledger to phones over QUIC (quinn, rustls
+//! TLS 1.3, ring), and the Rust phone client that talks to it.
+//!
+//! * [`server`] — endpoint, accept loop, limits, shutdown.
+//! * [`session`] — per connection and stream: frames in, ledger calls, answers out.
+//! * [`client`] — `ClientEndpoint` and `Phone`, used by `tapledger-sim` and tests.
+//! * [`init`], [`config`], [`tls`] — data directory, settings, TLS configs.
+//!
+//! Business rules live in `tapledger-actors`; this crate only translates.
+
+pub mod client;
+pub mod config;
+pub mod init;
+pub mod server;
+pub mod session;
+pub mod tls;
+
+pub use client::{ApiCredentials, ClientEndpoint, ClientError, HalfAnswer, Phone, Submitted};
+pub use config::{DataDir, Limits, NodeConfig};
+pub use server::{NodeError, RunningNode};

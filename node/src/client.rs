@@ -1,0 +1,518 @@
+//! The Rust phone client: connects to a node with a pinned certificate, keeps
+//! one long-lived stream, pipelines requests over it and routes each answer
+//! (and each pushed outcome) back to the request that caused it.
+//!
+//! It never accepts an unpinned certificate. `tapledger-sim` and the tests
+//! use it; it is also a reference for clients in other languages.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tapledger_certs::Fingerprint;
+use tapledger_protocol::{
+    API_KEY_BYTES_MIN, AccountId, ClientMessage, ErrorCode, Half, HistoryEntry, NodeMessage,
+    OutcomeReport, QueryStatus, RejectCode, RequestId, SALT_BYTES_MIN, Secret, TxKey, decode_frame,
+    encode_frame_to_vec, key_hash,
+};
+use tokio::sync::mpsc;
+
+use crate::config::KEEP_ALIVE_INTERVAL;
+use crate::tls;
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("the node answered error {code}: {message}")]
+    Node { code: ErrorCode, message: String },
+    #[error("the connection closed before the answer arrived")]
+    Disconnected,
+    #[error("unexpected answer: {0}")]
+    Unexpected(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+impl ClientError {
+    /// The node's error code, when the node answered with one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Node { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// A freshly generated API key with the salt and hash the node registers.
+#[derive(Clone, Debug)]
+pub struct ApiCredentials {
+    pub key: Secret,
+    pub salt: Vec<u8>,
+    pub key_hash: [u8; 64],
+}
+
+impl ApiCredentials {
+    /// A random 32-byte key and 16-byte salt. Only `salt` and `key_hash` ever
+    /// leave the phone at account opening.
+    pub fn generate() -> ApiCredentials {
+        let mut key = vec![0u8; API_KEY_BYTES_MIN];
+        let mut salt = vec![0u8; SALT_BYTES_MIN];
+        rand::fill(&mut key[..]);
+        rand::fill(&mut salt[..]);
+        let key_hash = key_hash(&key, &salt);
+        ApiCredentials {
+            key: Secret::new(key),
+            salt,
+            key_hash,
+        }
+    }
+}
+
+/// A QUIC client endpoint pinned to one node certificate. One endpoint can
+/// carry many phone connections.
+#[derive(Clone)]
+pub struct ClientEndpoint {
+    endpoint: quinn::Endpoint,
+}
+
+impl ClientEndpoint {
+    /// Binds a local UDP socket of the same address family as `node`.
+    pub fn new(pinned: Fingerprint, node: SocketAddr) -> Result<ClientEndpoint, ClientError> {
+        let bind: SocketAddr = if node.is_ipv6() {
+            "[::]:0".parse().expect("literal")
+        } else {
+            "0.0.0.0:0".parse().expect("literal")
+        };
+        let crypto =
+            tls::client_crypto(pinned).map_err(|error| ClientError::Connect(error.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
+        config.transport_config(Arc::new(transport));
+        let mut endpoint = quinn::Endpoint::client(bind)
+            .map_err(|error| ClientError::Connect(error.to_string()))?;
+        endpoint.set_default_client_config(config);
+        Ok(ClientEndpoint { endpoint })
+    }
+
+    /// Connects to the node and opens the long-lived request stream.
+    pub async fn connect(&self, node: SocketAddr, server_name: &str) -> Result<Phone, ClientError> {
+        let connecting = self
+            .endpoint
+            .connect(node, server_name)
+            .map_err(|error| ClientError::Connect(error.to_string()))?;
+        let connection = connecting
+            .await
+            .map_err(|error| ClientError::Connect(error.to_string()))?;
+        Phone::over(connection).await
+    }
+
+    /// Waits until every connection of this endpoint has closed.
+    pub async fn wait_idle(&self) {
+        self.endpoint.wait_idle().await;
+    }
+}
+
+type Routes = Arc<Mutex<HashMap<RequestId, mpsc::UnboundedSender<NodeMessage>>>>;
+
+/// One phone's connection to a node.
+pub struct Phone {
+    connection: quinn::Connection,
+    send: tokio::sync::Mutex<quinn::SendStream>,
+    routes: Routes,
+    next_request: AtomicU64,
+    /// Errors the node could not tie to a request (unreadable frames).
+    unrouted: tokio::sync::Mutex<mpsc::UnboundedReceiver<NodeMessage>>,
+    reader: tokio::task::JoinHandle<()>,
+    account: Option<AccountId>,
+}
+
+/// What the node said about a half, finally.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HalfAnswer {
+    /// The key's final outcome.
+    Decided(OutcomeReport),
+    /// This half was refused; the key is untouched.
+    Refused {
+        code: RejectCode,
+        explanation: String,
+    },
+}
+
+/// The first answer to a submitted half.
+#[derive(Debug)]
+pub enum Submitted {
+    Answered(HalfAnswer),
+    /// Durable and waiting for its partner: the outcome will be pushed.
+    Accepted(PendingHalf),
+}
+
+impl Submitted {
+    /// Waits for the final answer however the submission started.
+    pub async fn answer(self) -> Result<HalfAnswer, ClientError> {
+        match self {
+            Submitted::Answered(answer) => Ok(answer),
+            Submitted::Accepted(pending) => pending.answer().await,
+        }
+    }
+}
+
+/// A half the node holds durably; its outcome arrives on the same stream.
+#[derive(Debug)]
+pub struct PendingHalf {
+    pub tx_key: TxKey,
+    receiver: mpsc::UnboundedReceiver<NodeMessage>,
+}
+
+impl PendingHalf {
+    pub async fn answer(mut self) -> Result<HalfAnswer, ClientError> {
+        let message = self
+            .receiver
+            .recv()
+            .await
+            .ok_or(ClientError::Disconnected)?;
+        half_answer(message)
+    }
+}
+
+/// The node's parameters, learned at authentication.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub account_id: AccountId,
+    pub max_amount: u64,
+    pub half_ttl_ms: u64,
+}
+
+impl Phone {
+    async fn over(connection: quinn::Connection) -> Result<Phone, ClientError> {
+        let (send, recv) = connection
+            .open_bi()
+            .await
+            .map_err(|error| ClientError::Connect(error.to_string()))?;
+        let routes: Routes = Arc::new(Mutex::new(HashMap::new()));
+        let (unrouted_sender, unrouted) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(read_loop(recv, routes.clone(), unrouted_sender));
+        Ok(Phone {
+            connection,
+            send: tokio::sync::Mutex::new(send),
+            routes,
+            next_request: AtomicU64::new(1),
+            unrouted: tokio::sync::Mutex::new(unrouted),
+            reader,
+            account: None,
+        })
+    }
+
+    /// The account this connection authenticated as.
+    pub fn account(&self) -> Option<AccountId> {
+        self.account
+    }
+
+    pub fn remote_address(&self) -> SocketAddr {
+        self.connection.remote_address()
+    }
+
+    /// The reason the connection closed, once it has.
+    pub fn close_reason(&self) -> Option<quinn::ConnectionError> {
+        self.connection.close_reason()
+    }
+
+    fn next_request_id(&self) -> RequestId {
+        self.next_request.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sends `message` (with its request id already set) and returns the
+    /// channel its answers arrive on.
+    async fn request(
+        &self,
+        message: ClientMessage,
+    ) -> Result<mpsc::UnboundedReceiver<NodeMessage>, ClientError> {
+        let frame = encode_frame_to_vec(&message)
+            .map_err(|error| ClientError::Unexpected(error.to_string()))?;
+        let (sender, receiver) = mpsc::unbounded_channel();
+        self.routes
+            .lock()
+            .expect("routes lock")
+            .insert(message.request_id(), sender);
+        let written = self.send.lock().await.write_all(&frame).await;
+        if written.is_err() {
+            self.routes
+                .lock()
+                .expect("routes lock")
+                .remove(&message.request_id());
+            return Err(ClientError::Disconnected);
+        }
+        Ok(receiver)
+    }
+
+    async fn single_answer(&self, message: ClientMessage) -> Result<NodeMessage, ClientError> {
+        let mut receiver = self.request(message).await?;
+        let answer = receiver.recv().await.ok_or(ClientError::Disconnected)?;
+        match answer {
+            NodeMessage::Error { code, message, .. } => Err(ClientError::Node { code, message }),
+            answer => Ok(answer),
+        }
+    }
+
+    /// Writes raw bytes on the request stream (for tests of hostile input).
+    pub async fn send_raw(&self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.send
+            .lock()
+            .await
+            .write_all(bytes)
+            .await
+            .map_err(|_| ClientError::Disconnected)
+    }
+
+    /// Sends an arbitrary message under a fresh request id and returns the
+    /// first answer (for tests of requests the typed methods never make).
+    pub async fn send_message(
+        &self,
+        mut message: ClientMessage,
+    ) -> Result<NodeMessage, ClientError> {
+        set_request_id(&mut message, self.next_request_id());
+        let mut receiver = self.request(message).await?;
+        receiver.recv().await.ok_or(ClientError::Disconnected)
+    }
+
+    /// The next node message that answered no request (an `error` about an
+    /// unreadable frame), waiting at most `timeout`.
+    pub async fn next_unrouted(&self, timeout: Duration) -> Result<NodeMessage, ClientError> {
+        let mut unrouted = self.unrouted.lock().await;
+        match tokio::time::timeout(timeout, unrouted.recv()).await {
+            Ok(Some(message)) => Ok(message),
+            Ok(None) => Err(ClientError::Disconnected),
+            Err(_) => Err(ClientError::Timeout(timeout)),
+        }
+    }
+
+    pub async fn authenticate(
+        &mut self,
+        account_id: AccountId,
+        api_key: &Secret,
+    ) -> Result<Session, ClientError> {
+        let request_id = self.next_request_id();
+        match self
+            .single_answer(ClientMessage::Authenticate {
+                request_id,
+                account_id,
+                api_key: api_key.clone(),
+            })
+            .await?
+        {
+            NodeMessage::Authenticated {
+                account_id,
+                max_amount,
+                half_ttl_ms,
+                ..
+            } => {
+                self.account = Some(account_id);
+                Ok(Session {
+                    account_id,
+                    max_amount,
+                    half_ttl_ms,
+                })
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Submits a half; resolves once the node refused it, decided its key, or
+    /// holds it durably (then the outcome follows on [`PendingHalf::answer`]).
+    pub async fn submit(&self, half: Half) -> Result<Submitted, ClientError> {
+        let request_id = self.next_request_id();
+        let tx_key = half.tx_key();
+        let mut receiver = self
+            .request(ClientMessage::SubmitHalf { request_id, half })
+            .await?;
+        match receiver.recv().await.ok_or(ClientError::Disconnected)? {
+            NodeMessage::Accepted { .. } => {
+                Ok(Submitted::Accepted(PendingHalf { tx_key, receiver }))
+            }
+            other => half_answer(other).map(Submitted::Answered),
+        }
+    }
+
+    /// What the node knows of `tx_key` for this account.
+    pub async fn query_outcome(
+        &self,
+        tx_key: TxKey,
+    ) -> Result<(QueryStatus, Option<OutcomeReport>), ClientError> {
+        let request_id = self.next_request_id();
+        match self
+            .single_answer(ClientMessage::QueryOutcome { request_id, tx_key })
+            .await?
+        {
+            NodeMessage::OutcomeAnswer { status, report, .. } => Ok((status, report)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn balance(&self) -> Result<u64, ClientError> {
+        let request_id = self.next_request_id();
+        match self
+            .single_answer(ClientMessage::Balance { request_id })
+            .await?
+        {
+            NodeMessage::BalanceAnswer { balance, .. } => Ok(balance),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// One page of history, newest first, and whether older entries exist.
+    pub async fn history(
+        &self,
+        before_seq: Option<u64>,
+        limit: u16,
+    ) -> Result<(Vec<HistoryEntry>, bool), ClientError> {
+        let request_id = self.next_request_id();
+        match self
+            .single_answer(ClientMessage::History {
+                request_id,
+                before_seq,
+                limit,
+            })
+            .await?
+        {
+            NodeMessage::HistoryAnswer { entries, more, .. } => Ok((entries, more)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Operator: opens an account for the holder of `credentials`.
+    pub async fn open_account(
+        &self,
+        admin_credential: &Secret,
+        account_type: &str,
+        bank_name: &str,
+        credentials: &ApiCredentials,
+        opening_balance: u64,
+    ) -> Result<AccountId, ClientError> {
+        let request_id = self.next_request_id();
+        let message = ClientMessage::OpenAccount {
+            request_id,
+            admin_credential: admin_credential.clone(),
+            account_type: account_type.to_owned(),
+            bank_name: bank_name.to_owned(),
+            salt: credentials.salt.clone(),
+            key_hash: credentials.key_hash.to_vec(),
+            opening_balance,
+        };
+        match self.single_answer(message).await? {
+            NodeMessage::AccountOpened { account_id, .. } => Ok(account_id),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Operator: moves `amount` from the issuer to `account_id`.
+    pub async fn top_up(
+        &self,
+        admin_credential: &Secret,
+        account_id: AccountId,
+        amount: u64,
+    ) -> Result<u64, ClientError> {
+        let request_id = self.next_request_id();
+        let message = ClientMessage::TopUp {
+            request_id,
+            admin_credential: admin_credential.clone(),
+            account_id,
+            amount,
+        };
+        match self.single_answer(message).await? {
+            NodeMessage::ToppedUp { balance, .. } => Ok(balance),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Finishes the stream and closes the connection.
+    pub async fn close(self) {
+        let _ = self.send.lock().await.finish();
+        self.connection.close(0u32.into(), b"bye");
+        self.reader.abort();
+    }
+}
+
+fn set_request_id(message: &mut ClientMessage, id: RequestId) {
+    match message {
+        ClientMessage::Authenticate { request_id, .. }
+        | ClientMessage::SubmitHalf { request_id, .. }
+        | ClientMessage::QueryOutcome { request_id, .. }
+        | ClientMessage::Balance { request_id }
+        | ClientMessage::History { request_id, .. }
+        | ClientMessage::OpenAccount { request_id, .. }
+        | ClientMessage::TopUp { request_id, .. } => *request_id = id,
+    }
+}
+
+fn half_answer(message: NodeMessage) -> Result<HalfAnswer, ClientError> {
+    match message {
+        NodeMessage::Outcome { report, .. } => Ok(HalfAnswer::Decided(report)),
+        NodeMessage::Refused {
+            code, explanation, ..
+        } => Ok(HalfAnswer::Refused { code, explanation }),
+        NodeMessage::Error { code, message, .. } => Err(ClientError::Node { code, message }),
+        other => Err(unexpected(&other)),
+    }
+}
+
+fn unexpected(message: &NodeMessage) -> ClientError {
+    ClientError::Unexpected(message.type_name().to_owned())
+}
+
+async fn read_loop(
+    mut recv: quinn::RecvStream,
+    routes: Routes,
+    unrouted: mpsc::UnboundedSender<NodeMessage>,
+) {
+    let mut buffer: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    'reading: loop {
+        match recv.read(&mut chunk).await {
+            Ok(Some(bytes)) => buffer.extend_from_slice(&chunk[..bytes]),
+            Ok(None) | Err(_) => break,
+        }
+        let mut offset = 0;
+        loop {
+            match decode_frame::<NodeMessage>(&buffer[offset..]) {
+                Ok(None) => break,
+                Ok(Some((message, used))) => {
+                    offset += used;
+                    route(&routes, &unrouted, message);
+                }
+                Err(error) => match error.frame_bytes() {
+                    // A node sent something this client cannot read; skip it.
+                    Some(skip) => offset += skip,
+                    None => break 'reading,
+                },
+            }
+        }
+        buffer.drain(..offset);
+    }
+    // Dropping the routes tells every waiting request the connection is gone.
+    routes.lock().expect("routes lock").clear();
+}
+
+fn route(routes: &Routes, unrouted: &mpsc::UnboundedSender<NodeMessage>, message: NodeMessage) {
+    let Some(request_id) = message.request_id() else {
+        let _ = unrouted.send(message);
+        return;
+    };
+    let mut routes = routes.lock().expect("routes lock");
+    // `accepted` is followed by the outcome; every other answer is final.
+    let sender = if matches!(message, NodeMessage::Accepted { .. }) {
+        routes.get(&request_id).cloned()
+    } else {
+        routes.remove(&request_id)
+    };
+    match sender {
+        Some(sender) => {
+            let _ = sender.send(message);
+        }
+        None => {
+            let _ = unrouted.send(message);
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The node's settings and the files of its data directory.
+//!
+//! A data directory holds the ledger (`ledger.redb`), the TLS identity
+//! (`node.crt.pem`, `node.key.pem`, key mode 0600) and the operator's admin
+//! credential (`admin.key`, mode 0600). `init` creates them; `run` reads them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tapledger_protocol::{
+    AUTH_FAILURES_PER_CONNECTION_MAX_DEFAULT, IDLE_TIMEOUT_MS_DEFAULT,
+    KEEP_ALIVE_INTERVAL_MS_DEFAULT, REQUESTS_IN_FLIGHT_MAX_DEFAULT,
+    STREAMS_PER_CONNECTION_MAX_DEFAULT,
+};
+
+pub const LEDGER_FILE: &str = "ledger.redb";
+pub const CERT_FILE: &str = "node.crt.pem";
+pub const KEY_FILE: &str = "node.key.pem";
+pub const ADMIN_FILE: &str = "admin.key";
+
+/// Paths of the files in a data directory.
+#[derive(Clone, Debug)]
+pub struct DataDir {
+    pub root: PathBuf,
+}
+
+impl DataDir {
+    pub fn new(root: impl Into<PathBuf>) -> DataDir {
+        DataDir { root: root.into() }
+    }
+    pub fn ledger(&self) -> PathBuf {
+        self.root.join(LEDGER_FILE)
+    }
+    pub fn cert(&self) -> PathBuf {
+        self.root.join(CERT_FILE)
+    }
+    pub fn key(&self) -> PathBuf {
+        self.root.join(KEY_FILE)
+    }
+    pub fn admin(&self) -> PathBuf {
+        self.root.join(ADMIN_FILE)
+    }
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+}
+
+/// Limits on what clients control. Hitting one gives a clear error or a
+/// closed connection, never unbounded growth.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Open connections at most; further ones are refused.
+    pub connections_max: usize,
+    /// Above this many open connections, new clients must prove their address
+    /// (QUIC retry) before the node spends a handshake on them.
+    pub retry_above_connections: usize,
+    /// Bidirectional streams a connection may have open at once.
+    pub streams_per_connection_max: u32,
+    /// Requests a stream may have in flight (including halves waiting for
+    /// their partner); further requests are answered with `throttled`.
+    pub requests_in_flight_max: u32,
+    /// Failed authentications before the connection is closed.
+    pub auth_failures_max: u32,
+    /// A connection with no traffic for this long is closed.
+    pub idle_timeout: Duration,
+    /// A connection must authenticate (or make an admin request) within this.
+    pub first_request_timeout: Duration,
+    /// Flow-control window per stream, and for the whole connection.
+    pub stream_receive_window_bytes: u32,
+    pub connection_receive_window_bytes: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            connections_max: 20_000,
+            retry_above_connections: 10_000,
+            streams_per_connection_max: STREAMS_PER_CONNECTION_MAX_DEFAULT,
+            requests_in_flight_max: REQUESTS_IN_FLIGHT_MAX_DEFAULT,
+            auth_failures_max: AUTH_FAILURES_PER_CONNECTION_MAX_DEFAULT,
+            idle_timeout: Duration::from_millis(IDLE_TIMEOUT_MS_DEFAULT),
+            first_request_timeout: Duration::from_secs(10),
+            stream_receive_window_bytes: 256 * 1024,
+            connection_receive_window_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// Interval at which clients send QUIC keep-alives (below the idle timeout).
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_millis(KEEP_ALIVE_INTERVAL_MS_DEFAULT);
+
+/// Everything `run` needs besides the data directory's files.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub data_dir: DataDir,
+    pub listen: SocketAddr,
+    pub half_ttl: Duration,
+    pub max_amount: u64,
+    pub matcher_shards: usize,
+    pub limits: Limits,
+}
+
+impl NodeConfig {
+    pub fn new(data_dir: impl Into<PathBuf>, listen: SocketAddr) -> NodeConfig {
+        NodeConfig {
+            data_dir: DataDir::new(data_dir),
+            listen,
+            half_ttl: tapledger_actors::HALF_TTL_DEFAULT,
+            max_amount: tapledger_actors::MAX_AMOUNT_DEFAULT,
+            matcher_shards: 2,
+            limits: Limits::default(),
+        }
+    }
+}

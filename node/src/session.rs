@@ -1,0 +1,635 @@
+//! One connection: authentication state shared by its streams, and per stream
+//! a reader that decodes frames into requests and a writer that sends answers
+//! and pushed outcomes back on the same stream.
+//!
+//! Requests are pipelined: each runs as its own task, bounded by
+//! `requests_in_flight_max` per stream, so a half waiting minutes for its
+//! partner never blocks the stream. Every bad input gets an `error` frame with
+//! a code; only an unreadable frame length ends the stream.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use quinn::VarInt;
+use tapledger_actors::{LedgerError, NewAccount, Resolution, Submission};
+use tapledger_protocol::{
+    AccountId, ClientMessage, ErrorCode, HistoryEntry, HistoryKind, NodeMessage, OutcomeReport,
+    QueryStatus, RequestId, TxKey, bytes_equal, decode_frame, encode_frame, key_matches,
+};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+
+use crate::server::Shared;
+
+/// QUIC application close codes: the protocol error numbers (PROTOCOL.md).
+pub const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(ErrorCode::ShuttingDown.code() as u32);
+pub const CLOSE_AUTH_FAILURES: VarInt = VarInt::from_u32(ErrorCode::Throttled.code() as u32);
+pub const CLOSE_NO_REQUEST: VarInt = VarInt::from_u32(ErrorCode::NotAuthenticated.code() as u32);
+const STOP_FRAME_TOO_LARGE: VarInt = VarInt::from_u32(ErrorCode::FrameTooLarge.code() as u32);
+
+/// Answers queued for one stream's writer before request tasks wait.
+const OUTBOX_MESSAGES_MAX: usize = 1024;
+/// Bytes read from a stream at a time.
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+
+/// What a connection has proved.
+struct ConnectionState {
+    /// The authenticated account, or 0 (the issuer never authenticates).
+    account: AtomicU64,
+    auth_failures: AtomicU32,
+    /// Set by the first well-formed request; connections that never make one
+    /// are closed after `first_request_timeout`.
+    active: AtomicBool,
+    /// Requests awaiting their final answer, over all streams.
+    in_flight: Arc<Semaphore>,
+}
+
+impl ConnectionState {
+    fn account(&self) -> Option<AccountId> {
+        match self.account.load(Ordering::Acquire) {
+            0 => None,
+            account => Some(account),
+        }
+    }
+}
+
+pub async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
+    let connection = match incoming.await {
+        Ok(connection) => connection,
+        Err(error) => {
+            tracing::debug!(%error, "handshake failed");
+            return;
+        }
+    };
+    let span = tracing::info_span!("connection", remote = %connection.remote_address());
+    let _entered = span.enter();
+    let state = Arc::new(ConnectionState {
+        account: AtomicU64::new(0),
+        auth_failures: AtomicU32::new(0),
+        active: AtomicBool::new(false),
+        in_flight: Arc::new(Semaphore::new(
+            shared.limits.requests_in_flight_max as usize,
+        )),
+    });
+
+    let watchdog = {
+        let (connection, state, timeout) = (
+            connection.clone(),
+            state.clone(),
+            shared.limits.first_request_timeout,
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            if !state.active.load(Ordering::Acquire) {
+                connection.close(CLOSE_NO_REQUEST, b"no request in time");
+            }
+        })
+    };
+
+    let mut streams = JoinSet::new();
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        tokio::select! {
+            accepted = connection.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    streams.spawn(serve_stream(send, recv, connection.clone(), state.clone(), shared.clone()));
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "connection ended");
+                    break;
+                }
+            },
+            _ = shutdown.changed() => break,
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+        }
+    }
+    // Streams finish what is in flight: they watch the shutdown flag too.
+    while streams.join_next().await.is_some() {}
+    watchdog.abort();
+    if *shared.shutdown.borrow() {
+        connection.close(CLOSE_SHUTDOWN, b"node shutting down");
+    }
+}
+
+async fn serve_stream(
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    connection: quinn::Connection,
+    state: Arc<ConnectionState>,
+    shared: Arc<Shared>,
+) {
+    let (outbox, outbox_receiver) = mpsc::channel(OUTBOX_MESSAGES_MAX);
+    let writer = tokio::spawn(write_loop(send, outbox_receiver));
+    let mut requests = JoinSet::new();
+    let mut shutdown = shared.shutdown.clone();
+    let mut buffer: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
+    let mut chunk = vec![0u8; READ_CHUNK_BYTES];
+
+    'reading: loop {
+        let read = tokio::select! {
+            read = recv.read(&mut chunk) => read,
+            _ = shutdown.changed() => break 'reading,
+            Some(_) = requests.join_next(), if !requests.is_empty() => continue 'reading,
+        };
+        match read {
+            Ok(Some(bytes)) => buffer.extend_from_slice(&chunk[..bytes]),
+            Ok(None) | Err(_) => break 'reading,
+        }
+        let mut offset = 0;
+        loop {
+            match decode_frame::<ClientMessage>(&buffer[offset..]) {
+                Ok(None) => break,
+                Ok(Some((message, used))) => {
+                    offset += used;
+                    state.active.store(true, Ordering::Release);
+                    let context = RequestContext {
+                        shared: shared.clone(),
+                        state: state.clone(),
+                        connection: connection.clone(),
+                        outbox: outbox.clone(),
+                    };
+                    if let Some(task) = context.dispatch(message).await {
+                        requests.spawn(task);
+                    }
+                }
+                Err(error) => {
+                    shared
+                        .counters
+                        .protocol_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%error, "bad frame");
+                    let answer =
+                        NodeMessage::error(error.request_id(), error.code(), &error.to_string());
+                    let _ = outbox.send(answer).await;
+                    match error.frame_bytes() {
+                        Some(skip) => offset += skip,
+                        None => {
+                            // The length prefix itself is unusable: the stream cannot resynchronise.
+                            let _ = recv.stop(STOP_FRAME_TOO_LARGE);
+                            break 'reading;
+                        }
+                    }
+                }
+            }
+        }
+        buffer.drain(..offset);
+    }
+    // The client finished sending, or the node is shutting down: let requests
+    // in flight answer (pending halves answer at once on shutdown), then finish.
+    let _ = recv.stop(VarInt::from_u32(0));
+    while requests.join_next().await.is_some() {}
+    drop(outbox);
+    let _ = writer.await;
+}
+
+async fn write_loop(mut send: quinn::SendStream, mut outbox: mpsc::Receiver<NodeMessage>) {
+    let mut frames = Vec::with_capacity(4096);
+    while let Some(message) = outbox.recv().await {
+        frames.clear();
+        push_frame(&message, &mut frames);
+        // Send whatever else is ready in the same write.
+        while frames.len() < 64 * 1024 {
+            match outbox.try_recv() {
+                Ok(message) => push_frame(&message, &mut frames),
+                Err(_) => break,
+            }
+        }
+        if send.write_all(&frames).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+fn push_frame(message: &NodeMessage, frames: &mut Vec<u8>) {
+    if let Err(error) = encode_frame(message, frames) {
+        // Only a bug makes an answer too large; say so rather than send half a frame.
+        tracing::error!(%error, kind = message.type_name(), "answer could not be encoded");
+        let fallback = NodeMessage::error(
+            message.request_id(),
+            ErrorCode::Internal,
+            "answer could not be encoded",
+        );
+        encode_frame(&fallback, frames).expect("a short error always encodes");
+    }
+}
+
+type RequestTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+struct RequestContext {
+    shared: Arc<Shared>,
+    state: Arc<ConnectionState>,
+    connection: quinn::Connection,
+    outbox: mpsc::Sender<NodeMessage>,
+}
+
+impl RequestContext {
+    async fn answer(&self, message: NodeMessage) {
+        // A closed outbox means the stream is gone; the client can query later.
+        let _ = self.outbox.send(message).await;
+    }
+
+    async fn fail(&self, request_id: RequestId, code: ErrorCode, detail: &str) {
+        self.answer(NodeMessage::error(Some(request_id), code, detail))
+            .await;
+    }
+
+    /// Handles quick requests inline; returns a task for those that wait on
+    /// a commit.
+    async fn dispatch(self, message: ClientMessage) -> Option<RequestTask> {
+        let request_id = message.request_id();
+        let account = self.state.account();
+        if message.needs_authentication() && account.is_none() {
+            self.fail(
+                request_id,
+                ErrorCode::NotAuthenticated,
+                "authenticate first",
+            )
+            .await;
+            return None;
+        }
+        let Ok(permit) = self.state.in_flight.clone().try_acquire_owned() else {
+            self.fail(
+                request_id,
+                ErrorCode::Throttled,
+                "too many requests in flight on this connection",
+            )
+            .await;
+            return None;
+        };
+        match message {
+            ClientMessage::Authenticate {
+                request_id,
+                account_id,
+                api_key,
+            } => {
+                self.authenticate(request_id, account_id, api_key.expose())
+                    .await;
+                None
+            }
+            ClientMessage::SubmitHalf { request_id, half } => {
+                let account = account.expect("checked above");
+                self.shared
+                    .counters
+                    .halves_received
+                    .fetch_add(1, Ordering::Relaxed);
+                Some(Box::pin(async move {
+                    self.submit(request_id, account, half).await;
+                    drop(permit);
+                }))
+            }
+            ClientMessage::QueryOutcome { request_id, tx_key } => {
+                self.query_outcome(request_id, account.expect("checked above"), tx_key)
+                    .await;
+                None
+            }
+            ClientMessage::Balance { request_id } => {
+                let account = account.expect("checked above");
+                match self.shared.ledger.balance(account) {
+                    Ok(Some(balance)) => {
+                        self.answer(NodeMessage::BalanceAnswer {
+                            request_id,
+                            account_id: account,
+                            balance,
+                        })
+                        .await
+                    }
+                    Ok(None) => {
+                        self.fail(request_id, ErrorCode::Internal, "account vanished")
+                            .await
+                    }
+                    Err(error) => self.internal(request_id, &error).await,
+                }
+                None
+            }
+            ClientMessage::History {
+                request_id,
+                before_seq,
+                limit,
+            } => {
+                self.history(
+                    request_id,
+                    account.expect("checked above"),
+                    before_seq,
+                    limit,
+                )
+                .await;
+                None
+            }
+            ClientMessage::OpenAccount {
+                request_id,
+                admin_credential,
+                account_type,
+                bank_name,
+                salt,
+                key_hash,
+                opening_balance,
+            } => {
+                if !self
+                    .admin_allowed(request_id, admin_credential.expose())
+                    .await
+                {
+                    return None;
+                }
+                Some(Box::pin(async move {
+                    let new_account = NewAccount {
+                        account_type,
+                        bank_name,
+                        salt,
+                        key_hash,
+                        opening_balance,
+                    };
+                    match self.shared.ledger.open_account(new_account).await {
+                        Ok(account_id) => {
+                            tracing::info!(account_id, opening_balance, "account opened");
+                            self.answer(NodeMessage::AccountOpened {
+                                request_id,
+                                account_id,
+                                balance: opening_balance,
+                            })
+                            .await;
+                        }
+                        Err(LedgerError::Invalid(reason)) => {
+                            self.fail(request_id, ErrorCode::InvalidAmount, &reason)
+                                .await
+                        }
+                        Err(error) => self.internal(request_id, &error).await,
+                    }
+                    drop(permit);
+                }))
+            }
+            ClientMessage::TopUp {
+                request_id,
+                admin_credential,
+                account_id,
+                amount,
+            } => {
+                if !self
+                    .admin_allowed(request_id, admin_credential.expose())
+                    .await
+                {
+                    return None;
+                }
+                Some(Box::pin(async move {
+                    match self.shared.ledger.top_up(account_id, amount).await {
+                        Ok(balance) => {
+                            tracing::info!(account_id, amount, "top-up");
+                            self.answer(NodeMessage::ToppedUp {
+                                request_id,
+                                account_id,
+                                balance,
+                            })
+                            .await;
+                        }
+                        Err(LedgerError::UnknownAccount(_)) => {
+                            self.fail(request_id, ErrorCode::UnknownAccount, "no such account")
+                                .await
+                        }
+                        Err(LedgerError::Invalid(reason)) => {
+                            self.fail(request_id, ErrorCode::InvalidAmount, &reason)
+                                .await
+                        }
+                        Err(error) => self.internal(request_id, &error).await,
+                    }
+                    drop(permit);
+                }))
+            }
+        }
+    }
+
+    async fn internal(&self, request_id: RequestId, error: &LedgerError) {
+        let code = match error {
+            LedgerError::Closed => ErrorCode::ShuttingDown,
+            _ => ErrorCode::Internal,
+        };
+        tracing::error!(%error, request_id, "request failed");
+        self.fail(request_id, code, &error.to_string()).await;
+    }
+
+    async fn authenticate(&self, request_id: RequestId, account_id: AccountId, api_key: &[u8]) {
+        if self.state.account().is_some() {
+            self.fail(
+                request_id,
+                ErrorCode::AlreadyAuthenticated,
+                "this connection is already authenticated",
+            )
+            .await;
+            return;
+        }
+        // An unknown account and a wrong key get the same answer and the same work.
+        let record = self.shared.ledger.account(account_id).ok().flatten();
+        let (salt, expected) = match &record {
+            Some(record) => (record.salt.as_slice(), record.key_hash.as_slice()),
+            None => (&[0u8; 16][..], &[0u8; 64][..]),
+        };
+        if record.is_some() && key_matches(api_key, salt, expected) {
+            self.state.account.store(account_id, Ordering::Release);
+            tracing::info!(account_id, "authenticated");
+            let ledger = self.shared.ledger.config();
+            let half_ttl_ms = u64::try_from(ledger.half_ttl.as_millis()).unwrap_or(u64::MAX);
+            self.answer(NodeMessage::Authenticated {
+                request_id,
+                account_id,
+                max_amount: ledger.max_amount,
+                half_ttl_ms,
+            })
+            .await;
+            return;
+        }
+        let failures = self.state.auth_failures.fetch_add(1, Ordering::AcqRel) + 1;
+        self.shared
+            .counters
+            .auth_failures
+            .fetch_add(1, Ordering::Relaxed);
+        // Never log the attempted key.
+        tracing::warn!(account_id, failures, "authentication failed");
+        if failures >= self.shared.limits.auth_failures_max {
+            self.fail(
+                request_id,
+                ErrorCode::Throttled,
+                "too many failed authentications; closing",
+            )
+            .await;
+            // Give the writer a moment to send the answer before the close.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            self.connection
+                .close(CLOSE_AUTH_FAILURES, b"too many failed authentications");
+        } else {
+            self.fail(
+                request_id,
+                ErrorCode::BadCredentials,
+                "account id and API key do not match",
+            )
+            .await;
+        }
+    }
+
+    async fn admin_allowed(&self, request_id: RequestId, credential: &[u8]) -> bool {
+        if bytes_equal(credential, self.shared.admin_credential.expose()) {
+            return true;
+        }
+        let failures = self.state.auth_failures.fetch_add(1, Ordering::AcqRel) + 1;
+        self.shared
+            .counters
+            .auth_failures
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(failures, "admin credential rejected");
+        if failures >= self.shared.limits.auth_failures_max {
+            self.fail(
+                request_id,
+                ErrorCode::Throttled,
+                "too many failed authentications; closing",
+            )
+            .await;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            self.connection
+                .close(CLOSE_AUTH_FAILURES, b"too many failed authentications");
+        } else {
+            self.fail(
+                request_id,
+                ErrorCode::BadAdminCredential,
+                "wrong admin credential",
+            )
+            .await;
+        }
+        false
+    }
+
+    async fn submit(
+        &self,
+        request_id: RequestId,
+        account: AccountId,
+        half: tapledger_protocol::Half,
+    ) {
+        let tx_key = half.tx_key();
+        let span = tracing::debug_span!("half", %tx_key, account);
+        let _entered = span.enter();
+        let resolution = match self.shared.ledger.submit(account, half).await {
+            Err(error) => return self.internal(request_id, &error).await,
+            Ok(Submission::Done(resolution)) => resolution,
+            Ok(Submission::Pending(ticket)) => {
+                self.answer(NodeMessage::Accepted { request_id, tx_key })
+                    .await;
+                tokio::select! {
+                    resolution = ticket.resolution() => match resolution {
+                        Ok(resolution) => resolution,
+                        Err(error) => return self.internal(request_id, &error).await,
+                    },
+                    _ = stopping(self.shared.shutdown.clone()) => {
+                        let message = "node shutting down; the half is durable and pending: reconnect and query the outcome";
+                        return self.fail(request_id, ErrorCode::ShuttingDown, message).await;
+                    }
+                }
+            }
+        };
+        self.answer(resolution_message(request_id, tx_key, account, &resolution))
+            .await;
+    }
+
+    async fn query_outcome(&self, request_id: RequestId, account: AccountId, tx_key: TxKey) {
+        let ledger = &self.shared.ledger;
+        let answer = match ledger.outcome(tx_key) {
+            Ok(Some(outcome)) if outcome.parties().contains(&account) => {
+                NodeMessage::OutcomeAnswer {
+                    request_id,
+                    tx_key,
+                    status: QueryStatus::Decided,
+                    report: Some(OutcomeReport::for_party(&outcome, account)),
+                }
+            }
+            Ok(_) => match ledger.pending(tx_key) {
+                Ok(Some(pending)) if pending.party() == account => NodeMessage::OutcomeAnswer {
+                    request_id,
+                    tx_key,
+                    status: QueryStatus::Pending,
+                    report: None,
+                },
+                Ok(_) => NodeMessage::OutcomeAnswer {
+                    request_id,
+                    tx_key,
+                    status: QueryStatus::Unknown,
+                    report: None,
+                },
+                Err(error) => return self.internal(request_id, &error).await,
+            },
+            Err(error) => return self.internal(request_id, &error).await,
+        };
+        self.answer(answer).await;
+    }
+
+    async fn history(
+        &self,
+        request_id: RequestId,
+        account: AccountId,
+        before_seq: Option<u64>,
+        limit: u16,
+    ) {
+        let entries = match self.shared.ledger.history(account) {
+            Ok(entries) => entries,
+            Err(error) => return self.internal(request_id, &error).await,
+        };
+        let before = before_seq.unwrap_or(u64::MAX);
+        let mut page: Vec<HistoryEntry> = Vec::new();
+        let mut more = false;
+        for (seq, entry) in entries.iter().rev().filter(|(seq, _)| *seq < before) {
+            if page.len() == usize::from(limit) {
+                more = true;
+                break;
+            }
+            let item = match entry {
+                tapledger_actors::JournalEntry::Funding(funding) => Some(HistoryEntry {
+                    seq: *seq,
+                    kind: match funding.kind {
+                        tapledger_actors::FundingKind::Opening => HistoryKind::Opening,
+                        tapledger_actors::FundingKind::TopUp => HistoryKind::TopUp,
+                    },
+                    tx_key: None,
+                    counterparty_id: None,
+                    amount: funding.amount,
+                    balance_after: funding.balance_before.saturating_add(funding.amount),
+                    at: funding.at,
+                }),
+                tapledger_actors::JournalEntry::Outcome(tapledger_protocol::Outcome::Settled(
+                    settlement,
+                )) => HistoryEntry::from_settlement(*seq, settlement, account),
+                tapledger_actors::JournalEntry::Outcome(_) => None,
+            };
+            page.extend(item);
+        }
+        self.answer(NodeMessage::HistoryAnswer {
+            request_id,
+            entries: page,
+            more,
+        })
+        .await;
+    }
+}
+
+/// Resolves once the node starts shutting down.
+async fn stopping(mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        if shutdown.changed().await.is_err() {
+            // The node is gone without a shutdown: nothing left to wait for.
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// The answer a phone gets once its half is resolved.
+fn resolution_message(
+    request_id: RequestId,
+    tx_key: TxKey,
+    account: AccountId,
+    resolution: &Resolution,
+) -> NodeMessage {
+    match resolution {
+        Resolution::Final(outcome) => NodeMessage::Outcome {
+            request_id,
+            report: OutcomeReport::for_party(outcome, account),
+        },
+        Resolution::Refused(code) => NodeMessage::refused(request_id, tx_key, *code),
+    }
+}
