@@ -3,5 +3,7 @@
 mod concurrency;
 mod ledger_smoke;
 mod model;
+mod net_support;
+mod network;
 mod regressions;
 mod support;
