@@ -25,22 +25,45 @@ impl TestNode {
         configure(&mut config);
         let node = RunningNode::start(config).await.expect("start node");
         let admin = load_admin_credential(&data_dir.admin()).expect("admin credential");
-        let endpoint = ClientEndpoint::new(node.fingerprint, node.local_addr).expect("client endpoint");
-        TestNode { node, admin, endpoint, _dir: dir }
+        let endpoint =
+            ClientEndpoint::new(node.fingerprint, node.local_addr).expect("client endpoint");
+        TestNode {
+            node,
+            admin,
+            endpoint,
+            _dir: dir,
+        }
     }
 
     pub async fn connect(&self) -> Phone {
-        crate::support::within(self.endpoint.connect(self.node.local_addr, "localhost")).await.expect("connect")
+        crate::support::within(self.endpoint.connect(self.node.local_addr, "localhost"))
+            .await
+            .expect("connect")
     }
 
     /// Opens a funded account over the wire and returns a phone authenticated as it.
-    pub async fn phone_with_account(&self, opening_balance: u64) -> (AccountId, Phone, ApiCredentials) {
+    pub async fn phone_with_account(
+        &self,
+        opening_balance: u64,
+    ) -> (AccountId, Phone, ApiCredentials) {
         let credentials = ApiCredentials::generate();
         let admin_phone = self.connect().await;
-        let account = admin_phone.open_account(&self.admin, "checking", "Test Bank", &credentials, opening_balance).await.expect("open account");
+        let account = admin_phone
+            .open_account(
+                &self.admin,
+                "checking",
+                "Test Bank",
+                &credentials,
+                opening_balance,
+            )
+            .await
+            .expect("open account");
         admin_phone.close().await;
         let mut phone = self.connect().await;
-        phone.authenticate(account, &credentials.key).await.expect("authenticate");
+        phone
+            .authenticate(account, &credentials.key)
+            .await
+            .expect("authenticate");
         (account, phone, credentials)
     }
 

@@ -15,11 +15,21 @@ async fn payment_settles_over_quic_and_both_phones_hear() {
     let (bob, bob_phone, _) = node.phone_with_account(0).await;
     let key = TxKey::new_random();
 
-    let first = within(alice_phone.submit(send(key, alice, 500))).await.unwrap();
-    let Submitted::Accepted(pending) = first else { panic!("lone half is accepted, got {first:?}") };
-    let second = within(bob_phone.submit(receive(key, bob, alice, 500))).await.unwrap();
-    let Submitted::Answered(HalfAnswer::Decided(bob_report)) = second else { panic!("pair decides, got {second:?}") };
-    let HalfAnswer::Decided(alice_report) = within(pending.answer()).await.unwrap() else { panic!("alice hears the outcome") };
+    let first = within(alice_phone.submit(send(key, alice, 500)))
+        .await
+        .unwrap();
+    let Submitted::Accepted(pending) = first else {
+        panic!("lone half is accepted, got {first:?}")
+    };
+    let second = within(bob_phone.submit(receive(key, bob, alice, 500)))
+        .await
+        .unwrap();
+    let Submitted::Answered(HalfAnswer::Decided(bob_report)) = second else {
+        panic!("pair decides, got {second:?}")
+    };
+    let HalfAnswer::Decided(alice_report) = within(pending.answer()).await.unwrap() else {
+        panic!("alice hears the outcome")
+    };
     assert_eq!(alice_report.status, OutcomeStatus::Settled);
     assert_eq!(bob_report.status, OutcomeStatus::Settled);
     assert_eq!(alice_report.balance_after, Some(0));

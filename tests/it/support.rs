@@ -170,3 +170,17 @@ pub async fn pay(
 pub fn key_on_shard(index: u128, shard: u128, shards: u128) -> TxKey {
     TxKey::from_u128((index + 1) * shards + shard)
 }
+
+/// A temporary directory on a RAM-backed file system where there is one
+/// (`/dev/shm`), else the usual one. fsync there returns at once, so tests of
+/// logic that commit thousands of times are bound by CPU, not by a disk
+/// shared with other builds. Tests of durability should use `tempdir()`.
+pub fn ram_tempdir() -> tempfile::TempDir {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir()
+        && let Ok(dir) = tempfile::tempdir_in(shm)
+    {
+        return dir;
+    }
+    tempfile::tempdir().expect("temp dir")
+}
