@@ -177,7 +177,21 @@ async fn serve_stream(
     // The client finished sending, or the node is shutting down: let requests
     // in flight answer (pending halves answer at once on shutdown), then finish.
     let _ = recv.stop(VarInt::from_u32(0));
-    while requests.join_next().await.is_some() {}
+    // Once the connection itself is gone nobody can hear those answers: stop
+    // waiting rather than hold the connection's slot until a lone half's
+    // partner arrives or it expires. The half stays durable; the phone
+    // reconnects and asks.
+    let closed = connection.closed();
+    tokio::pin!(closed);
+    loop {
+        tokio::select! {
+            joined = requests.join_next() => if joined.is_none() { break },
+            _ = &mut closed => {
+                requests.abort_all();
+                break;
+            }
+        }
+    }
     drop(outbox);
     let _ = writer.await;
 }
