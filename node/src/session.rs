@@ -29,6 +29,9 @@ const STOP_FRAME_TOO_LARGE: VarInt = VarInt::from_u32(ErrorCode::FrameTooLarge.c
 
 /// Answers queued for one stream's writer before request tasks wait.
 const OUTBOX_MESSAGES_MAX: usize = 1024;
+/// How long a finished stream waits for the client to acknowledge its last
+/// answers before the stream task ends.
+const STREAM_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Bytes read from a stream at a time.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 
@@ -37,8 +40,9 @@ struct ConnectionState {
     /// The authenticated account, or 0 (the issuer never authenticates).
     account: AtomicU64,
     auth_failures: AtomicU32,
-    /// Set by the first well-formed request; connections that never make one
-    /// are closed after `first_request_timeout`.
+    /// Set by a successful `authenticate` or admin request; connections that
+    /// make neither are closed after `first_request_timeout`, whatever else
+    /// they send.
     active: AtomicBool,
     /// Requests awaiting their final answer, over all streams.
     in_flight: Arc<Semaphore>,
@@ -141,7 +145,6 @@ async fn serve_stream(
                 Ok(None) => break,
                 Ok(Some((message, used))) => {
                     offset += used;
-                    state.active.store(true, Ordering::Release);
                     let context = RequestContext {
                         shared: shared.clone(),
                         state: state.clone(),
@@ -213,6 +216,11 @@ async fn write_loop(mut send: quinn::SendStream, mut outbox: mpsc::Receiver<Node
         }
     }
     let _ = send.finish();
+    // Closing a connection discards stream data not yet delivered, and at
+    // shutdown the connection is closed right after its streams end: wait
+    // (briefly) until the client has the last answers, such as the 1101 to
+    // its waiting halves.
+    let _ = tokio::time::timeout(STREAM_FLUSH_TIMEOUT, send.stopped()).await;
 }
 
 fn push_frame(message: &NodeMessage, frames: &mut Vec<u8>) {
@@ -438,6 +446,7 @@ impl RequestContext {
         };
         if record.is_some() && key_matches(api_key, salt, expected) {
             self.state.account.store(account_id, Ordering::Release);
+            self.state.active.store(true, Ordering::Release);
             tracing::info!(account_id, "authenticated");
             let ledger = self.shared.ledger.config();
             let half_ttl_ms = u64::try_from(ledger.half_ttl.as_millis()).unwrap_or(u64::MAX);
@@ -480,6 +489,7 @@ impl RequestContext {
 
     async fn admin_allowed(&self, request_id: RequestId, credential: &[u8]) -> bool {
         if bytes_equal(credential, self.shared.admin_credential.expose()) {
+            self.state.active.store(true, Ordering::Release);
             return true;
         }
         let failures = self.state.auth_failures.fetch_add(1, Ordering::AcqRel) + 1;
