@@ -25,6 +25,7 @@ pub struct TestNode {
     pub node: RunningNode,
     pub admin: Secret,
     pub endpoint: ClientEndpoint,
+    data_dir: DataDir,
     _dir: tempfile::TempDir,
 }
 
@@ -75,8 +76,27 @@ impl TestNode {
             node,
             admin,
             endpoint,
+            data_dir: data_dir.clone(),
             _dir: dir,
         }
+    }
+
+    /// Shuts the node down cleanly and starts it again on the same data
+    /// directory (same certificate, same ledger file, a new port).
+    pub async fn restart(self, configure: impl FnOnce(&mut NodeConfig)) -> TestNode {
+        let TestNode {
+            node,
+            data_dir,
+            _dir: dir,
+            ..
+        } = self;
+        within(node.shutdown(Duration::from_secs(5))).await;
+        let mut config = NodeConfig::new(data_dir.path(), "127.0.0.1:0".parse().unwrap());
+        configure(&mut config);
+        let node = within(RunningNode::start(config))
+            .await
+            .expect("restart node");
+        TestNode::around(node, &data_dir, dir)
     }
 
     /// A fresh connection with its request stream, not authenticated.

@@ -277,3 +277,43 @@ async fn a_client_pinned_to_another_certificate_refuses_to_connect() {
 }
 
 const WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_does_not_authenticate_in_time_is_closed_with_1010() {
+    // Goal: a connection must authenticate (or make an admin request with the
+    // right credential) within `first_request_timeout`, else the node closes
+    // it with 1010. Sending some other request does not buy time: otherwise
+    // an anonymous client could hold a connection slot for ever with one
+    // `balance` and keep-alives. Authenticated and operator connections stay.
+    let node = TestNode::start(|config| {
+        config.limits.first_request_timeout = std::time::Duration::from_millis(300)
+    })
+    .await;
+    let (_, alice_phone, _) = node.phone_with_account(5).await;
+    let operator = node.connect().await;
+    let credentials = ApiCredentials::generate();
+    within(operator.open_account(&node.admin, "savings", "Test Bank", &credentials, 0))
+        .await
+        .unwrap();
+    let silent = node.connect().await;
+    let chatty = node.connect().await;
+    node_error(within(chatty.balance()).await, ErrorCode::NotAuthenticated);
+    let guesser = node.connect().await;
+    node_error(
+        within(guesser.top_up(&Secret::new(vec![7; 32]), 1, 1)).await,
+        ErrorCode::BadAdminCredential,
+    );
+
+    for phone in [&silent, &chatty, &guesser] {
+        assert_eq!(closed_by_node(phone).await, 1010);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(alice_phone.close_reason().is_none());
+    assert!(operator.close_reason().is_none());
+    assert_eq!(within(alice_phone.balance()).await.unwrap(), 5);
+    within(operator.top_up(&node.admin, 1, 1)).await.unwrap();
+    for phone in [alice_phone, operator, silent, chatty, guesser] {
+        phone.close().await;
+    }
+    node.stop().await;
+}

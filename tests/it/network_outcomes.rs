@@ -330,3 +330,85 @@ async fn top_up_with_the_admin_credential_moves_money_from_the_issuer() {
     node.assert_books();
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_the_in_flight_limit_get_1014_until_one_is_answered() {
+    // Goal: a connection has at most `requests_in_flight_max` requests
+    // awaiting their final answer, waiting halves included; one more gets
+    // 1014 and changes nothing. The limit is per connection, and frees up as
+    // answers go out.
+    let node = TestNode::start(|config| config.limits.requests_in_flight_max = 2).await;
+    let (alice, alice_phone, _) = node.phone_with_account(500).await;
+    let (bob, bob_phone, _) = node.phone_with_account(0).await;
+    let keys = [
+        TxKey::new_random(),
+        TxKey::new_random(),
+        TxKey::new_random(),
+    ];
+
+    let first = accepted(within(alice_phone.submit(send(keys[0], alice, 1))).await);
+    let _second = accepted(within(alice_phone.submit(send(keys[1], alice, 1))).await);
+    node_error(
+        within(alice_phone.submit(send(keys[2], alice, 1))).await,
+        ErrorCode::Throttled,
+    );
+    node_error(within(alice_phone.balance()).await, ErrorCode::Throttled);
+    // Bob's connection has its own budget.
+    let (status, _) = within(bob_phone.query_outcome(keys[2])).await.unwrap();
+    assert_eq!(
+        status,
+        QueryStatus::Unknown,
+        "the throttled half left no trace"
+    );
+
+    decided(within(bob_phone.submit(receive(keys[0], bob, alice, 1))).await);
+    decided_later(first).await;
+    assert_eq!(within(alice_phone.balance()).await.unwrap(), 499);
+    accepted(within(alice_phone.submit(send(keys[2], alice, 1))).await);
+    alice_phone.close().await;
+    bob_phone.close().await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_tells_a_waiting_phone_1101_and_everything_survives_a_restart() {
+    // Goal: at shutdown a waiting phone is told 1101 and its connection
+    // closed with 1101; after a restart on the same data directory the
+    // settled outcome reads the same, the waiting half is still pending with
+    // its original receive time, and it settles when its partner comes.
+    let node = TestNode::start(|_| {}).await;
+    let (alice, alice_phone, alice_credentials) = node.phone_with_account(500).await;
+    let (bob, bob_phone, bob_credentials) = node.phone_with_account(0).await;
+    let settled_key = TxKey::new_random();
+    let pending = accepted(within(alice_phone.submit(send(settled_key, alice, 100))).await);
+    decided(within(bob_phone.submit(receive(settled_key, bob, alice, 100))).await);
+    let settled = decided_later(pending).await;
+    let waiting_key = TxKey::new_random();
+    let waiting = accepted(within(alice_phone.submit(send(waiting_key, alice, 50))).await);
+
+    let node = node.restart(|_| {}).await;
+    node_error(within(waiting.answer()).await, ErrorCode::ShuttingDown);
+    assert_eq!(closed_by_node(&alice_phone).await, 1101);
+    assert_eq!(closed_by_node(&bob_phone).await, 1101);
+    alice_phone.close().await;
+    bob_phone.close().await;
+
+    let alice_phone = node.reconnect(alice, &alice_credentials).await;
+    let bob_phone = node.reconnect(bob, &bob_credentials).await;
+    let (status, report) = within(alice_phone.query_outcome(settled_key))
+        .await
+        .unwrap();
+    assert_eq!((status, report), (QueryStatus::Decided, Some(settled)));
+    let (status, _) = within(alice_phone.query_outcome(waiting_key))
+        .await
+        .unwrap();
+    assert_eq!(status, QueryStatus::Pending);
+    let report = decided(within(bob_phone.submit(receive(waiting_key, bob, alice, 50))).await);
+    assert_eq!(report.status, OutcomeStatus::Settled);
+    assert_eq!(within(alice_phone.balance()).await.unwrap(), 350);
+    assert_eq!(within(bob_phone.balance()).await.unwrap(), 150);
+    alice_phone.close().await;
+    bob_phone.close().await;
+    node.assert_books();
+    node.stop().await;
+}
