@@ -405,3 +405,32 @@ async fn too_many_pending_halves_for_one_account_are_refused_with_800() {
     node.assert_still_settles().await;
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pending_cap_is_counted_per_matcher_shard() {
+    // Goal: pin down what PROTOCOL.md section 12 says about code 800: the cap
+    // on an account's lone halves holds per matcher shard, so with 2 shards
+    // and a cap of 2 an account may have 4 halves waiting, 2 on each shard.
+    let node = TestNode::start_with_ledger(|config| {
+        config.pending_halves_per_account_max = 2;
+        config.matcher_shards = 2;
+    })
+    .await;
+    let (alice, alice_phone, _) = node.phone_with_account(500).await;
+    let mut waiting = Vec::new();
+    for shard in 0..2 {
+        for index in 0..2 {
+            let key = key_on_shard(index, shard, 2);
+            waiting.push(accepted(
+                within(alice_phone.submit(send(key, alice, 1))).await,
+            ));
+        }
+        refused(
+            within(alice_phone.submit(send(key_on_shard(2, shard, 2), alice, 1))).await,
+            RejectCode::TooManyPending,
+        );
+    }
+    assert_eq!(waiting.len(), 4);
+    alice_phone.close().await;
+    node.stop().await;
+}
