@@ -144,6 +144,17 @@ impl TestNode {
         self.node.counters().auth_failures.load(Ordering::Relaxed)
     }
 
+    /// Waits until the node counts exactly `count` open connections.
+    pub async fn wait_for_open_connections(&self, count: usize) {
+        let counters = self.node.counters();
+        within(async {
+            while counters.connections_open.load(Ordering::Relaxed) != count {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+
     /// The books add up: conservation, no negative balance, history agrees.
     pub fn assert_books(&self) {
         let report = self.ledger().audit().expect("audit");

@@ -317,3 +317,52 @@ async fn a_connection_that_does_not_authenticate_in_time_is_closed_with_1010() {
     }
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_cap_are_refused_and_retry_is_transparent() {
+    // Goal: the node serves at most `connections_max` connections and refuses
+    // more at the handshake; a closed connection frees its place. With
+    // `retry_above_connections` at 0 every client must first prove its
+    // address with a QUIC Retry, which the client library handles unseen.
+    let node = TestNode::start(|config| {
+        config.limits.connections_max = 2;
+        config.limits.retry_above_connections = 0;
+    })
+    .await;
+    let (_, alice_phone, _) = node.phone_with_account(10).await;
+    // The operator connection that opened the account has gone.
+    node.wait_for_open_connections(1).await;
+    let second = node.connect().await;
+    let refused_attempt = within(node.endpoint.connect(node.node.local_addr, "localhost")).await;
+    assert!(
+        matches!(refused_attempt, Err(ClientError::Connect(_))),
+        "a third connection was served: {:?}",
+        refused_attempt.as_ref().err()
+    );
+    assert!(
+        node.node
+            .counters()
+            .connections_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    second.close().await;
+    // The place comes back once the node has seen the close.
+    let third = within(async {
+        loop {
+            match node
+                .endpoint
+                .connect(node.node.local_addr, "localhost")
+                .await
+            {
+                Ok(phone) => return phone,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await;
+    assert_eq!(within(alice_phone.balance()).await.unwrap(), 10);
+    third.close().await;
+    alice_phone.close().await;
+    node.stop().await;
+}

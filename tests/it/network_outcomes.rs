@@ -2,9 +2,6 @@
 //! replaying a settled key, resubmitting after a reconnect, `query_outcome`
 //! while pending and after, balance and history paging, operator top-ups.
 
-use std::sync::atomic::Ordering;
-use std::time::Duration;
-
 use tapledger_protocol::{ErrorCode, HistoryKind, OutcomeStatus, QueryStatus, TxKey};
 
 use crate::net_support::*;
@@ -153,18 +150,7 @@ async fn a_dropped_connection_with_a_waiting_half_gives_back_its_slot() {
     let _lost = accepted(within(alice_phone.submit(send(key, alice, 100))).await);
     alice_phone.close().await;
 
-    let open = || {
-        node.node
-            .counters()
-            .connections_open
-            .load(Ordering::Relaxed)
-    };
-    within(async {
-        while open() > 1 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    node.wait_for_open_connections(1).await;
     // Two more connections fit beside Bob's.
     let first = node.connect().await;
     let alice_phone = node.reconnect(alice, &credentials).await;
