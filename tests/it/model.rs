@@ -1,5 +1,6 @@
 //! Model-based property test of the real ledger (actors, group commit, redb on
-//! a temporary file) against a plain in-memory reference model.
+//! a temporary file, RAM-backed where available) against a plain in-memory
+//! reference model.
 //!
 //! Each case opens a few funded accounts and runs a random history of up to
 //! `OPS_MAX` operations: opening accounts, top-ups, send and receive halves
@@ -40,7 +41,7 @@ use tapledger_protocol::{
     Settlement, Stamped, Timestamp, TxKey,
 };
 
-use crate::support::{CLOCK_START, new_account, ram_tempdir, within};
+use crate::support::{CLOCK_START, new_account, open_after_close, ram_tempdir, within};
 
 /// Largest payment the ledger under test accepts.
 const MAX_AMOUNT: u64 = 1_000;
@@ -798,7 +799,9 @@ impl Harness {
                 );
                 // expire_now returns once the expiries are durable; the matchers
                 // learn of them a moment later. A second barrier and a stats
-                // round trip make sure they have.
+                // round trip make sure they have. FIXME: without this the
+                // model finds the bug pinned by
+                // `regressions::conflicting_half_right_after_expiry_is_700_not_710`.
                 within(self.ledger().flush()).await.expect("flush");
                 within(self.ledger().matcher_stats()).await.expect("stats");
                 for (tx_key, outcome) in expired {
@@ -819,11 +822,7 @@ impl Harness {
                         );
                     }
                 }
-                self.ledger = Some(
-                    within(Ledger::open(self.config.clone()))
-                        .await
-                        .expect("reopen ledger"),
-                );
+                self.ledger = Some(open_after_close(self.config.clone()).await);
             }
         }
     }

@@ -20,9 +20,10 @@
 //!   `sixty_four_concurrent_phones_all_settle` here and concurrency.rs.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tapledger_actors::{FundingKind, JournalEntry, Ledger, LedgerError, Resolution};
+use tapledger_actors::{FundingKind, JournalEntry, Ledger, LedgerConfig, LedgerError, Resolution};
 use tapledger_protocol::{
     AccountId, Half, ISSUER_ACCOUNT_ID, Outcome, ReceiveHalf, RejectCode, SendHalf, TxKey,
 };
@@ -1003,4 +1004,73 @@ async fn conflicting_half_right_after_expiry_is_700_not_710() {
         "{answers_710} of {ROUNDS} halves for an expired key were told 710"
     );
     within(ledger.close()).await;
+}
+
+/// Goal: once `Ledger::close` has returned, the file can be opened again
+/// (a restart in process, as the node's `reset` or a test harness does).
+/// Method: close and reopen up to `ROUNDS` times in a row, with two busy tasks
+/// keeping the runtime's workers occupied.
+///
+/// FIXME: fails today, but only now and then (it is a race: measured 0–38
+/// failures per 5,000 rounds, usually within the first second), with
+/// `Store(Redb(DatabaseAlreadyOpen))`. `Ledger::close` calls
+/// `sweeper.abort()` without awaiting the task; the idle sweeper's future
+/// holds an `Arc<Registry>`, which holds the `Arc<Store>`, so the redb file
+/// can still be open when `close` returns. Awaiting the aborted `JoinHandle`
+/// in `close` made 60,000 rounds pass in an experiment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_reopens_as_soon_as_close_returns() {
+    const ROUNDS: usize = 10_000;
+    let dir = ram_tempdir();
+    let mut config = LedgerConfig::new(dir.path().join("ledger.redb"));
+    config.account_idle = Duration::from_millis(2);
+    let mut ledger = within(Ledger::open(config.clone())).await.unwrap();
+    let alice = open_accounts(&ledger, &[100]).await[0];
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    let mut failure = None;
+    for round in 0..ROUNDS {
+        if round % 2 == 0 {
+            let answer = submit_done(&ledger, alice, send(TxKey::new_random(), alice, 0)).await;
+            assert_eq!(answer, refused(RejectCode::InvalidAmount));
+        }
+        within(ledger.close()).await;
+        ledger = match within(Ledger::open(config.clone())).await {
+            Ok(ledger) => ledger,
+            Err(error) => {
+                failure = Some((round, error));
+                // Wait for the straggler to let go, to end the test cleanly.
+                let mut retries = 0;
+                loop {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    if let Ok(ledger) = Ledger::open(config.clone()).await {
+                        break ledger;
+                    }
+                    retries += 1;
+                    assert!(retries < 5_000, "the file never became free");
+                }
+            }
+        };
+        if failure.is_some() {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in busy {
+        within(task).await.unwrap();
+    }
+    assert_books(&ledger);
+    within(ledger.close()).await;
+    if let Some((round, error)) = failure {
+        panic!("reopening right after close failed in round {round}: {error}");
+    }
 }
