@@ -1012,8 +1012,9 @@ async fn conflicting_half_right_after_expiry_is_700_not_710() {
 /// keeping the runtime's workers occupied.
 ///
 /// FIXME: fails today, but as a race: measured 0–38 failures per 5,000
-/// rounds, so it usually fails within the first second and, in the full suite
-/// next to the property test, passed by luck in about one run of six, with
+/// rounds, so it usually fails within the first second (with 10,000 rounds,
+/// in the full suite next to the property test, it passed by luck in one run
+/// of six; hence 20,000), with
 /// `Store(Redb(DatabaseAlreadyOpen))`. `Ledger::close` calls
 /// `sweeper.abort()` without awaiting the task; the idle sweeper's future
 /// holds an `Arc<Registry>`, which holds the `Arc<Store>`, so the redb file
