@@ -191,6 +191,9 @@ async fn serve_stream(
             joined = requests.join_next() => if joined.is_none() { break },
             _ = &mut closed => {
                 requests.abort_all();
+                // Aborting is asynchronous: wait until the tasks are gone, so
+                // none outlives its connection holding the node's state.
+                while requests.join_next().await.is_some() {}
                 break;
             }
         }
