@@ -103,6 +103,16 @@ async fn receiver_expecting_another_sender_gets_200() {
     let (status, report) = within(carol_phone.query_outcome(key)).await.unwrap();
     assert_eq!(status, tapledger_protocol::QueryStatus::Unknown);
     assert_eq!(report, None);
+
+    // A receive half naming an account that does not exist is not refused
+    // (600 is only for the half's own party): it waits, and a real sender's
+    // half makes the pair a 200.
+    let key = TxKey::new_random();
+    let pending = accepted(within(bob_phone.submit(receive(key, bob, 9_999, 50))).await);
+    let alice_report = decided(within(alice_phone.submit(send(key, alice, 50))).await);
+    assert_rejected(&alice_report, key, RejectCode::SenderMismatch);
+    assert_eq!(decided_later(pending).await, alice_report);
+    assert_eq!(within(alice_phone.balance()).await.unwrap(), 500);
     for phone in [alice_phone, bob_phone, carol_phone] {
         phone.close().await;
     }
