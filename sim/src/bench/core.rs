@@ -362,11 +362,16 @@ impl CoreBenchReport {
             .usage
             .write_bytes
             .map(|bytes| per(bytes as f64, self.settled as f64));
+        let others_cpu_seconds = self
+            .usage
+            .others_busy_ns()
+            .map(|others| others as f64 / 1e9);
         let hardware_and_checks = serde_json::json!({
             "write_bandwidth_bytes_per_sec": self.write_bandwidth.per_sec(),
             "disk_write_bytes": self.usage.write_bytes,
             "disk_write_bytes_per_settlement": write_bytes_per_settlement,
             "cpu_seconds_by_thread": cpu_by_thread,
+            "other_processes_cpu_seconds": others_cpu_seconds,
             "audit_ok": self.audit.is_ok(),
             "failures": self.failures(),
         });
@@ -513,9 +518,25 @@ impl CoreBenchReport {
                     group.wait_ns as f64 / 1e9
                 );
             }
+            if let Some(others) = self.usage.others_busy_ns() {
+                let others = others as f64 / 1e9;
+                used += others;
+                let _ = writeln!(
+                    out,
+                    "  {:<30}{:>8.2} CPU-s{}",
+                    "other processes",
+                    others,
+                    if others > 0.1 * self.seconds {
+                        "  (the machine was not quiet: figures are lower than they should be)"
+                    } else {
+                        ""
+                    }
+                );
+            }
             let _ = writeln!(
                 out,
-                "  idle             {:>8.2} CPU-s",
+                "  {:<30}{:>8.2} CPU-s",
+                "idle or waiting for IO",
                 (self.cpus as f64 * self.seconds - used).max(0.0)
             );
         }
@@ -636,9 +657,7 @@ pub async fn run(config: &CoreBenchConfig) -> anyhow::Result<CoreBenchReport> {
     let (keys_in_flight, lone_halves) = ledger.matcher_stats().await?;
     let audit = {
         let ledger = ledger.clone();
-        tokio::task::spawn_blocking(move || ledger.audit())
-            .await
-            .context("audit task")??
+        on_named_thread("bench-audit", move || ledger.audit()).await??
     };
     let peak_rss_bytes = memory::peak_rss_bytes();
     match Arc::try_unwrap(ledger) {
@@ -697,15 +716,35 @@ fn ledger_config(config: &CoreBenchConfig, dir: &Path) -> LedgerConfig {
 
 async fn probe_disk(dir: &Path, duration: Duration) -> anyhow::Result<(Rate, Rate, Rate)> {
     let dir = dir.to_owned();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<(Rate, Rate, Rate)> {
-        let fsync = hardware::fdatasync_rate(&dir, duration).context("fdatasync probe")?;
-        let redb = hardware::redb_commit_rate(&dir, duration).context("redb commit probe")?;
-        let bandwidth =
-            hardware::write_bandwidth(&dir, duration / 2).context("write bandwidth probe")?;
-        Ok((fsync, redb, bandwidth))
-    })
-    .await
-    .context("disk probe task")?
+    on_named_thread(
+        "bench-disk-probe",
+        move || -> anyhow::Result<(Rate, Rate, Rate)> {
+            let fsync = hardware::fdatasync_rate(&dir, duration).context("fdatasync probe")?;
+            let redb = hardware::redb_commit_rate(&dir, duration).context("redb commit probe")?;
+            let bandwidth =
+                hardware::write_bandwidth(&dir, duration / 2).context("write bandwidth probe")?;
+            Ok((fsync, redb, bandwidth))
+        },
+    )
+    .await?
+}
+
+/// Runs blocking work on a thread of its own, named so that profiles and the
+/// per-thread CPU figures keep it apart from the runtime's threads.
+async fn on_named_thread<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _ = sender.send(work());
+        })
+        .with_context(|| format!("cannot start thread {name}"))?;
+    receiver
+        .await
+        .with_context(|| format!("thread {name} ended without an answer"))
 }
 
 /// Opens `count` accounts, many at once so their commits batch. Returns their
