@@ -159,9 +159,8 @@ impl Registry {
         let mut entries = self.entries.lock().await;
         let mut message = message;
         for _attempt in 0..2 {
-            if !entries.contains_key(&account) {
-                let entry = self.spawn(account).await?;
-                entries.insert(account, entry);
+            if let std::collections::hash_map::Entry::Vacant(vacant) = entries.entry(account) {
+                vacant.insert(self.spawn(account).await?);
             }
             let entry = entries.get_mut(&account).expect("just inserted");
             entry.last_used = Instant::now();

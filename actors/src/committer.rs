@@ -154,6 +154,7 @@ fn deliver(
     };
     assert_eq!(applied.len(), replies.len(), "one result per intent");
     let mut per_shard: Vec<MatcherResults> = (0..matchers.len()).map(|_| Vec::new()).collect();
+    let mut callers = Vec::new();
     for (reply, applied) in replies.into_iter().zip(applied.drain(..)) {
         match reply {
             ReplyTo::Matcher {
@@ -167,10 +168,7 @@ fn deliver(
                 });
                 per_shard[shard].push((tx_key, persisted, result));
             }
-            ReplyTo::Caller(sender) => {
-                // The caller may have given up waiting; the change is durable regardless.
-                let _ = sender.send(applied.map(|applied| (commit, applied)));
-            }
+            ReplyTo::Caller(sender) => callers.push((sender, applied)),
         }
     }
     for (shard, results) in per_shard.into_iter().enumerate() {
@@ -178,5 +176,11 @@ fn deliver(
             // A matcher that is gone is shutting down; its waiters are told by their dropped channels.
             let _ = matchers[shard].send_message(MatcherMsg::Committed { commit, results });
         }
+    }
+    // Callers hear last: when `flush` returns, every matcher already has this
+    // commit's results queued ahead of anything the caller sends next.
+    for (sender, applied) in callers {
+        // The caller may have given up waiting; the change is durable regardless.
+        let _ = sender.send(applied.map(|applied| (commit, applied)));
     }
 }

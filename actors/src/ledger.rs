@@ -39,6 +39,9 @@ pub struct LedgerConfig {
     pub max_amount: u64,
     /// Matcher actors; halves are spread over them by `tx_key`.
     pub matcher_shards: usize,
+    /// Lone halves one account may have waiting. Split evenly over the
+    /// matcher shards (at least one each), so the total never exceeds it
+    /// when it is at least `matcher_shards`.
     pub pending_halves_per_account_max: u32,
     pub account_idle: Duration,
     pub clock: Arc<dyn Clock>,
@@ -156,7 +159,9 @@ impl Ledger {
         let registry = Registry::new(store.clone());
         let matcher_config = MatcherConfig {
             half_ttl_micros: u64::try_from(config.half_ttl.as_micros()).unwrap_or(u64::MAX),
-            pending_halves_per_account_max: config.pending_halves_per_account_max,
+            pending_halves_per_account_max: (config.pending_halves_per_account_max
+                / config.matcher_shards as u32)
+                .max(1),
         };
         let mut matchers = Vec::with_capacity(config.matcher_shards);
         for (shard, restored) in restored.into_iter().enumerate() {
@@ -166,6 +171,7 @@ impl Ledger {
                 restored,
                 commit_queue: commit_queue.clone(),
                 registry: registry.clone(),
+                store: store.clone(),
                 clock: config.clock.clone(),
             };
             let (matcher, _) = Actor::spawn(None, MatcherActor, args)
@@ -398,6 +404,9 @@ impl Ledger {
             ..
         } = self;
         sweeper.abort();
+        // The sweeper holds the registry and through it the store: wait until
+        // it is gone, or the file could still be open when close returns.
+        let _ = sweeper.await;
         let _ = expiry
             .stop_and_wait(None, Some(Duration::from_secs(5)))
             .await;

@@ -18,7 +18,7 @@ use crate::core::matching::{
 };
 use crate::core::rules::HalfContext;
 use crate::error::LedgerError;
-use crate::store::Intent;
+use crate::store::{Intent, Store};
 
 /// First answer to a submission.
 #[derive(Debug)]
@@ -31,17 +31,16 @@ pub enum Ack {
 
 /// A submitter waiting on two channels: the first answer, then (if the first
 /// was `Pending`) the resolution.
+pub type AckReceiver = oneshot::Receiver<Result<Ack, LedgerError>>;
+pub type ResolutionReceiver = oneshot::Receiver<Result<Resolution, LedgerError>>;
+
 pub struct ChannelWaiter {
     ack: Option<oneshot::Sender<Result<Ack, LedgerError>>>,
     resolution: Option<oneshot::Sender<Result<Resolution, LedgerError>>>,
 }
 
 impl ChannelWaiter {
-    pub fn new() -> (
-        ChannelWaiter,
-        oneshot::Receiver<Result<Ack, LedgerError>>,
-        oneshot::Receiver<Result<Resolution, LedgerError>>,
-    ) {
+    pub fn new() -> (ChannelWaiter, AckReceiver, ResolutionReceiver) {
         let (ack_sender, ack_receiver) = oneshot::channel();
         let (resolution_sender, resolution_receiver) = oneshot::channel();
         (
@@ -61,6 +60,15 @@ impl Waiter for ChannelWaiter {
             // The submitter may have gone away; the half stays pending regardless.
             let _ = ack.send(Ok(Ack::Pending));
         }
+    }
+
+    fn is_gone(&self) -> bool {
+        let ack_gone = self.ack.as_ref().is_none_or(|ack| ack.is_closed());
+        let resolution_gone = self
+            .resolution
+            .as_ref()
+            .is_none_or(|resolution| resolution.is_closed());
+        ack_gone && resolution_gone
     }
 
     fn finish(mut self, result: Result<Resolution, LedgerError>) {
@@ -104,6 +112,7 @@ pub struct MatcherArgs {
     pub restored: Vec<PendingHalf>,
     pub commit_queue: mpsc::Sender<Job>,
     pub registry: Arc<Registry>,
+    pub store: Arc<Store>,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -112,6 +121,7 @@ pub struct MatcherState {
     core: Matcher<ChannelWaiter>,
     commit_queue: mpsc::Sender<Job>,
     registry: Arc<Registry>,
+    store: Arc<Store>,
     clock: Arc<dyn Clock>,
 }
 
@@ -134,6 +144,7 @@ impl Actor for MatcherActor {
             core,
             commit_queue: args.commit_queue,
             registry: args.registry,
+            store: args.store,
             clock: args.clock,
         })
     }
@@ -151,7 +162,9 @@ impl Actor for MatcherActor {
                 waiter,
             } => {
                 let now = state.clock.now();
-                let effects = state.core.submit(now, &context, half, waiter);
+                let store = state.store.clone();
+                let decided = move |tx_key| store.outcome(tx_key).ok().flatten().map(Arc::new);
+                let effects = state.core.submit(now, &context, half, waiter, decided);
                 state.carry_out(&myself, effects).await;
             }
             MatcherMsg::Reserved {
@@ -165,8 +178,12 @@ impl Actor for MatcherActor {
             }
             MatcherMsg::Committed { commit, results } => {
                 for (tx_key, persisted, result) in results {
-                    let effects = state.core.on_committed(tx_key, persisted, commit, result);
+                    let (effects, answers) =
+                        state.core.on_committed(tx_key, persisted, commit, result);
+                    // Debits and credits reach the account actors before anyone hears
+                    // the outcome, so money just received is spendable at once.
                     state.carry_out(&myself, effects).await;
+                    answers.deliver();
                 }
             }
             MatcherMsg::ExpireDue { done } => {
@@ -224,13 +241,14 @@ impl MatcherState {
                     if let Err(error) = self.registry.send(sender, message).await {
                         tracing::error!(%error, %tx_key, sender, "reservation could not be asked for");
                         // Fail the key's submissions rather than leave them hanging.
-                        let effects = self.core.on_committed(
+                        let (effects, answers) = self.core.on_committed(
                             tx_key,
                             Persisted::Decision { reserved: None },
                             0,
                             Err(error),
                         );
                         debug_assert!(effects.is_empty());
+                        answers.deliver();
                     }
                 }
                 Effect::Debit {
@@ -269,15 +287,16 @@ impl MatcherState {
         };
         if self.commit_queue.send(job).await.is_err() {
             // The committer has stopped: the ledger is closing.
-            let effects = self
-                .core
-                .on_committed(tx_key, persisted, 0, Err(LedgerError::Closed));
+            let (effects, answers) =
+                self.core
+                    .on_committed(tx_key, persisted, 0, Err(LedgerError::Closed));
             for effect in effects {
                 if let Effect::Release { account, amount } = effect {
                     self.to_account(account, AccountMsg::Release { amount })
                         .await;
                 }
             }
+            answers.deliver();
         }
     }
 

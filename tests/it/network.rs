@@ -417,12 +417,13 @@ async fn too_many_pending_halves_for_one_account_are_refused_with_800() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_pending_cap_is_counted_per_matcher_shard() {
+async fn the_pending_cap_is_split_over_matcher_shards() {
     // Goal: pin down what PROTOCOL.md section 12 says about code 800: the cap
-    // on an account's lone halves holds per matcher shard, so with 2 shards
-    // and a cap of 2 an account may have 4 halves waiting, 2 on each shard.
+    // on an account's lone halves is split evenly over the matcher shards, so
+    // with 2 shards and a cap of 4 an account may have 4 halves waiting, 2 on
+    // each shard, and never more.
     let node = TestNode::start_with_ledger(|config| {
-        config.pending_halves_per_account_max = 2;
+        config.pending_halves_per_account_max = 4;
         config.matcher_shards = 2;
     })
     .await;

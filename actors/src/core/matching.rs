@@ -37,6 +37,33 @@ pub trait Waiter {
     fn accepted(&mut self);
     /// The submission is over.
     fn finish(self, result: Result<Resolution, LedgerError>);
+    /// True when nobody listens any more (the submitter went away); such
+    /// waiters are dropped instead of piling up on a long-pending half.
+    fn is_gone(&self) -> bool {
+        false
+    }
+}
+
+/// Answers held back until the effects that come with them were carried out:
+/// a phone must not hear "settled" before the receiver's live balance holds the
+/// credit, or its very next payment could be refused for funds it has.
+#[must_use = "answers must be delivered after the effects"]
+pub struct Answers<W>(Vec<(W, Result<Resolution, LedgerError>)>);
+
+impl<W: Waiter> Answers<W> {
+    fn new() -> Answers<W> {
+        Answers(Vec::new())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn deliver(self) {
+        for (waiter, result) in self.0 {
+            waiter.finish(result);
+        }
+    }
 }
 
 /// A lone half as stored while it waits for its partner.
@@ -299,13 +326,17 @@ impl<W: Waiter> Matcher<W> {
         self.deadlines.first().map(|(deadline, _)| *deadline)
     }
 
-    /// A half arrives at node time `now`.
+    /// A half arrives at node time `now`. `decided` looks a key's outcome up in
+    /// storage; it is asked only on the rare path where a half would be refused
+    /// for the pending cap, so a replay of an old key gets its outcome (or 700)
+    /// rather than 800.
     pub fn submit(
         &mut self,
         now: Timestamp,
         context: &HalfContext,
         half: Half,
         waiter: W,
+        decided: impl FnOnce(TxKey) -> Option<Arc<Outcome>>,
     ) -> Vec<Effect> {
         if let Err(code) = rules::check_half(&half, context) {
             waiter.finish(Ok(Resolution::Refused(code)));
@@ -317,7 +348,7 @@ impl<W: Waiter> Matcher<W> {
             return Vec::new();
         }
         let Some(entry) = self.entries.get_mut(&tx_key) else {
-            return self.start_entry(now, half, waiter);
+            return self.start_entry(now, half, waiter, decided);
         };
         // A half for a key already in flight: identical (join), conflicting
         // (refuse), or the missing partner (pair).
@@ -355,10 +386,21 @@ impl<W: Waiter> Matcher<W> {
         }
     }
 
-    fn start_entry(&mut self, now: Timestamp, half: Half, waiter: W) -> Vec<Effect> {
+    fn start_entry(
+        &mut self,
+        now: Timestamp,
+        half: Half,
+        waiter: W,
+        decided: impl FnOnce(TxKey) -> Option<Arc<Outcome>>,
+    ) -> Vec<Effect> {
         let party = half.party();
         let waiting = self.pending_per_account.get(&party).copied().unwrap_or(0);
         if waiting >= self.config.pending_halves_per_account_max {
+            if let Some(outcome) = decided(half.tx_key()) {
+                waiter.finish(Ok(resolve_against(&outcome, &half)));
+                self.remember(half.tx_key(), outcome);
+                return Vec::new();
+            }
             return refuse(waiter, RejectCode::TooManyPending);
         }
         let tx_key = half.tx_key();
@@ -508,8 +550,9 @@ impl<W: Waiter> Matcher<W> {
         persisted: Persisted,
         commit: u64,
         result: Result<Committed, LedgerError>,
-    ) -> Vec<Effect> {
+    ) -> (Vec<Effect>, Answers<W>) {
         let mut effects = Vec::new();
+        let mut answers = Answers::new();
         match (persisted, result) {
             (Persisted::Pending(side), Ok(Committed::PendingStored)) => {
                 if let Some(entry) = self.entries.get_mut(&tx_key) {
@@ -530,7 +573,7 @@ impl<W: Waiter> Matcher<W> {
             }
             (Persisted::Pending(_), Ok(Committed::PendingSkipped)) => {}
             (Persisted::Pending(_), Ok(Committed::AlreadyFinal(outcome))) => {
-                self.resolve(tx_key, &outcome)
+                self.resolve(tx_key, &outcome, &mut answers)
             }
             (Persisted::Decision { reserved }, Ok(Committed::Decided(outcome))) => {
                 if let Outcome::Settled(settlement) = &*outcome {
@@ -553,13 +596,13 @@ impl<W: Waiter> Matcher<W> {
                 } else if let Some((account, amount)) = reserved {
                     effects.push(Effect::Release { account, amount });
                 }
-                self.resolve(tx_key, &outcome);
+                self.resolve(tx_key, &outcome, &mut answers);
             }
             (Persisted::Decision { reserved }, Ok(Committed::AlreadyFinal(outcome))) => {
                 if let Some((account, amount)) = reserved {
                     effects.push(Effect::Release { account, amount });
                 }
-                self.resolve(tx_key, &outcome);
+                self.resolve(tx_key, &outcome, &mut answers);
             }
             (
                 Persisted::Decision { .. },
@@ -579,12 +622,12 @@ impl<W: Waiter> Matcher<W> {
                 }
                 if let Some(entry) = self.remove_entry(tx_key) {
                     for (_, waiter) in entry.waiters() {
-                        waiter.finish(Err(error.clone()));
+                        answers.0.push((waiter, Err(error.clone())));
                     }
                 }
             }
         }
-        effects
+        (effects, answers)
     }
 
     /// Every lone half whose deadline is at or before `now` becomes a decision
@@ -614,10 +657,12 @@ impl<W: Waiter> Matcher<W> {
     }
 
     /// Ends every submission for `tx_key` against its final outcome.
-    fn resolve(&mut self, tx_key: TxKey, outcome: &Arc<Outcome>) {
+    fn resolve(&mut self, tx_key: TxKey, outcome: &Arc<Outcome>, answers: &mut Answers<W>) {
         if let Some(entry) = self.remove_entry(tx_key) {
             for (half, waiter) in entry.waiters() {
-                waiter.finish(Ok(resolve_against(outcome, &half)));
+                answers
+                    .0
+                    .push((waiter, Ok(resolve_against(outcome, &half))));
             }
         }
         self.remember(tx_key, outcome.clone());
@@ -662,6 +707,7 @@ fn join_or_refuse<H: PartialEq, W: Waiter>(
     if slot.durable {
         waiter.accepted();
     }
+    slot.waiters.retain(|waiter| !waiter.is_gone());
     slot.waiters.push(waiter);
     Vec::new()
 }

@@ -59,7 +59,22 @@ impl Harness {
             id,
             log: self.log.clone(),
         };
-        self.matcher.submit(Timestamp(now), &context, half, waiter)
+        self.matcher
+            .submit(Timestamp(now), &context, half, waiter, |_| None)
+    }
+
+    /// Feeds a commit result and delivers its answers after its effects, as
+    /// the actor does.
+    fn committed(
+        &mut self,
+        tx_key: TxKey,
+        persisted: Persisted,
+        commit: u64,
+        result: Result<Committed, LedgerError>,
+    ) -> Vec<Effect> {
+        let (effects, answers) = self.matcher.on_committed(tx_key, persisted, commit, result);
+        answers.deliver();
+        effects
     }
 
     fn take_log(&self) -> Vec<Entry> {
@@ -138,7 +153,7 @@ fn agreeing_halves_reserve_then_settle_and_both_phones_hear() {
         &effects[..],
         [Effect::StorePending(PendingHalf::Send(_))]
     ));
-    harness.matcher.on_committed(
+    harness.committed(
         KEY,
         Persisted::Pending(Side::Send),
         1,
@@ -158,7 +173,7 @@ fn agreeing_halves_reserve_then_settle_and_both_phones_hear() {
     let effects = harness.matcher.on_reserved(KEY, 1, 50, Ok(()));
     assert_eq!(effects.len(), 1);
     let outcome = settled(&effects[0]);
-    let effects = harness.matcher.on_committed(
+    let effects = harness.committed(
         KEY,
         Persisted::Decision {
             reserved: Some((1, 50)),
@@ -244,7 +259,7 @@ fn mismatching_halves_are_rejected_without_reservation() {
     let effects = harness.submit(2, 2, receive_half(KEY, 2, 1, 60));
     let outcome = rejected(&effects[0]);
     assert_eq!(outcome.code(), Some(RejectCode::AmountMismatch));
-    let effects = harness.matcher.on_committed(
+    let effects = harness.committed(
         KEY,
         Persisted::Decision { reserved: None },
         1,
@@ -282,7 +297,7 @@ fn identical_resubmission_joins_and_conflicting_one_is_refused() {
             Some(Ok(Resolution::Refused(RejectCode::ConflictingHalf)))
         )]
     );
-    harness.matcher.on_committed(
+    harness.committed(
         KEY,
         Persisted::Pending(Side::Send),
         1,
@@ -327,7 +342,7 @@ fn lone_half_expires_at_node_time_deadline() {
             Some(Ok(Resolution::Refused(RejectCode::TxKeyAlreadyUsed)))
         )]
     );
-    harness.matcher.on_committed(
+    harness.committed(
         KEY,
         Persisted::Decision { reserved: None },
         3,
@@ -355,7 +370,7 @@ fn replay_of_a_decided_key_returns_the_outcome_or_700() {
     harness.submit(2, 1, receive_half(KEY, 2, 1, 50));
     let effects = harness.matcher.on_reserved(KEY, 1, 50, Ok(()));
     let outcome = settled(&effects[0]);
-    harness.matcher.on_committed(
+    harness.committed(
         KEY,
         Persisted::Decision {
             reserved: Some((1, 50)),
@@ -389,7 +404,7 @@ fn storage_reporting_an_older_outcome_releases_the_reservation() {
     harness.submit(2, 1, receive_half(KEY, 2, 1, 50));
     let effects = harness.matcher.on_reserved(KEY, 1, 50, Ok(()));
     let older = settled(&effects[0]);
-    let effects = harness.matcher.on_committed(
+    let effects = harness.committed(
         KEY,
         Persisted::Decision {
             reserved: Some((1, 50)),
@@ -412,9 +427,7 @@ fn reservation_answered_after_key_resolved_is_released() {
     harness.submit(1, 0, send_half(KEY, 1, 50));
     harness.submit(2, 1, receive_half(KEY, 2, 1, 50));
     let error = LedgerError::Closed;
-    harness
-        .matcher
-        .on_committed(KEY, Persisted::Pending(Side::Send), 1, Err(error));
+    harness.committed(KEY, Persisted::Pending(Side::Send), 1, Err(error));
     assert_eq!(
         harness.take_log().len(),
         2,
@@ -482,4 +495,71 @@ fn restored_half_keeps_its_original_deadline() {
     // Its identical resubmission is accepted at once: it is already durable.
     harness.submit(1, 8, send_half(KEY, 1, 5));
     assert_eq!(harness.take_log(), vec![(1, "accepted", None)]);
+}
+
+#[test]
+fn answers_wait_until_the_effects_are_out() {
+    let mut harness = Harness::new();
+    harness.submit(1, 0, send_half(KEY, 1, 50));
+    harness.submit(2, 1, receive_half(KEY, 2, 1, 50));
+    let effects = harness.matcher.on_reserved(KEY, 1, 50, Ok(()));
+    let outcome = settled(&effects[0]);
+    let (effects, answers) = harness.matcher.on_committed(
+        KEY,
+        Persisted::Decision {
+            reserved: Some((1, 50)),
+        },
+        2,
+        Ok(Committed::Decided(outcome)),
+    );
+    assert_eq!(effects.len(), 2, "debit and credit");
+    assert!(
+        harness.take_log().is_empty(),
+        "nobody heard before the credit went out"
+    );
+    answers.deliver();
+    assert_eq!(harness.take_log().len(), 2);
+}
+
+#[test]
+fn replay_at_the_pending_cap_is_answered_from_storage_not_800() {
+    let mut harness = Harness::new();
+    for key in 1..=3 {
+        harness.submit(key as u32, 0, send_half(TxKey::from_u128(key), 1, 5));
+    }
+    let old_key = TxKey::from_u128(99);
+    let half = send_half(old_key, 1, 5);
+    let Half::Send(recorded) = half.clone() else {
+        unreachable!()
+    };
+    let stored = Arc::new(Outcome::Rejected(Rejection {
+        tx_key: old_key,
+        code: RejectCode::Expired,
+        send: Some(Stamped {
+            half: recorded,
+            received_at: Timestamp(0),
+        }),
+        receive: None,
+        sender_balance: None,
+        decided_at: Timestamp(1),
+    }));
+    let context = HalfContext {
+        submitter: 1,
+        accounts_end: 100,
+        max_amount: 1_000,
+    };
+    let waiter = Recorder {
+        id: 7,
+        log: harness.log.clone(),
+    };
+    let lookup = stored.clone();
+    harness
+        .matcher
+        .submit(Timestamp(5), &context, half, waiter, move |key| {
+            (key == old_key).then_some(lookup)
+        });
+    assert_eq!(
+        harness.take_log(),
+        vec![(7, "finish", Some(Ok(Resolution::Final(stored))))]
+    );
 }
