@@ -1,6 +1,7 @@
 //! Integration tests across crates: one test binary, a module per area.
 
 mod concurrency;
+mod crash;
 mod ledger_smoke;
 mod model;
 mod net_support;
@@ -9,4 +10,5 @@ mod network_auth;
 mod network_frames;
 mod network_outcomes;
 mod regressions;
+mod storage_faults;
 mod support;

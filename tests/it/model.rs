@@ -49,11 +49,10 @@ const MAX_AMOUNT: u64 = 1_000;
 const HALF_TTL_MICROS: u64 = 1_000_000;
 const MATCHER_SHARDS: usize = 2;
 /// Lone halves per account and matcher shard (the model predicts 800 from
-/// it). FIXME: kept above what `OPS_MAX` operations can reach, so 800 never
-/// arises here: with a reachable cap (2) the model finds the bug pinned by
-/// `regressions::replay_after_restart_gets_its_outcome_not_800`. Lower it to 2
-/// once that is fixed.
-const PENDING_CAP: u32 = 64;
+/// it). Small enough that `OPS_MAX` operations reach it often, including a
+/// replay of a decided key at the cap after a restart
+/// (`regressions::replay_after_restart_gets_its_outcome_not_800`).
+const PENDING_CAP: u32 = 2;
 const OPS_MAX: usize = 40;
 /// Cases per run unless `PROPTEST_CASES` says otherwise.
 const MODEL_CASES_DEFAULT: u32 = 2_048;
@@ -797,13 +796,9 @@ impl Harness {
                     self.step,
                     expired.len()
                 );
-                // expire_now returns once the expiries are durable; the matchers
-                // learn of them a moment later. A second barrier and a stats
-                // round trip make sure they have. FIXME: without this the
-                // model finds the bug pinned by
-                // `regressions::conflicting_half_right_after_expiry_is_700_not_710`.
-                within(self.ledger().flush()).await.expect("flush");
-                within(self.ledger().matcher_stats()).await.expect("stats");
+                // expire_now returns once the expiries are durable and every
+                // matcher has them queued: the very next submission sees them
+                // (`regressions::conflicting_half_right_after_expiry_is_700_not_710`).
                 for (tx_key, outcome) in expired {
                     self.record_decided(tx_key, &outcome).await;
                 }
@@ -989,7 +984,8 @@ async fn run_case(opening_balances: Vec<u64>, ops: Vec<Op>) {
     config.half_ttl = Duration::from_micros(HALF_TTL_MICROS);
     config.max_amount = MAX_AMOUNT;
     config.matcher_shards = MATCHER_SHARDS;
-    config.pending_halves_per_account_max = PENDING_CAP;
+    // The ledger splits its per-account cap evenly over the shards.
+    config.pending_halves_per_account_max = PENDING_CAP * MATCHER_SHARDS as u32;
     config.clock = Arc::new(clock.clone());
     let ledger = within(Ledger::open(config.clone()))
         .await

@@ -93,22 +93,10 @@ impl TestNode {
         within(node.shutdown(Duration::from_secs(5))).await;
         let mut config = NodeConfig::new(data_dir.path(), "127.0.0.1:0".parse().unwrap());
         configure(&mut config);
-        // FIXME: Ledger::close aborts its idle-actor sweeper without awaiting
-        // it, and the sweeper holds the store, so the redb file can still be
-        // locked for a moment after close returns (DatabaseAlreadyOpen, seen
-        // on busy cores). Retry briefly until actors awaits the sweeper.
-        let mut attempts = 0;
-        let node = loop {
-            match within(RunningNode::start(config.clone())).await {
-                Ok(node) => break node,
-                Err(error) if attempts < 20 => {
-                    attempts += 1;
-                    eprintln!("restart attempt {attempts} failed: {error}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(error) => panic!("restart node: {error}"),
-            }
-        };
+        // The ledger file is released when shutdown returns: no retry.
+        let node = within(RunningNode::start(config))
+            .await
+            .expect("restart node on the same data directory");
         TestNode::around(node, &data_dir, dir)
     }
 

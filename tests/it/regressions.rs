@@ -860,7 +860,7 @@ async fn code_800_too_many_pending_refuses_the_extra_lone_half() {
 }
 
 // ---------------------------------------------------------------------------
-// Ledger bugs found by these tests. Each fails today; see the FIXME.
+// Ledger bugs found by these tests, fixed in 8e30495; each test pins its fix.
 
 /// Goal: money an account has been told it received can be spent at once.
 /// Method: 32 chains run side by side; in each, A pays B (key on matcher
@@ -868,7 +868,7 @@ async fn code_800_too_many_pending_refuses_the_extra_lone_half() {
 /// (key on shard 1, C's half already waiting). B's durable balance covers it
 /// every time, so every second payment must settle.
 ///
-/// FIXME: fails today, typically 10–30 of 960 second payments are rejected
+/// Failed before the fix: typically 10–30 of 960 second payments were rejected
 /// with 100 and `sender_balance: Some(0)`. The matcher resolves the waiters
 /// (`Matcher::on_committed` → `resolve`) before `MatcherState::carry_out`
 /// sends the `Debit`/`Credit` effects of that commit to the account actors, so
@@ -934,7 +934,7 @@ async fn received_money_is_spendable_as_soon_as_the_outcome_is_heard() {
 /// settle a payment, restart, let Alice have one lone half waiting, then
 /// replay her recorded half.
 ///
-/// FIXME: fails today with `Refused(TooManyPending)`. Before the restart the
+/// Failed before the fix with `Refused(TooManyPending)`. Before the restart the
 /// same replay is answered from the matcher's in-memory `recent` outcomes;
 /// after it (or once an outcome has aged out of `recent`), `Matcher::submit`
 /// goes to `start_entry`, which applies the per-account pending cap before
@@ -972,7 +972,7 @@ async fn replay_after_restart_gets_its_outcome_not_800() {
 /// a jump past the TTL, `expire_now`, then at once a different half by the
 /// same party.
 ///
-/// FIXME: fails today in a few percent of rounds. `expire_now` returns when
+/// Failed before the fix in a few percent of rounds. `expire_now` returned when
 /// the expiry is durable, but the matcher learns of the commit a moment later
 /// (the committer answers callers before it messages the matchers); until
 /// then the key sits in phase `Deciding` with its half in place and
@@ -1011,12 +1011,12 @@ async fn conflicting_half_right_after_expiry_is_700_not_710() {
 /// Method: close and reopen up to `ROUNDS` times in a row, with two busy tasks
 /// keeping the runtime's workers occupied.
 ///
-/// FIXME: fails today, but as a race: measured 0–38 failures per 5,000
+/// Failed before the fix, as a race: measured 0–38 failures per 5,000
 /// rounds, so it usually fails within the first second, yet can pass by luck
 /// (in the full suite, next to the property test, one run in six passed with
 /// 10,000 rounds). Rounds are few enough that a correct ledger passes in a
-/// few seconds. It fails with
-/// `Store(Redb(DatabaseAlreadyOpen))`. `Ledger::close` calls
+/// few seconds. It failed with
+/// `Store(Redb(DatabaseAlreadyOpen))`. `Ledger::close` called
 /// `sweeper.abort()` without awaiting the task; the idle sweeper's future
 /// holds an `Arc<Registry>`, which holds the `Arc<Store>`, so the redb file
 /// can still be open when `close` returns. Awaiting the aborted `JoinHandle`

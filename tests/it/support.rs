@@ -110,23 +110,12 @@ pub async fn reopen(ledger: Ledger) -> Ledger {
 }
 
 /// Opens a ledger whose previous instance on the same file just closed.
-///
-/// FIXME: retries while redb reports the file still open, for up to a
-/// second. `Ledger::close` can return before its aborted idle sweeper has let
-/// go of the store (`regressions::ledger_reopens_as_soon_as_close_returns`
-/// pins that bug); tests about other things should not fail on it now and
-/// then. Remove the retry once it is fixed.
+/// `Ledger::close` releases the file before it returns, so this must succeed
+/// at the first attempt (`regressions::ledger_reopens_as_soon_as_close_returns`).
 pub async fn open_after_close(config: LedgerConfig) -> Ledger {
-    for _ in 0..1_000 {
-        match within(Ledger::open(config.clone())).await {
-            Ok(ledger) => return ledger,
-            Err(error) if error.to_string().contains("already open") => {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            Err(error) => panic!("reopen ledger: {error}"),
-        }
-    }
-    panic!("the ledger file stayed open for a second after close");
+    within(Ledger::open(config))
+        .await
+        .unwrap_or_else(|error| panic!("reopen ledger right after close: {error}"))
 }
 
 /// Audits the books and fails the test, naming every problem, if they are off.
