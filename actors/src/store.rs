@@ -252,6 +252,7 @@ impl Store {
                 pending: write.open_table(PENDING)?,
                 touched: HashMap::new(),
                 decided_in_batch: HashSet::new(),
+                skipped_pending: HashSet::new(),
                 journal_next: 0,
                 account_next: 0,
                 issued: 0,
@@ -672,6 +673,8 @@ struct Batch<'txn> {
     touched: HashMap<AccountId, u64>,
     /// Keys that reach a decision somewhere in this batch.
     decided_in_batch: HashSet<TxKey>,
+    /// Lone halves of this batch not written because their key is decided in it.
+    skipped_pending: HashSet<TxKey>,
     journal_next: u64,
     account_next: AccountId,
     issued: u64,
@@ -716,6 +719,7 @@ impl Batch<'_> {
     fn store_pending(&mut self, half: &PendingHalf) -> Result<Committed, StoreError> {
         let tx_key = half.tx_key();
         if self.decided_in_batch.contains(&tx_key) {
+            self.skipped_pending.insert(tx_key);
             return Ok(Committed::PendingSkipped);
         }
         if let Some(seq) = self
@@ -740,14 +744,18 @@ impl Batch<'_> {
 
     fn decide(&mut self, decision: &Decision) -> Result<Committed, StoreError> {
         let tx_key = decision.tx_key();
-        if let Some(seq) = self
+        // Claim the key for the journal entry about to be appended; one B-tree
+        // descent both checks and claims. An older outcome is put back.
+        let seq = self.journal_next;
+        let older = self
             .tx_keys
-            .get(tx_key.as_u128())?
-            .map(|guard| guard.value())
-        {
+            .insert(tx_key.as_u128(), seq)?
+            .map(|guard| guard.value());
+        if let Some(older) = older {
+            self.tx_keys.insert(tx_key.as_u128(), older)?;
             return Ok(Committed::AlreadyFinal(Arc::new(outcome_at(
                 &self.journal,
-                seq,
+                older,
             )?)));
         }
         let (outcome, moved) = match decision {
@@ -810,9 +818,12 @@ impl Batch<'_> {
             }
         };
         let outcome = Arc::new(outcome);
-        let seq = self.append(&JournalEntry::Outcome((*outcome).clone()), &moved)?;
-        self.tx_keys.insert(tx_key.as_u128(), seq)?;
-        self.pending.remove(tx_key.as_u128())?;
+        let appended = self.append(&JournalEntry::Outcome((*outcome).clone()), &moved)?;
+        assert_eq!(appended, seq, "tx_key {tx_key} claimed the journal entry it got");
+        // A lone half skipped in this batch was never written: nothing to delete.
+        if !self.skipped_pending.contains(&tx_key) {
+            self.pending.remove(tx_key.as_u128())?;
+        }
         Ok(Committed::Decided(outcome))
     }
 
