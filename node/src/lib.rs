@@ -5,14 +5,22 @@
 //! * [`session`] — per connection and stream: frames in, ledger calls, answers out.
 //! * [`client`] — `ClientEndpoint` and `Phone`, used by `tapledger-sim` and tests.
 //! * [`init`], [`config`], [`tls`] — data directory, settings, TLS configs.
+//! * [`settings`], [`logging`], [`telemetry`], [`ops`], [`export`] — the
+//!   operator's side: configuration layers, logs, metrics and health, offline
+//!   ledger commands, CSV export.
 //!
 //! Business rules live in `tapledger-actors`; this crate only translates.
 
 pub mod client;
 pub mod config;
+pub mod export;
 pub mod init;
+pub mod logging;
+pub mod ops;
 pub mod server;
 pub mod session;
+pub mod settings;
+pub mod telemetry;
 pub mod tls;
 
 pub use client::{ApiCredentials, ClientEndpoint, ClientError, HalfAnswer, Phone, Submitted};

@@ -14,6 +14,7 @@ use tapledger_certs::{Fingerprint, Identity};
 use tapledger_protocol::Secret;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::config::{Limits, NodeConfig};
 use crate::session;
@@ -50,7 +51,8 @@ pub struct Shared {
     pub ledger: Arc<Ledger>,
     pub admin_credential: Secret,
     pub limits: Limits,
-    pub counters: NodeCounters,
+    /// Shared with the metrics server, which reads it at each scrape.
+    pub counters: Arc<NodeCounters>,
     /// Flips to true when the node starts shutting down.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -108,7 +110,7 @@ impl RunningNode {
             ledger,
             admin_credential,
             limits,
-            counters: NodeCounters::default(),
+            counters: Arc::default(),
             shutdown: shutdown_receiver,
         });
         let accept_loop = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
@@ -129,6 +131,11 @@ impl RunningNode {
 
     pub fn counters(&self) -> &NodeCounters {
         &self.shared.counters
+    }
+
+    /// The counters, to keep for reading after the node is gone (metrics).
+    pub fn counters_handle(&self) -> Arc<NodeCounters> {
+        self.shared.counters.clone()
     }
 
     /// Stops accepting, lets requests in flight reach an answer (up to
@@ -208,13 +215,23 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             .connections_open
             .fetch_add(1, Ordering::Relaxed);
         let shared = shared.clone();
-        connections.spawn(async move {
-            session::serve_connection(incoming, shared.clone()).await;
-            shared
-                .counters
-                .connections_open
-                .fetch_sub(1, Ordering::Relaxed);
-        });
+        // One span per connection; the session records the account once
+        // authenticated.
+        let span = tracing::info_span!(
+            "connection",
+            remote = %incoming.remote_address(),
+            account = tracing::field::Empty
+        );
+        connections.spawn(
+            async move {
+                session::serve_connection(incoming, shared.clone()).await;
+                shared
+                    .counters
+                    .connections_open
+                    .fetch_sub(1, Ordering::Relaxed);
+            }
+            .instrument(span),
+        );
     }
     // Shutting down: sessions see the flag, finish what is in flight and close.
     while connections.join_next().await.is_some() {}

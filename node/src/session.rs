@@ -18,8 +18,10 @@ use tapledger_protocol::{
 };
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::server::Shared;
+use crate::telemetry::{HalfFate, record_half};
 
 /// QUIC application close codes: the protocol error numbers (PROTOCOL.md).
 pub const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(ErrorCode::ShuttingDown.code() as u32);
@@ -65,8 +67,8 @@ pub async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
             return;
         }
     };
-    let span = tracing::info_span!("connection", remote = %connection.remote_address());
-    let _entered = span.enter();
+    // The caller runs this inside the connection's span (remote address);
+    // tasks spawned below carry it along, and authentication records the account.
     let state = Arc::new(ConnectionState {
         account: AtomicU64::new(0),
         auth_failures: AtomicU32::new(0),
@@ -96,7 +98,7 @@ pub async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         tokio::select! {
             accepted = connection.accept_bi() => match accepted {
                 Ok((send, recv)) => {
-                    streams.spawn(serve_stream(send, recv, connection.clone(), state.clone(), shared.clone()));
+                    streams.spawn(serve_stream(send, recv, connection.clone(), state.clone(), shared.clone()).in_current_span());
                 }
                 Err(error) => {
                     tracing::debug!(%error, "connection ended");
@@ -123,7 +125,7 @@ async fn serve_stream(
     shared: Arc<Shared>,
 ) {
     let (outbox, outbox_receiver) = mpsc::channel(OUTBOX_MESSAGES_MAX);
-    let writer = tokio::spawn(write_loop(send, outbox_receiver));
+    let writer = tokio::spawn(write_loop(send, outbox_receiver).in_current_span());
     let mut requests = JoinSet::new();
     let mut shutdown = shared.shutdown.clone();
     let mut buffer: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
@@ -152,7 +154,7 @@ async fn serve_stream(
                         outbox: outbox.clone(),
                     };
                     if let Some(task) = context.dispatch(message).await {
-                        requests.spawn(task);
+                        requests.spawn(task.in_current_span());
                     }
                 }
                 Err(error) => {
@@ -450,6 +452,7 @@ impl RequestContext {
         if record.is_some() && key_matches(api_key, salt, expected) {
             self.state.account.store(account_id, Ordering::Release);
             self.state.active.store(true, Ordering::Release);
+            tracing::Span::current().record("account", account_id);
             tracing::info!(account_id, "authenticated");
             let ledger = self.shared.ledger.config();
             let half_ttl_ms = u64::try_from(ledger.half_ttl.as_millis()).unwrap_or(u64::MAX);
@@ -528,13 +531,31 @@ impl RequestContext {
         account: AccountId,
         half: tapledger_protocol::Half,
     ) {
+        // One span per half, named by its tx_key: every event of this
+        // submission, down to its outcome, carries the key.
+        let span = tracing::info_span!("half", tx_key = %half.tx_key(), side = ?half.side());
+        self.submit_in_span(request_id, account, half)
+            .instrument(span)
+            .await
+    }
+
+    async fn submit_in_span(
+        &self,
+        request_id: RequestId,
+        account: AccountId,
+        half: tapledger_protocol::Half,
+    ) {
         let tx_key = half.tx_key();
-        let span = tracing::debug_span!("half", %tx_key, account);
-        let _entered = span.enter();
+        let started = std::time::Instant::now();
         let resolution = match self.shared.ledger.submit(account, half).await {
             Err(error) => return self.internal(request_id, &error).await,
-            Ok(Submission::Done(resolution)) => resolution,
+            Ok(Submission::Done(resolution)) => {
+                record_half(started, fate_of(&resolution));
+                resolution
+            }
             Ok(Submission::Pending(ticket)) => {
+                record_half(started, HalfFate::Pending);
+                tracing::debug!("half pending");
                 self.answer(NodeMessage::Accepted { request_id, tx_key })
                     .await;
                 tokio::select! {
@@ -549,6 +570,14 @@ impl RequestContext {
                 }
             }
         };
+        match &resolution {
+            Resolution::Final(outcome) => tracing::debug!(
+                settled = outcome.is_settled(),
+                code = outcome.code().map(|code| code.code()),
+                "half resolved"
+            ),
+            Resolution::Refused(code) => tracing::debug!(code = code.code(), "half refused"),
+        }
         self.answer(resolution_message(request_id, tx_key, account, &resolution))
             .await;
     }
@@ -642,6 +671,14 @@ async fn stopping(mut shutdown: tokio::sync::watch::Receiver<bool>) {
             // The node is gone without a shutdown: nothing left to wait for.
             return std::future::pending().await;
         }
+    }
+}
+
+/// How a half's first answer counts in the metrics.
+fn fate_of(resolution: &Resolution) -> HalfFate {
+    match resolution {
+        Resolution::Final(_) => HalfFate::Decided,
+        Resolution::Refused(code) => HalfFate::Refused(*code),
     }
 }
 

@@ -1,0 +1,287 @@
+//! `tapledger-node export`: settled transfers and rejected payments as CSV
+//! for analysts, with the prototype's data-science columns first and the
+//! node's own timestamps after them.
+//!
+//! It reads a ledger file (a stopped node's, or a backup of a running one)
+//! through `Store`'s snapshot reads; it never writes to the ledger.
+//! Half refusals (codes 400, 600..=800) are answers to one submission, not
+//! outcomes of a payment, so they are not in the journal and not exported.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tapledger_actors::{JournalEntry, Store, StoreError};
+use tapledger_protocol::{AccountId, Outcome, ReceiveHalf, Rejection, SendHalf, Settlement, Timestamp};
+
+/// Journal entries read per snapshot while exporting.
+const JOURNAL_CHUNK_ENTRIES: usize = 4096;
+
+/// The CSV header, in column order. README.md describes each column.
+pub const COLUMNS: [&str; 21] = [
+    "transaction_key",
+    "account_number_sender",
+    "account_number_receiver",
+    "transaction_timestamp",
+    "transfer_amount",
+    "beginning_balance_sender",
+    "bank_sender",
+    "os_sender",
+    "os_receiver",
+    "unanimous_agreement",
+    "transaction_error",
+    "error_code",
+    "error_explanation",
+    "outcome",
+    "bank_receiver",
+    "send_received_at",
+    "receive_received_at",
+    "settled_at",
+    "send_client_time",
+    "receive_client_time",
+    "journal_seq",
+];
+
+/// Which outcomes to export: decided at or after `from`, before `to`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TimeRange {
+    pub from: Option<Timestamp>,
+    pub to: Option<Timestamp>,
+}
+
+impl TimeRange {
+    pub fn contains(&self, at: Timestamp) -> bool {
+        self.from.is_none_or(|from| at >= from) && self.to.is_none_or(|to| at < to)
+    }
+}
+
+/// What an export wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExportSummary {
+    pub settlements: u64,
+    pub rejections: u64,
+    /// Outcomes outside the time range.
+    pub skipped: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("writing CSV: {0}")]
+    Csv(#[from] csv::Error),
+    #[error("writing CSV: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Writes every outcome of `store` within `range` as CSV to `out`.
+pub fn export_csv(
+    store: &Store,
+    out: impl Write,
+    range: TimeRange,
+) -> Result<ExportSummary, ExportError> {
+    let banks: HashMap<AccountId, String> = store
+        .accounts()?
+        .into_iter()
+        .map(|(record, _)| (record.id, record.bank_name))
+        .collect();
+    let mut writer = csv::Writer::from_writer(out);
+    writer.write_record(COLUMNS)?;
+    let mut summary = ExportSummary::default();
+    let mut next = 0;
+    loop {
+        let entries = store.journal(next, JOURNAL_CHUNK_ENTRIES)?;
+        let Some((last, _)) = entries.last() else {
+            break;
+        };
+        next = last + 1;
+        for (seq, entry) in &entries {
+            let JournalEntry::Outcome(outcome) = entry else {
+                continue;
+            };
+            let row = Row::of(*seq, outcome, &banks);
+            if !range.contains(row.decided_at) {
+                summary.skipped += 1;
+                continue;
+            }
+            match outcome {
+                Outcome::Settled(_) => summary.settlements += 1,
+                Outcome::Rejected(_) => summary.rejections += 1,
+            }
+            writer.write_record(row.fields())?;
+        }
+        if entries.len() < JOURNAL_CHUNK_ENTRIES {
+            break;
+        }
+    }
+    writer.flush()?;
+    Ok(summary)
+}
+
+/// One exported outcome, before formatting.
+struct Row<'a> {
+    seq: u64,
+    tx_key: String,
+    sender: Option<AccountId>,
+    receiver: Option<AccountId>,
+    amount: Option<u64>,
+    sender_balance_before: Option<u64>,
+    send: Option<(&'a SendHalf, Timestamp)>,
+    receive: Option<(&'a ReceiveHalf, Timestamp)>,
+    unanimous: bool,
+    code: Option<u16>,
+    explanation: &'static str,
+    settled: bool,
+    decided_at: Timestamp,
+    banks: &'a HashMap<AccountId, String>,
+}
+
+impl<'a> Row<'a> {
+    fn of(seq: u64, outcome: &'a Outcome, banks: &'a HashMap<AccountId, String>) -> Row<'a> {
+        match outcome {
+            Outcome::Settled(settlement) => Row::settled(seq, settlement, banks),
+            Outcome::Rejected(rejection) => Row::rejected(seq, rejection, banks),
+        }
+    }
+
+    fn settled(seq: u64, settlement: &'a Settlement, banks: &'a HashMap<AccountId, String>) -> Row<'a> {
+        Row {
+            seq,
+            tx_key: settlement.tx_key().to_string(),
+            sender: Some(settlement.sender()),
+            receiver: Some(settlement.receiver()),
+            amount: Some(settlement.amount()),
+            sender_balance_before: Some(settlement.sender_balance_before),
+            send: Some((&settlement.send.half, settlement.send.received_at)),
+            receive: Some((&settlement.receive.half, settlement.receive.received_at)),
+            unanimous: true,
+            code: None,
+            explanation: "",
+            settled: true,
+            decided_at: settlement.settled_at,
+            banks,
+        }
+    }
+
+    fn rejected(seq: u64, rejection: &'a Rejection, banks: &'a HashMap<AccountId, String>) -> Row<'a> {
+        let send = rejection.send.as_ref().map(|stamped| (&stamped.half, stamped.received_at));
+        let receive = rejection
+            .receive
+            .as_ref()
+            .map(|stamped| (&stamped.half, stamped.received_at));
+        // A lone receive half still names its sender and amount: the sender is
+        // the one it expected (the prototype swapped them here).
+        let sender = send
+            .map(|(half, _)| half.sender_id)
+            .or(receive.map(|(half, _)| half.expected_sender_id));
+        let amount = send
+            .map(|(half, _)| half.amount)
+            .or(receive.map(|(half, _)| half.expected_amount));
+        let unanimous = match (send, receive) {
+            (Some((send, _)), Some((receive, _))) => {
+                send.sender_id == receive.expected_sender_id && send.amount == receive.expected_amount
+            }
+            _ => false,
+        };
+        Row {
+            seq,
+            tx_key: rejection.tx_key.to_string(),
+            sender,
+            receiver: receive.map(|(half, _)| half.receiver_id),
+            amount,
+            sender_balance_before: rejection.sender_balance,
+            send,
+            receive,
+            unanimous,
+            code: Some(rejection.code.code()),
+            explanation: rejection.code.explanation(),
+            settled: false,
+            decided_at: rejection.decided_at,
+            banks,
+        }
+    }
+
+    fn bank(&self, account: Option<AccountId>) -> String {
+        account
+            .and_then(|account| self.banks.get(&account).cloned())
+            .unwrap_or_default()
+    }
+
+    fn fields(&self) -> [String; COLUMNS.len()] {
+        let number = |value: Option<u64>| value.map(|value| value.to_string()).unwrap_or_default();
+        [
+            self.tx_key.clone(),
+            number(self.sender),
+            number(self.receiver),
+            format_time(self.decided_at),
+            number(self.amount),
+            number(self.sender_balance_before),
+            self.bank(self.sender),
+            self.send.map(|(half, _)| half.device_os.clone()).unwrap_or_default(),
+            self.receive.map(|(half, _)| half.device_os.clone()).unwrap_or_default(),
+            self.unanimous.to_string(),
+            (!self.settled).to_string(),
+            number(self.code.map(u64::from)),
+            self.explanation.to_string(),
+            if self.settled { "settled" } else { "rejected" }.to_string(),
+            self.bank(self.receiver),
+            self.send.map(|(_, at)| format_time(at)).unwrap_or_default(),
+            self.receive.map(|(_, at)| format_time(at)).unwrap_or_default(),
+            format_time(self.decided_at),
+            self.send
+                .map(|(half, _)| format_client_time(half.client_time))
+                .unwrap_or_default(),
+            self.receive
+                .map(|(half, _)| format_client_time(half.client_time))
+                .unwrap_or_default(),
+            self.seq.to_string(),
+        ]
+    }
+}
+
+/// A node timestamp as RFC 3339 in UTC with microseconds.
+pub fn format_time(at: Timestamp) -> String {
+    let time = UNIX_EPOCH + Duration::from_micros(at.as_micros());
+    humantime::format_rfc3339_micros(time).to_string()
+}
+
+/// A phone's clock (milliseconds since the epoch) as RFC 3339, or the raw
+/// number when it is beyond what a date can say.
+fn format_client_time(millis: u64) -> String {
+    match UNIX_EPOCH.checked_add(Duration::from_millis(millis)) {
+        Some(time) if millis < 253_402_300_800_000 => {
+            humantime::format_rfc3339_millis(time).to_string()
+        }
+        _ => millis.to_string(),
+    }
+}
+
+/// Parses `--from`/`--to`: RFC 3339 (`2025-01-31T12:00:00Z`, or a date and
+/// time in UTC such as `2025-01-31 12:00:00`), a date (`2025-01-31`,
+/// midnight UTC), or seconds since the Unix epoch.
+pub fn parse_time(text: &str) -> Result<Timestamp, String> {
+    let text = text.trim();
+    if let Ok(seconds) = text.parse::<f64>() {
+        if seconds.is_finite() && seconds >= 0.0 && seconds < 1e13 {
+            return Ok(Timestamp::from_micros((seconds * 1e6) as u64));
+        }
+        return Err(format!("`{text}`: seconds out of range"));
+    }
+    let with_time = if text.len() == 10 {
+        format!("{text}T00:00:00Z")
+    } else {
+        text.to_string()
+    };
+    let time: SystemTime = humantime::parse_rfc3339_weak(&with_time)
+        .map_err(|error| format!("`{text}`: {error} (expected RFC 3339, YYYY-MM-DD or Unix seconds)"))?;
+    let since_epoch = time
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| format!("`{text}` is before 1970"))?;
+    Ok(Timestamp::from_micros(
+        u64::try_from(since_epoch.as_micros()).unwrap_or(u64::MAX),
+    ))
+}
+
+#[cfg(test)]
+#[path = "export_tests.rs"]
+pub(crate) mod tests;

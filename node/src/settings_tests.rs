@@ -1,0 +1,94 @@
+//! Precedence and parsing of settings, without touching the process
+//! environment (clap's env layer is exercised by the binary's tests).
+
+use super::*;
+
+#[test]
+fn defaults_let_a_node_start_with_nothing_configured() {
+    let settings = Settings::resolve(
+        GlobalLayer::default(),
+        RunLayer::default(),
+        FileSettings::default(),
+    )
+    .unwrap();
+    assert_eq!(settings.global.data, PathBuf::from("tapledger-data"));
+    assert_eq!(settings.run.listen, "127.0.0.1:7443".parse().unwrap());
+    assert_eq!(
+        settings.run.metrics_listen,
+        HttpListen::At("127.0.0.1:9464".parse().unwrap())
+    );
+    assert_eq!(settings.run.half_ttl_secs, 300.0);
+    assert_eq!(settings.global.log_format, LogFormat::Human);
+}
+
+#[test]
+fn flags_beat_file_and_file_beats_defaults() {
+    let file = FileSettings::parse(
+        "data = \"/srv/ledger\"\nlisten = \"0.0.0.0:9000\"\nhalf_ttl_secs = 60\nlog_format = \"json\"\nmetrics_listen = \"off\"\n",
+        "test.toml",
+    )
+    .unwrap();
+    let flags = RunLayer {
+        listen: Some("127.0.0.1:1234".parse().unwrap()),
+        ..RunLayer::default()
+    };
+    let settings = Settings::resolve(GlobalLayer::default(), flags, file).unwrap();
+    assert_eq!(settings.run.listen, "127.0.0.1:1234".parse().unwrap());
+    assert_eq!(settings.run.half_ttl_secs, 60.0);
+    assert_eq!(settings.global.data, PathBuf::from("/srv/ledger"));
+    assert_eq!(settings.global.log_format, LogFormat::Json);
+    assert_eq!(settings.run.metrics_listen, HttpListen::Off);
+    assert_eq!(settings.run.max_amount, tapledger_actors::MAX_AMOUNT_DEFAULT);
+}
+
+#[test]
+fn unknown_file_keys_are_errors_naming_the_key() {
+    let error = FileSettings::parse("half_ttl = 5\n", "node.toml").unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("half_ttl"), "{message}");
+    assert!(message.contains("node.toml"), "{message}");
+    assert!(message.contains("half_ttl_secs"), "lists known keys: {message}");
+}
+
+#[test]
+fn bad_values_are_refused() {
+    let error = FileSettings::parse("listen = \"nowhere\"\n", "node.toml").unwrap_err();
+    assert!(error.to_string().contains("node.toml"), "{error}");
+    let file = FileSettings::parse("half_ttl_secs = -1\n", "node.toml").unwrap();
+    let error = Settings::resolve(GlobalLayer::default(), RunLayer::default(), file).unwrap_err();
+    assert!(error.to_string().contains("half_ttl_secs"), "{error}");
+    let file = FileSettings::parse("log = \"[[[\"\n", "node.toml").unwrap();
+    assert!(Settings::resolve(GlobalLayer::default(), RunLayer::default(), file).is_err());
+}
+
+#[test]
+fn resolved_settings_round_trip_through_a_file() {
+    let flags = RunLayer {
+        half_ttl_secs: Some(12.5),
+        metrics_listen: Some(HttpListen::Off),
+        ..RunLayer::default()
+    };
+    let settings = Settings::resolve(GlobalLayer::default(), flags, FileSettings::default()).unwrap();
+    let again = Settings::resolve(
+        GlobalLayer::default(),
+        RunLayer::default(),
+        FileSettings::parse(&settings.to_toml(), "printed").unwrap(),
+    )
+    .unwrap();
+    assert_eq!(again, settings);
+}
+
+#[test]
+fn unspecified_addresses_are_reached_over_loopback() {
+    let file = FileSettings::parse(
+        "listen = \"0.0.0.0:7443\"\nmetrics_listen = \"[::]:9464\"\n",
+        "node.toml",
+    )
+    .unwrap();
+    let settings = Settings::resolve(GlobalLayer::default(), RunLayer::default(), file).unwrap();
+    assert_eq!(settings.local_quic_addr(), "127.0.0.1:7443".parse().unwrap());
+    assert_eq!(
+        settings.local_http_addr(),
+        Some("[::1]:9464".parse().unwrap())
+    );
+}
