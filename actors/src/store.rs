@@ -31,15 +31,16 @@ pub const SCHEMA_VERSION: u64 = 1;
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Account id -> [`AccountRecord`] (MessagePack). Never changes after opening.
 const ACCOUNTS: TableDefinition<u64, &[u8]> = TableDefinition::new("accounts");
-/// Account id -> committed balance in minor units. The issuer is not here: its
-/// balance is `-issued`.
-const BALANCES: TableDefinition<u64, u64> = TableDefinition::new("balances");
-/// Journal sequence -> [`JournalEntry`] (MessagePack), in commit order.
+/// Account id -> (committed balance in minor units, journal sequence of the
+/// newest entry that moved it). The issuer is not here: its balance is
+/// `-issued`. The sequence heads the account's history: every journal entry
+/// links to the previous entry of each account it moves, so history costs no
+/// index writes per settlement.
+const BALANCES: TableDefinition<u64, (u64, u64)> = TableDefinition::new("balances");
+/// Journal sequence -> [`StoredEntry`] (MessagePack), in commit order.
 const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
 /// `tx_key` -> journal sequence of its one final outcome.
 const TX_KEYS: TableDefinition<u128, u64> = TableDefinition::new("tx_keys");
-/// (account id, journal sequence) for every entry that moved the account's money.
-const HISTORY: TableDefinition<(u64, u64), ()> = TableDefinition::new("history");
 /// `tx_key` -> the lone [`PendingHalf`] waiting for its partner (MessagePack).
 const PENDING: TableDefinition<u128, &[u8]> = TableDefinition::new("pending");
 
@@ -95,6 +96,37 @@ pub struct Funding {
 pub enum JournalEntry {
     Funding(Funding),
     Outcome(Outcome),
+}
+
+impl JournalEntry {
+    /// The accounts whose money this entry moved, in a fixed order (funding:
+    /// the account; settlement: sender, receiver; rejection: none).
+    pub fn moved_accounts(&self) -> Vec<AccountId> {
+        match self {
+            JournalEntry::Funding(funding) => vec![funding.account],
+            JournalEntry::Outcome(Outcome::Settled(settlement)) => {
+                vec![settlement.sender(), settlement.receiver()]
+            }
+            JournalEntry::Outcome(Outcome::Rejected(_)) => Vec::new(),
+        }
+    }
+}
+
+/// A journal record as stored: the entry, and for each of its
+/// [`JournalEntry::moved_accounts`] the sequence of that account's previous
+/// entry (`None` for its first). Following these links from the head in
+/// `balances` walks an account's history newest first.
+#[derive(Deserialize)]
+struct StoredEntry {
+    entry: JournalEntry,
+    previous: Vec<Option<u64>>,
+}
+
+/// The borrowed form of [`StoredEntry`] for encoding (same MessagePack shape).
+#[derive(Serialize)]
+struct StoredEntryRef<'a> {
+    entry: &'a JournalEntry,
+    previous: &'a [Option<u64>],
 }
 
 /// One thing to make durable in the next commit.
@@ -221,7 +253,6 @@ impl Store {
             write.open_table(BALANCES)?;
             write.open_table(JOURNAL)?;
             write.open_table(TX_KEYS)?;
-            write.open_table(HISTORY)?;
             write.open_table(PENDING)?;
         }
         write.commit()?;
@@ -248,7 +279,6 @@ impl Store {
                 balances: write.open_table(BALANCES)?,
                 journal: write.open_table(JOURNAL)?,
                 tx_keys: write.open_table(TX_KEYS)?,
-                history: write.open_table(HISTORY)?,
                 pending: write.open_table(PENDING)?,
                 touched: HashMap::new(),
                 decided_in_batch: HashSet::new(),
@@ -322,7 +352,7 @@ impl Store {
         let read = self.db.begin_read()?;
         let meta = read.open_table(META)?;
         let balances = read.open_table(BALANCES)?;
-        let Some(balance) = balances.get(account)?.map(|guard| guard.value()) else {
+        let Some((balance, _)) = balances.get(account)?.map(|guard| guard.value()) else {
             return Ok(None);
         };
         Ok(Some((balance, meta_get(&meta, META_COMMIT_SEQ)?)))
@@ -352,7 +382,7 @@ impl Store {
                 let (id, record) = row?;
                 let balance = balances
                     .get(id.value())?
-                    .map(|guard| guard.value())
+                    .map(|guard| guard.value().0)
                     .unwrap_or(0);
                 Ok((decode(record.value())?, balance))
             })
@@ -362,18 +392,31 @@ impl Store {
     /// Every journal entry that moved `account`'s money, oldest first.
     pub fn history(&self, account: AccountId) -> Result<Vec<(u64, JournalEntry)>, StoreError> {
         let read = self.db.begin_read()?;
-        let history = read.open_table(HISTORY)?;
+        let balances = read.open_table(BALANCES)?;
         let journal = read.open_table(JOURNAL)?;
         let mut entries = Vec::new();
-        for row in history.range((account, 0)..=(account, u64::MAX))? {
-            let (_, seq) = row?.0.value();
-            let bytes = journal.get(seq)?.ok_or_else(|| {
-                corrupted(format!(
-                    "history of account {account} names missing journal entry {seq}"
-                ))
-            })?;
-            entries.push((seq, decode(bytes.value())?));
+        let mut next = balances.get(account)?.map(|guard| guard.value().1);
+        while let Some(seq) = next {
+            let stored = stored_at(&journal, seq)?;
+            let position = stored
+                .entry
+                .moved_accounts()
+                .iter()
+                .position(|moved| *moved == account)
+                .ok_or_else(|| {
+                    corrupted(format!(
+                        "history of account {account} links to journal entry {seq}, which does not move it"
+                    ))
+                })?;
+            next = stored.previous.get(position).copied().flatten();
+            if next.is_some_and(|previous| previous >= seq) {
+                return Err(corrupted(format!(
+                    "history of account {account} links journal entry {seq} to a later one"
+                )));
+            }
+            entries.push((seq, stored.entry));
         }
+        entries.reverse();
         Ok(entries)
     }
 
@@ -386,7 +429,7 @@ impl Store {
             .take(limit)
             .map(|row| {
                 let (seq, bytes) = row?;
-                Ok((seq.value(), decode(bytes.value())?))
+                Ok((seq.value(), decode::<StoredEntry>(bytes.value())?.entry))
             })
             .collect()
     }
@@ -402,7 +445,6 @@ impl Store {
         let balances = read.open_table(BALANCES)?;
         let journal = read.open_table(JOURNAL)?;
         let tx_keys = read.open_table(TX_KEYS)?;
-        let history = read.open_table(HISTORY)?;
         let pending = read.open_table(PENDING)?;
 
         let mut report = AuditReport {
@@ -413,14 +455,30 @@ impl Store {
         let mut running: HashMap<AccountId, u64> = HashMap::new();
         let mut funded_total: u128 = 0;
         let mut outcome_keys: HashSet<u128> = HashSet::new();
-        let mut history_expected: u64 = 0;
+        // Each account's newest entry so far, to check the history links.
+        let mut last_seq: HashMap<AccountId, u64> = HashMap::new();
 
         for row in journal.iter()? {
             let (seq, bytes) = row?;
             let seq = seq.value();
             report.journal_entries += 1;
-            let entry: JournalEntry = decode(bytes.value())?;
-            let mut moved: Vec<AccountId> = Vec::new();
+            let StoredEntry { entry, previous } = decode(bytes.value())?;
+            let moved = entry.moved_accounts();
+            if previous.len() != moved.len() {
+                report.problems.push(format!(
+                    "journal {seq}: {} history links for {} accounts",
+                    previous.len(),
+                    moved.len()
+                ));
+            }
+            for (account, link) in moved.iter().zip(&previous) {
+                let expected = last_seq.insert(*account, seq);
+                if *link != expected {
+                    report.problems.push(format!(
+                        "journal {seq}: history of account {account} links to {link:?}, expected {expected:?}"
+                    ));
+                }
+            }
             match entry {
                 JournalEntry::Funding(funding) => {
                     report.fundings += 1;
@@ -439,7 +497,6 @@ impl Store {
                             funding.account
                         )),
                     }
-                    moved.push(funding.account);
                 }
                 JournalEntry::Outcome(outcome) => {
                     let key = outcome.tx_key().as_u128();
@@ -460,19 +517,9 @@ impl Store {
                         Outcome::Settled(settlement) => {
                             report.settlements += 1;
                             audit_settlement(seq, &settlement, &mut running, &mut report.problems);
-                            moved.push(settlement.sender());
-                            moved.push(settlement.receiver());
                         }
                         Outcome::Rejected(_) => report.rejections += 1,
                     }
-                }
-            }
-            for account in moved {
-                history_expected += 1;
-                if history.get((account, seq))?.is_none() {
-                    report.problems.push(format!(
-                        "journal {seq}: missing from the history of account {account}"
-                    ));
                 }
             }
         }
@@ -487,8 +534,16 @@ impl Store {
                 ));
             }
             let stored = balances.get(id)?.map(|guard| guard.value());
+            if let Some((_, head)) = stored
+                && last_seq.get(&id) != Some(&head)
+            {
+                report.problems.push(format!(
+                    "account {id}: history starts at journal {head} but its newest entry is {:?}",
+                    last_seq.get(&id)
+                ));
+            }
             let expected = running.get(&id).copied().unwrap_or(0);
-            match stored {
+            match stored.map(|(balance, _)| balance) {
                 None => report.problems.push(format!("account {id} has no balance")),
                 Some(stored) if stored != expected => report.problems.push(format!(
                     "account {id}: balance {stored} but its history gives {expected}"
@@ -529,12 +584,6 @@ impl Store {
                 outcome_keys.len()
             ));
         }
-        if history.len()? != history_expected {
-            report.problems.push(format!(
-                "{} history rows for {history_expected} money movements",
-                history.len()?
-            ));
-        }
         for row in pending.iter()? {
             let (key, _) = row?;
             report.pending_halves += 1;
@@ -563,7 +612,6 @@ impl Store {
             copy_table(&read, &write, BALANCES)?;
             copy_table(&read, &write, JOURNAL)?;
             copy_table(&read, &write, TX_KEYS)?;
-            copy_table(&read, &write, HISTORY)?;
             copy_table(&read, &write, PENDING)?;
         }
         write.commit()?;
@@ -644,14 +692,21 @@ fn meta_get(meta: &impl ReadableTable<&'static str, u64>, key: &str) -> Result<u
         .ok_or_else(|| corrupted(format!("meta value {key} missing")))
 }
 
+fn stored_at(
+    journal: &impl ReadableTable<u64, &'static [u8]>,
+    seq: u64,
+) -> Result<StoredEntry, StoreError> {
+    let bytes = journal
+        .get(seq)?
+        .ok_or_else(|| corrupted(format!("missing journal entry {seq}")))?;
+    decode(bytes.value())
+}
+
 fn outcome_at(
     journal: &impl ReadableTable<u64, &'static [u8]>,
     seq: u64,
 ) -> Result<Outcome, StoreError> {
-    let bytes = journal
-        .get(seq)?
-        .ok_or_else(|| corrupted(format!("tx_key index names missing journal entry {seq}")))?;
-    match decode(bytes.value())? {
+    match stored_at(journal, seq)?.entry {
         JournalEntry::Outcome(outcome) => Ok(outcome),
         JournalEntry::Funding(_) => {
             Err(corrupted(format!("tx_key index names funding entry {seq}")))
@@ -659,18 +714,28 @@ fn outcome_at(
     }
 }
 
+/// An account's balance and history head as a batch sees them.
+#[derive(Clone, Copy)]
+struct Touched {
+    balance: u64,
+    /// Balance when the batch first read it (0 for an account opened in it).
+    balance_before_batch: u64,
+    /// Newest journal entry that moved it; `None` only while it is being opened.
+    last_seq: Option<u64>,
+}
+
 /// The open tables and running counters of one write transaction.
 struct Batch<'txn> {
     now: Timestamp,
     meta: redb::Table<'txn, &'static str, u64>,
     accounts: redb::Table<'txn, u64, &'static [u8]>,
-    balances: redb::Table<'txn, u64, u64>,
+    balances: redb::Table<'txn, u64, (u64, u64)>,
     journal: redb::Table<'txn, u64, &'static [u8]>,
     tx_keys: redb::Table<'txn, u128, u64>,
-    history: redb::Table<'txn, (u64, u64), ()>,
     pending: redb::Table<'txn, u128, &'static [u8]>,
-    /// Balances read or changed in this batch; written back once at the end.
-    touched: HashMap<AccountId, u64>,
+    /// Balances read or changed in this batch, with each account's newest
+    /// journal entry; written back once at the end.
+    touched: HashMap<AccountId, Touched>,
     /// Keys that reach a decision somewhere in this batch.
     decided_in_batch: HashSet<TxKey>,
     /// Lone halves of this batch not written because their key is decided in it.
@@ -686,23 +751,49 @@ impl Batch<'_> {
     }
 
     fn balance(&mut self, account: AccountId) -> Result<Option<u64>, StoreError> {
-        if let Some(balance) = self.touched.get(&account) {
-            return Ok(Some(*balance));
+        if let Some(touched) = self.touched.get(&account) {
+            return Ok(Some(touched.balance));
         }
-        let Some(balance) = self.balances.get(account)?.map(|guard| guard.value()) else {
+        let Some((balance, last_seq)) = self.balances.get(account)?.map(|guard| guard.value())
+        else {
             return Ok(None);
         };
-        self.touched.insert(account, balance);
+        self.touched.insert(
+            account,
+            Touched {
+                balance,
+                balance_before_batch: balance,
+                last_seq: Some(last_seq),
+            },
+        );
         Ok(Some(balance))
     }
 
-    fn append(&mut self, entry: &JournalEntry, accounts: &[AccountId]) -> Result<u64, StoreError> {
+    /// Sets the balance of an account this batch has read (or opened).
+    fn set_balance(&mut self, account: AccountId, balance: u64) {
+        self.touched
+            .get_mut(&account)
+            .expect("balance read before it is set")
+            .balance = balance;
+    }
+
+    /// Appends `entry`, linking it into the history of each account it moves.
+    fn append(&mut self, entry: &JournalEntry) -> Result<u64, StoreError> {
         let seq = self.journal_next;
         self.journal_next += 1;
-        self.journal.insert(seq, encode(entry)?.as_slice())?;
-        for &account in accounts {
-            self.history.insert((account, seq), ())?;
+        let mut previous = Vec::with_capacity(2);
+        for account in entry.moved_accounts() {
+            let touched = self
+                .touched
+                .get_mut(&account)
+                .expect("moved accounts were read first");
+            previous.push(touched.last_seq.replace(seq));
         }
+        let stored = StoredEntryRef {
+            entry,
+            previous: &previous,
+        };
+        self.journal.insert(seq, encode(&stored)?.as_slice())?;
         Ok(seq)
     }
 
@@ -758,7 +849,7 @@ impl Batch<'_> {
                 older,
             )?)));
         }
-        let (outcome, moved) = match decision {
+        let outcome = match decision {
             Decision::Settle { send, receive } => {
                 let (sender, receiver, amount) = (
                     send.half.sender_id,
@@ -784,8 +875,8 @@ impl Batch<'_> {
                 let receiver_after = receiver_before
                     .checked_add(amount)
                     .unwrap_or_else(|| panic!("settlement {tx_key}: account {receiver} overflows"));
-                self.touched.insert(sender, sender_after);
-                self.touched.insert(receiver, receiver_after);
+                self.set_balance(sender, sender_after);
+                self.set_balance(receiver, receiver_after);
                 let settlement = Settlement {
                     send: send.clone(),
                     receive: receive.clone(),
@@ -793,7 +884,7 @@ impl Batch<'_> {
                     receiver_balance_before: receiver_before,
                     settled_at: self.now,
                 };
-                (Outcome::Settled(settlement), vec![sender, receiver])
+                Outcome::Settled(settlement)
             }
             Decision::Reject {
                 tx_key,
@@ -814,12 +905,15 @@ impl Batch<'_> {
                     sender_balance: *sender_balance,
                     decided_at: self.now,
                 };
-                (Outcome::Rejected(rejection), Vec::new())
+                Outcome::Rejected(rejection)
             }
         };
         let outcome = Arc::new(outcome);
-        let appended = self.append(&JournalEntry::Outcome((*outcome).clone()), &moved)?;
-        assert_eq!(appended, seq, "tx_key {tx_key} claimed the journal entry it got");
+        let appended = self.append(&JournalEntry::Outcome((*outcome).clone()))?;
+        assert_eq!(
+            appended, seq,
+            "tx_key {tx_key} claimed the journal entry it got"
+        );
         // A lone half skipped in this batch was never written: nothing to delete.
         if !self.skipped_pending.contains(&tx_key) {
             self.pending.remove(tx_key.as_u128())?;
@@ -844,7 +938,14 @@ impl Batch<'_> {
             key_hash: new_account.key_hash.clone(),
         };
         self.accounts.insert(id, encode(&record)?.as_slice())?;
-        self.touched.insert(id, new_account.opening_balance);
+        self.touched.insert(
+            id,
+            Touched {
+                balance: new_account.opening_balance,
+                balance_before_batch: 0,
+                last_seq: None,
+            },
+        );
         self.issued = issued;
         let funding = Funding {
             account: id,
@@ -853,7 +954,7 @@ impl Batch<'_> {
             balance_before: 0,
             at: self.now,
         };
-        self.append(&JournalEntry::Funding(funding), &[id])?;
+        self.append(&JournalEntry::Funding(funding))?;
         Ok(Applied::AccountOpened(id))
     }
 
@@ -871,7 +972,7 @@ impl Batch<'_> {
         else {
             return Ok(Applied::Invalid("top-up would overflow".into()));
         };
-        self.touched.insert(account, after);
+        self.set_balance(account, after);
         self.issued = issued;
         let funding = Funding {
             account,
@@ -880,21 +981,20 @@ impl Batch<'_> {
             balance_before: before,
             at: self.now,
         };
-        self.append(&JournalEntry::Funding(funding), &[account])?;
+        self.append(&JournalEntry::Funding(funding))?;
         Ok(Applied::ToppedUp { balance: after })
     }
 
     fn finish(mut self, commit_seq: u64) -> Result<(), StoreError> {
         let mut total_touched_before: u128 = 0;
         let mut total_touched_after: u128 = 0;
-        for (&account, &balance) in &self.touched {
-            let before = self
-                .balances
-                .insert(account, balance)?
-                .map(|guard| guard.value())
-                .unwrap_or(0);
-            total_touched_before += u128::from(before);
-            total_touched_after += u128::from(balance);
+        for (&account, touched) in &self.touched {
+            let last_seq = touched.last_seq.unwrap_or_else(|| {
+                panic!("commit {commit_seq}: account {account} has no journal entry")
+            });
+            self.balances.insert(account, (touched.balance, last_seq))?;
+            total_touched_before += u128::from(touched.balance_before_batch);
+            total_touched_after += u128::from(touched.balance);
         }
         // Conservation: balances changed only by what the issuer paid out.
         let issued_before = self.meta_value(META_ISSUED)?;

@@ -295,7 +295,10 @@ fn audit_names_an_account_whose_balance_was_tampered_with() {
         .unwrap();
     {
         let write = store.db.begin_write().unwrap();
-        write.open_table(BALANCES).unwrap().insert(2, 51).unwrap();
+        let mut balances = write.open_table(BALANCES).unwrap();
+        let (_, head) = balances.get(2).unwrap().unwrap().value();
+        balances.insert(2, (51, head)).unwrap();
+        drop(balances);
         write.commit().unwrap();
     }
     let report = store.audit().unwrap();
@@ -345,5 +348,89 @@ fn backup_is_a_consistent_ledger() {
     assert!(
         matches!(store.backup(&copy_path), Err(StoreError::TargetExists(_))),
         "never overwrites"
+    );
+}
+
+#[test]
+fn history_follows_each_accounts_links_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_in(&dir);
+    store
+        .commit_batch(
+            Timestamp(1),
+            &[
+                Intent::OpenAccount(new_account(100)),
+                Intent::OpenAccount(new_account(0)),
+                Intent::OpenAccount(new_account(0)),
+            ],
+        )
+        .unwrap();
+    // Two batches, several entries per account per batch.
+    store
+        .commit_batch(
+            Timestamp(2),
+            &[settle(1, 1, 2, 10), settle(2, 1, 3, 10), settle(3, 2, 3, 5)],
+        )
+        .unwrap();
+    store
+        .commit_batch(
+            Timestamp(3),
+            &[
+                Intent::TopUp {
+                    account: 3,
+                    amount: 1,
+                },
+                settle(4, 3, 1, 16),
+            ],
+        )
+        .unwrap();
+    let seqs = |account| {
+        store
+            .history(account)
+            .unwrap()
+            .into_iter()
+            .map(|(seq, _)| seq)
+            .collect::<Vec<_>>()
+    };
+    // Journal: 0..=2 openings, 3..=5 settlements, 6 top-up, 7 settlement.
+    assert_eq!(seqs(1), vec![0, 3, 4, 7]);
+    assert_eq!(seqs(2), vec![1, 3, 5]);
+    assert_eq!(seqs(3), vec![2, 4, 5, 6, 7]);
+    assert_eq!(store.balance(1).unwrap(), Some(96));
+    let report = store.audit().unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+}
+
+#[test]
+fn audit_names_a_broken_history_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_in(&dir);
+    store
+        .commit_batch(
+            Timestamp(1),
+            &[
+                Intent::OpenAccount(new_account(50)),
+                Intent::OpenAccount(new_account(0)),
+                settle(1, 1, 2, 5),
+            ],
+        )
+        .unwrap();
+    {
+        let write = store.db.begin_write().unwrap();
+        let mut balances = write.open_table(BALANCES).unwrap();
+        let (balance, _) = balances.get(2).unwrap().unwrap().value();
+        // Point account 2's history at its opening, skipping the settlement.
+        balances.insert(2, (balance, 1)).unwrap();
+        drop(balances);
+        write.commit().unwrap();
+    }
+    let report = store.audit().unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|problem| problem.contains("account 2: history starts at journal 1")),
+        "{:?}",
+        report.problems
     );
 }
