@@ -308,9 +308,9 @@ fn exit_for(ok: bool) -> ExitCode {
 fn open_offline(path: &Path) -> anyhow::Result<tapledger_actors::Store> {
     match ops::open_existing(path) {
         Ok(store) => Ok(store),
-        Err(error @ OpenError::Locked(_)) => Err(anyhow::Error::new(error).context(
-            "a running node holds this ledger: stop it, or take a `backup` and read that with --ledger",
-        )),
+        Err(OpenError::Locked(path)) => bail!(
+            "{path} is locked by a running node: stop it, or take a `backup` and read that with --ledger"
+        ),
         Err(error) => Err(error.into()),
     }
 }

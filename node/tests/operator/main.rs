@@ -1,0 +1,449 @@
+//! The operator's view, end to end: every test runs the real `tapledger-node`
+//! binary on 127.0.0.1 (ports chosen by the OS), drives it with the Rust phone
+//! client, a plain HTTP GET and its own subcommands, and stops it with
+//! SIGTERM. Every wait is bounded (`support::WAIT`).
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tapledger_node::HalfAnswer;
+use tapledger_node::init::hex;
+use tapledger_node::ops::open_existing;
+use tapledger_protocol::{OutcomeReport, OutcomeStatus, QueryStatus, RejectCode, Secret, TxKey};
+
+use support::*;
+
+/// Goal: the metrics endpoint serves valid Prometheus text whose counters
+/// match what the node did, health answers, and the JSON logs carry the
+/// tx_key span but never a secret. Method: a real node with a 1 s half TTL;
+/// a settlement, an amount mismatch, a refused half, a failed
+/// authentication and an expired lone half; then scrape and parse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_the_node_did_and_logs_keep_secrets() {
+    let data = DataDirectory::init();
+    let node = NodeProcess::start(
+        &data,
+        &["--half-ttl-secs", "1", "--log-format", "json", "--log", "info,tapledger_node=debug"],
+    );
+    let admin = data.admin();
+    let alice = node.account(&admin, "North Bank", 1_000).await;
+    let bob = node.account(&admin, "South Bank", 0).await;
+
+    let settled = TxKey::new_random();
+    let answer = pay(&alice, &bob, settled, 300, 300).await;
+    assert_eq!(report(&answer).status, OutcomeStatus::Settled);
+    let mismatched = TxKey::new_random();
+    let answer = pay(&alice, &bob, mismatched, 100, 150).await;
+    assert_eq!(report(&answer).code, Some(RejectCode::AmountMismatch));
+    let refused = submit(&alice.phone, send(TxKey::new_random(), bob.id, 5)).await;
+    let refused = within(refused.answer()).await.unwrap();
+    assert!(
+        matches!(refused, HalfAnswer::Refused { code: RejectCode::WrongParty, .. }),
+        "{refused:?}"
+    );
+    let mut intruder = node.connect().await;
+    let wrong_key = Secret::new(vec![0x5a; 32]);
+    assert!(within(intruder.authenticate(alice.id, &wrong_key)).await.is_err());
+    let lone = TxKey::new_random();
+    let lone_half = submit(&bob.phone, receive(lone, bob.id, alice.id, 40)).await;
+    let expired = within(lone_half.answer()).await.expect("expiry is pushed");
+    assert_eq!(report(&expired).code, Some(RejectCode::Expired));
+
+    let (status, body) = node.get("/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    let samples = parse_prometheus(&body);
+    let value = |series: &str| -> f64 {
+        *samples
+            .get(series)
+            .unwrap_or_else(|| panic!("{series} missing from:\n{body}"))
+    };
+    assert_eq!(value("tapledger_settlements_total"), 1.0);
+    assert_eq!(value("tapledger_settled_amount_total"), 300.0);
+    assert_eq!(value(r#"tapledger_rejections_total{code="300"}"#), 1.0);
+    assert_eq!(value(r#"tapledger_rejections_total{code="500"}"#), 1.0);
+    assert_eq!(value(r#"tapledger_rejections_total{code="100"}"#), 0.0);
+    assert_eq!(value("tapledger_expiries_total"), 1.0);
+    assert_eq!(value(r#"tapledger_half_refusals_total{code="620"}"#), 1.0);
+    assert_eq!(value(r#"tapledger_fundings_total{kind="opening"}"#), 2.0);
+    assert_eq!(value("tapledger_halves_received_total"), 6.0);
+    assert_eq!(value("tapledger_auth_failures_total"), 1.0);
+    assert_eq!(value("tapledger_pending_halves"), 0.0);
+    assert_eq!(value("tapledger_ready"), 1.0);
+    assert!(value("tapledger_connections_accepted_total") >= 5.0);
+    assert!(value("tapledger_connections_open") >= 2.0);
+    assert!(value("tapledger_live_account_actors") >= 0.0);
+    let commits = value("tapledger_commits_total");
+    assert!(commits >= 1.0);
+    assert!(value("tapledger_commit_intents_total") >= commits);
+    assert!(value("tapledger_commit_batch_intents_mean") >= 1.0);
+    // Two first halves waited, two second halves decided their key, one was refused.
+    assert_eq!(value(r#"tapledger_half_durable_seconds_count{result="decided"}"#), 2.0);
+    assert_eq!(value(r#"tapledger_half_durable_seconds_count{result="pending"}"#), 3.0);
+    assert_eq!(value(r#"tapledger_half_durable_seconds_count{result="refused"}"#), 1.0);
+    assert_eq!(
+        value(r#"tapledger_half_durable_seconds_bucket{result="decided",le="+Inf"}"#),
+        2.0
+    );
+
+    assert_eq!(node.get("/healthz").await, (200, "ok\n".to_string()));
+    assert_eq!(node.get("/readyz").await, (200, "ready\n".to_string()));
+    assert_eq!(node.get("/nowhere").await.0, 404);
+    assert_eq!(node.get("/admin/backup").await.0, 405);
+
+    intruder.close().await;
+    let (status, log) = tokio::task::spawn_blocking(move || node.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit {status}; log:\n{log}");
+
+    let mut half_spans_with_settled_key = 0;
+    for line in log.lines() {
+        let event: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|error| panic!("not JSON ({error}): {line}"));
+        let spans = event["spans"].as_array().cloned().unwrap_or_default();
+        if spans.iter().any(|span| {
+            span["name"] == "half" && span["tx_key"] == settled.to_string().as_str()
+        }) {
+            half_spans_with_settled_key += 1;
+            assert!(
+                spans.iter().any(|span| span["name"] == "connection"),
+                "a half's span sits inside its connection's: {line}"
+            );
+        }
+    }
+    assert!(half_spans_with_settled_key >= 2, "both halves logged in their tx_key span:\n{log}");
+    for secret in [&admin, &alice.credentials.key, &bob.credentials.key, &wrong_key] {
+        let bytes = secret.expose();
+        assert!(!log.contains(&hex(bytes)), "a secret in hex is in the log");
+        let listed = format!("{:?}", &bytes[..8]);
+        assert!(
+            !log.contains(listed.trim_start_matches('[').trim_end_matches(']')),
+            "a secret's bytes are in the log"
+        );
+    }
+}
+
+/// Goal: SIGTERM while phones are paying loses nothing that was
+/// acknowledged, and the books still balance. Method: six payer/payee pairs
+/// pay in a loop; after at least 40 acknowledged outcomes the node gets
+/// SIGTERM; every acknowledged outcome and every acknowledged (durably
+/// pending) half must be in the ledger file, `audit` must pass, and a
+/// restarted node must tell a reconnecting phone the same outcomes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_loses_no_acknowledged_outcome() {
+    const PAIRS: usize = 6;
+    const ACKNOWLEDGED_BEFORE_SIGTERM: usize = 40;
+    let data = DataDirectory::init();
+    let node = NodeProcess::start(&data, &["--grace-secs", "5"]);
+    let admin = data.admin();
+    let mut pairs = Vec::new();
+    for _ in 0..PAIRS {
+        let payer = node.account(&admin, "North Bank", 1_000_000).await;
+        let payee = node.account(&admin, "South Bank", 0).await;
+        pairs.push((payer, payee));
+    }
+
+    // Every final answer a phone received: key, the phone's account, report.
+    let decided: Arc<Mutex<Vec<(TxKey, u64, OutcomeReport)>>> = Arc::default();
+    let durable_halves: Arc<Mutex<Vec<TxKey>>> = Arc::default();
+    let mut loops = tokio::task::JoinSet::new();
+    for (index, (payer, payee)) in pairs.iter().enumerate() {
+        let (payer_phone, payee_phone) = (payer.phone.clone(), payee.phone.clone());
+        let (payer_id, payee_id) = (payer.id, payee.id);
+        let (decided, durable_halves) = (decided.clone(), durable_halves.clone());
+        loops.spawn(async move {
+            for round in 0..100_000u64 {
+                let tx_key = TxKey::new_random();
+                // Every seventh payment is a mismatch, so rejections are in the mix.
+                let expected = if round % 7 == (index as u64) % 7 { 2 } else { 1 };
+                let Ok(first) = payer_phone.submit(send(tx_key, payer_id, 1)).await else {
+                    return;
+                };
+                if matches!(first, tapledger_node::Submitted::Accepted(_)) {
+                    durable_halves.lock().unwrap().push(tx_key);
+                }
+                let Ok(second) = payee_phone
+                    .submit(receive(tx_key, payee_id, payer_id, expected))
+                    .await
+                else {
+                    return;
+                };
+                for (party, answer) in [
+                    (payer_id, first.answer().await),
+                    (payee_id, second.answer().await),
+                ] {
+                    match answer {
+                        Ok(HalfAnswer::Decided(report)) => {
+                            decided.lock().unwrap().push((tx_key, party, report))
+                        }
+                        Ok(other) => panic!("unexpected answer {other:?}"),
+                        // Shutting down (1101) or disconnected: stop paying.
+                        Err(_) => return,
+                    }
+                }
+            }
+        });
+    }
+    within(async {
+        while decided.lock().unwrap().len() < ACKNOWLEDGED_BEFORE_SIGTERM {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let sigterm_at = Instant::now();
+    let (status, log) = tokio::task::spawn_blocking(move || node.terminate())
+        .await
+        .unwrap();
+    let shutdown_took = sigterm_at.elapsed();
+    assert!(status.success(), "exit {status}; log:\n{log}");
+    assert!(log.contains("stopped"), "clean stop logged:\n{log}");
+    within(async { while loops.join_next().await.is_some() {} }).await;
+    eprintln!(
+        "SIGTERM to exit: {shutdown_took:?}; {} answers acknowledged",
+        decided.lock().unwrap().len()
+    );
+
+    let audit = cli(&data.path(), &["audit"]);
+    assert!(
+        audit.status.success(),
+        "audit after SIGTERM:\n{}{}",
+        text(&audit.stdout),
+        text(&audit.stderr)
+    );
+    let decided = decided.lock().unwrap().clone();
+    let durable_halves = durable_halves.lock().unwrap().clone();
+    {
+        let store = open_existing(&data.path().join("ledger.redb")).expect("ledger");
+        for (tx_key, _, report) in &decided {
+            let outcome = store
+                .outcome(*tx_key)
+                .unwrap()
+                .unwrap_or_else(|| panic!("acknowledged outcome of {tx_key} lost"));
+            assert_eq!(outcome.is_settled(), report.status == OutcomeStatus::Settled);
+            assert_eq!(outcome.code(), report.code, "{tx_key}");
+        }
+        for tx_key in &durable_halves {
+            assert!(
+                store.outcome(*tx_key).unwrap().is_some() || store.pending(*tx_key).unwrap().is_some(),
+                "acknowledged half of {tx_key} lost"
+            );
+        }
+    }
+
+    // A restarted node tells a returning phone the same outcomes.
+    let node = NodeProcess::start(&data, &[]);
+    let (payer, _) = &pairs[0];
+    let mut phone = node.connect().await;
+    within(phone.authenticate(payer.id, &payer.credentials.key))
+        .await
+        .expect("authenticate after restart");
+    let mut checked = 0;
+    for (tx_key, _, report) in decided.iter().filter(|(_, party, _)| *party == payer.id) {
+        let (status, again) = within(phone.query_outcome(*tx_key)).await.unwrap();
+        assert_eq!(status, QueryStatus::Decided);
+        assert_eq!(again.as_ref(), Some(report));
+        checked += 1;
+    }
+    assert!(checked > 0, "pair 0 had acknowledged outcomes");
+    phone.close().await;
+    let (status, log) = tokio::task::spawn_blocking(move || node.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit {status}; log:\n{log}");
+}
+
+/// Goal: a backup of a running node restores into a working node. Method:
+/// pay 250, back up and audit through the running node, pay 100 more, top up
+/// online, stop; export the CSV; restore the backup; the restored node
+/// serves the balances of the backup's moment to a returning phone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_of_a_running_node_restores_and_serves() {
+    let data = DataDirectory::init();
+    let node = NodeProcess::start(&data, &[]);
+    let admin = data.admin();
+    let alice = node.account(&admin, "North Bank", 1_000).await;
+    let bob = node.account(&admin, "South Bank", 0).await;
+    pay(&alice, &bob, TxKey::new_random(), 250, 250).await;
+
+    let backup = data.file("backup.redb");
+    let backup_arg = backup.to_str().unwrap();
+    let running = [("TAPLEDGER_METRICS_LISTEN", node.http.to_string())];
+    let taken = cli_with_input(&data.path(), &["backup", "--to", backup_arg], "", &running);
+    let taken_out = text(&taken.stdout);
+    assert!(taken.status.success(), "{taken_out}{}", text(&taken.stderr));
+    assert!(taken_out.contains("by the running node"), "{taken_out}");
+    assert!(taken_out.contains("OK: "), "{taken_out}");
+    let again = cli_with_input(&data.path(), &["backup", "--to", backup_arg], "", &running);
+    assert_eq!(again.status.code(), Some(2), "an existing backup is never overwritten");
+
+    let audited = cli_with_input(&data.path(), &["audit"], "", &running);
+    assert!(audited.status.success(), "{}", text(&audited.stderr));
+    assert!(text(&audited.stdout).contains("by the running node"));
+
+    pay(&alice, &bob, TxKey::new_random(), 100, 100).await;
+    let quic = [("TAPLEDGER_LISTEN", node.quic.to_string())];
+    let alice_id = alice.id.to_string();
+    let topped = cli_with_input(&data.path(), &["topup", "--account", &alice_id, "--amount", "5"], "", &quic);
+    assert!(topped.status.success(), "{}", text(&topped.stderr));
+    assert!(text(&topped.stdout).contains("balance 655 (by the running node"), "{}", text(&topped.stdout));
+    let (status, _) = tokio::task::spawn_blocking(move || node.terminate()).await.unwrap();
+    assert!(status.success());
+
+    let csv_path = data.file("outcomes.csv");
+    let exported = cli_ok(&data.path(), &["export", "--out", csv_path.to_str().unwrap()]);
+    assert!(exported.contains("2 settled, 0 rejected"), "{exported}");
+    let csv = std::fs::read_to_string(&csv_path).unwrap();
+    assert!(csv.starts_with("transaction_key,account_number_sender,account_number_receiver,"), "{csv}");
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+
+    let restored = cli_ok(&data.path(), &["restore", "--from", backup_arg]);
+    assert!(restored.contains("previous ledger moved to"), "{restored}");
+    assert!(restored.contains("OK: "), "{restored}");
+    let shown = cli_ok(&data.path(), &["accounts", "show", &bob.id.to_string()]);
+    assert!(shown.contains("balance   250\n"), "{shown}");
+
+    let node = NodeProcess::start(&data, &[]);
+    let mut phone = node.connect().await;
+    within(phone.authenticate(bob.id, &bob.credentials.key)).await.unwrap();
+    assert_eq!(within(phone.balance()).await.unwrap(), 250);
+    phone.close().await;
+    let (status, _) = tokio::task::spawn_blocking(move || node.terminate()).await.unwrap();
+    assert!(status.success());
+}
+
+/// Goal: a tampered ledger fails `audit` with exit status 1 naming the
+/// account, and offline commands read and top up a stopped node's ledger.
+/// Method: pay, stop, top up offline, then raise one balance with redb
+/// directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_names_a_tampered_account_and_exits_one() {
+    let data = DataDirectory::init();
+    let node = NodeProcess::start(&data, &[]);
+    let admin = data.admin();
+    let alice = node.account(&admin, "North Bank", 1_000).await;
+    let bob = node.account(&admin, "South Bank", 0).await;
+    pay(&alice, &bob, TxKey::new_random(), 400, 400).await;
+    let (status, _) = tokio::task::spawn_blocking(move || node.terminate()).await.unwrap();
+    assert!(status.success());
+
+    let topped = cli_ok(&data.path(), &["topup", "--account", &bob.id.to_string(), "--amount", "10"]);
+    assert!(topped.contains("balance 410 (node stopped"), "{topped}");
+    let listed = cli_ok(&data.path(), &["accounts", "list"]);
+    assert_eq!(listed.lines().count(), 3, "{listed}");
+    let history = cli_ok(&data.path(), &["accounts", "history", &bob.id.to_string()]);
+    assert!(history.contains("received") && history.contains("top-up"), "{history}");
+    assert!(cli_ok(&data.path(), &["audit"]).contains("OK: "));
+
+    {
+        let database = redb::Database::create(data.path().join("ledger.redb")).unwrap();
+        let write = database.begin_write().unwrap();
+        {
+            // The store's layout (schema 1): account -> (balance, newest
+            // journal entry of its history).
+            let balances: redb::TableDefinition<u64, (u64, u64)> =
+                redb::TableDefinition::new("balances");
+            let mut table = write.open_table(balances).unwrap();
+            use redb::ReadableTable;
+            let (_, newest) = table.get(bob.id).unwrap().expect("bob's balance").value();
+            table.insert(bob.id, (9_999, newest)).unwrap();
+        }
+        write.commit().unwrap();
+    }
+    let audit = cli(&data.path(), &["audit"]);
+    let out = text(&audit.stdout);
+    assert_eq!(audit.status.code(), Some(1), "{out}");
+    assert!(out.contains("FAILED"), "{out}");
+    assert!(out.contains(&format!("accounts involved: {}", bob.id)), "{out}");
+}
+
+/// Goal: `reset` asks first, and never touches what is not a ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_asks_first_and_refuses_foreign_files() {
+    let data = DataDirectory::init();
+    let node = NodeProcess::start(&data, &[]);
+    node.account(&data.admin(), "North Bank", 10).await;
+    // A running node's ledger is refused.
+    let locked = cli(&data.path(), &["reset", "--yes"]);
+    assert_eq!(locked.status.code(), Some(2));
+    assert!(text(&locked.stderr).contains("locked"), "{}", text(&locked.stderr));
+    let (status, _) = tokio::task::spawn_blocking(move || node.terminate()).await.unwrap();
+    assert!(status.success());
+
+    let declined = cli_with_input(&data.path(), &["reset"], "no\n", &[]);
+    assert_eq!(declined.status.code(), Some(2));
+    assert!(text(&declined.stderr).contains("not confirmed"), "{}", text(&declined.stderr));
+    assert!(text(&declined.stderr).contains("1 account(s)"), "{}", text(&declined.stderr));
+    assert_eq!(cli_ok(&data.path(), &["accounts", "list"]).lines().count(), 2);
+
+    let confirmed = cli_with_input(&data.path(), &["reset"], "reset\n", &[]);
+    assert!(confirmed.status.success(), "{}", text(&confirmed.stderr));
+    assert_eq!(cli_ok(&data.path(), &["accounts", "list"]).lines().count(), 1);
+
+    let ledger = data.path().join("ledger.redb");
+    std::fs::write(&ledger, b"someone else's file").unwrap();
+    let refused = cli(&data.path(), &["reset", "--yes"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(text(&refused.stderr).contains("not a redb file"), "{}", text(&refused.stderr));
+    assert!(std::fs::read(&ledger).unwrap() == b"someone else's file");
+}
+
+/// Goal: flags beat environment, environment beats the file, the file beats
+/// defaults, and a typo in the file is an error. Method: `config` prints
+/// the resolved settings.
+#[test]
+fn settings_precedence_is_flags_env_file_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("node.toml");
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:1111\"\nhalf_ttl_secs = 60\nmax_amount = 5\nlog_format = \"json\"\n",
+    )
+    .unwrap();
+    let output = command()
+        .args(["--config", file.to_str().unwrap(), "config", "--max-amount", "9"])
+        .env("TAPLEDGER_HALF_TTL_SECS", "30")
+        .env("TAPLEDGER_MAX_AMOUNT", "7")
+        .output()
+        .unwrap();
+    let printed = text(&output.stdout);
+    assert!(output.status.success(), "{printed}{}", text(&output.stderr));
+    for line in [
+        "listen = \"127.0.0.1:1111\"",
+        "half_ttl_secs = 30.0",
+        "max_amount = 9",
+        "log_format = \"json\"",
+        "matcher_shards = 2",
+        "metrics_listen = \"127.0.0.1:9464\"",
+    ] {
+        assert!(printed.lines().any(|printed| printed == line), "{line} in:\n{printed}");
+    }
+
+    std::fs::write(&file, "half_ttl = 60\n").unwrap();
+    let output = command()
+        .args(["--config", file.to_str().unwrap(), "config"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output.stderr).contains("unknown setting `half_ttl`"), "{}", text(&output.stderr));
+}
+
+/// Goal: every subcommand documents itself.
+#[test]
+fn every_subcommand_has_help() {
+    for subcommand in [
+        "init", "run", "config", "audit", "export", "backup", "restore", "accounts", "topup",
+        "reset",
+    ] {
+        let output = command().args([subcommand, "--help"]).output().unwrap();
+        let help = text(&output.stdout);
+        assert!(output.status.success(), "{subcommand}: {}", text(&output.stderr));
+        assert!(help.contains("Usage: tapledger-node"), "{subcommand}:\n{help}");
+        assert!(help.contains("--data <DIR>"), "{subcommand}:\n{help}");
+    }
+    let run = text(&command().args(["run", "--help"]).output().unwrap().stdout);
+    for needle in ["TAPLEDGER_LISTEN", "--metrics-listen", "--half-ttl-secs", "--grace-secs"] {
+        assert!(run.contains(needle), "run --help mentions {needle}");
+    }
+}
