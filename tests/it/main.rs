@@ -2,6 +2,8 @@
 
 mod concurrency;
 mod crash;
+mod fuzz;
+mod hostile;
 mod ledger_smoke;
 mod model;
 mod net_support;

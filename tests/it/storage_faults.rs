@@ -554,7 +554,7 @@ async fn run_case(fault: Fault, allowed: u64) -> CaseReport {
         .collect();
     // Run until the fault fired and callers have heard of it.
     within_for(Duration::from_secs(30), async {
-        while !(disk.fired() && !workload.told.lock().unwrap().errors.is_empty()) {
+        while !disk.fired() || workload.told.lock().unwrap().errors.is_empty() {
             if workers.iter().all(|worker| worker.is_finished()) {
                 break;
             }
