@@ -53,13 +53,22 @@ async fn main() -> anyhow::Result<()> {
     let payer_key = ApiCredentials::generate();
     let payee_key = ApiCredentials::generate();
     let payer = operator
-        .open_account(&admin, "checking", "North Bank", &payer_key, args.amount * 4)
+        .open_account(
+            &admin,
+            "checking",
+            "North Bank",
+            &payer_key,
+            args.amount * 4,
+        )
         .await?;
     let payee = operator
         .open_account(&admin, "checking", "South Bank", &payee_key, 0)
         .await?;
     operator.close().await;
-    println!("opened accounts {payer} (balance {}) and {payee} (balance 0)", args.amount * 4);
+    println!(
+        "opened accounts {payer} (balance {}) and {payee} (balance 0)",
+        args.amount * 4
+    );
 
     let mut payer_phone = endpoint.connect(args.node, "localhost").await?;
     payer_phone.authenticate(payer, &payer_key.key).await?;

@@ -12,7 +12,9 @@ use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tapledger_actors::{JournalEntry, Store, StoreError};
-use tapledger_protocol::{AccountId, Outcome, ReceiveHalf, Rejection, SendHalf, Settlement, Timestamp};
+use tapledger_protocol::{
+    AccountId, Outcome, ReceiveHalf, Rejection, SendHalf, Settlement, Timestamp,
+};
 
 /// Journal entries read per snapshot while exporting.
 const JOURNAL_CHUNK_ENTRIES: usize = 4096;
@@ -144,7 +146,11 @@ impl<'a> Row<'a> {
         }
     }
 
-    fn settled(seq: u64, settlement: &'a Settlement, banks: &'a HashMap<AccountId, String>) -> Row<'a> {
+    fn settled(
+        seq: u64,
+        settlement: &'a Settlement,
+        banks: &'a HashMap<AccountId, String>,
+    ) -> Row<'a> {
         Row {
             seq,
             tx_key: settlement.tx_key().to_string(),
@@ -163,8 +169,15 @@ impl<'a> Row<'a> {
         }
     }
 
-    fn rejected(seq: u64, rejection: &'a Rejection, banks: &'a HashMap<AccountId, String>) -> Row<'a> {
-        let send = rejection.send.as_ref().map(|stamped| (&stamped.half, stamped.received_at));
+    fn rejected(
+        seq: u64,
+        rejection: &'a Rejection,
+        banks: &'a HashMap<AccountId, String>,
+    ) -> Row<'a> {
+        let send = rejection
+            .send
+            .as_ref()
+            .map(|stamped| (&stamped.half, stamped.received_at));
         let receive = rejection
             .receive
             .as_ref()
@@ -179,7 +192,8 @@ impl<'a> Row<'a> {
             .or(receive.map(|(half, _)| half.expected_amount));
         let unanimous = match (send, receive) {
             (Some((send, _)), Some((receive, _))) => {
-                send.sender_id == receive.expected_sender_id && send.amount == receive.expected_amount
+                send.sender_id == receive.expected_sender_id
+                    && send.amount == receive.expected_amount
             }
             _ => false,
         };
@@ -217,8 +231,12 @@ impl<'a> Row<'a> {
             number(self.amount),
             number(self.sender_balance_before),
             self.bank(self.sender),
-            self.send.map(|(half, _)| half.device_os.clone()).unwrap_or_default(),
-            self.receive.map(|(half, _)| half.device_os.clone()).unwrap_or_default(),
+            self.send
+                .map(|(half, _)| half.device_os.clone())
+                .unwrap_or_default(),
+            self.receive
+                .map(|(half, _)| half.device_os.clone())
+                .unwrap_or_default(),
             self.unanimous.to_string(),
             (!self.settled).to_string(),
             number(self.code.map(u64::from)),
@@ -226,7 +244,9 @@ impl<'a> Row<'a> {
             if self.settled { "settled" } else { "rejected" }.to_string(),
             self.bank(self.receiver),
             self.send.map(|(_, at)| format_time(at)).unwrap_or_default(),
-            self.receive.map(|(_, at)| format_time(at)).unwrap_or_default(),
+            self.receive
+                .map(|(_, at)| format_time(at))
+                .unwrap_or_default(),
             format_time(self.decided_at),
             self.send
                 .map(|(half, _)| format_client_time(half.client_time))
@@ -262,7 +282,7 @@ fn format_client_time(millis: u64) -> String {
 pub fn parse_time(text: &str) -> Result<Timestamp, String> {
     let text = text.trim();
     if let Ok(seconds) = text.parse::<f64>() {
-        if seconds.is_finite() && seconds >= 0.0 && seconds < 1e13 {
+        if (0.0..1e13).contains(&seconds) {
             return Ok(Timestamp::from_micros((seconds * 1e6) as u64));
         }
         return Err(format!("`{text}`: seconds out of range"));
@@ -272,8 +292,9 @@ pub fn parse_time(text: &str) -> Result<Timestamp, String> {
     } else {
         text.to_string()
     };
-    let time: SystemTime = humantime::parse_rfc3339_weak(&with_time)
-        .map_err(|error| format!("`{text}`: {error} (expected RFC 3339, YYYY-MM-DD or Unix seconds)"))?;
+    let time: SystemTime = humantime::parse_rfc3339_weak(&with_time).map_err(|error| {
+        format!("`{text}`: {error} (expected RFC 3339, YYYY-MM-DD or Unix seconds)")
+    })?;
     let since_epoch = time
         .duration_since(UNIX_EPOCH)
         .map_err(|_| format!("`{text}` is before 1970"))?;

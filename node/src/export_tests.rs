@@ -43,7 +43,12 @@ fn send(tx_key: TxKey, sender_id: AccountId, amount: u64) -> Half {
     })
 }
 
-fn receive(tx_key: TxKey, receiver_id: AccountId, expected_sender_id: AccountId, expected_amount: u64) -> Half {
+fn receive(
+    tx_key: TxKey,
+    receiver_id: AccountId,
+    expected_sender_id: AccountId,
+    expected_amount: u64,
+) -> Half {
     Half::Receive(ReceiveHalf {
         tx_key,
         receiver_id,
@@ -72,7 +77,10 @@ pub(crate) async fn sample_ledger(path: &Path) -> Sample {
     config.clock = Arc::new(clock.clone());
     config.half_ttl = Duration::from_secs(30);
     let ledger = Ledger::open(config).await.expect("open ledger");
-    let alice = ledger.open_account(account("North Bank", 1_000)).await.unwrap();
+    let alice = ledger
+        .open_account(account("North Bank", 1_000))
+        .await
+        .unwrap();
     let bob = ledger.open_account(account("South Bank", 0)).await.unwrap();
     let sample = Sample {
         alice,
@@ -82,14 +90,35 @@ pub(crate) async fn sample_ledger(path: &Path) -> Sample {
         overdrawn: TxKey::new_random(),
         expired: TxKey::new_random(),
     };
-    let settled = pay(&ledger, send(sample.settled, alice, 300), receive(sample.settled, bob, alice, 300)).await;
-    assert!(matches!(&settled, Resolution::Final(outcome) if outcome.is_settled()), "{settled:?}");
+    let settled = pay(
+        &ledger,
+        send(sample.settled, alice, 300),
+        receive(sample.settled, bob, alice, 300),
+    )
+    .await;
+    assert!(
+        matches!(&settled, Resolution::Final(outcome) if outcome.is_settled()),
+        "{settled:?}"
+    );
     clock.advance(Duration::from_secs(60));
-    pay(&ledger, send(sample.mismatched, alice, 100), receive(sample.mismatched, bob, alice, 150)).await;
+    pay(
+        &ledger,
+        send(sample.mismatched, alice, 100),
+        receive(sample.mismatched, bob, alice, 150),
+    )
+    .await;
     clock.advance(Duration::from_secs(60));
-    pay(&ledger, send(sample.overdrawn, alice, 5_000), receive(sample.overdrawn, bob, alice, 5_000)).await;
+    pay(
+        &ledger,
+        send(sample.overdrawn, alice, 5_000),
+        receive(sample.overdrawn, bob, alice, 5_000),
+    )
+    .await;
     clock.advance(Duration::from_secs(60));
-    let lone = ledger.submit(bob, receive(sample.expired, bob, alice, 50)).await.unwrap();
+    let lone = ledger
+        .submit(bob, receive(sample.expired, bob, alice, 50))
+        .await
+        .unwrap();
     clock.advance(Duration::from_secs(31));
     assert_eq!(ledger.expire_now().await.unwrap(), 1);
     drop(lone);
@@ -126,7 +155,11 @@ async fn export_writes_each_outcome_with_the_prototype_fields() {
     let (summary, rows) = exported(&store, TimeRange::default());
     assert_eq!(
         summary,
-        ExportSummary { settlements: 1, rejections: 3, skipped: 0 }
+        ExportSummary {
+            settlements: 1,
+            rejections: 3,
+            skipped: 0
+        }
     );
     let row = |key: TxKey| {
         rows.iter()
@@ -140,7 +173,10 @@ async fn export_writes_each_outcome_with_the_prototype_fields() {
     assert_eq!(settled["account_number_sender"], alice);
     assert_eq!(settled["account_number_receiver"], bob);
     assert_eq!(settled["transfer_amount"], "300");
-    assert_eq!(settled["beginning_balance_sender"], "1000", "the sender's balance, not the receiver's");
+    assert_eq!(
+        settled["beginning_balance_sender"], "1000",
+        "the sender's balance, not the receiver's"
+    );
     assert_eq!(settled["bank_sender"], "North Bank");
     assert_eq!(settled["bank_receiver"], "South Bank");
     assert_eq!(settled["os_sender"], "ios 18");
@@ -149,7 +185,10 @@ async fn export_writes_each_outcome_with_the_prototype_fields() {
     assert_eq!(settled["transaction_error"], "false");
     assert_eq!(settled["error_code"], "");
     assert_eq!(settled["send_received_at"], "2023-11-14T22:13:20.000000Z");
-    assert_eq!(settled["receive_received_at"], "2023-11-14T22:13:20.000000Z");
+    assert_eq!(
+        settled["receive_received_at"],
+        "2023-11-14T22:13:20.000000Z"
+    );
     assert_eq!(settled["transaction_timestamp"], settled["settled_at"]);
     assert_eq!(settled["send_client_time"], "2023-11-14T22:13:20.000Z");
 
@@ -157,7 +196,10 @@ async fn export_writes_each_outcome_with_the_prototype_fields() {
     assert_eq!(mismatched["error_code"], "300");
     assert_eq!(mismatched["transaction_error"], "true");
     assert_eq!(mismatched["unanimous_agreement"], "false");
-    assert_eq!(mismatched["error_explanation"], "the two halves name different amounts");
+    assert_eq!(
+        mismatched["error_explanation"],
+        "the two halves name different amounts"
+    );
 
     let overdrawn = row(sample.overdrawn);
     assert_eq!(overdrawn["error_code"], "100");
@@ -166,12 +208,18 @@ async fn export_writes_each_outcome_with_the_prototype_fields() {
 
     let expired = row(sample.expired);
     assert_eq!(expired["error_code"], "500");
-    assert_eq!(expired["account_number_sender"], alice, "the expected sender, not swapped");
+    assert_eq!(
+        expired["account_number_sender"], alice,
+        "the expected sender, not swapped"
+    );
     assert_eq!(expired["account_number_receiver"], bob);
     assert_eq!(expired["transfer_amount"], "50");
     assert_eq!(expired["os_sender"], "");
     assert_eq!(expired["send_received_at"], "");
-    assert_eq!(expired["receive_received_at"], "2023-11-14T22:16:20.000000Z");
+    assert_eq!(
+        expired["receive_received_at"],
+        "2023-11-14T22:16:20.000000Z"
+    );
     assert_eq!(expired["settled_at"], "2023-11-14T22:16:51.000000Z");
 }
 
@@ -187,7 +235,14 @@ async fn export_filters_by_decision_time() {
         to: Some(parse_time("2023-11-14 22:15:20").unwrap()),
     };
     let (summary, rows) = exported(&store, range);
-    assert_eq!(summary, ExportSummary { settlements: 0, rejections: 1, skipped: 3 });
+    assert_eq!(
+        summary,
+        ExportSummary {
+            settlements: 0,
+            rejections: 1,
+            skipped: 3
+        }
+    );
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["transaction_key"], sample.mismatched.to_string());
 }

@@ -212,7 +212,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_settings(config: Option<&Path>, global: GlobalLayer, run: RunLayer) -> anyhow::Result<Settings> {
+fn load_settings(
+    config: Option<&Path>,
+    global: GlobalLayer,
+    run: RunLayer,
+) -> anyhow::Result<Settings> {
     let file = match config {
         Some(path) => FileSettings::load(path)?,
         None => FileSettings::default(),
@@ -327,8 +331,12 @@ async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
         ),
         Err(error) => return Err(error.into()),
     }
-    let identity = Identity::load(&data_dir.cert(), &data_dir.key())
-        .with_context(|| format!("loading the TLS identity from {}", data_dir.path().display()))?;
+    let identity = Identity::load(&data_dir.cert(), &data_dir.key()).with_context(|| {
+        format!(
+            "loading the TLS identity from {}",
+            data_dir.path().display()
+        )
+    })?;
     let admin_credential = load_admin_credential(&data_dir.admin())?;
     let recorder = match settings.run.metrics_listen.addr() {
         Some(_) => Some(telemetry::install_recorder()?),
@@ -371,8 +379,13 @@ async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
     if let (Some(addr), Some(recorder)) = (settings.run.metrics_listen.addr(), recorder) {
         let started = async {
             let telemetry = Arc::new(
-                Telemetry::new(recorder, node.ledger(), node.counters_handle(), admin_credential)
-                    .await?,
+                Telemetry::new(
+                    recorder,
+                    node.ledger(),
+                    node.counters_handle(),
+                    admin_credential,
+                )
+                .await?,
             );
             let server = HttpServer::start(addr, telemetry.clone())
                 .await
@@ -448,7 +461,10 @@ async fn audit(settings: &Settings, ledger: Option<PathBuf>) -> anyhow::Result<E
             let admin = load_admin_credential(&DataDir::new(&settings.global.data).admin())?;
             let (status, body) =
                 telemetry::admin_request(addr, "/admin/audit", &admin, String::new()).await?;
-            println!("audit of {} (by the running node at {addr})", path.display());
+            println!(
+                "audit of {} (by the running node at {addr})",
+                path.display()
+            );
             print!("{body}");
             match status.as_u16() {
                 200 => Ok(ExitCode::SUCCESS),
@@ -498,7 +514,10 @@ async fn backup(settings: &Settings, to: &Path) -> anyhow::Result<ExitCode> {
         Ok(store) => {
             let target = to.to_path_buf();
             tokio::task::spawn_blocking(move || store.backup(&target)).await??;
-            println!("backup written to {} (node stopped; read directly)", to.display());
+            println!(
+                "backup written to {} (node stopped; read directly)",
+                to.display()
+            );
         }
         Err(OpenError::Locked(_)) => {
             let addr = node_http(settings)?;
@@ -534,7 +553,9 @@ async fn topup(settings: &Settings, account: AccountId, amount: u64) -> anyhow::
             let result = ledger.top_up(account, amount).await;
             ledger.close().await;
             let balance = result?;
-            println!("account {account}: +{amount}, balance {balance} (node stopped; written directly)");
+            println!(
+                "account {account}: +{amount}, balance {balance} (node stopped; written directly)"
+            );
         }
         Err(OpenError::Locked(_)) => {
             let identity = Identity::load(&data_dir.cert(), &data_dir.key())?;
@@ -548,7 +569,9 @@ async fn topup(settings: &Settings, account: AccountId, amount: u64) -> anyhow::
             let result = phone.top_up(&admin, account, amount).await;
             phone.close().await;
             let balance = result?;
-            println!("account {account}: +{amount}, balance {balance} (by the running node at {addr})");
+            println!(
+                "account {account}: +{amount}, balance {balance} (by the running node at {addr})"
+            );
         }
         Err(error) => return Err(error.into()),
     }
@@ -583,6 +606,9 @@ fn reset(data_dir: &DataDir, yes: bool) -> anyhow::Result<ExitCode> {
         }
     }
     ops::reset(&path)?;
-    println!("{}: reset to an empty ledger (was: {contents})", path.display());
+    println!(
+        "{}: reset to an empty ledger (was: {contents})",
+        path.display()
+    );
     Ok(ExitCode::SUCCESS)
 }

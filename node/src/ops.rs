@@ -45,7 +45,12 @@ pub fn check_redb_file(path: &Path) -> Result<(), OpenError> {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             return Err(OpenError::Missing(shown));
         }
-        Err(source) => return Err(OpenError::Io { path: shown, source }),
+        Err(source) => {
+            return Err(OpenError::Io {
+                path: shown,
+                source,
+            });
+        }
     };
     if !file.metadata().map(|meta| meta.is_file()).unwrap_or(false) {
         return Err(OpenError::NotRedb(shown));
@@ -54,8 +59,13 @@ pub fn check_redb_file(path: &Path) -> Result<(), OpenError> {
     match file.read_exact(&mut head) {
         Ok(()) if head == REDB_MAGIC => Ok(()),
         Ok(()) => Err(OpenError::NotRedb(shown)),
-        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => Err(OpenError::NotRedb(shown)),
-        Err(source) => Err(OpenError::Io { path: shown, source }),
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(OpenError::NotRedb(shown))
+        }
+        Err(source) => Err(OpenError::Io {
+            path: shown,
+            source,
+        }),
     }
 }
 
@@ -101,7 +111,10 @@ pub fn open_existing(path: &Path) -> Result<Store, OpenError> {
         Ok(store) => Ok(store),
         Err(StoreError::NotALedger) => Err(OpenError::NotALedger(shown)),
         Err(StoreError::Redb(redb::Error::DatabaseAlreadyOpen)) => Err(OpenError::Locked(shown)),
-        Err(source) => Err(OpenError::Store { path: shown, source }),
+        Err(source) => Err(OpenError::Store {
+            path: shown,
+            source,
+        }),
     }
 }
 
@@ -217,16 +230,20 @@ pub fn history_text(store: &Store, account: AccountId) -> Result<Option<String>,
                 String::new(),
                 "issuer".to_string(),
             ),
-            JournalEntry::Outcome(Outcome::Settled(settlement)) if settlement.sender() == account => (
-                settlement.settled_at,
-                "paid",
-                format!("-{}", settlement.amount()),
-                settlement
-                    .sender_balance_before
-                    .saturating_sub(settlement.amount()),
-                settlement.tx_key().to_string(),
-                settlement.receiver().to_string(),
-            ),
+            JournalEntry::Outcome(Outcome::Settled(settlement))
+                if settlement.sender() == account =>
+            {
+                (
+                    settlement.settled_at,
+                    "paid",
+                    format!("-{}", settlement.amount()),
+                    settlement
+                        .sender_balance_before
+                        .saturating_sub(settlement.amount()),
+                    settlement.tx_key().to_string(),
+                    settlement.receiver().to_string(),
+                )
+            }
             JournalEntry::Outcome(Outcome::Settled(settlement)) => (
                 settlement.settled_at,
                 "received",

@@ -8,13 +8,19 @@ use crate::export::tests::sample_ledger;
 fn open_refuses_missing_foreign_and_locked_files_without_touching_them() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing.redb");
-    assert!(matches!(open_existing(&missing), Err(OpenError::Missing(_))));
+    assert!(matches!(
+        open_existing(&missing),
+        Err(OpenError::Missing(_))
+    ));
     assert!(!missing.exists(), "opening never creates a ledger");
 
     let text = dir.path().join("notes.txt");
     std::fs::write(&text, b"precious notes, not a database").unwrap();
     assert!(matches!(open_existing(&text), Err(OpenError::NotRedb(_))));
-    assert!(matches!(reset(&text), Err(RestoreError::Current(OpenError::NotRedb(_)))));
+    assert!(matches!(
+        reset(&text),
+        Err(RestoreError::Current(OpenError::NotRedb(_)))
+    ));
     assert!(std::fs::read(&text).unwrap() == b"precious notes, not a database");
 
     let foreign = dir.path().join("other.redb");
@@ -28,14 +34,26 @@ fn open_refuses_missing_foreign_and_locked_files_without_touching_them() {
         write.commit().unwrap();
     }
     let before = std::fs::read(&foreign).unwrap();
-    assert!(matches!(open_existing(&foreign), Err(OpenError::NotALedger(_))));
-    assert!(matches!(reset(&foreign), Err(RestoreError::Current(OpenError::NotALedger(_)))));
-    assert!(std::fs::read(&foreign).unwrap() == before, "a foreign redb file is left as it was");
+    assert!(matches!(
+        open_existing(&foreign),
+        Err(OpenError::NotALedger(_))
+    ));
+    assert!(matches!(
+        reset(&foreign),
+        Err(RestoreError::Current(OpenError::NotALedger(_)))
+    ));
+    assert!(
+        std::fs::read(&foreign).unwrap() == before,
+        "a foreign redb file is left as it was"
+    );
 
     let ledger = dir.path().join("ledger.redb");
     let held = Store::open(&ledger).unwrap();
     assert!(matches!(open_existing(&ledger), Err(OpenError::Locked(_))));
-    assert!(matches!(reset(&ledger), Err(RestoreError::Current(OpenError::Locked(_)))));
+    assert!(matches!(
+        reset(&ledger),
+        Err(RestoreError::Current(OpenError::Locked(_)))
+    ));
     drop(held);
 }
 
@@ -56,7 +74,10 @@ async fn audit_accounts_and_history_read_well() {
     let accounts = accounts_text(&store).unwrap();
     assert_eq!(accounts.lines().count(), 3, "{accounts}");
     assert!(accounts.contains("North Bank"), "{accounts}");
-    assert!(accounts.lines().nth(1).unwrap().contains(" 700 "), "{accounts}");
+    assert!(
+        accounts.lines().nth(1).unwrap().contains(" 700 "),
+        "{accounts}"
+    );
 
     let shown = account_text(&store, sample.bob).unwrap().unwrap();
     assert!(shown.contains("balance   300"), "{shown}");
@@ -66,8 +87,14 @@ async fn audit_accounts_and_history_read_well() {
     let history = history_text(&store, sample.alice).unwrap().unwrap();
     let lines: Vec<&str> = history.lines().collect();
     assert_eq!(lines.len(), 3, "header, opening, payment: {history}");
-    assert!(lines[1].contains("opening") && lines[1].contains("+1000"), "{history}");
-    assert!(lines[2].contains("paid") && lines[2].contains("-300"), "{history}");
+    assert!(
+        lines[1].contains("opening") && lines[1].contains("+1000"),
+        "{history}"
+    );
+    assert!(
+        lines[2].contains("paid") && lines[2].contains("-300"),
+        "{history}"
+    );
     assert!(lines[2].contains(&sample.settled.to_string()), "{history}");
     assert!(history_text(&store, 99).unwrap().is_none());
 }
@@ -103,7 +130,10 @@ async fn a_backup_restores_into_place_and_passes_its_audit() {
     assert_eq!(restored.report.settlements, 1);
     let previous = restored.previous.expect("the reset ledger was moved aside");
     assert!(previous.exists());
-    assert_eq!(open_existing(&previous).unwrap().accounts().unwrap().len(), 0);
+    assert_eq!(
+        open_existing(&previous).unwrap().accounts().unwrap().len(),
+        0
+    );
     let store = open_existing(&ledger).unwrap();
     assert_eq!(store.balance(sample.bob).unwrap(), Some(300));
     assert!(store.outcome(sample.settled).unwrap().unwrap().is_settled());
@@ -115,7 +145,10 @@ async fn reset_empties_a_ledger() {
     let ledger = dir.path().join("ledger.redb");
     sample_ledger(&ledger).await;
     let described = describe_for_reset(&open_existing(&ledger).unwrap()).unwrap();
-    assert_eq!(described, "2 account(s), 6 journal entries, 0 pending half(s), 1000 issued");
+    assert_eq!(
+        described,
+        "2 account(s), 6 journal entries, 0 pending half(s), 1000 issued"
+    );
     reset(&ledger).unwrap();
     let store = open_existing(&ledger).unwrap();
     assert_eq!(store.counters().unwrap().journal_entries, 0);

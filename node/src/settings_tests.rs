@@ -38,7 +38,10 @@ fn flags_beat_file_and_file_beats_defaults() {
     assert_eq!(settings.global.data, PathBuf::from("/srv/ledger"));
     assert_eq!(settings.global.log_format, LogFormat::Json);
     assert_eq!(settings.run.metrics_listen, HttpListen::Off);
-    assert_eq!(settings.run.max_amount, tapledger_actors::MAX_AMOUNT_DEFAULT);
+    assert_eq!(
+        settings.run.max_amount,
+        tapledger_actors::MAX_AMOUNT_DEFAULT
+    );
 }
 
 #[test]
@@ -47,7 +50,10 @@ fn unknown_file_keys_are_errors_naming_the_key() {
     let message = error.to_string();
     assert!(message.contains("half_ttl"), "{message}");
     assert!(message.contains("node.toml"), "{message}");
-    assert!(message.contains("half_ttl_secs"), "lists known keys: {message}");
+    assert!(
+        message.contains("half_ttl_secs"),
+        "lists known keys: {message}"
+    );
 }
 
 #[test]
@@ -68,7 +74,8 @@ fn resolved_settings_round_trip_through_a_file() {
         metrics_listen: Some(HttpListen::Off),
         ..RunLayer::default()
     };
-    let settings = Settings::resolve(GlobalLayer::default(), flags, FileSettings::default()).unwrap();
+    let settings =
+        Settings::resolve(GlobalLayer::default(), flags, FileSettings::default()).unwrap();
     let again = Settings::resolve(
         GlobalLayer::default(),
         RunLayer::default(),
@@ -86,7 +93,10 @@ fn unspecified_addresses_are_reached_over_loopback() {
     )
     .unwrap();
     let settings = Settings::resolve(GlobalLayer::default(), RunLayer::default(), file).unwrap();
-    assert_eq!(settings.local_quic_addr(), "127.0.0.1:7443".parse().unwrap());
+    assert_eq!(
+        settings.local_quic_addr(),
+        "127.0.0.1:7443".parse().unwrap()
+    );
     assert_eq!(
         settings.local_http_addr(),
         Some("[::1]:9464".parse().unwrap())

@@ -104,8 +104,7 @@ pub fn record_half(started: Instant, fate: HalfFate) {
         HalfFate::Pending => "pending",
         HalfFate::Decided => "decided",
         HalfFate::Refused(code) => {
-            metrics::counter!(names::HALF_REFUSALS, "code" => code.code().to_string())
-                .increment(1);
+            metrics::counter!(names::HALF_REFUSALS, "code" => code.code().to_string()).increment(1);
             "refused"
         }
     };
@@ -117,10 +116,7 @@ pub fn record_half(started: Instant, fate: HalfFate) {
 /// Call once per process (the binary's `run` does).
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Suffix("_seconds".into()),
-            &LATENCY_BUCKETS_SECONDS,
-        )?
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS_SECONDS)?
         .install_recorder()?;
     describe();
     Ok(handle)
@@ -129,10 +125,7 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     use names::*;
-    describe_counter!(
-        HALVES_RECEIVED,
-        "Halves submitted by authenticated phones."
-    );
+    describe_counter!(HALVES_RECEIVED, "Halves submitted by authenticated phones.");
     describe_histogram!(
         HALF_DURABLE_SECONDS,
         Unit::Seconds,
@@ -143,10 +136,7 @@ fn describe() {
         "Halves refused without touching their tx_key, by code (400, 600, 620, 700, 710, 800; 410 for a receive half expecting its own account)."
     );
     describe_counter!(SETTLEMENTS, "Payments settled (committed).");
-    describe_counter!(
-        SETTLED_AMOUNT,
-        "Minor units moved by settled payments."
-    );
+    describe_counter!(SETTLED_AMOUNT, "Minor units moved by settled payments.");
     describe_counter!(
         REJECTIONS,
         "Payments rejected (committed final outcomes), by code: 100, 200, 300, 410, 500."
@@ -182,10 +172,7 @@ fn describe() {
         AUTH_FAILURES,
         "Failed authentications and rejected admin credentials."
     );
-    describe_counter!(
-        PROTOCOL_ERRORS,
-        "Malformed or oversized frames received."
-    );
+    describe_counter!(PROTOCOL_ERRORS, "Malformed or oversized frames received.");
     describe_gauge!(READY, "1 while the node accepts payments, else 0.");
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -270,8 +257,10 @@ impl Telemetry {
         use names::*;
         let counters = &self.counters;
         gauge!(CONNECTIONS_OPEN).set(counters.connections_open.load(Ordering::Relaxed) as f64);
-        counter!(CONNECTIONS_ACCEPTED).absolute(counters.connections_accepted.load(Ordering::Relaxed));
-        counter!(CONNECTIONS_REFUSED).absolute(counters.connections_refused.load(Ordering::Relaxed));
+        counter!(CONNECTIONS_ACCEPTED)
+            .absolute(counters.connections_accepted.load(Ordering::Relaxed));
+        counter!(CONNECTIONS_REFUSED)
+            .absolute(counters.connections_refused.load(Ordering::Relaxed));
         counter!(AUTH_FAILURES).absolute(counters.auth_failures.load(Ordering::Relaxed));
         counter!(HALVES_RECEIVED).absolute(counters.halves_received.load(Ordering::Relaxed));
         counter!(PROTOCOL_ERRORS).absolute(counters.protocol_errors.load(Ordering::Relaxed));
@@ -387,7 +376,10 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
-    pub async fn start(listen: SocketAddr, telemetry: Arc<Telemetry>) -> std::io::Result<HttpServer> {
+    pub async fn start(
+        listen: SocketAddr,
+        telemetry: Arc<Telemetry>,
+    ) -> std::io::Result<HttpServer> {
         let listener = TcpListener::bind(listen).await?;
         let local_addr = listener.local_addr()?;
         let (stop, stopped) = watch::channel(false);
@@ -407,7 +399,11 @@ impl HttpServer {
     }
 }
 
-async fn accept_loop(listener: TcpListener, telemetry: Arc<Telemetry>, mut stopped: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    telemetry: Arc<Telemetry>,
+    mut stopped: watch::Receiver<bool>,
+) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -480,7 +476,10 @@ async fn route(
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => match telemetry.not_ready().await {
             None => text(StatusCode::OK, "ready\n"),
-            Some(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+            Some(reason) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {reason}\n"),
+            ),
         },
         (&Method::POST, "/admin/backup") | (&Method::POST, "/admin/audit") => {
             admin(request, peer, telemetry, &path).await
@@ -503,7 +502,10 @@ async fn admin(
 ) -> Response<Full<Bytes>> {
     if !peer.ip().is_loopback() {
         tracing::warn!(%peer, path, "admin request from a non-loopback address refused");
-        return text(StatusCode::FORBIDDEN, "admin requests are accepted from loopback only\n");
+        return text(
+            StatusCode::FORBIDDEN,
+            "admin requests are accepted from loopback only\n",
+        );
     }
     let presented = request
         .headers()
@@ -521,7 +523,10 @@ async fn admin(
         tracing::warn!(%peer, path, "admin request with a wrong credential refused");
         return text(StatusCode::UNAUTHORIZED, "wrong admin credential\n");
     }
-    let body = match Limited::new(request.into_body(), HTTP_BODY_BYTES_MAX).collect().await {
+    let body = match Limited::new(request.into_body(), HTTP_BODY_BYTES_MAX)
+        .collect()
+        .await
+    {
         Ok(collected) => collected.to_bytes(),
         Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"),
     };
@@ -549,7 +554,10 @@ async fn admin(
             match written {
                 Ok(Ok(())) => {
                     tracing::info!(target = %target.display(), elapsed_ms = started.elapsed().as_millis() as u64, "backup written");
-                    text(StatusCode::OK, format!("backup written to {}\n", target.display()))
+                    text(
+                        StatusCode::OK,
+                        format!("backup written to {}\n", target.display()),
+                    )
                 }
                 Ok(Err(tapledger_actors::StoreError::TargetExists(path))) => text(
                     StatusCode::CONFLICT,
@@ -557,7 +565,10 @@ async fn admin(
                 ),
                 Ok(Err(error)) => {
                     tracing::error!(%error, "backup failed");
-                    text(StatusCode::INTERNAL_SERVER_ERROR, format!("backup failed: {error}\n"))
+                    text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("backup failed: {error}\n"),
+                    )
                 }
                 Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "backup task failed\n"),
             }
@@ -571,7 +582,10 @@ async fn admin(
                 };
                 text(status, crate::ops::audit_text(&report))
             }
-            Ok(Err(error)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("audit failed: {error}\n")),
+            Ok(Err(error)) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("audit failed: {error}\n"),
+            ),
             Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "audit task failed\n"),
         },
     }

@@ -25,7 +25,14 @@ async fn metrics_count_what_the_node_did_and_logs_keep_secrets() {
     let data = DataDirectory::init();
     let node = NodeProcess::start(
         &data,
-        &["--half-ttl-secs", "1", "--log-format", "json", "--log", "info,tapledger_node=debug"],
+        &[
+            "--half-ttl-secs",
+            "1",
+            "--log-format",
+            "json",
+            "--log",
+            "info,tapledger_node=debug",
+        ],
     );
     let admin = data.admin();
     let alice = node.account(&admin, "North Bank", 1_000).await;
@@ -40,12 +47,22 @@ async fn metrics_count_what_the_node_did_and_logs_keep_secrets() {
     let refused = submit(&alice.phone, send(TxKey::new_random(), bob.id, 5)).await;
     let refused = within(refused.answer()).await.unwrap();
     assert!(
-        matches!(refused, HalfAnswer::Refused { code: RejectCode::WrongParty, .. }),
+        matches!(
+            refused,
+            HalfAnswer::Refused {
+                code: RejectCode::WrongParty,
+                ..
+            }
+        ),
         "{refused:?}"
     );
     let mut intruder = node.connect().await;
     let wrong_key = Secret::new(vec![0x5a; 32]);
-    assert!(within(intruder.authenticate(alice.id, &wrong_key)).await.is_err());
+    assert!(
+        within(intruder.authenticate(alice.id, &wrong_key))
+            .await
+            .is_err()
+    );
     let lone = TxKey::new_random();
     let lone_half = submit(&bob.phone, receive(lone, bob.id, alice.id, 40)).await;
     let expired = within(lone_half.answer()).await.expect("expiry is pushed");
@@ -79,9 +96,18 @@ async fn metrics_count_what_the_node_did_and_logs_keep_secrets() {
     assert!(value("tapledger_commit_intents_total") >= commits);
     assert!(value("tapledger_commit_batch_intents_mean") >= 1.0);
     // Two first halves waited, two second halves decided their key, one was refused.
-    assert_eq!(value(r#"tapledger_half_durable_seconds_count{result="decided"}"#), 2.0);
-    assert_eq!(value(r#"tapledger_half_durable_seconds_count{result="pending"}"#), 3.0);
-    assert_eq!(value(r#"tapledger_half_durable_seconds_count{result="refused"}"#), 1.0);
+    assert_eq!(
+        value(r#"tapledger_half_durable_seconds_count{result="decided"}"#),
+        2.0
+    );
+    assert_eq!(
+        value(r#"tapledger_half_durable_seconds_count{result="pending"}"#),
+        3.0
+    );
+    assert_eq!(
+        value(r#"tapledger_half_durable_seconds_count{result="refused"}"#),
+        1.0
+    );
     assert_eq!(
         value(r#"tapledger_half_durable_seconds_bucket{result="decided",le="+Inf"}"#),
         2.0
@@ -103,9 +129,10 @@ async fn metrics_count_what_the_node_did_and_logs_keep_secrets() {
         let event: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|error| panic!("not JSON ({error}): {line}"));
         let spans = event["spans"].as_array().cloned().unwrap_or_default();
-        if spans.iter().any(|span| {
-            span["name"] == "half" && span["tx_key"] == settled.to_string().as_str()
-        }) {
+        if spans
+            .iter()
+            .any(|span| span["name"] == "half" && span["tx_key"] == settled.to_string().as_str())
+        {
             half_spans_with_settled_key += 1;
             assert!(
                 spans.iter().any(|span| span["name"] == "connection"),
@@ -113,8 +140,16 @@ async fn metrics_count_what_the_node_did_and_logs_keep_secrets() {
             );
         }
     }
-    assert!(half_spans_with_settled_key >= 2, "both halves logged in their tx_key span:\n{log}");
-    for secret in [&admin, &alice.credentials.key, &bob.credentials.key, &wrong_key] {
+    assert!(
+        half_spans_with_settled_key >= 2,
+        "both halves logged in their tx_key span:\n{log}"
+    );
+    for secret in [
+        &admin,
+        &alice.credentials.key,
+        &bob.credentials.key,
+        &wrong_key,
+    ] {
         let bytes = secret.expose();
         assert!(!log.contains(&hex(bytes)), "a secret in hex is in the log");
         let listed = format!("{:?}", &bytes[..8]);
@@ -157,7 +192,11 @@ async fn sigterm_under_load_loses_no_acknowledged_outcome() {
             for round in 0..100_000u64 {
                 let tx_key = TxKey::new_random();
                 // Every seventh payment is a mismatch, so rejections are in the mix.
-                let expected = if round % 7 == (index as u64) % 7 { 2 } else { 1 };
+                let expected = if round % 7 == (index as u64) % 7 {
+                    2
+                } else {
+                    1
+                };
                 let Ok(first) = payer_phone.submit(send(tx_key, payer_id, 1)).await else {
                     return;
                 };
@@ -221,12 +260,16 @@ async fn sigterm_under_load_loses_no_acknowledged_outcome() {
                 .outcome(*tx_key)
                 .unwrap()
                 .unwrap_or_else(|| panic!("acknowledged outcome of {tx_key} lost"));
-            assert_eq!(outcome.is_settled(), report.status == OutcomeStatus::Settled);
+            assert_eq!(
+                outcome.is_settled(),
+                report.status == OutcomeStatus::Settled
+            );
             assert_eq!(outcome.code(), report.code, "{tx_key}");
         }
         for tx_key in &durable_halves {
             assert!(
-                store.outcome(*tx_key).unwrap().is_some() || store.pending(*tx_key).unwrap().is_some(),
+                store.outcome(*tx_key).unwrap().is_some()
+                    || store.pending(*tx_key).unwrap().is_some(),
                 "acknowledged half of {tx_key} lost"
             );
         }
@@ -276,7 +319,11 @@ async fn backup_of_a_running_node_restores_and_serves() {
     assert!(taken_out.contains("by the running node"), "{taken_out}");
     assert!(taken_out.contains("OK: "), "{taken_out}");
     let again = cli_with_input(&data.path(), &["backup", "--to", backup_arg], "", &running);
-    assert_eq!(again.status.code(), Some(2), "an existing backup is never overwritten");
+    assert_eq!(
+        again.status.code(),
+        Some(2),
+        "an existing backup is never overwritten"
+    );
 
     let audited = cli_with_input(&data.path(), &["audit"], "", &running);
     assert!(audited.status.success(), "{}", text(&audited.stderr));
@@ -285,17 +332,34 @@ async fn backup_of_a_running_node_restores_and_serves() {
     pay(&alice, &bob, TxKey::new_random(), 100, 100).await;
     let quic = [("TAPLEDGER_LISTEN", node.quic.to_string())];
     let alice_id = alice.id.to_string();
-    let topped = cli_with_input(&data.path(), &["topup", "--account", &alice_id, "--amount", "5"], "", &quic);
+    let topped = cli_with_input(
+        &data.path(),
+        &["topup", "--account", &alice_id, "--amount", "5"],
+        "",
+        &quic,
+    );
     assert!(topped.status.success(), "{}", text(&topped.stderr));
-    assert!(text(&topped.stdout).contains("balance 655 (by the running node"), "{}", text(&topped.stdout));
-    let (status, _) = tokio::task::spawn_blocking(move || node.terminate()).await.unwrap();
+    assert!(
+        text(&topped.stdout).contains("balance 655 (by the running node"),
+        "{}",
+        text(&topped.stdout)
+    );
+    let (status, _) = tokio::task::spawn_blocking(move || node.terminate())
+        .await
+        .unwrap();
     assert!(status.success());
 
     let csv_path = data.file("outcomes.csv");
-    let exported = cli_ok(&data.path(), &["export", "--out", csv_path.to_str().unwrap()]);
+    let exported = cli_ok(
+        &data.path(),
+        &["export", "--out", csv_path.to_str().unwrap()],
+    );
     assert!(exported.contains("2 settled, 0 rejected"), "{exported}");
     let csv = std::fs::read_to_string(&csv_path).unwrap();
-    assert!(csv.starts_with("transaction_key,account_number_sender,account_number_receiver,"), "{csv}");
+    assert!(
+        csv.starts_with("transaction_key,account_number_sender,account_number_receiver,"),
+        "{csv}"
+    );
     assert_eq!(csv.lines().count(), 3, "{csv}");
 
     let restored = cli_ok(&data.path(), &["restore", "--from", backup_arg]);
@@ -306,10 +370,14 @@ async fn backup_of_a_running_node_restores_and_serves() {
 
     let node = NodeProcess::start(&data, &[]);
     let mut phone = node.connect().await;
-    within(phone.authenticate(bob.id, &bob.credentials.key)).await.unwrap();
+    within(phone.authenticate(bob.id, &bob.credentials.key))
+        .await
+        .unwrap();
     assert_eq!(within(phone.balance()).await.unwrap(), 250);
     phone.close().await;
-    let (status, _) = tokio::task::spawn_blocking(move || node.terminate()).await.unwrap();
+    let (status, _) = tokio::task::spawn_blocking(move || node.terminate())
+        .await
+        .unwrap();
     assert!(status.success());
 }
 
@@ -325,15 +393,23 @@ async fn audit_names_a_tampered_account_and_exits_one() {
     let alice = node.account(&admin, "North Bank", 1_000).await;
     let bob = node.account(&admin, "South Bank", 0).await;
     pay(&alice, &bob, TxKey::new_random(), 400, 400).await;
-    let (status, _) = tokio::task::spawn_blocking(move || node.terminate()).await.unwrap();
+    let (status, _) = tokio::task::spawn_blocking(move || node.terminate())
+        .await
+        .unwrap();
     assert!(status.success());
 
-    let topped = cli_ok(&data.path(), &["topup", "--account", &bob.id.to_string(), "--amount", "10"]);
+    let topped = cli_ok(
+        &data.path(),
+        &["topup", "--account", &bob.id.to_string(), "--amount", "10"],
+    );
     assert!(topped.contains("balance 410 (node stopped"), "{topped}");
     let listed = cli_ok(&data.path(), &["accounts", "list"]);
     assert_eq!(listed.lines().count(), 3, "{listed}");
     let history = cli_ok(&data.path(), &["accounts", "history", &bob.id.to_string()]);
-    assert!(history.contains("received") && history.contains("top-up"), "{history}");
+    assert!(
+        history.contains("received") && history.contains("top-up"),
+        "{history}"
+    );
     assert!(cli_ok(&data.path(), &["audit"]).contains("OK: "));
 
     {
@@ -355,7 +431,10 @@ async fn audit_names_a_tampered_account_and_exits_one() {
     let out = text(&audit.stdout);
     assert_eq!(audit.status.code(), Some(1), "{out}");
     assert!(out.contains("FAILED"), "{out}");
-    assert!(out.contains(&format!("accounts involved: {}", bob.id)), "{out}");
+    assert!(
+        out.contains(&format!("accounts involved: {}", bob.id)),
+        "{out}"
+    );
 }
 
 /// Goal: `reset` asks first, and never touches what is not a ledger.
@@ -367,25 +446,49 @@ async fn reset_asks_first_and_refuses_foreign_files() {
     // A running node's ledger is refused.
     let locked = cli(&data.path(), &["reset", "--yes"]);
     assert_eq!(locked.status.code(), Some(2));
-    assert!(text(&locked.stderr).contains("locked"), "{}", text(&locked.stderr));
-    let (status, _) = tokio::task::spawn_blocking(move || node.terminate()).await.unwrap();
+    assert!(
+        text(&locked.stderr).contains("locked"),
+        "{}",
+        text(&locked.stderr)
+    );
+    let (status, _) = tokio::task::spawn_blocking(move || node.terminate())
+        .await
+        .unwrap();
     assert!(status.success());
 
     let declined = cli_with_input(&data.path(), &["reset"], "no\n", &[]);
     assert_eq!(declined.status.code(), Some(2));
-    assert!(text(&declined.stderr).contains("not confirmed"), "{}", text(&declined.stderr));
-    assert!(text(&declined.stderr).contains("1 account(s)"), "{}", text(&declined.stderr));
-    assert_eq!(cli_ok(&data.path(), &["accounts", "list"]).lines().count(), 2);
+    assert!(
+        text(&declined.stderr).contains("not confirmed"),
+        "{}",
+        text(&declined.stderr)
+    );
+    assert!(
+        text(&declined.stderr).contains("1 account(s)"),
+        "{}",
+        text(&declined.stderr)
+    );
+    assert_eq!(
+        cli_ok(&data.path(), &["accounts", "list"]).lines().count(),
+        2
+    );
 
     let confirmed = cli_with_input(&data.path(), &["reset"], "reset\n", &[]);
     assert!(confirmed.status.success(), "{}", text(&confirmed.stderr));
-    assert_eq!(cli_ok(&data.path(), &["accounts", "list"]).lines().count(), 1);
+    assert_eq!(
+        cli_ok(&data.path(), &["accounts", "list"]).lines().count(),
+        1
+    );
 
     let ledger = data.path().join("ledger.redb");
     std::fs::write(&ledger, b"someone else's file").unwrap();
     let refused = cli(&data.path(), &["reset", "--yes"]);
     assert_eq!(refused.status.code(), Some(2));
-    assert!(text(&refused.stderr).contains("not a redb file"), "{}", text(&refused.stderr));
+    assert!(
+        text(&refused.stderr).contains("not a redb file"),
+        "{}",
+        text(&refused.stderr)
+    );
     assert!(std::fs::read(&ledger).unwrap() == b"someone else's file");
 }
 
@@ -402,7 +505,13 @@ fn settings_precedence_is_flags_env_file_defaults() {
     )
     .unwrap();
     let output = command()
-        .args(["--config", file.to_str().unwrap(), "config", "--max-amount", "9"])
+        .args([
+            "--config",
+            file.to_str().unwrap(),
+            "config",
+            "--max-amount",
+            "9",
+        ])
         .env("TAPLEDGER_HALF_TTL_SECS", "30")
         .env("TAPLEDGER_MAX_AMOUNT", "7")
         .output()
@@ -417,7 +526,10 @@ fn settings_precedence_is_flags_env_file_defaults() {
         "matcher_shards = 2",
         "metrics_listen = \"127.0.0.1:9464\"",
     ] {
-        assert!(printed.lines().any(|printed| printed == line), "{line} in:\n{printed}");
+        assert!(
+            printed.lines().any(|printed| printed == line),
+            "{line} in:\n{printed}"
+        );
     }
 
     std::fs::write(&file, "half_ttl = 60\n").unwrap();
@@ -426,7 +538,11 @@ fn settings_precedence_is_flags_env_file_defaults() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
-    assert!(text(&output.stderr).contains("unknown setting `half_ttl`"), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stderr).contains("unknown setting `half_ttl`"),
+        "{}",
+        text(&output.stderr)
+    );
 }
 
 /// Goal: every subcommand documents itself.
@@ -438,12 +554,24 @@ fn every_subcommand_has_help() {
     ] {
         let output = command().args([subcommand, "--help"]).output().unwrap();
         let help = text(&output.stdout);
-        assert!(output.status.success(), "{subcommand}: {}", text(&output.stderr));
-        assert!(help.contains("Usage: tapledger-node"), "{subcommand}:\n{help}");
+        assert!(
+            output.status.success(),
+            "{subcommand}: {}",
+            text(&output.stderr)
+        );
+        assert!(
+            help.contains("Usage: tapledger-node"),
+            "{subcommand}:\n{help}"
+        );
         assert!(help.contains("--data <DIR>"), "{subcommand}:\n{help}");
     }
     let run = text(&command().args(["run", "--help"]).output().unwrap().stdout);
-    for needle in ["TAPLEDGER_LISTEN", "--metrics-listen", "--half-ttl-secs", "--grace-secs"] {
+    for needle in [
+        "TAPLEDGER_LISTEN",
+        "--metrics-listen",
+        "--half-ttl-secs",
+        "--grace-secs",
+    ] {
         assert!(run.contains(needle), "run --help mentions {needle}");
     }
 }

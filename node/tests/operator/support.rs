@@ -13,9 +13,7 @@ use std::time::{Duration, Instant};
 
 use tapledger_node::init::load_admin_credential;
 use tapledger_node::{ApiCredentials, ClientEndpoint, HalfAnswer, Phone, Submitted};
-use tapledger_protocol::{
-    AccountId, Half, OutcomeReport, ReceiveHalf, Secret, SendHalf, TxKey,
-};
+use tapledger_protocol::{AccountId, Half, OutcomeReport, ReceiveHalf, Secret, SendHalf, TxKey};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tapledger-node");
 
@@ -80,8 +78,18 @@ pub fn cli_with_input(data: &Path, args: &[&str], stdin: &str, envs: &[(&str, St
     let status = wait_bounded(&mut child, WAIT);
     let mut stdout = Vec::new();
     let mut stderr = Vec::new();
-    child.stdout.take().unwrap().read_to_end(&mut stdout).unwrap();
-    child.stderr.take().unwrap().read_to_end(&mut stderr).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut stdout)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_end(&mut stderr)
+        .unwrap();
     Output {
         status,
         stdout,
@@ -154,7 +162,13 @@ impl NodeProcess {
         let mut child = command()
             .arg("--data")
             .arg(data.path())
-            .args(["run", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args([
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -233,9 +247,10 @@ impl NodeProcess {
     pub async fn account(&self, admin: &Secret, bank: &str, opening_balance: u64) -> Account {
         let credentials = ApiCredentials::generate();
         let operator = self.connect().await;
-        let id = within(operator.open_account(admin, "checking", bank, &credentials, opening_balance))
-            .await
-            .expect("open account");
+        let id =
+            within(operator.open_account(admin, "checking", bank, &credentials, opening_balance))
+                .await
+                .expect("open account");
         operator.close().await;
         let mut phone = self.connect().await;
         within(phone.authenticate(id, &credentials.key))
@@ -286,7 +301,12 @@ pub fn send(tx_key: TxKey, sender_id: AccountId, amount: u64) -> Half {
     })
 }
 
-pub fn receive(tx_key: TxKey, receiver_id: AccountId, expected_sender_id: AccountId, expected_amount: u64) -> Half {
+pub fn receive(
+    tx_key: TxKey,
+    receiver_id: AccountId,
+    expected_sender_id: AccountId,
+    expected_amount: u64,
+) -> Half {
     Half::Receive(ReceiveHalf {
         tx_key,
         receiver_id,
@@ -298,13 +318,23 @@ pub fn receive(tx_key: TxKey, receiver_id: AccountId, expected_sender_id: Accoun
 }
 
 /// Both halves of a payment, each from its own phone; the payer's answer.
-pub async fn pay(payer: &Account, payee: &Account, tx_key: TxKey, amount: u64, expected: u64) -> HalfAnswer {
+pub async fn pay(
+    payer: &Account,
+    payee: &Account,
+    tx_key: TxKey,
+    amount: u64,
+    expected: u64,
+) -> HalfAnswer {
     let first = within(payer.phone.submit(send(tx_key, payer.id, amount)))
         .await
         .expect("submit send half");
-    let second = within(payee.phone.submit(receive(tx_key, payee.id, payer.id, expected)))
-        .await
-        .expect("submit receive half");
+    let second = within(
+        payee
+            .phone
+            .submit(receive(tx_key, payee.id, payer.id, expected)),
+    )
+    .await
+    .expect("submit receive half");
     let payer_answer = within(first.answer()).await.expect("payer's answer");
     let payee_answer = within(second.answer()).await.expect("payee's answer");
     if let (HalfAnswer::Decided(payer_report), HalfAnswer::Decided(payee_report)) =
@@ -336,11 +366,19 @@ pub async fn submit(phone: &Phone, half: Half) -> Submitted {
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     within(async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect HTTP");
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect HTTP");
         let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.expect("send request");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("send request");
         let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.expect("read response");
+        stream
+            .read_to_end(&mut response)
+            .await
+            .expect("read response");
         let response = String::from_utf8(response).expect("UTF-8 response");
         let (head, body) = response.split_once("\r\n\r\n").expect("headers end");
         let status = head
@@ -377,16 +415,24 @@ pub fn parse_prometheus(text: &str) -> HashMap<String, f64> {
         if line.starts_with('#') {
             continue;
         }
-        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("sample line: {line}"));
-        let value: f64 = value.parse().unwrap_or_else(|_| panic!("sample value: {line}"));
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("sample line: {line}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("sample value: {line}"));
         let name = series.split('{').next().unwrap();
         assert!(
-            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
             "metric name: {line}"
         );
         let family = ["_bucket", "_sum", "_count"]
             .iter()
-            .find_map(|suffix| name.strip_suffix(suffix).filter(|base| typed.contains(*base)))
+            .find_map(|suffix| {
+                name.strip_suffix(suffix)
+                    .filter(|base| typed.contains(*base))
+            })
             .unwrap_or(name);
         assert!(typed.contains(family), "no TYPE line before {line}");
         samples.insert(series.to_string(), value);
