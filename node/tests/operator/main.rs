@@ -17,7 +17,7 @@ use support::*;
 
 /// Goal: the metrics endpoint serves valid Prometheus text whose counters
 /// match what the node did, health answers, and the JSON logs carry the
-/// tx_key span but never a secret. Method: a real node with a 1 s half TTL;
+/// tx_key span but never a secret. Method: a real node with a 2 s half TTL;
 /// a settlement, an amount mismatch, a refused half, a failed
 /// authentication and an expired lone half; then scrape and parse.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,7 +27,7 @@ async fn metrics_count_what_the_node_did_and_logs_keep_secrets() {
         &data,
         &[
             "--half-ttl-secs",
-            "1",
+            "2",
             "--log-format",
             "json",
             "--log",
