@@ -465,31 +465,33 @@ impl RequestContext {
             .await;
             return;
         }
+        // Never log the attempted key.
+        tracing::warn!(account_id, "authentication failed");
+        self.credential_failed(request_id, ErrorCode::BadCredentials)
+            .await;
+    }
+
+    /// Counts a failed credential (API key or admin) and answers it; after
+    /// `auth_failures_max` on one connection, answers 1014 and closes it.
+    async fn credential_failed(&self, request_id: RequestId, code: ErrorCode) {
         let failures = self.state.auth_failures.fetch_add(1, Ordering::AcqRel) + 1;
         self.shared
             .counters
             .auth_failures
             .fetch_add(1, Ordering::Relaxed);
-        // Never log the attempted key.
-        tracing::warn!(account_id, failures, "authentication failed");
         if failures >= self.shared.limits.auth_failures_max {
-            self.fail(
-                request_id,
-                ErrorCode::Throttled,
-                "too many failed authentications; closing",
-            )
-            .await;
+            tracing::warn!(
+                failures,
+                "too many failed credentials; closing the connection"
+            );
+            self.fail(request_id, ErrorCode::Throttled, "closing the connection")
+                .await;
             // Give the writer a moment to send the answer before the close.
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             self.connection
                 .close(CLOSE_AUTH_FAILURES, b"too many failed authentications");
         } else {
-            self.fail(
-                request_id,
-                ErrorCode::BadCredentials,
-                "account id and API key do not match",
-            )
-            .await;
+            self.fail(request_id, code, "").await;
         }
     }
 
@@ -498,30 +500,9 @@ impl RequestContext {
             self.state.active.store(true, Ordering::Release);
             return true;
         }
-        let failures = self.state.auth_failures.fetch_add(1, Ordering::AcqRel) + 1;
-        self.shared
-            .counters
-            .auth_failures
-            .fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(failures, "admin credential rejected");
-        if failures >= self.shared.limits.auth_failures_max {
-            self.fail(
-                request_id,
-                ErrorCode::Throttled,
-                "too many failed authentications; closing",
-            )
+        tracing::warn!("admin credential rejected");
+        self.credential_failed(request_id, ErrorCode::BadAdminCredential)
             .await;
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            self.connection
-                .close(CLOSE_AUTH_FAILURES, b"too many failed authentications");
-        } else {
-            self.fail(
-                request_id,
-                ErrorCode::BadAdminCredential,
-                "wrong admin credential",
-            )
-            .await;
-        }
         false
     }
 
