@@ -3,8 +3,8 @@
 //!
 //! * [`bench::core`] drives the ledger API directly (no network) and measures
 //!   durable settlements against this machine's raw fsync and redb commit rates.
-//!
-//! The phone swarm, which talks to a node over QUIC, comes later; it will
-//! live beside `bench` and become the binary's default run.
+//! * [`swarm`] is the phone swarm that talks to a node over QUIC: the binary's
+//!   default run, single actions, fault scenarios and `bench e2e`.
 
 pub mod bench;
+pub mod swarm;

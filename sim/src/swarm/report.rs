@@ -1,0 +1,459 @@
+//! The swarm's report: what was run, throughput, latency percentiles, every
+//! phone's answer counted against what the plan expected, the balances over
+//! the wire and the node's audit. Rendered for people and as JSON; a report
+//! with any failure makes the binary exit non-zero.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tapledger_actors::AuditReport;
+use tapledger_protocol::{ErrorCode, RejectCode};
+
+use super::run::{Bucket, OutcomeCounts, TIMELINE_BUCKET};
+use super::workload::Kind;
+
+/// Percentiles of one latency histogram, in microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub mean_us: f64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
+
+impl LatencySummary {
+    pub fn of(histogram: &Histogram<u64>) -> LatencySummary {
+        if histogram.is_empty() {
+            return LatencySummary::default();
+        }
+        LatencySummary {
+            count: histogram.len(),
+            mean_us: histogram.mean(),
+            p50_us: histogram.value_at_quantile(0.50),
+            p90_us: histogram.value_at_quantile(0.90),
+            p99_us: histogram.value_at_quantile(0.99),
+            p999_us: histogram.value_at_quantile(0.999),
+            max_us: histogram.max(),
+        }
+    }
+
+    pub fn to_json(self) -> serde_json::Value {
+        json!({
+            "count": self.count,
+            "mean_us": self.mean_us,
+            "p50_us": self.p50_us,
+            "p90_us": self.p90_us,
+            "p99_us": self.p99_us,
+            "p999_us": self.p999_us,
+            "max_us": self.max_us,
+        })
+    }
+
+    /// "p50 1.2 ms · p90 ... · max ..." for people.
+    pub fn render(self) -> String {
+        format!(
+            "p50 {} · p90 {} · p99 {} · p99.9 {} · max {}",
+            duration_text(self.p50_us),
+            duration_text(self.p90_us),
+            duration_text(self.p99_us),
+            duration_text(self.p999_us),
+            duration_text(self.max_us)
+        )
+    }
+}
+
+/// One point of the timeline: a bucket of [`TIMELINE_BUCKET`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TimelinePoint {
+    /// End of the bucket, seconds after the first tap.
+    pub seconds: f64,
+    pub settled_per_sec: f64,
+    pub latency_count: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
+pub fn timeline(buckets: &[Bucket]) -> Vec<TimelinePoint> {
+    let width = TIMELINE_BUCKET.as_secs_f64();
+    buckets
+        .iter()
+        .enumerate()
+        .map(|(index, bucket)| {
+            let latency = LatencySummary::of(&bucket.latency);
+            TimelinePoint {
+                seconds: (index + 1) as f64 * width,
+                settled_per_sec: bucket.settled as f64 / width,
+                latency_count: latency.count,
+                p50_us: latency.p50_us,
+                p99_us: latency.p99_us,
+                max_us: latency.max_us,
+            }
+        })
+        .collect()
+}
+
+/// The node's audit, and whether its counts agree with the sim's.
+#[derive(Clone, Debug)]
+pub struct AuditSummary {
+    pub report: AuditReport,
+    /// Disagreements between the audit's counts and the payments the sim ran.
+    pub count_problems: Vec<String>,
+}
+
+impl AuditSummary {
+    pub fn is_ok(&self) -> bool {
+        self.report.is_ok() && self.count_problems.is_empty()
+    }
+}
+
+/// Everything a swarm run found.
+#[derive(Clone, Debug)]
+pub struct SwarmReport {
+    pub target: String,
+    pub seed: u64,
+    pub phones: usize,
+    pub endpoints: usize,
+    pub payments_planned: u64,
+    pub payments_run: u64,
+    pub fault_share: f64,
+    /// Offered open-loop arrivals per second; `None` for closed loop.
+    pub rate: Option<f64>,
+    pub half_ttl_ms: u64,
+    pub open_accounts_seconds: f64,
+    pub connect_seconds: f64,
+    /// From the first tap to the last answer.
+    pub seconds: f64,
+    pub settled: u64,
+    pub kinds: BTreeMap<Kind, u64>,
+    pub outcomes: OutcomeCounts,
+    pub observations: u64,
+    pub mismatches: u64,
+    pub mismatch_examples: Vec<String>,
+    pub latency: LatencySummary,
+    pub second_half: LatencySummary,
+    pub timeline: Vec<TimelinePoint>,
+    pub balances_checked: u64,
+    pub balance_mismatches: u64,
+    pub balance_mismatch_examples: Vec<String>,
+    /// The embedded node's audit; `None` against a remote node.
+    pub audit: Option<AuditSummary>,
+    pub notes: Vec<String>,
+}
+
+impl SwarmReport {
+    pub fn settlements_per_sec(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.settled as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+
+    /// Every failed check; empty means the run passed.
+    pub fn failures(&self) -> Vec<String> {
+        let mut failures = Vec::new();
+        if self.mismatches > 0 {
+            failures.push(format!(
+                "{} of {} answers differ from what the sim expected",
+                thousands(self.mismatches),
+                thousands(self.observations)
+            ));
+        }
+        if self.balance_mismatches > 0 {
+            failures.push(format!(
+                "{} of {} balances differ from the sim's expectation",
+                thousands(self.balance_mismatches),
+                thousands(self.balances_checked)
+            ));
+        }
+        if let Some(audit) = &self.audit {
+            for problem in audit.report.problems.iter().chain(&audit.count_problems) {
+                failures.push(format!("audit: {problem}"));
+            }
+        }
+        failures
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "tapledger-sim: {} phones, {} payments (seed {}) against the {}",
+            thousands(self.phones as u64),
+            thousands(self.payments_run),
+            self.seed,
+            self.target
+        );
+        let _ = writeln!(
+            out,
+            "  setup: {} accounts opened in {:.1} s, {} phones connected (one QUIC connection each, over {} client sockets) in {:.1} s",
+            thousands(self.phones as u64),
+            self.open_accounts_seconds,
+            thousands(self.phones as u64),
+            self.endpoints,
+            self.connect_seconds
+        );
+        let pace = match self.rate {
+            Some(rate) => format!("offered {}/s open loop", thousands(rate as u64)),
+            None => "closed loop".to_owned(),
+        };
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "payments: {} in {:.1} s ({pace}, {:.1}% faults)",
+            thousands(self.payments_run),
+            self.seconds,
+            self.fault_share * 100.0
+        );
+        let _ = writeln!(
+            out,
+            "  settled {} · {} settlements/s",
+            thousands(self.settled),
+            thousands(self.settlements_per_sec().round() as u64)
+        );
+        let _ = writeln!(
+            out,
+            "  latency, intended tap → both phones told ({} honest payments):",
+            thousands(self.latency.count)
+        );
+        let _ = writeln!(out, "    {}", self.latency.render());
+        let _ = writeln!(
+            out,
+            "  latency, second half sent → its outcome ({} payments):",
+            thousands(self.second_half.count)
+        );
+        let _ = writeln!(out, "    {}", self.second_half.render());
+        let kinds: Vec<String> = self
+            .kinds
+            .iter()
+            .map(|(kind, count)| format!("{} {}", kind.name(), thousands(*count)))
+            .collect();
+        let _ = writeln!(out, "  by kind: {}", kinds.join(" · "));
+
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "answers, expected vs observed (one per phone and step):"
+        );
+        let _ = writeln!(
+            out,
+            "  {:<8} {:<48} {:>10} {:>10}",
+            "code", "meaning", "expected", "observed"
+        );
+        for (label, (expected, observed)) in &self.outcomes {
+            let verdict = if expected == observed { "" } else { "  ✗" };
+            let _ = writeln!(
+                out,
+                "  {:<8} {:<48} {:>10} {:>10}{verdict}",
+                label,
+                meaning(label),
+                thousands(*expected),
+                thousands(*observed)
+            );
+        }
+        if self.mismatches == 0 {
+            let _ = writeln!(
+                out,
+                "  all {} answers as expected",
+                thousands(self.observations)
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "  {} answers differ from the plan; the first:",
+                thousands(self.mismatches)
+            );
+            for example in &self.mismatch_examples {
+                let _ = writeln!(out, "    {example}");
+            }
+        }
+
+        let _ = writeln!(out);
+        if self.balance_mismatches == 0 {
+            let _ = writeln!(
+                out,
+                "balances: {} accounts asked over the wire, every one as the sim expected",
+                thousands(self.balances_checked)
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "balances: {} of {} differ from the sim's expectation; the first:",
+                thousands(self.balance_mismatches),
+                thousands(self.balances_checked)
+            );
+            for example in &self.balance_mismatch_examples {
+                let _ = writeln!(out, "    {example}");
+            }
+        }
+        match &self.audit {
+            Some(audit) => {
+                let report = &audit.report;
+                let verdict = if audit.is_ok() { "ok" } else { "FAILED" };
+                let _ = writeln!(
+                    out,
+                    "audit: {verdict} · {} accounts, {} settlements, {} rejections, {} halves pending; \
+                     user balances {} = issued {}",
+                    thousands(report.accounts),
+                    thousands(report.settlements),
+                    thousands(report.rejections),
+                    thousands(report.pending_halves),
+                    thousands_u128(report.user_balances_total),
+                    thousands(report.issued)
+                );
+                for problem in report.problems.iter().chain(&audit.count_problems) {
+                    let _ = writeln!(out, "    {problem}");
+                }
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "audit: not available over the wire; run `tapledger-node audit` on the node"
+                );
+            }
+        }
+        for note in &self.notes {
+            let _ = writeln!(out, "note: {note}");
+        }
+        let failures = self.failures();
+        if failures.is_empty() {
+            let _ = writeln!(out, "result: PASS");
+        } else {
+            let _ = writeln!(out, "result: FAIL");
+            for failure in failures {
+                let _ = writeln!(out, "  {failure}");
+            }
+        }
+        out
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let outcomes: serde_json::Map<String, serde_json::Value> = self
+            .outcomes
+            .iter()
+            .map(|(label, (expected, observed))| {
+                (
+                    label.clone(),
+                    json!({"meaning": meaning(label), "expected": expected, "observed": observed}),
+                )
+            })
+            .collect();
+        let kinds: serde_json::Map<String, serde_json::Value> = self
+            .kinds
+            .iter()
+            .map(|(kind, count)| (kind.name().to_owned(), json!(count)))
+            .collect();
+        let timeline: Vec<serde_json::Value> = self
+            .timeline
+            .iter()
+            .map(|point| {
+                json!({
+                    "seconds": point.seconds,
+                    "settled_per_sec": point.settled_per_sec,
+                    "latency_count": point.latency_count,
+                    "p50_us": point.p50_us,
+                    "p99_us": point.p99_us,
+                    "max_us": point.max_us,
+                })
+            })
+            .collect();
+        let audit = self.audit.as_ref().map(|audit| {
+            json!({
+                "ok": audit.is_ok(),
+                "accounts": audit.report.accounts,
+                "journal_entries": audit.report.journal_entries,
+                "fundings": audit.report.fundings,
+                "settlements": audit.report.settlements,
+                "rejections": audit.report.rejections,
+                "pending_halves": audit.report.pending_halves,
+                "issued": audit.report.issued,
+                "user_balances_total": audit.report.user_balances_total.to_string(),
+                "problems": audit.report.problems,
+                "count_problems": audit.count_problems,
+            })
+        });
+        json!({
+            "target": self.target,
+            "seed": self.seed,
+            "phones": self.phones,
+            "endpoints": self.endpoints,
+            "payments_planned": self.payments_planned,
+            "payments": self.payments_run,
+            "fault_share": self.fault_share,
+            "rate": self.rate,
+            "half_ttl_ms": self.half_ttl_ms,
+            "open_accounts_seconds": self.open_accounts_seconds,
+            "connect_seconds": self.connect_seconds,
+            "seconds": self.seconds,
+            "settled": self.settled,
+            "settlements_per_sec": self.settlements_per_sec(),
+            "latency": self.latency.to_json(),
+            "second_half_latency": self.second_half.to_json(),
+            "kinds": kinds,
+            "outcomes": outcomes,
+            "observations": self.observations,
+            "mismatches": self.mismatches,
+            "mismatch_examples": self.mismatch_examples,
+            "balances_checked": self.balances_checked,
+            "balance_mismatches": self.balance_mismatches,
+            "balance_mismatch_examples": self.balance_mismatch_examples,
+            "audit": audit,
+            "timeline_bucket_seconds": TIMELINE_BUCKET.as_secs_f64(),
+            "timeline": timeline,
+            "notes": self.notes,
+            "failures": self.failures(),
+            "passed": self.failures().is_empty(),
+        })
+    }
+}
+
+/// What a row label means.
+pub fn meaning(label: &str) -> &'static str {
+    if label == "settled" {
+        return "the payment settled";
+    }
+    if label == "failed" {
+        return "no usable answer (timeout, lost connection, wrong report)";
+    }
+    match label.parse::<u16>() {
+        Ok(code) => RejectCode::from_code(code)
+            .map(RejectCode::explanation)
+            .or_else(|| ErrorCode::from_code(code).map(ErrorCode::explanation))
+            .unwrap_or("unknown code"),
+        Err(_) => "unknown",
+    }
+}
+
+/// 1234567 → "1,234,567".
+pub fn thousands(value: u64) -> String {
+    thousands_u128(u128::from(value))
+}
+
+pub fn thousands_u128(value: u128) -> String {
+    let digits = value.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+/// Microseconds for people: "850 µs", "1.25 ms", "2.10 s".
+pub fn duration_text(micros: u64) -> String {
+    if micros < 1_000 {
+        format!("{micros} µs")
+    } else if micros < 1_000_000 {
+        format!("{:.2} ms", micros as f64 / 1e3)
+    } else {
+        format!("{:.2} s", micros as f64 / 1e6)
+    }
+}

@@ -1,0 +1,403 @@
+//! Drives a plan through the swarm: an open-loop dispatcher starts each
+//! payment at its intended tap time (or, closed loop, whenever one of a fixed
+//! number of slots frees up), one task per payment, and a tally collects what
+//! every phone was told, latencies and a timeline.
+//!
+//! Latency counts from the intended tap time, not from when the sim got
+//! round to sending: a node (or a sim) that falls behind shows as latency,
+//! never as fewer measurements (no coordinated omission).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use hdrhistogram::Histogram;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::phones::{PaymentResult, Swarm};
+use super::target::progress_bar;
+use super::workload::{Kind, Payment};
+
+/// Latencies above this are recorded as this (ten minutes, in microseconds).
+pub const LATENCY_US_MAX: u64 = 600_000_000;
+/// Width of one timeline bucket (throughput and latency over time).
+pub const TIMELINE_BUCKET: Duration = Duration::from_millis(100);
+/// Mismatches described in full in the report; the rest are only counted.
+const MISMATCH_EXAMPLES_MAX: usize = 20;
+/// How often the progress bar is refreshed.
+const PROGRESS_TICK: Duration = Duration::from_millis(200);
+
+/// How payments are started.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Pace {
+    /// At their planned tap times (`Payment::at_us`), however the node keeps up.
+    Open,
+    /// Whenever fewer than this many are in flight; latency then counts from
+    /// the start of each payment.
+    Closed { in_flight: usize },
+}
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub pace: Pace,
+    /// Start no payment planned (open loop) or started (closed loop) later
+    /// than this after the start.
+    pub stop_after: Option<Duration>,
+    /// Payments in flight at most (open loop): a bound on the sim's memory,
+    /// not a brake on the schedule, since latency still counts from the tap.
+    pub in_flight_max: usize,
+    pub progress: bool,
+    /// Abort if no payment finishes for this long.
+    pub stall_timeout: Duration,
+}
+
+/// One timeline bucket.
+#[derive(Clone, Debug)]
+pub struct Bucket {
+    pub settled: u64,
+    pub finished: u64,
+    /// Latencies of honest payments finishing in this bucket.
+    pub latency: Histogram<u64>,
+}
+
+impl Bucket {
+    fn new() -> Bucket {
+        Bucket {
+            settled: 0,
+            finished: 0,
+            latency: Histogram::new_with_bounds(1, LATENCY_US_MAX, 2).expect("valid bounds"),
+        }
+    }
+}
+
+/// Counts per row label: (expected, observed).
+pub type OutcomeCounts = BTreeMap<String, (u64, u64)>;
+
+/// Everything measured while running a plan.
+#[derive(Debug)]
+pub struct Tally {
+    /// Payments started: always a prefix of the plan.
+    pub dispatched: u64,
+    pub finished: u64,
+    /// Payments some phone was told settled.
+    pub settled: u64,
+    pub kinds: BTreeMap<Kind, u64>,
+    pub outcomes: OutcomeCounts,
+    pub observations: u64,
+    pub mismatches: u64,
+    pub mismatch_examples: Vec<String>,
+    /// Intended tap → both phones have the outcome, honest payments only.
+    pub latency: Histogram<u64>,
+    /// Later half sent → its outcome, for payments with two concurrent halves.
+    pub second_half: Histogram<u64>,
+    pub timeline: Vec<Bucket>,
+    /// From the first intended tap to the last answer.
+    pub seconds: f64,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        let histogram = || Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid bounds");
+        Tally {
+            dispatched: 0,
+            finished: 0,
+            settled: 0,
+            kinds: BTreeMap::new(),
+            outcomes: BTreeMap::new(),
+            observations: 0,
+            mismatches: 0,
+            mismatch_examples: Vec::new(),
+            latency: histogram(),
+            second_half: histogram(),
+            timeline: Vec::new(),
+            seconds: 0.0,
+        }
+    }
+
+    fn record(
+        &mut self,
+        payment: &Payment,
+        result: &PaymentResult,
+        tap: Instant,
+        started: Instant,
+    ) {
+        self.finished += 1;
+        *self.kinds.entry(payment.kind).or_default() += 1;
+        if result.settled {
+            self.settled += 1;
+        }
+        let latency_us = micros(result.finished.saturating_duration_since(tap));
+        if payment.kind == Kind::Normal {
+            self.latency.saturating_record(latency_us);
+        }
+        if let Some(second) = result.second_half {
+            self.second_half.saturating_record(micros(second));
+        }
+        let bucket = (result
+            .finished
+            .saturating_duration_since(started)
+            .as_micros()
+            / TIMELINE_BUCKET.as_micros()) as usize;
+        while self.timeline.len() <= bucket {
+            self.timeline.push(Bucket::new());
+        }
+        let bucket = &mut self.timeline[bucket];
+        bucket.finished += 1;
+        if result.settled {
+            bucket.settled += 1;
+        }
+        if payment.kind == Kind::Normal {
+            bucket.latency.saturating_record(latency_us);
+        }
+        for observation in &result.observations {
+            self.observations += 1;
+            self.outcomes
+                .entry(observation.expected.label())
+                .or_default()
+                .0 += 1;
+            self.outcomes.entry(observation.got.label()).or_default().1 += 1;
+            if !observation.matches() {
+                self.mismatches += 1;
+                if self.mismatch_examples.len() < MISMATCH_EXAMPLES_MAX {
+                    self.mismatch_examples.push(format!(
+                        "payment {} ({}, tx_key {}): {} expected {}, got {}",
+                        payment.index,
+                        payment.kind.name(),
+                        payment.tx_key,
+                        observation.role,
+                        observation.expected.describe(),
+                        observation.got.describe()
+                    ));
+                }
+            }
+        }
+    }
+
+    fn failed_task(&mut self, why: String) {
+        self.finished += 1;
+        self.mismatches += 1;
+        if self.mismatch_examples.len() < MISMATCH_EXAMPLES_MAX {
+            self.mismatch_examples.push(why);
+        }
+    }
+}
+
+/// Barrier payments (see `Payment::is_barrier`) still unfinished per epoch;
+/// the dispatcher waits on these before starting epoch `k + 2`.
+struct Epochs {
+    remaining: Vec<AtomicUsize>,
+    finished: Notify,
+}
+
+impl Epochs {
+    fn of(plan: &[Payment]) -> Epochs {
+        let count = plan.last().map_or(0, |payment| payment.epoch as usize + 1);
+        let remaining: Vec<AtomicUsize> = (0..count).map(|_| AtomicUsize::new(0)).collect();
+        for payment in plan.iter().filter(|payment| payment.is_barrier()) {
+            remaining[payment.epoch as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        Epochs {
+            remaining,
+            finished: Notify::new(),
+        }
+    }
+
+    /// Waits until every barrier payment of `epoch` finished; false if that
+    /// took longer than `limit`.
+    async fn wait_finished(&self, epoch: u64, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            // Registered before the check, so a wake-up in between is not lost.
+            let notified = self.finished.notified();
+            if self.remaining[epoch as usize].load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+}
+
+/// Counts its payment as finished when dropped, even if its task panicked.
+struct EpochGuard {
+    epochs: Arc<Epochs>,
+    epoch: u64,
+}
+
+impl Drop for EpochGuard {
+    fn drop(&mut self) {
+        let before = self.epochs.remaining[self.epoch as usize].fetch_sub(1, Ordering::AcqRel);
+        if before == 1 {
+            self.epochs.finished.notify_waiters();
+        }
+    }
+}
+
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+/// Runs `plan` through `swarm` and returns the tally.
+pub async fn run_plan(
+    swarm: &Arc<Swarm>,
+    plan: &Arc<Vec<Payment>>,
+    options: &RunOptions,
+) -> anyhow::Result<Tally> {
+    let tally = Arc::new(Mutex::new(Tally::new()));
+    let finished = Arc::new(AtomicU64::new(0));
+    let settled = Arc::new(AtomicU64::new(0));
+    let progress = progress_bar(plan.len() as u64, "payments", options.progress);
+    let ticker = {
+        let progress = progress.clone();
+        let finished = finished.clone();
+        let settled = settled.clone();
+        tokio::spawn(async move {
+            // Settled counts of the last second, to show the current rate.
+            let mut window = std::collections::VecDeque::new();
+            let mut interval = tokio::time::interval(PROGRESS_TICK);
+            loop {
+                interval.tick().await;
+                let now_settled = settled.load(Ordering::Relaxed);
+                window.push_back(now_settled);
+                if window.len() > (1_000 / PROGRESS_TICK.as_millis()) as usize + 1 {
+                    window.pop_front();
+                }
+                let span = (window.len() - 1) as f64 * PROGRESS_TICK.as_secs_f64();
+                let rate = if span > 0.0 {
+                    (now_settled - window.front().copied().unwrap_or(0)) as f64 / span
+                } else {
+                    0.0
+                };
+                progress.set_position(finished.load(Ordering::Relaxed));
+                progress.set_message(format!(
+                    "· {} settled · {}/s now",
+                    super::report::thousands(now_settled),
+                    super::report::thousands(rate as u64)
+                ));
+            }
+        })
+    };
+
+    let in_flight = match options.pace {
+        Pace::Open => options.in_flight_max,
+        Pace::Closed { in_flight } => in_flight,
+    }
+    .max(1);
+    let slots = Arc::new(Semaphore::new(in_flight));
+    let epochs = Arc::new(Epochs::of(plan));
+    // A short lead so the first taps are not already late.
+    let started = Instant::now() + Duration::from_millis(5);
+    let mut tasks = JoinSet::new();
+    let mut dispatched = 0u64;
+    let reap = |done: Result<(), tokio::task::JoinError>, tally: &Mutex<Tally>| {
+        if let Err(error) = done {
+            tally
+                .lock()
+                .expect("tally lock")
+                .failed_task(format!("a payment task failed: {error}"));
+        }
+    };
+    for (index, payment) in plan.iter().enumerate() {
+        let planned = Duration::from_micros(payment.at_us);
+        // Open loop stops at the planned time, closed loop at the wall clock.
+        let elapsed = match options.pace {
+            Pace::Open => planned,
+            Pace::Closed { .. } => started.elapsed(),
+        };
+        if options.stop_after.is_some_and(|stop| elapsed > stop) {
+            break;
+        }
+        if options.pace == Pace::Open {
+            let intended = started + planned;
+            if Instant::now() < intended {
+                tokio::time::sleep_until(intended).await;
+            }
+        }
+        if payment.epoch >= 2
+            && !epochs
+                .wait_finished(payment.epoch - 2, options.stall_timeout)
+                .await
+        {
+            tasks.abort_all();
+            ticker.abort();
+            progress.finish_and_clear();
+            bail!(
+                "payments of epoch {} did not finish within {:?}: the node stopped answering",
+                payment.epoch - 2,
+                options.stall_timeout
+            );
+        }
+        let permit = slots.clone().acquire_owned().await.expect("never closed");
+        let tap = match options.pace {
+            Pace::Open => started + planned,
+            Pace::Closed { .. } => Instant::now(),
+        };
+        dispatched += 1;
+        let swarm = swarm.clone();
+        let plan = plan.clone();
+        let task_tally = tally.clone();
+        let finished = finished.clone();
+        let settled = settled.clone();
+        let epoch_guard = payment.is_barrier().then(|| EpochGuard {
+            epochs: epochs.clone(),
+            epoch: payment.epoch,
+        });
+        tasks.spawn(async move {
+            let _permit = permit;
+            let _epoch_guard = epoch_guard;
+            let payment = &plan[index];
+            let mut phone_slots = Vec::with_capacity(2);
+            // Ascending phone order: two payments never wait on each other's slots.
+            for phone in payment.phones() {
+                let slots = swarm.phones[phone as usize].slots.clone();
+                phone_slots.push(slots.acquire_owned().await.expect("never closed"));
+            }
+            let result = swarm.execute(payment, tap).await;
+            drop(phone_slots);
+            if result.settled {
+                settled.fetch_add(1, Ordering::Relaxed);
+            }
+            task_tally
+                .lock()
+                .expect("tally lock")
+                .record(payment, &result, tap, started);
+            finished.fetch_add(1, Ordering::Relaxed);
+        });
+        while let Some(done) = tasks.try_join_next() {
+            reap(done, &tally);
+        }
+    }
+    loop {
+        match tokio::time::timeout(options.stall_timeout, tasks.join_next()).await {
+            Ok(Some(done)) => reap(done, &tally),
+            Ok(None) => break,
+            Err(_) => {
+                tasks.abort_all();
+                ticker.abort();
+                progress.finish_and_clear();
+                bail!(
+                    "no payment finished for {:?} with {} still running: the node stopped answering",
+                    options.stall_timeout,
+                    tasks.len()
+                );
+            }
+        }
+    }
+    ticker.abort();
+    progress.set_position(finished.load(Ordering::Relaxed));
+    progress.finish_and_clear();
+    let mut tally = Arc::try_unwrap(tally)
+        .map_err(|_| anyhow!("the tally is still shared after every payment ended"))?
+        .into_inner()
+        .expect("tally lock");
+    tally.dispatched = dispatched;
+    tally.seconds = started.elapsed().as_secs_f64();
+    Ok(tally)
+}
