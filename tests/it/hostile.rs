@@ -704,48 +704,68 @@ async fn streams_opened_and_never_finished_are_capped_and_timed_out() {
 // Measurement: honest throughput under a flood.
 
 /// Seconds per phase unless `TAPLEDGER_FLOOD_SECS` says otherwise.
-const FLOOD_SECS_DEFAULT: f64 = 1.5;
+const FLOOD_SECS_DEFAULT: f64 = 0.5;
 
-/// Sends garbage frames as fast as the node takes them on one connection,
-/// discarding the answers; returns frames sent.
+/// Prints one phase; `baseline` is the quiet rate to compare with.
+fn report(attack: Attack, phase: &Phase, baseline: f64, secs: f64) {
+    println!(
+        "flood measurement, {secs} s, attack {attack:?}: honest {:.0} payments/s ({:.0}% of the \
+         quiet phases around it); attacker sent {} garbage frames ({:.0}/s) and {} wrong keys \
+         ({:.0}/s); CPU: this process {:.2} cores, other processes {:.2} cores",
+        phase.payments_per_sec,
+        100.0 * phase.payments_per_sec / baseline.max(1.0),
+        phase.garbage_frames,
+        phase.garbage_frames as f64 / secs,
+        phase.wrong_keys,
+        phase.wrong_keys as f64 / secs,
+        phase.own_cores,
+        phase.other_cores,
+    );
+}
+
+/// Sends garbage frames as fast as the node takes them, discarding the
+/// answers, and connects again whenever the node closes the connection (or
+/// the first-request deadline does); returns frames sent.
 async fn garbage_flooder(
     node_addr: std::net::SocketAddr,
     endpoint: quinn::Endpoint,
     stop: watch::Receiver<bool>,
 ) -> u64 {
-    let Ok(connecting) = endpoint.connect(node_addr, "localhost") else {
-        return 0;
-    };
-    let Ok(connection) = connecting.await else {
-        return 0;
-    };
-    let Ok((mut send, mut recv)) = connection.open_bi().await else {
-        return 0;
-    };
-    let drain = tokio::spawn(async move {
-        let mut sink = vec![0u8; 64 * 1024];
-        while let Ok(Some(_)) = recv.read(&mut sink).await {}
-    });
     let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut sent = 0;
     let mut batch = Vec::with_capacity(64 * 1024);
     while !*stop.borrow() {
-        batch.clear();
-        for _ in 0..256 {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let len = 1 + (state % 48) as usize;
-            batch.extend_from_slice(&(len as u32).to_be_bytes());
-            batch.extend((0..len).map(|index| (state >> (index % 8 * 8)) as u8 | 0x80));
-        }
-        if send.write_all(&batch).await.is_err() {
+        let Ok(connecting) = endpoint.connect(node_addr, "localhost") else {
             break;
+        };
+        let Ok(connection) = connecting.await else {
+            continue;
+        };
+        let Ok((mut send, mut recv)) = connection.open_bi().await else {
+            continue;
+        };
+        let drain = tokio::spawn(async move {
+            let mut sink = vec![0u8; 64 * 1024];
+            while let Ok(Some(_)) = recv.read(&mut sink).await {}
+        });
+        while !*stop.borrow() {
+            batch.clear();
+            for _ in 0..256 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let len = 1 + (state % 48) as usize;
+                batch.extend_from_slice(&(len as u32).to_be_bytes());
+                batch.extend((0..len).map(|index| (state >> (index % 8 * 8)) as u8 | 0x80));
+            }
+            if send.write_all(&batch).await.is_err() {
+                break;
+            }
+            sent += 256;
         }
-        sent += 256;
+        connection.close(0u32.into(), b"again");
+        drain.abort();
     }
-    connection.close(0u32.into(), b"done");
-    drain.abort();
     sent
 }
 
@@ -792,6 +812,68 @@ async fn wrong_key_flooder(
     attempts
 }
 
+/// CPU time in USER_HZ ticks (100 a second on Linux): the whole machine's
+/// busy and total time from `/proc/stat`, and this process's own from
+/// `/proc/self/stat`. Zeros where those files do not exist.
+#[derive(Clone, Copy, Default)]
+struct CpuTicks {
+    machine_busy: u64,
+    machine_total: u64,
+    own: u64,
+}
+
+impl CpuTicks {
+    fn now() -> CpuTicks {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|field| field.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal
+        let field = |index: usize| fields.get(index).copied().unwrap_or(0);
+        let idle = field(3) + field(4);
+        let busy = field(0) + field(1) + field(2) + field(5) + field(6) + field(7);
+        let own_stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        // After the command name (which may hold spaces) come the state,
+        // then numbered fields; utime and stime are the 14th and 15th of the
+        // whole line, so the 12th and 13th after the name.
+        let after_name = own_stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest)
+            .unwrap_or("");
+        let own_field = |index: usize| -> u64 {
+            after_name
+                .split_whitespace()
+                .nth(index)
+                .and_then(|field| field.parse().ok())
+                .unwrap_or(0)
+        };
+        let own = own_field(11) + own_field(12);
+        CpuTicks {
+            machine_busy: busy,
+            machine_total: busy + idle,
+            own,
+        }
+    }
+
+    /// Cores this process used, and cores other processes used, since `earlier`.
+    fn cores_since(self, earlier: CpuTicks) -> (f64, f64) {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let total = self
+            .machine_total
+            .saturating_sub(earlier.machine_total)
+            .max(1) as f64;
+        let busy = self.machine_busy.saturating_sub(earlier.machine_busy) as f64;
+        let own = self.own.saturating_sub(earlier.own) as f64;
+        let share = |ticks: f64| ticks / total * cores;
+        (share(own), share((busy - own).max(0.0)))
+    }
+}
+
 /// What the attacker does during one phase of the measurement.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Attack {
@@ -801,15 +883,26 @@ enum Attack {
     Both,
 }
 
-/// Honest payments per second during `phase` while `attack` runs, and what
-/// the attacker sent: (payments/s, garbage frames, wrong keys).
+/// One phase of the measurement.
+struct Phase {
+    payments_per_sec: f64,
+    garbage_frames: u64,
+    wrong_keys: u64,
+    /// Cores used by this test process (node, honest phones and attacker).
+    own_cores: f64,
+    /// Cores used by other processes on the machine meanwhile.
+    other_cores: f64,
+}
+
+/// Honest payments per second during `phase` while `attack` runs, what the
+/// attacker sent, and the CPU used.
 async fn measure(
     node: &TestNode,
     honest: &Honest,
     victim: AccountId,
     attack: Attack,
     phase: Duration,
-) -> (f64, u64, u64) {
+) -> Phase {
     let (stop, stopped) = watch::channel(false);
     let endpoint = raw_endpoint(node);
     let addr = node.node.local_addr;
@@ -838,9 +931,10 @@ async fn measure(
         .collect();
     // Let the attack get going before counting.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let (before, started) = (honest.settled(), Instant::now());
+    let (before, started, cpu) = (honest.settled(), Instant::now(), CpuTicks::now());
     tokio::time::sleep(phase).await;
-    let rate = (honest.settled() - before) as f64 / started.elapsed().as_secs_f64();
+    let payments_per_sec = (honest.settled() - before) as f64 / started.elapsed().as_secs_f64();
+    let (own_cores, other_cores) = CpuTicks::now().cores_since(cpu);
     let _ = stop.send(true);
     let mut garbage_frames = 0;
     for task in garbage {
@@ -850,7 +944,13 @@ async fn measure(
     for task in keys {
         wrong_keys += within(task).await.unwrap();
     }
-    (rate, garbage_frames, wrong_keys)
+    Phase {
+        payments_per_sec,
+        garbage_frames,
+        wrong_keys,
+        own_cores,
+        other_cores,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -873,25 +973,17 @@ async fn honest_throughput_with_and_without_a_flooding_attacker() {
     let honest = Honest::start(&node, 4).await;
     honest.wait_for(1).await;
 
-    let mut quiet = 0.0;
-    for attack in [
-        Attack::None,
-        Attack::Garbage,
-        Attack::WrongKeys,
-        Attack::Both,
-    ] {
-        let (rate, garbage, keys) = measure(&node, &honest, victim, attack, phase).await;
-        if attack == Attack::None {
-            quiet = rate;
-        }
-        println!(
-            "flood measurement, {secs} s, attack {attack:?}: honest {rate:.0} payments/s \
-             ({:.0}% of quiet); attacker sent {garbage} garbage frames ({:.0}/s) and {keys} \
-             wrong keys ({:.0}/s)",
-            100.0 * rate / f64::max(quiet, 1.0),
-            garbage as f64 / secs,
-            keys as f64 / secs,
-        );
+    // Each attack between two quiet phases, so that a change in the
+    // machine's load shows as a change between the quiet ones.
+    let mut quiet = measure(&node, &honest, victim, Attack::None, phase).await;
+    report(Attack::None, &quiet, quiet.payments_per_sec, secs);
+    for attack in [Attack::Garbage, Attack::WrongKeys, Attack::Both] {
+        let attacked = measure(&node, &honest, victim, attack, phase).await;
+        let after = measure(&node, &honest, victim, Attack::None, phase).await;
+        let baseline = (quiet.payments_per_sec + after.payments_per_sec) / 2.0;
+        report(attack, &attacked, baseline, secs);
+        report(Attack::None, &after, after.payments_per_sec, secs);
+        quiet = after;
     }
     let total = honest.finish().await;
     println!(

@@ -600,6 +600,12 @@ async fn run_case(fault: Fault, allowed: u64) -> CaseReport {
         matches!(&submitted, Err(error) if is_poisoned(error)),
         "{fault:?} after {allowed}: a half after the failure gave {submitted:?}"
     );
+    // Reads still work: the committed state is there to be asked about.
+    let balance = ledger.balance(accounts[0]);
+    assert!(
+        matches!(balance, Ok(Some(_))),
+        "{fault:?} after {allowed}: a read after the failure gave {balance:?}"
+    );
     let ledger = Arc::into_inner(ledger).expect("workers are done");
     within(ledger.close()).await;
 
