@@ -41,7 +41,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_tapledger-node");
 const WAIT: Duration = Duration::from_secs(20);
 const ROUNDS_DEFAULT: u64 = 3;
 /// Short, so that lone halves expire across kills and restarts.
-const HALF_TTL: Duration = Duration::from_secs(2);
+const HALF_TTL: Duration = Duration::from_secs(3);
 const ACCOUNTS: usize = 12;
 const OPENING_BALANCE: u64 = 1_000_000;
 /// Payment loops running at once: many payments in flight at every moment.
