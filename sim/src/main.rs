@@ -362,7 +362,8 @@ fn bench_core(args: CoreArgs) -> anyhow::Result<ExitCode> {
 
 fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all();
+    // The embedded node runs on its own runtime; these threads are the phones.
+    runtime.enable_all().thread_name("sim-rt-worker");
     if let Some(workers) = workers {
         runtime.worker_threads(workers);
     }
@@ -411,7 +412,9 @@ fn run_swarm(args: SwarmArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.plot {
         let title = format!(
             "tapledger-sim: {} phones, {} payments, seed {}",
-            report.phones, report.payments_run, report.seed
+            swarm::report::thousands(report.phones as u64),
+            swarm::report::thousands(report.payments_run),
+            report.seed
         );
         std::fs::write(path, swarm::plot::render_svg(&report.timeline, &title))
             .with_context(|| format!("cannot write {}", path.display()))?;

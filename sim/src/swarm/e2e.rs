@@ -19,10 +19,9 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::json;
 
-use super::config::EMBEDDED_HALF_TTL;
 use super::phones::{SimPhone, Swarm};
 use super::report::{LatencySummary, thousands};
-use super::run::{Pace, RunOptions, run_plan};
+use super::run::{CpuSplit, Pace, RunOptions, run_plan};
 use super::target::{Connected, Target, connect_phones, open_accounts};
 use super::workload::{self, WorkloadConfig};
 use crate::bench::core::{self as core_bench, CoreBenchConfig};
@@ -79,7 +78,10 @@ pub struct E2eStep {
     /// Later half sent → its outcome.
     pub second_half: LatencySummary,
     pub mismatches: u64,
+    /// The first few answers that differed, described.
+    pub mismatch_examples: Vec<String>,
     pub sustained: bool,
+    pub cpu: CpuSplit,
 }
 
 impl E2eStep {
@@ -93,8 +95,28 @@ impl E2eStep {
             "latency": self.latency.to_json(),
             "second_half_latency": self.second_half.to_json(),
             "mismatches": self.mismatches,
+            "mismatch_examples": self.mismatch_examples,
             "sustained": self.sustained,
+            "cpu": self.cpu.to_json(self.settled),
+            "other_processes_cpu_share": self.others_share(),
         })
+    }
+
+    /// Share of the machine's CPUs other processes used during the step.
+    fn others_share(&self) -> Option<f64> {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+        self.cpu
+            .others_ns
+            .map(|ns| ns as f64 / 1e9 / (self.seconds.max(1e-9) * cpus))
+    }
+
+    /// CPU microseconds per settlement, node and phones.
+    fn cpu_per_settlement_us(&self) -> (f64, f64) {
+        let settled = self.settled.max(1) as f64;
+        (
+            self.cpu.node_ns as f64 / 1e3 / settled,
+            self.cpu.sim_ns as f64 / 1e3 / settled,
+        )
     }
 
     fn render(&self) -> String {
@@ -102,8 +124,12 @@ impl E2eStep {
             Some(rate) => format!("open loop {:>8}/s", thousands(rate as u64)),
             None => "closed-loop probe      ".to_owned(),
         };
+        let (node_us, phones_us) = self.cpu_per_settlement_us();
+        let others = self.others_share().map_or(String::new(), |share| {
+            format!(" · others {:.0}% CPU", share * 100.0)
+        });
         format!(
-            "{offered} → {:>8} settled/s · tap→told p50 {:>9} p99 {:>9} · second half p99 {:>9}{}",
+            "{offered} → {:>8} settled/s · tap→told p50 {:>9} p99 {:>9} · second half p99 {:>9} · cpu µs/settlement node {node_us:.0} phones {phones_us:.0}{others}{}",
             thousands(self.settlements_per_sec.round() as u64),
             super::report::duration_text(self.latency.p50_us),
             super::report::duration_text(self.latency.p99_us),
@@ -130,6 +156,8 @@ pub struct E2eReport {
     pub half_rate: Option<E2eStep>,
     pub core_settlements_per_sec: f64,
     pub core_p99_us: u64,
+    /// CPU of the core benchmark's process per settlement.
+    pub core_cpu_us_per_settlement: f64,
     pub core_failures: Vec<String>,
     pub balance_mismatches: u64,
     pub audit_problems: Vec<String>,
@@ -192,8 +220,11 @@ impl E2eReport {
             } else { 0.0 },
             "latency_measured_from": "intended tap time (open loop) to both phones told",
             "second_half_p99_us": best.map(|step| step.second_half.p99_us),
+            "node_cpu_us_per_settlement": best.map(|step| step.cpu_per_settlement_us().0),
+            "phones_cpu_us_per_settlement": best.map(|step| step.cpu_per_settlement_us().1),
             "half_rate": self.half_rate.as_ref().map(E2eStep::to_json),
             "core_p99_us": self.core_p99_us,
+            "core_cpu_us_per_settlement": self.core_cpu_us_per_settlement,
             "endpoints": self.endpoints,
             "cpus": self.cpus,
             "p99_bound_us": self.p99_bound.as_micros() as u64,
@@ -228,6 +259,14 @@ impl E2eReport {
                     self.p99_bound
                 );
                 let _ = writeln!(out, "  latency, tap → both told: {}", best.latency.render());
+                let (node_us, phones_us) = best.cpu_per_settlement_us();
+                let _ = writeln!(
+                    out,
+                    "  cpu per settlement: node {node_us:.0} µs, phones {phones_us:.0} µs \
+                     (all {} CPUs to both would allow about {} settlements/s)",
+                    self.cpus,
+                    thousands((self.cpus as f64 * 1e6 / (node_us + phones_us).max(1e-9)) as u64)
+                );
                 let _ = writeln!(
                     out,
                     "  latency, second half → outcome: {}",
@@ -243,9 +282,10 @@ impl E2eReport {
         }
         let _ = writeln!(
             out,
-            "bench core (ledger alone, same machine): {} settlements/s, p99 second half → outcome {}",
+            "bench core (ledger alone, same machine): {} settlements/s, p99 second half → outcome {}, {:.0} µs CPU per settlement",
             thousands(self.core_settlements_per_sec.round() as u64),
-            super::report::duration_text(self.core_p99_us)
+            super::report::duration_text(self.core_p99_us),
+            self.core_cpu_us_per_settlement
         );
         if self.core_settlements_per_sec > 0.0 {
             let _ = writeln!(
@@ -276,8 +316,10 @@ pub async fn run(config: &E2eConfig) -> anyhow::Result<E2eReport> {
             eprintln!("{text}");
         }
     };
+    // The node's default half_ttl: no expiry faults here, and an overloaded
+    // probe must not expire halves whose partner is merely queued.
     let target = Target::Embedded {
-        half_ttl: EMBEDDED_HALF_TTL,
+        half_ttl: tapledger_actors::HALF_TTL_DEFAULT,
     };
     let step_timeout = Duration::from_secs(10);
     let Connected {
@@ -373,7 +415,9 @@ pub async fn run(config: &E2eConfig) -> anyhow::Result<E2eReport> {
                 latency,
                 second_half: LatencySummary::of(&tally.second_half),
                 mismatches: tally.mismatches,
+                mismatch_examples: tally.mismatch_examples.iter().take(5).cloned().collect(),
                 sustained,
+                cpu: tally.cpu,
             })
         };
 
@@ -418,7 +462,7 @@ pub async fn run(config: &E2eConfig) -> anyhow::Result<E2eReport> {
 
     phase("checking balances and the audit...");
     let (_, balance_mismatches, _) = super::check_balances(&swarm, &balances).await;
-    let ledger = embedded.node.ledger().clone();
+    let ledger = embedded.node().ledger().clone();
     ledger.flush().await.context("flushing before the audit")?;
     let audit = tokio::task::spawn_blocking(move || ledger.audit())
         .await
@@ -454,6 +498,7 @@ pub async fn run(config: &E2eConfig) -> anyhow::Result<E2eReport> {
         half_rate,
         core_settlements_per_sec: core.settlements_per_sec(),
         core_p99_us: core.latency.p99_us,
+        core_cpu_us_per_settlement: core.usage.run_ns() as f64 / 1e3 / core.settled.max(1) as f64,
         core_failures: core.failures(),
         balance_mismatches,
         audit_problems: audit.problems,

@@ -240,6 +240,7 @@ async fn exercise(
         open_accounts_seconds: 0.0,
         connect_seconds: 0.0,
         seconds: tally.seconds,
+        settling_seconds: tally.settling_seconds,
         settled: tally.settled,
         kinds: tally.kinds.clone(),
         outcomes: tally.outcomes.clone(),
@@ -249,6 +250,7 @@ async fn exercise(
         latency: LatencySummary::of(&tally.latency),
         second_half: LatencySummary::of(&tally.second_half),
         timeline: report::timeline(&tally.timeline),
+        cpu: tally.cpu,
         balances_checked,
         balance_mismatches,
         balance_mismatch_examples,
@@ -312,7 +314,7 @@ async fn audit(
     ran: &[Payment],
     phones: usize,
 ) -> anyhow::Result<AuditSummary> {
-    let ledger = embedded.node.ledger().clone();
+    let ledger = embedded.node().ledger().clone();
     ledger
         .flush()
         .await

@@ -80,11 +80,24 @@ pub fn render_svg(points: &[TimelinePoint], title: &str) -> String {
         let position = ((micros.max(1) as f64).log10() - decade_low) / (decade_high - decade_low);
         top + PANEL_HEIGHT - position * PANEL_HEIGHT
     };
-    frame(&mut svg, top, "latency, tap → both phones told");
+    frame(
+        &mut svg,
+        top,
+        "latency, later half's intended send → both phones told",
+    );
     let mut decade = decade_low;
     while decade <= decade_high {
         let micros = 10f64.powf(decade) as u64;
         grid_line(&mut svg, y_latency(micros), &duration_text(micros));
+        if decade < decade_high {
+            for factor in [2, 5] {
+                grid_line(
+                    &mut svg,
+                    y_latency(micros * factor),
+                    &duration_text(micros * factor),
+                );
+            }
+        }
         decade += 1.0;
     }
     let series: [Series; 3] = [

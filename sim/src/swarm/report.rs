@@ -11,7 +11,7 @@ use serde_json::json;
 use tapledger_actors::AuditReport;
 use tapledger_protocol::{ErrorCode, RejectCode};
 
-use super::run::{Bucket, OutcomeCounts, TIMELINE_BUCKET};
+use super::run::{Bucket, CpuSplit, OutcomeCounts, TIMELINE_BUCKET};
 use super::workload::Kind;
 
 /// Percentiles of one latency histogram, in microseconds.
@@ -129,6 +129,9 @@ pub struct SwarmReport {
     pub connect_seconds: f64,
     /// From the first tap to the last answer.
     pub seconds: f64,
+    /// From the first tap to the last answer of a settled payment (the
+    /// expiry faults' wait comes after it).
+    pub settling_seconds: f64,
     pub settled: u64,
     pub kinds: BTreeMap<Kind, u64>,
     pub outcomes: OutcomeCounts,
@@ -138,6 +141,8 @@ pub struct SwarmReport {
     pub latency: LatencySummary,
     pub second_half: LatencySummary,
     pub timeline: Vec<TimelinePoint>,
+    /// CPU used while the payments ran.
+    pub cpu: CpuSplit,
     pub balances_checked: u64,
     pub balance_mismatches: u64,
     pub balance_mismatch_examples: Vec<String>,
@@ -148,8 +153,8 @@ pub struct SwarmReport {
 
 impl SwarmReport {
     pub fn settlements_per_sec(&self) -> f64 {
-        if self.seconds > 0.0 {
-            self.settled as f64 / self.seconds
+        if self.settling_seconds > 0.0 {
+            self.settled as f64 / self.settling_seconds
         } else {
             0.0
         }
@@ -192,7 +197,7 @@ impl SwarmReport {
         );
         let _ = writeln!(
             out,
-            "  setup: {} accounts opened in {:.1} s, {} phones connected (one QUIC connection each, over {} client sockets) in {:.1} s",
+            "  setup: {} accounts opened in {:.2} s, {} phones connected (one QUIC connection each, over {} client sockets) in {:.2} s",
             thousands(self.phones as u64),
             self.open_accounts_seconds,
             thousands(self.phones as u64),
@@ -213,13 +218,14 @@ impl SwarmReport {
         );
         let _ = writeln!(
             out,
-            "  settled {} · {} settlements/s",
+            "  settled {} · {} settlements/s (over {:.1} s to the last settlement)",
             thousands(self.settled),
-            thousands(self.settlements_per_sec().round() as u64)
+            thousands(self.settlements_per_sec().round() as u64),
+            self.settling_seconds
         );
         let _ = writeln!(
             out,
-            "  latency, intended tap → both phones told ({} honest payments):",
+            "  latency, later half's intended send → both phones told ({} honest payments):",
             thousands(self.latency.count)
         );
         let _ = writeln!(out, "    {}", self.latency.render());
@@ -235,6 +241,7 @@ impl SwarmReport {
             .map(|(kind, count)| format!("{} {}", kind.name(), thousands(*count)))
             .collect();
         let _ = writeln!(out, "  by kind: {}", kinds.join(" · "));
+        let _ = writeln!(out, "  cpu: {}", self.cpu.render(self.settled));
 
         let _ = writeln!(out);
         let _ = writeln!(
@@ -246,7 +253,7 @@ impl SwarmReport {
             "  {:<8} {:<48} {:>10} {:>10}",
             "code", "meaning", "expected", "observed"
         );
-        for (label, (expected, observed)) in &self.outcomes {
+        for (label, (expected, observed)) in self.outcome_rows() {
             let verdict = if expected == observed { "" } else { "  ✗" };
             let _ = writeln!(
                 out,
@@ -333,6 +340,17 @@ impl SwarmReport {
         out
     }
 
+    /// Outcome rows in reading order: settled, then codes ascending, then
+    /// anything else.
+    pub fn outcome_rows(&self) -> Vec<(&String, &(u64, u64))> {
+        let mut rows: Vec<_> = self.outcomes.iter().collect();
+        rows.sort_by_key(|(label, _)| match label.as_str() {
+            "settled" => (0, 0),
+            other => other.parse::<u32>().map_or((2, 0), |code| (1, code)),
+        });
+        rows
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         let outcomes: serde_json::Map<String, serde_json::Value> = self
             .outcomes
@@ -391,6 +409,8 @@ impl SwarmReport {
             "open_accounts_seconds": self.open_accounts_seconds,
             "connect_seconds": self.connect_seconds,
             "seconds": self.seconds,
+            "settling_seconds": self.settling_seconds,
+            "latency_measured_from": "intended send time of the later half (open loop)",
             "settled": self.settled,
             "settlements_per_sec": self.settlements_per_sec(),
             "latency": self.latency.to_json(),
@@ -404,11 +424,52 @@ impl SwarmReport {
             "balance_mismatches": self.balance_mismatches,
             "balance_mismatch_examples": self.balance_mismatch_examples,
             "audit": audit,
+            "cpu": self.cpu.to_json(self.settled),
             "timeline_bucket_seconds": TIMELINE_BUCKET.as_secs_f64(),
             "timeline": timeline,
             "notes": self.notes,
             "failures": self.failures(),
             "passed": self.failures().is_empty(),
+        })
+    }
+}
+
+impl CpuSplit {
+    /// "node 1.2 s (120 µs per settlement) · phones ... · other processes ...".
+    pub fn render(&self, settled: u64) -> String {
+        let per = |ns: u64| {
+            if settled == 0 {
+                String::new()
+            } else {
+                format!(
+                    " ({:.0} µs per settlement)",
+                    ns as f64 / 1e3 / settled as f64
+                )
+            }
+        };
+        let mut text = format!(
+            "node {:.2} s{} · phones {:.2} s{} · runnable but waiting for a CPU {:.2} s",
+            self.node_ns as f64 / 1e9,
+            per(self.node_ns),
+            self.sim_ns as f64 / 1e9,
+            per(self.sim_ns),
+            self.waiting_ns as f64 / 1e9
+        );
+        if let Some(others) = self.others_ns {
+            let _ = write!(text, " · other processes {:.2} s", others as f64 / 1e9);
+        }
+        text
+    }
+
+    pub fn to_json(&self, settled: u64) -> serde_json::Value {
+        let per = |ns: u64| (settled > 0).then(|| ns as f64 / 1e3 / settled as f64);
+        json!({
+            "node_seconds": self.node_ns as f64 / 1e9,
+            "phones_seconds": self.sim_ns as f64 / 1e9,
+            "waiting_for_cpu_seconds": self.waiting_ns as f64 / 1e9,
+            "other_processes_seconds": self.others_ns.map(|ns| ns as f64 / 1e9),
+            "node_us_per_settlement": per(self.node_ns),
+            "phones_us_per_settlement": per(self.sim_ns),
         })
     }
 }

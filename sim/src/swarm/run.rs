@@ -3,9 +3,10 @@
 //! number of slots frees up), one task per payment, and a tally collects what
 //! every phone was told, latencies and a timeline.
 //!
-//! Latency counts from the intended tap time, not from when the sim got
-//! round to sending: a node (or a sim) that falls behind shows as latency,
-//! never as fewer measurements (no coordinated omission).
+//! Latency counts from the intended send time of a payment's later half (tap
+//! plus its planned jitter), not from when the sim got round to sending: a
+//! node (or a sim) that falls behind shows as latency, never as fewer
+//! measurements (no coordinated omission).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -21,6 +22,7 @@ use tokio::time::Instant;
 use super::phones::{PaymentResult, Swarm};
 use super::target::progress_bar;
 use super::workload::{Kind, Payment};
+use crate::bench::threads;
 
 /// Latencies above this are recorded as this (ten minutes, in microseconds).
 pub const LATENCY_US_MAX: u64 = 600_000_000;
@@ -90,13 +92,51 @@ pub struct Tally {
     pub observations: u64,
     pub mismatches: u64,
     pub mismatch_examples: Vec<String>,
-    /// Intended tap → both phones have the outcome, honest payments only.
+    /// Intended send of the later half → both phones have the outcome,
+    /// honest payments only.
     pub latency: Histogram<u64>,
     /// Later half sent → its outcome, for payments with two concurrent halves.
     pub second_half: Histogram<u64>,
     pub timeline: Vec<Bucket>,
     /// From the first intended tap to the last answer.
     pub seconds: f64,
+    /// From the first intended tap to the last answer of a settled payment.
+    pub settling_seconds: f64,
+    last_settled: Option<Instant>,
+    /// Where the CPU went while the payments ran.
+    pub cpu: CpuSplit,
+}
+
+/// CPU time during a run, split between the embedded node (its runtime and
+/// the ledger's commit thread), the sim's phones, and other processes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuSplit {
+    pub node_ns: u64,
+    pub sim_ns: u64,
+    /// Time this process's threads were runnable but waiting for a CPU.
+    pub waiting_ns: u64,
+    /// Other processes on the machine; `None` where `/proc/stat` is missing.
+    pub others_ns: Option<u64>,
+}
+
+impl CpuSplit {
+    fn of(usage: &threads::Usage) -> CpuSplit {
+        let mut split = CpuSplit {
+            others_ns: usage.others_busy_ns(),
+            ..CpuSplit::default()
+        };
+        for (name, times) in &usage.by_name {
+            let is_node = name.starts_with(super::target::NODE_THREAD_NAME)
+                || name.starts_with("tapledger-commi");
+            if is_node {
+                split.node_ns += times.run_ns;
+            } else {
+                split.sim_ns += times.run_ns;
+            }
+            split.waiting_ns += times.wait_ns;
+        }
+        split
+    }
 }
 
 impl Tally {
@@ -115,6 +155,9 @@ impl Tally {
             second_half: histogram(),
             timeline: Vec::new(),
             seconds: 0.0,
+            settling_seconds: 0.0,
+            last_settled: None,
+            cpu: CpuSplit::default(),
         }
     }
 
@@ -129,8 +172,16 @@ impl Tally {
         *self.kinds.entry(payment.kind).or_default() += 1;
         if result.settled {
             self.settled += 1;
+            self.last_settled = self.last_settled.max(Some(result.finished));
         }
-        let latency_us = micros(result.finished.saturating_duration_since(tap));
+        // Open loop: from when the later half was meant to go, not from when
+        // it went, so that a late sim or node shows as latency. The tap's
+        // jitter itself is the workload, not latency.
+        let intended = tap
+            + Duration::from_micros(u64::from(
+                payment.send_delay_us.max(payment.receive_delay_us),
+            ));
+        let latency_us = micros(result.finished.saturating_duration_since(intended));
         if payment.kind == Kind::Normal {
             self.latency.saturating_record(latency_us);
         }
@@ -292,6 +343,7 @@ pub async fn run_plan(
     .max(1);
     let slots = Arc::new(Semaphore::new(in_flight));
     let epochs = Arc::new(Epochs::of(plan));
+    let cpu_before = threads::Snapshot::take();
     // A short lead so the first taps are not already late.
     let started = Instant::now() + Duration::from_millis(5);
     let mut tasks = JoinSet::new();
@@ -390,6 +442,7 @@ pub async fn run_plan(
             }
         }
     }
+    let cpu = CpuSplit::of(&cpu_before.usage_until(&threads::Snapshot::take()));
     ticker.abort();
     progress.set_position(finished.load(Ordering::Relaxed));
     progress.finish_and_clear();
@@ -398,6 +451,10 @@ pub async fn run_plan(
         .into_inner()
         .expect("tally lock");
     tally.dispatched = dispatched;
+    tally.cpu = cpu;
     tally.seconds = started.elapsed().as_secs_f64();
+    tally.settling_seconds = tally.last_settled.map_or(0.0, |last| {
+        last.saturating_duration_since(started).as_secs_f64()
+    });
     Ok(tally)
 }

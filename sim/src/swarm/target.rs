@@ -49,11 +49,20 @@ pub enum Target {
     },
 }
 
-/// A node started in this process, with its temporary data directory.
+/// A node started in this process on its own tokio runtime (threads named
+/// `node-rt-worker`), so that it competes with the phones for CPU the way a
+/// separate process would and its CPU time can be told apart; with its
+/// temporary data directory.
 pub struct EmbeddedNode {
-    pub node: RunningNode,
+    /// Always `Some` until `stop` or drop.
+    node: Option<RunningNode>,
+    runtime: Option<tokio::runtime::Runtime>,
     _dir: tempfile::TempDir,
 }
+
+/// Thread name of the embedded node's runtime (at most 15 bytes: Linux
+/// truncates thread names there).
+pub const NODE_THREAD_NAME: &str = "node-rt-worker";
 
 impl EmbeddedNode {
     pub async fn start(
@@ -69,25 +78,61 @@ impl EmbeddedNode {
             .context("cannot initialise the embedded node's data directory")?;
         let mut config = NodeConfig::new(data_dir.path(), "127.0.0.1:0".parse().expect("literal"));
         config.half_ttl = half_ttl;
-        let node = tokio::time::timeout(step_timeout, RunningNode::start(config))
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name(NODE_THREAD_NAME)
+            .build()
+            .context("cannot start the embedded node's runtime")?;
+        let mut embedded = EmbeddedNode {
+            node: None,
+            runtime: Some(runtime),
+            _dir: dir,
+        };
+        let starting = embedded.runtime().spawn(RunningNode::start(config));
+        let node = tokio::time::timeout(step_timeout, starting)
             .await
             .map_err(|_| anyhow!("the embedded node did not start within {step_timeout:?}"))?
+            .context("the embedded node's start task failed")?
             .context("cannot start the embedded node")?;
+        embedded.node = Some(node);
         let admin = load_admin_credential(&data_dir.admin())?;
-        Ok((EmbeddedNode { node, _dir: dir }, admin))
+        Ok((embedded, admin))
     }
 
-    /// Stops the node cleanly (bounded) and removes its data directory.
-    pub async fn stop(self) {
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("running until stopped")
+    }
+
+    pub fn node(&self) -> &RunningNode {
+        self.node.as_ref().expect("running until stopped")
+    }
+
+    /// Stops the node cleanly (bounded), its runtime, and removes its data
+    /// directory.
+    pub async fn stop(mut self) {
         let grace = Duration::from_secs(5);
-        if tokio::time::timeout(grace * 2, self.node.shutdown(grace))
-            .await
-            .is_err()
-        {
-            eprintln!(
-                "tapledger-sim: the embedded node did not shut down within {:?}",
-                grace * 2
-            );
+        if let Some(node) = self.node.take() {
+            let stopping = self.runtime().spawn(node.shutdown(grace));
+            if tokio::time::timeout(grace * 2, stopping).await.is_err() {
+                eprintln!(
+                    "tapledger-sim: the embedded node did not shut down within {:?}",
+                    grace * 2
+                );
+            }
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for EmbeddedNode {
+    fn drop(&mut self) {
+        // Only after an error: drop the node while its runtime still runs,
+        // then let the runtime go without blocking the caller's runtime.
+        drop(self.node.take());
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
         }
     }
 }
@@ -199,14 +244,14 @@ impl Target {
             Target::Embedded { half_ttl } => {
                 let (embedded, admin) = EmbeddedNode::start(*half_ttl, step_timeout).await?;
                 let connector = Connector::new(
-                    embedded.node.fingerprint,
-                    embedded.node.local_addr,
+                    embedded.node().fingerprint,
+                    embedded.node().local_addr,
                     Some(admin),
                     endpoints,
                     step_timeout,
                 )?;
                 Ok(Connected {
-                    label: format!("embedded node on {}", embedded.node.local_addr),
+                    label: format!("embedded node on {}", embedded.node().local_addr),
                     connector: Arc::new(connector),
                     embedded: Some(embedded),
                 })
