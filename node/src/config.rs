@@ -62,6 +62,10 @@ pub struct Limits {
     pub requests_in_flight_max: u32,
     /// Failed authentications before the connection is closed.
     pub auth_failures_max: u32,
+    /// Frames on one connection that could not be used (malformed, unknown
+    /// type, limits broken) before it is closed with 1014: a client that
+    /// only sends garbage must not cost honest clients their throughput.
+    pub bad_frames_max: u32,
     /// A connection with no traffic for this long is closed.
     pub idle_timeout: Duration,
     /// A connection must authenticate (or make an admin request) within this.
@@ -79,6 +83,7 @@ impl Default for Limits {
             streams_per_connection_max: STREAMS_PER_CONNECTION_MAX_DEFAULT,
             requests_in_flight_max: REQUESTS_IN_FLIGHT_MAX_DEFAULT,
             auth_failures_max: AUTH_FAILURES_PER_CONNECTION_MAX_DEFAULT,
+            bad_frames_max: BAD_FRAMES_PER_CONNECTION_MAX_DEFAULT,
             idle_timeout: Duration::from_millis(IDLE_TIMEOUT_MS_DEFAULT),
             first_request_timeout: Duration::from_secs(10),
             stream_receive_window_bytes: 256 * 1024,
@@ -86,6 +91,9 @@ impl Default for Limits {
         }
     }
 }
+
+/// Default for [`Limits::bad_frames_max`].
+pub const BAD_FRAMES_PER_CONNECTION_MAX_DEFAULT: u32 = 64;
 
 /// Interval at which clients send QUIC keep-alives (below the idle timeout).
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_millis(KEEP_ALIVE_INTERVAL_MS_DEFAULT);

@@ -42,6 +42,8 @@ struct ConnectionState {
     /// The authenticated account, or 0 (the issuer never authenticates).
     account: AtomicU64,
     auth_failures: AtomicU32,
+    /// Frames that could not be used, over all streams.
+    bad_frames: AtomicU32,
     /// Set by a successful `authenticate` or admin request; connections that
     /// make neither are closed after `first_request_timeout`, whatever else
     /// they send.
@@ -72,6 +74,7 @@ pub async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let state = Arc::new(ConnectionState {
         account: AtomicU64::new(0),
         auth_failures: AtomicU32::new(0),
+        bad_frames: AtomicU32::new(0),
         active: AtomicBool::new(false),
         in_flight: Arc::new(Semaphore::new(
             shared.limits.requests_in_flight_max as usize,
@@ -166,6 +169,23 @@ async fn serve_stream(
                     let answer =
                         NodeMessage::error(error.request_id(), error.code(), &error.to_string());
                     let _ = outbox.send(answer).await;
+                    let bad_frames = state.bad_frames.fetch_add(1, Ordering::AcqRel) + 1;
+                    if bad_frames >= shared.limits.bad_frames_max {
+                        tracing::warn!(
+                            bad_frames,
+                            "too many unusable frames; closing the connection"
+                        );
+                        let closing = NodeMessage::error(
+                            None,
+                            ErrorCode::Throttled,
+                            "too many unusable frames; closing the connection",
+                        );
+                        let _ = outbox.send(closing).await;
+                        // Give the writer a moment to send the answers before the close.
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        connection.close(CLOSE_AUTH_FAILURES, b"too many unusable frames");
+                        break 'reading;
+                    }
                     match error.frame_bytes() {
                         Some(skip) => offset += skip,
                         None => {

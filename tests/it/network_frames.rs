@@ -286,7 +286,9 @@ async fn random_bodies_never_break_the_node() {
     // Goal: a few hundred pseudo-random bodies (seeded, so a failure repeats)
     // each get exactly one error answer of a client-caused code, the stream
     // keeps going, and an honest payment settles afterwards.
-    let node = TestNode::start(|_| {}).await;
+    // The node closes a connection after `bad_frames_max` unusable frames, so
+    // this allows more than 300 and checks that limit separately.
+    let node = TestNode::start(|config| config.limits.bad_frames_max = 1_000).await;
     let (_, phone, _) = node.phone_with_account(42).await;
     let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut next = move || {
@@ -321,6 +323,51 @@ async fn random_bodies_never_break_the_node() {
     }
     assert_eq!(within(phone.balance()).await.unwrap(), 42);
     phone.close().await;
+    node.assert_still_settles().await;
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_sending_only_garbage_is_closed_with_1014() {
+    // Goal: unusable frames are answered one by one up to `bad_frames_max`;
+    // the last is followed by 1014 and the connection closes, while a
+    // well-behaved connection on the same node goes on.
+    let node = TestNode::start(|config| config.limits.bad_frames_max = 8).await;
+    let (_, honest, _) = node.phone_with_account(5).await;
+    let attacker = node.connect().await;
+    for round in 0..8 {
+        within(attacker.send_raw(&frame(&[0xc1]))).await.unwrap();
+        match within(attacker.next_unrouted(WAIT)).await {
+            Ok(NodeMessage::Error { code, .. }) => {
+                assert_eq!(code, ErrorCode::Malformed, "round {round}")
+            }
+            other => panic!("round {round}: {other:?}"),
+        }
+    }
+    match within(attacker.next_unrouted(WAIT)).await {
+        Ok(NodeMessage::Error {
+            code,
+            request_id: None,
+            ..
+        }) => assert_eq!(code, ErrorCode::Throttled),
+        other => panic!("expected 1014, got {other:?}"),
+    }
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            if attacker.close_reason().is_some() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the attacker's connection is closed");
+    assert_eq!(
+        within(honest.balance()).await.unwrap(),
+        5,
+        "the honest phone is still served"
+    );
+    honest.close().await;
     node.assert_still_settles().await;
     node.stop().await;
 }
