@@ -195,15 +195,23 @@ pub async fn scenario(
         let _ = writeln!(text, "expected vs answered:");
         let mut ok = true;
         for observation in &result.observations {
-            let verdict = if observation.matches() { "ok" } else { "DIFFERENT" };
             ok &= observation.matches();
-            let _ = writeln!(
-                text,
-                "  {:<26} expected {:<50} got {:<50} {verdict}",
-                observation.role,
-                observation.expected.describe(),
-                observation.got.describe()
-            );
+            if observation.matches() {
+                let _ = writeln!(
+                    text,
+                    "  ok         {}: {}",
+                    observation.role,
+                    observation.got.describe()
+                );
+            } else {
+                let _ = writeln!(
+                    text,
+                    "  DIFFERENT  {}: expected {}, got {}",
+                    observation.role,
+                    observation.expected.describe(),
+                    observation.got.describe()
+                );
+            }
         }
         text.push_str(&balances_text(&swarm).await);
         let _ = writeln!(text, "result: {}", if ok { "as expected" } else { "NOT as expected" });

@@ -241,7 +241,23 @@ impl SwarmReport {
             .map(|(kind, count)| format!("{} {}", kind.name(), thousands(*count)))
             .collect();
         let _ = writeln!(out, "  by kind: {}", kinds.join(" · "));
-        let _ = writeln!(out, "  cpu: {}", self.cpu.render(self.settled));
+        if self.audit.is_some() {
+            let _ = writeln!(out, "  cpu: {}", self.cpu.render(self.settled));
+        } else {
+            // A remote node's CPU is another process's: it counts as "other".
+            let _ = writeln!(
+                out,
+                "  cpu: phones {:.2} s ({:.0} µs per settlement) · other processes (the node among them) {}",
+                self.cpu.sim_ns as f64 / 1e9,
+                self.cpu.sim_ns as f64 / 1e3 / self.settled.max(1) as f64,
+                self.cpu
+                    .others_ns
+                    .map_or("unknown".to_owned(), |ns| format!(
+                        "{:.2} s",
+                        ns as f64 / 1e9
+                    ))
+            );
+        }
 
         let _ = writeln!(out);
         let _ = writeln!(
