@@ -262,33 +262,6 @@ fn mutations_reach_every_kind_of_answer() {
     }
 }
 
-/// Writes the seed corpus for cargo-fuzz into `fuzz/corpus/<target>/`.
-/// Run it once after changing the examples:
-/// `cargo test -p tapledger-tests -- --ignored write_fuzz_seed_corpus`.
-#[test]
-#[ignore = "writes files into fuzz/corpus; run by hand"]
-fn write_fuzz_seed_corpus() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
-    for target in [
-        "client_frames",
-        "node_frames",
-        "split_frame",
-        "mutated_frames",
-    ] {
-        let dir = root.join(target);
-        std::fs::create_dir_all(&dir).unwrap();
-        for (index, seed) in seed_inputs().into_iter().enumerate() {
-            let seed = if target == "mutated_frames" {
-                // Instructions: pick example `index`, then no mutation.
-                vec![index as u8]
-            } else {
-                seed
-            };
-            std::fs::write(dir.join(format!("seed-{index:02}")), seed).unwrap();
-        }
-    }
-}
-
 #[test]
 fn allocation_counting_sees_the_largest_preallocation_decoding_allows() {
     // Goal: the allocation bound above is real: the counter sees serde's
