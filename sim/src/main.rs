@@ -212,7 +212,7 @@ struct E2eArgs {
     step_seconds: f64,
     /// A rate is sustained only if p99 (tap → both phones told) stays within
     /// this many milliseconds.
-    #[arg(long, default_value_t = 50.0)]
+    #[arg(long, default_value_t = 100.0)]
     p99_bound_ms: f64,
     /// Payments in flight during the closed-loop probe.
     #[arg(long, default_value_t = 2_048)]

@@ -4,8 +4,8 @@
 //! against `bench core` (the ledger alone) measured in the same run.
 //!
 //! Method: a short closed-loop probe (many payments in flight) estimates the
-//! capacity; then open-loop steps at fractions of it run until one is not
-//! sustained. A step is sustained when its p99 from intended tap to both
+//! capacity; then open-loop steps from 40% of it upwards (by 15% past the
+//! estimate) run until a step is not sustained twice in a row. A step is sustained when its p99 from intended tap to both
 //! phones told stays within a bound, it achieved at least 95% of the offered
 //! rate, and every answer was the expected one. Open loop measures from the
 //! planned tap, so a node that falls behind shows as latency, not as a lower
@@ -26,8 +26,12 @@ use super::target::{Connected, Target, connect_phones, open_accounts};
 use super::workload::{self, WorkloadConfig};
 use crate::bench::core::{self as core_bench, CoreBenchConfig};
 
-/// Fractions of the probed capacity the open-loop steps offer, in order.
-const STEP_FRACTIONS: [f64; 7] = [0.4, 0.6, 0.75, 0.9, 1.0, 1.1, 1.25];
+/// Fractions of the probed capacity the first open-loop steps offer; after
+/// them the rate grows by [`STEP_GROWTH`] while steps are sustained.
+const STEP_FRACTIONS: [f64; 4] = [0.4, 0.6, 0.8, 1.0];
+const STEP_GROWTH: f64 = 1.15;
+/// Open-loop steps at most, retries included.
+const STEPS_MAX: usize = 14;
 /// A step must achieve at least this share of its offered rate.
 const ACHIEVED_SHARE_MIN: f64 = 0.95;
 
@@ -54,7 +58,7 @@ impl Default for E2eConfig {
             phones: 1_000,
             endpoints: 4,
             step: Duration::from_secs(3),
-            p99_bound: Duration::from_millis(50),
+            p99_bound: Duration::from_millis(100),
             probe_in_flight: 2_048,
             core_payments: 200_000,
             core_accounts: 10_000,
@@ -429,8 +433,13 @@ pub async fn run(config: &E2eConfig) -> anyhow::Result<E2eReport> {
     let capacity = probe.settlements_per_sec.max(100.0);
     let mut steps = Vec::new();
     let mut best = None;
-    for fraction in STEP_FRACTIONS {
-        let rate = (capacity * fraction / 100.0).round() * 100.0;
+    // A step that fails is run once more before the search stops: on a
+    // shared machine one stall (a neighbour's burst, a slow fsync) can push
+    // a single step's p99 over the bound.
+    let mut rate = (capacity * STEP_FRACTIONS[0] / 100.0).round() * 100.0;
+    let mut fraction_index = 0;
+    let mut retried = false;
+    while steps.len() < STEPS_MAX {
         phase(&format!("open loop at {}/s...", thousands(rate as u64)));
         let step = run_step(Some(rate), &mut balances).await?;
         if config.progress {
@@ -440,7 +449,16 @@ pub async fn run(config: &E2eConfig) -> anyhow::Result<E2eReport> {
         steps.push(step);
         if sustained {
             best = Some(steps.len() - 1);
-        } else if best.is_some() {
+            retried = false;
+            fraction_index += 1;
+            rate = match STEP_FRACTIONS.get(fraction_index) {
+                Some(fraction) => capacity * fraction,
+                None => rate * STEP_GROWTH,
+            };
+            rate = (rate / 100.0).round() * 100.0;
+        } else if !retried {
+            retried = true;
+        } else {
             break;
         }
     }
