@@ -480,12 +480,7 @@ pub async fn run(config: &E2eConfig) -> anyhow::Result<E2eReport> {
 
     phase("checking balances and the audit...");
     let (_, balance_mismatches, _) = super::check_balances(&swarm, &balances).await;
-    let ledger = embedded.node().ledger().clone();
-    ledger.flush().await.context("flushing before the audit")?;
-    let audit = tokio::task::spawn_blocking(move || ledger.audit())
-        .await
-        .context("the audit task failed")?
-        .context("the audit could not read the ledger")?;
+    let audit = embedded.audit().await?;
     super::close_swarm(swarm).await;
     connector.wait_idle().await;
     embedded.stop().await;

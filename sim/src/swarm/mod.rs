@@ -29,7 +29,6 @@ pub mod workload;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow};
 use tokio::task::JoinSet;
 
 pub use config::SwarmConfig;
@@ -314,15 +313,7 @@ async fn audit(
     ran: &[Payment],
     phones: usize,
 ) -> anyhow::Result<AuditSummary> {
-    let ledger = embedded.node().ledger().clone();
-    ledger
-        .flush()
-        .await
-        .context("flushing the ledger before the audit")?;
-    let report = tokio::task::spawn_blocking(move || ledger.audit())
-        .await
-        .map_err(|error| anyhow!("the audit task failed: {error}"))?
-        .context("the audit could not read the ledger")?;
+    let report = embedded.audit().await?;
     let settlements = ran.iter().filter(|p| p.kind.settles()).count() as u64;
     let rejections = ran
         .iter()
@@ -356,7 +347,7 @@ pub async fn close_swarm(swarm: Arc<Swarm>) {
         Ok(swarm) => {
             let mut closing = JoinSet::new();
             for phone in swarm.phones {
-                closing.spawn(phone.phone.close());
+                closing.spawn(target::close_bounded(phone.phone));
             }
             let _ = tokio::time::timeout(Duration::from_secs(10), async {
                 while closing.join_next().await.is_some() {}

@@ -18,7 +18,7 @@ use tapledger_protocol::{
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::target::{Account, Connector};
+use super::target::{Account, Connector, close_bounded};
 use super::workload::{Expect, Kind, Payment};
 
 /// Payments one phone takes part in at once. The node lets an account keep
@@ -536,7 +536,7 @@ impl Swarm {
             Ok(Err(error)) => Got::Failed(error.to_string()),
         };
         self.note(|| format!("  the node answers: {}", got.describe()));
-        phone.close().await;
+        close_bounded(phone).await;
         got
     }
 
@@ -568,7 +568,7 @@ impl Swarm {
         });
         let submitted =
             tokio::time::timeout(step_timeout, temporary.submit(send_half.clone())).await;
-        temporary.close().await;
+        close_bounded(temporary).await;
         match submitted {
             Ok(Ok(Submitted::Accepted(_))) => {
                 self.note(|| {
@@ -652,7 +652,7 @@ impl Swarm {
                 sender_got.describe()
             )
         });
-        again.close().await;
+        close_bounded(again).await;
         (receive.got, sender_got)
     }
 }

@@ -328,7 +328,7 @@ pub async fn run_plan(
                 };
                 progress.set_position(finished.load(Ordering::Relaxed));
                 progress.set_message(format!(
-                    "· {} settled · {}/s now",
+                    "· {} settled, {}/s",
                     super::report::thousands(now_settled),
                     super::report::thousands(rate as u64)
                 ));

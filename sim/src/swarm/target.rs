@@ -60,6 +60,17 @@ pub struct EmbeddedNode {
     _dir: tempfile::TempDir,
 }
 
+/// Bound on the embedded node's final flush and on its audit.
+const AUDIT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bound on closing one connection.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Closes a phone's connection, waiting at most [`CLOSE_TIMEOUT`] (closing
+/// waits for the stream's writer, which a stuck peer could hold).
+pub async fn close_bounded(phone: Phone) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, phone.close()).await;
+}
+
 /// Thread name of the embedded node's runtime (at most 15 bytes: Linux
 /// truncates thread names there).
 pub const NODE_THREAD_NAME: &str = "node-rt-worker";
@@ -105,6 +116,21 @@ impl EmbeddedNode {
 
     pub fn node(&self) -> &RunningNode {
         self.node.as_ref().expect("running until stopped")
+    }
+
+    /// The node's own audit of its books, after its last commit (bounded).
+    pub async fn audit(&self) -> anyhow::Result<tapledger_actors::AuditReport> {
+        let ledger = self.node().ledger().clone();
+        tokio::time::timeout(AUDIT_TIMEOUT, ledger.flush())
+            .await
+            .map_err(|_| anyhow!("the ledger did not flush within {AUDIT_TIMEOUT:?}"))?
+            .context("flushing the ledger before the audit")?;
+        let auditing = tokio::task::spawn_blocking(move || ledger.audit());
+        tokio::time::timeout(AUDIT_TIMEOUT, auditing)
+            .await
+            .map_err(|_| anyhow!("the audit did not finish within {AUDIT_TIMEOUT:?}"))?
+            .map_err(|error| anyhow!("the audit task failed: {error}"))?
+            .context("the audit could not read the ledger")
     }
 
     /// Stops the node cleanly (bounded), its runtime, and removes its data
@@ -195,11 +221,11 @@ impl Connector {
             match tokio::time::timeout(self.step_timeout, phone.authenticate(account, key)).await {
                 Ok(Ok(session)) => session,
                 Ok(Err(error)) => {
-                    phone.close().await;
+                    close_bounded(phone).await;
                     bail!("account {account} cannot authenticate: {error}");
                 }
                 Err(_) => {
-                    phone.close().await;
+                    close_bounded(phone).await;
                     bail!(
                         "account {account}: no answer to authenticate within {:?}",
                         self.step_timeout
@@ -374,7 +400,7 @@ pub async fn open_accounts(
     progress.finish_and_clear();
     for phone in admin_phones {
         if let Ok(phone) = Arc::try_unwrap(phone) {
-            phone.close().await;
+            close_bounded(phone).await;
         }
     }
     if let Some(error) = first_error {
@@ -440,7 +466,7 @@ pub async fn connect_phones(
     progress.finish_and_clear();
     if let Some(error) = first_error {
         for phone in phones.into_iter().flatten() {
-            phone.close().await;
+            close_bounded(phone).await;
         }
         return Err(error);
     }
@@ -464,7 +490,7 @@ pub fn progress_bar(length: u64, what: &str, show: bool) -> ProgressBar {
     };
     bar.set_style(
         ProgressStyle::with_template(&format!(
-            "{{elapsed_precise}} [{{bar:30}}] {{human_pos}}/{{human_len}} {what} {{msg}}"
+            "{{elapsed_precise}} [{{bar:20}}] {{human_pos}}/{{human_len}} {what} {{msg}}"
         ))
         .expect("valid progress template")
         .progress_chars("=> "),
