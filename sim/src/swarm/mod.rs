@@ -9,7 +9,7 @@
 //!
 //! * [`config`] — what to run; [`workload`] — the seeded plan and expectations;
 //! * [`target`] — the node, connections, account opening;
-//! * [`phones`] — what the phones do for each kind of payment;
+//! * [`phones`] — the phones and the honest payment; `faults` — each fault;
 //! * [`run`] — dispatch and tally; [`report`] and [`plot`] — the results;
 //! * [`actions`] — single actions for people; [`e2e`] — `bench e2e`.
 //!
@@ -19,6 +19,7 @@
 pub mod actions;
 pub mod config;
 pub mod e2e;
+mod faults;
 pub mod phones;
 pub mod plot;
 pub mod report;

@@ -6,19 +6,20 @@
 //! fault that needs another connection (a wrong API key, a dropped connection)
 //! opens and closes its own, so the phone's other payments are undisturbed.
 //! Every wait is bounded by the step timeout (expiry: `half_ttl` on top).
+//!
+//! This file holds the honest flow and the shared steps; each fault kind's
+//! steps are in `faults`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tapledger_node::client::Session;
-use tapledger_node::{ApiCredentials, ClientError, HalfAnswer, Phone, Submitted};
-use tapledger_protocol::{
-    Half, OutcomeReport, OutcomeStatus, QueryStatus, ReceiveHalf, SendHalf, Side,
-};
+use tapledger_node::{ClientError, HalfAnswer, Phone, Submitted};
+use tapledger_protocol::{Half, OutcomeReport, OutcomeStatus, ReceiveHalf, SendHalf};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::target::{Account, Connector, close_bounded};
+use super::target::{Account, Connector};
 use super::workload::{Expect, Kind, Payment};
 
 /// Payments one phone takes part in at once. The node lets an account keep
@@ -101,12 +102,12 @@ pub struct PaymentResult {
 }
 
 /// A submitted half's final answer.
-struct Answer {
-    got: Got,
-    report: Option<OutcomeReport>,
+pub(super) struct Answer {
+    pub(super) got: Got,
+    pub(super) report: Option<OutcomeReport>,
     /// The half was `accepted` before its outcome came.
-    waited: bool,
-    at: Instant,
+    pub(super) waited: bool,
+    pub(super) at: Instant,
 }
 
 /// The connected swarm: every phone, the connector for extra connections,
@@ -120,24 +121,24 @@ pub struct Swarm {
 }
 
 impl Swarm {
-    fn note(&self, line: impl FnOnce() -> String) {
+    pub(super) fn note(&self, line: impl FnOnce() -> String) {
         if let Some(transcript) = &self.transcript {
             transcript.lock().expect("transcript lock").push(line());
         }
     }
 
-    fn who(&self, phone: u32) -> String {
+    pub(super) fn who(&self, phone: u32) -> String {
         format!(
             "phone {phone} (account {})",
             self.phones[phone as usize].account.id
         )
     }
 
-    fn half_ttl(&self) -> Duration {
+    pub(super) fn half_ttl(&self) -> Duration {
         Duration::from_millis(self.session.half_ttl_ms)
     }
 
-    fn step_timeout(&self) -> Duration {
+    pub(super) fn step_timeout(&self) -> Duration {
         self.connector.step_timeout
     }
 
@@ -183,203 +184,12 @@ impl Swarm {
                 gots.push(send.got);
                 gots.push(receive.got);
             }
-            Kind::Expiry => {
-                let (phone, half) = match payment.lone_side {
-                    Side::Send => (payment.sender, self.send_half(payment)),
-                    Side::Receive => (payment.receiver, self.receive_half(payment)),
-                };
-                sleep_until(tap + delay(payment.send_delay_us)).await;
-                self.note(|| {
-                    format!(
-                        "{} sends {}; its partner never will",
-                        self.who(phone),
-                        describe_half(&half)
-                    )
-                });
-                let limit = self.half_ttl() + self.step_timeout();
-                let answer = self
-                    .submit(
-                        &self.phones[phone as usize].phone,
-                        half,
-                        payment.amount,
-                        limit,
-                    )
-                    .await;
-                self.note(|| {
-                    format!(
-                        "  {} is told: {}",
-                        self.who(phone),
-                        describe_answer(&answer)
-                    )
-                });
-                gots.push(answer.got);
-            }
+            Kind::Expiry => self.expiry(payment, tap, &mut gots).await,
             Kind::WrongApiKey => gots.push(self.wrong_api_key(payment, tap).await),
-            Kind::WrongParty => {
-                sleep_until(tap).await;
-                // The receiver's phone submits the sender's half.
-                let forged = self.send_half(payment);
-                let receiver = &self.phones[payment.receiver as usize];
-                self.note(|| {
-                    format!(
-                        "{} submits the sender's {}",
-                        self.who(payment.receiver),
-                        describe_half(&forged)
-                    )
-                });
-                let answer = self
-                    .submit(&receiver.phone, forged, payment.amount, self.step_timeout())
-                    .await;
-                self.note(|| {
-                    format!(
-                        "  {} is told: {}",
-                        self.who(payment.receiver),
-                        describe_answer(&answer)
-                    )
-                });
-                gots.push(answer.got);
-                let (send, receive, second) = self
-                    .both_halves(
-                        payment,
-                        Instant::now(),
-                        self.send_half(payment),
-                        self.receive_half(payment),
-                    )
-                    .await;
-                second_half = Some(second);
-                gots.push(send.got);
-                gots.push(receive.got);
-            }
-            Kind::Replay => {
-                let send_half = self.send_half(payment);
-                let receive_half = self.receive_half(payment);
-                let (send, receive, second) = self
-                    .both_halves(payment, tap, send_half.clone(), receive_half.clone())
-                    .await;
-                second_half = Some(second);
-                gots.push(send.got.clone());
-                gots.push(receive.got);
-                // The identical half again: the same outcome, nothing moves.
-                let sender = &self.phones[payment.sender as usize];
-                self.note(|| {
-                    format!(
-                        "{} replays its identical {}",
-                        self.who(payment.sender),
-                        describe_half(&send_half)
-                    )
-                });
-                let replay = self
-                    .submit(
-                        &sender.phone,
-                        send_half,
-                        payment.amount,
-                        self.step_timeout(),
-                    )
-                    .await;
-                self.note(|| {
-                    format!(
-                        "  {} is told: {}",
-                        self.who(payment.sender),
-                        describe_answer(&replay)
-                    )
-                });
-                let replay_got = match (&send.report, &replay.report) {
-                    (Some(first), Some(again)) if first != again => Got::Failed(format!(
-                        "the replay's outcome differs from the first: {again:?} vs {first:?}"
-                    )),
-                    _ => replay.got,
-                };
-                gots.push(replay_got);
-                // A different half under the decided key.
-                let mut different = receive_half;
-                if let Half::Receive(half) = &mut different {
-                    half.client_time += 1;
-                }
-                let receiver = &self.phones[payment.receiver as usize];
-                self.note(|| {
-                    format!(
-                        "{} sends a different {} under the used key",
-                        self.who(payment.receiver),
-                        describe_half(&different)
-                    )
-                });
-                let answer = self
-                    .submit(
-                        &receiver.phone,
-                        different,
-                        payment.amount,
-                        self.step_timeout(),
-                    )
-                    .await;
-                self.note(|| {
-                    format!(
-                        "  {} is told: {}",
-                        self.who(payment.receiver),
-                        describe_answer(&answer)
-                    )
-                });
-                gots.push(answer.got);
-            }
+            Kind::WrongParty => second_half = Some(self.wrong_party(payment, tap, &mut gots).await),
+            Kind::Replay => second_half = Some(self.replay(payment, tap, &mut gots).await),
             Kind::IdenticalResubmission => {
-                let send_half = self.send_half(payment);
-                let receive_half = self.receive_half(payment);
-                let sender = &self.phones[payment.sender as usize];
-                let receiver = &self.phones[payment.receiver as usize];
-                let step_timeout = self.step_timeout();
-                let sending = async {
-                    sleep_until(tap + delay(payment.send_delay_us)).await;
-                    self.note(|| {
-                        format!(
-                            "{} sends {} twice",
-                            self.who(payment.sender),
-                            describe_half(&send_half)
-                        )
-                    });
-                    tokio::join!(
-                        self.submit(
-                            &sender.phone,
-                            send_half.clone(),
-                            payment.amount,
-                            step_timeout
-                        ),
-                        self.submit(
-                            &sender.phone,
-                            send_half.clone(),
-                            payment.amount,
-                            step_timeout
-                        ),
-                    )
-                };
-                let receiving = async {
-                    sleep_until(tap + delay(payment.receive_delay_us)).await;
-                    self.note(|| {
-                        format!(
-                            "{} sends {}",
-                            self.who(payment.receiver),
-                            describe_half(&receive_half)
-                        )
-                    });
-                    self.submit(
-                        &receiver.phone,
-                        receive_half.clone(),
-                        payment.amount,
-                        step_timeout,
-                    )
-                    .await
-                };
-                let ((first, again), receive) = tokio::join!(sending, receiving);
-                for (who, answer) in [
-                    (payment.sender, &first),
-                    (payment.sender, &again),
-                    (payment.receiver, &receive),
-                ] {
-                    self.note(|| {
-                        format!("  {} is told: {}", self.who(who), describe_answer(answer))
-                    });
-                }
-                gots.push(first.got);
-                gots.push(again.got);
-                gots.push(receive.got);
+                self.identical_resubmission(payment, tap, &mut gots).await
             }
             Kind::DisconnectReconnect => {
                 let (receiver_got, sender_got) = self.disconnect_reconnect(payment, tap).await;
@@ -409,7 +219,7 @@ impl Swarm {
 
     /// Both phones send their half, each after its jitter; returns the
     /// sender's and receiver's answers and the second half's latency.
-    async fn both_halves(
+    pub(super) async fn both_halves(
         &self,
         payment: &Payment,
         tap: Instant,
@@ -486,7 +296,13 @@ impl Swarm {
 
     /// Submits `half` on `phone` and waits for its final answer (bounded by
     /// `limit` in all).
-    async fn submit(&self, phone: &Phone, half: Half, amount: u64, limit: Duration) -> Answer {
+    pub(super) async fn submit(
+        &self,
+        phone: &Phone,
+        half: Half,
+        amount: u64,
+        limit: Duration,
+    ) -> Answer {
         let deadline = Instant::now() + limit;
         let tx_key = half.tx_key();
         let (result, waited) = match tokio::time::timeout_at(deadline, phone.submit(half)).await {
@@ -509,157 +325,11 @@ impl Swarm {
             at,
         }
     }
-
-    async fn wrong_api_key(&self, payment: &Payment, tap: Instant) -> Got {
-        sleep_until(tap).await;
-        let account = &self.phones[payment.sender as usize].account;
-        let wrong_key = ApiCredentials::generate().key;
-        self.note(|| {
-            format!(
-                "a new connection authenticates as account {} with a wrong API key",
-                account.id
-            )
-        });
-        let mut phone = match self.connector.connect().await {
-            Ok(phone) => phone,
-            Err(error) => return Got::Failed(error.to_string()),
-        };
-        let got = match tokio::time::timeout(
-            self.step_timeout(),
-            phone.authenticate(account.id, &wrong_key),
-        )
-        .await
-        {
-            Err(_) => Got::Failed(format!("no answer within {:?}", self.step_timeout())),
-            Ok(Ok(_)) => Got::Failed("the node accepted a wrong API key".to_owned()),
-            Ok(Err(ClientError::Node { code, .. })) => Got::Answer(Expect::Error(code)),
-            Ok(Err(error)) => Got::Failed(error.to_string()),
-        };
-        self.note(|| format!("  the node answers: {}", got.describe()));
-        close_bounded(phone).await;
-        got
-    }
-
-    /// The sender submits on a connection it drops right after `accepted`;
-    /// the receiver's half decides the payment; the sender reconnects and
-    /// learns the outcome. Returns the receiver's and the sender's results.
-    async fn disconnect_reconnect(&self, payment: &Payment, tap: Instant) -> (Got, Got) {
-        sleep_until(tap).await;
-        let sender = &self.phones[payment.sender as usize];
-        let receiver = &self.phones[payment.receiver as usize];
-        let send_half = self.send_half(payment);
-        let step_timeout = self.step_timeout();
-        let failed = |why: String| (Got::Failed(why.clone()), Got::Failed(why));
-
-        let temporary = match self
-            .connector
-            .connect_as(sender.account.id, &sender.account.key)
-            .await
-        {
-            Ok((phone, _)) => phone,
-            Err(error) => return failed(error.to_string()),
-        };
-        self.note(|| {
-            format!(
-                "{} sends {} on a second connection",
-                self.who(payment.sender),
-                describe_half(&send_half)
-            )
-        });
-        let submitted =
-            tokio::time::timeout(step_timeout, temporary.submit(send_half.clone())).await;
-        close_bounded(temporary).await;
-        match submitted {
-            Ok(Ok(Submitted::Accepted(_))) => {
-                self.note(|| {
-                    "  it is accepted; the phone drops that connection at once".to_owned()
-                });
-            }
-            Ok(Ok(Submitted::Answered(answer))) => {
-                return failed(format!(
-                    "expected accepted before the partner, got {answer:?}"
-                ));
-            }
-            Ok(Err(error)) => return failed(error.to_string()),
-            Err(_) => return failed(format!("no answer within {step_timeout:?}")),
-        }
-
-        let receive_half = self.receive_half(payment);
-        self.note(|| {
-            format!(
-                "{} sends {}",
-                self.who(payment.receiver),
-                describe_half(&receive_half)
-            )
-        });
-        let receive = self
-            .submit(&receiver.phone, receive_half, payment.amount, step_timeout)
-            .await;
-        self.note(|| {
-            format!(
-                "  {} is told: {}",
-                self.who(payment.receiver),
-                describe_answer(&receive)
-            )
-        });
-
-        let (again, _) = match self
-            .connector
-            .connect_as(sender.account.id, &sender.account.key)
-            .await
-        {
-            Ok(connected) => connected,
-            Err(error) => return (receive.got, Got::Failed(error.to_string())),
-        };
-        let sender_got = if payment.by_query {
-            self.note(|| {
-                format!(
-                    "{} reconnects and asks for the outcome of {}",
-                    self.who(payment.sender),
-                    payment.tx_key
-                )
-            });
-            match tokio::time::timeout(step_timeout, again.query_outcome(payment.tx_key)).await {
-                Err(_) => Got::Failed(format!("no answer within {step_timeout:?}")),
-                Ok(Err(error)) => classify(Err(error), payment.tx_key, payment.amount).0,
-                Ok(Ok((QueryStatus::Decided, Some(report)))) => {
-                    classify(
-                        Ok(HalfAnswer::Decided(report)),
-                        payment.tx_key,
-                        payment.amount,
-                    )
-                    .0
-                }
-                Ok(Ok((status, _))) => {
-                    Got::Failed(format!("query answered {status:?} after the outcome"))
-                }
-            }
-        } else {
-            self.note(|| {
-                format!(
-                    "{} reconnects and resubmits its identical half",
-                    self.who(payment.sender)
-                )
-            });
-            self.submit(&again, send_half, payment.amount, step_timeout)
-                .await
-                .got
-        };
-        self.note(|| {
-            format!(
-                "  {} is told: {}",
-                self.who(payment.sender),
-                sender_got.describe()
-            )
-        });
-        close_bounded(again).await;
-        (receive.got, sender_got)
-    }
 }
 
 /// Turns the node's answer into an observation, checking that an outcome
 /// names the right key (and, when settled, the right amount).
-fn classify(
+pub(super) fn classify(
     result: Result<HalfAnswer, ClientError>,
     tx_key: tapledger_protocol::TxKey,
     amount: u64,
@@ -690,7 +360,7 @@ fn classify(
     }
 }
 
-fn describe_half(half: &Half) -> String {
+pub(super) fn describe_half(half: &Half) -> String {
     match half {
         Half::Send(send) => format!(
             "send half {}: account {} pays {}",
@@ -706,7 +376,7 @@ fn describe_half(half: &Half) -> String {
     }
 }
 
-fn describe_answer(answer: &Answer) -> String {
+pub(super) fn describe_answer(answer: &Answer) -> String {
     let mut text = String::new();
     if answer.waited {
         text.push_str("accepted (durable, waiting), then ");
@@ -720,11 +390,11 @@ fn describe_answer(answer: &Answer) -> String {
     text
 }
 
-fn delay(micros: u32) -> Duration {
+pub(super) fn delay(micros: u32) -> Duration {
     Duration::from_micros(u64::from(micros))
 }
 
-async fn sleep_until(deadline: Instant) {
+pub(super) async fn sleep_until(deadline: Instant) {
     if Instant::now() < deadline {
         tokio::time::sleep_until(deadline).await;
     }
