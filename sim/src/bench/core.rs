@@ -114,34 +114,9 @@ impl Default for CoreBenchConfig {
     }
 }
 
-/// Latency percentiles from a payment's second half to its outcome.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct LatencySummary {
-    pub count: u64,
-    pub mean_us: f64,
-    pub p50_us: u64,
-    pub p90_us: u64,
-    pub p99_us: u64,
-    pub p999_us: u64,
-    pub max_us: u64,
-}
-
-impl LatencySummary {
-    fn of(histogram: &Histogram<u64>) -> LatencySummary {
-        if histogram.is_empty() {
-            return LatencySummary::default();
-        }
-        LatencySummary {
-            count: histogram.len(),
-            mean_us: histogram.mean(),
-            p50_us: histogram.value_at_quantile(0.50),
-            p90_us: histogram.value_at_quantile(0.90),
-            p99_us: histogram.value_at_quantile(0.99),
-            p999_us: histogram.value_at_quantile(0.999),
-            max_us: histogram.max(),
-        }
-    }
-}
+/// Latency percentiles from a payment's second half to its outcome (the
+/// swarm's summary type, so both reports read the same).
+pub use crate::swarm::report::LatencySummary;
 
 /// Resident memory around starting one idle actor per account. The actors are
 /// started after every account's balance was read once, so redb's page cache
