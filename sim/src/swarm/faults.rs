@@ -12,7 +12,7 @@ use tapledger_node::{ApiCredentials, ClientError, HalfAnswer, Submitted};
 use tapledger_protocol::{Half, QueryStatus, Side};
 use tokio::time::Instant;
 
-use super::phones::{Got, Swarm, classify, delay, describe_answer, describe_half, sleep_until};
+use super::phones::{Got, Swarm, classify, delay, describe_half, sleep_until};
 use super::target::close_bounded;
 use super::workload::{Expect, Payment};
 
@@ -40,13 +40,7 @@ impl Swarm {
                 limit,
             )
             .await;
-        self.note(|| {
-            format!(
-                "  {} is told: {}",
-                self.who(phone),
-                describe_answer(&answer)
-            )
-        });
+        self.note_told(phone, &answer);
         gots.push(answer.got);
     }
 
@@ -72,13 +66,7 @@ impl Swarm {
         let answer = self
             .submit(&receiver.phone, forged, payment.amount, self.step_timeout())
             .await;
-        self.note(|| {
-            format!(
-                "  {} is told: {}",
-                self.who(payment.receiver),
-                describe_answer(&answer)
-            )
-        });
+        self.note_told(payment.receiver, &answer);
         gots.push(answer.got);
         let (send, receive, second) = self
             .both_halves(
@@ -126,13 +114,7 @@ impl Swarm {
                 self.step_timeout(),
             )
             .await;
-        self.note(|| {
-            format!(
-                "  {} is told: {}",
-                self.who(payment.sender),
-                describe_answer(&replay)
-            )
-        });
+        self.note_told(payment.sender, &replay);
         let replay_got = match (&send.report, &replay.report) {
             (Some(first), Some(again)) if first != again => Got::Failed(format!(
                 "the replay's outcome differs from the first: {again:?} vs {first:?}"
@@ -161,13 +143,7 @@ impl Swarm {
                 self.step_timeout(),
             )
             .await;
-        self.note(|| {
-            format!(
-                "  {} is told: {}",
-                self.who(payment.receiver),
-                describe_answer(&answer)
-            )
-        });
+        self.note_told(payment.receiver, &answer);
         gots.push(answer.got);
         second
     }
@@ -231,7 +207,7 @@ impl Swarm {
             (payment.sender, &again),
             (payment.receiver, &receive),
         ] {
-            self.note(|| format!("  {} is told: {}", self.who(who), describe_answer(answer)));
+            self.note_told(who, answer);
         }
         gots.push(first.got);
         gots.push(again.got);
@@ -323,13 +299,7 @@ impl Swarm {
         let receive = self
             .submit(&receiver.phone, receive_half, payment.amount, step_timeout)
             .await;
-        self.note(|| {
-            format!(
-                "  {} is told: {}",
-                self.who(payment.receiver),
-                describe_answer(&receive)
-            )
-        });
+        self.note_told(payment.receiver, &receive);
 
         let (again, _) = match self
             .connector

@@ -127,6 +127,11 @@ impl Swarm {
         }
     }
 
+    /// Notes what `phone` was told, for scenario transcripts.
+    pub(super) fn note_told(&self, phone: u32, answer: &Answer) {
+        self.note(|| format!("  {} is told: {}", self.who(phone), describe_answer(answer)));
+    }
+
     pub(super) fn who(&self, phone: u32) -> String {
         format!(
             "phone {phone} (account {})",
@@ -272,20 +277,8 @@ impl Swarm {
             )
         };
         let ((send_started, send), (receive_started, receive)) = tokio::join!(sending, receiving);
-        self.note(|| {
-            format!(
-                "  {} is told: {}",
-                self.who(payment.sender),
-                describe_answer(&send)
-            )
-        });
-        self.note(|| {
-            format!(
-                "  {} is told: {}",
-                self.who(payment.receiver),
-                describe_answer(&receive)
-            )
-        });
+        self.note_told(payment.sender, &send);
+        self.note_told(payment.receiver, &receive);
         let second = if send_started >= receive_started {
             send.at.saturating_duration_since(send_started)
         } else {
