@@ -1,28 +1,40 @@
-//! Group commit: one thread owns the write side of the store. It takes every
-//! intent that queued while the previous commit was in flight, applies them all
-//! in one durable write transaction, and only then answers each requester.
+//! Group commit through Raft: one task takes every intent that queued while
+//! the previous entry was in flight, proposes them all as one log entry, and
+//! answers each requester only once that entry is committed (durable on a
+//! majority of replicas) and applied to this replica's ledger.
 //!
-//! Nobody hears of an outcome before the fsync that holds it returned. After a
-//! failed commit the committer answers every later intent with an error until
-//! the ledger is reopened: a storage failure is never reported as success.
+//! Nobody hears of an outcome before then. Entries are answered in log order,
+//! so the results of one commit always reach a matcher before those of the
+//! next. After Raft failed on this replica (storage error) the committer
+//! answers every later intent with that error: a failure is never reported
+//! as success.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
+use openraft::error::ClientWriteError;
 use ractor::ActorRef;
 use tapledger_protocol::TxKey;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::clock::Clock;
 use crate::core::matching::{Committed, Persisted};
-use crate::error::{LedgerError, StoreError};
+use crate::error::{LeaderHint, LedgerError};
 use crate::matcher::MatcherMsg;
-use crate::store::{Applied, Intent, Store};
+use crate::raft::{EntryResult, LedgerEntry, Raft, ReplicaId, ReplicaInfo, TypeConfig};
+use crate::store::{Applied, Intent};
 
 /// Intents that may wait for the committer before senders are slowed down.
 pub const COMMIT_QUEUE_MAX: usize = 65_536;
-/// Intents in one write transaction at most.
+/// Intents in one log entry at most.
 pub const COMMIT_BATCH_MAX: usize = 16_384;
+/// Log entries proposed and not yet applied at most. Two lets the next batch
+/// be replicated while the previous one is applied.
+pub const COMMITS_IN_FLIGHT: usize = 2;
+/// How long a closing ledger waits for its last entries to commit.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Who to tell what became of an intent.
 pub enum ReplyTo {
@@ -51,92 +63,193 @@ pub struct CommitStats {
     pub intents: std::sync::atomic::AtomicU64,
 }
 
+/// How the committer should stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    Running,
+    /// Propose what is queued, wait (a few seconds at most) for every entry
+    /// in flight, then end: the ledger is closing.
+    Drain,
+    /// End now, answering nobody more: this replica stopped leading, and its
+    /// requesters hear that from their dropped channels.
+    Abandon,
+}
+
 pub struct Committer {
-    thread: Option<JoinHandle<()>>,
+    task: tokio::task::JoinHandle<()>,
+    stop: watch::Sender<Stop>,
+}
+
+/// What the committer needs to propose entries.
+pub struct CommitterArgs {
+    pub raft: Raft,
+    /// The term this leader's actors were built in; stamped on every entry.
+    pub term: u64,
+    pub clock: Arc<dyn Clock>,
+    pub matchers: Arc<std::sync::OnceLock<Vec<ActorRef<MatcherMsg>>>>,
+    pub stats: Arc<CommitStats>,
 }
 
 impl Committer {
-    /// Starts the commit thread. It ends when every sender of `jobs` is dropped
-    /// and the queue is drained.
-    pub fn start(
-        store: Arc<Store>,
-        clock: Arc<dyn Clock>,
-        matchers: Arc<std::sync::OnceLock<Vec<ActorRef<MatcherMsg>>>>,
-        stats: Arc<CommitStats>,
-    ) -> (Committer, mpsc::Sender<Job>) {
+    /// Starts the commit task. It ends when told to stop, or when every
+    /// sender of `jobs` is dropped and what they sent is answered.
+    pub fn start(args: CommitterArgs) -> (Committer, mpsc::Sender<Job>) {
         let (sender, receiver) = mpsc::channel(COMMIT_QUEUE_MAX);
-        let thread = std::thread::Builder::new()
-            .name("tapledger-commit".into())
-            .spawn(move || run(store, clock, matchers, stats, receiver))
-            .expect("spawn commit thread");
-        (
-            Committer {
-                thread: Some(thread),
-            },
-            sender,
-        )
+        let (stop, stop_receiver) = watch::channel(Stop::Running);
+        let task = tokio::spawn(run(args, receiver, stop_receiver));
+        (Committer { task, stop }, sender)
     }
 
-    /// Waits for the thread to finish its last commit.
-    pub fn join(mut self) {
-        if let Some(thread) = self.thread.take() {
+    /// Stops the task as `how` says and waits for it to end.
+    pub async fn stop(self, how: Stop) {
+        let _ = self.stop.send(how);
+        if let Err(error) = self.task.await
+            && error.is_panic()
+        {
             // A panic in the committer is a broken invariant: let it surface.
-            if let Err(panic) = thread.join() {
-                std::panic::resume_unwind(panic);
+            std::panic::resume_unwind(error.into_panic());
+        }
+    }
+}
+
+type Answer = oneshot::Receiver<
+    Result<
+        openraft::raft::ClientWriteResponse<TypeConfig>,
+        ClientWriteError<ReplicaId, ReplicaInfo>,
+    >,
+>;
+
+/// An entry proposed and not yet answered.
+struct InFlight {
+    replies: Vec<ReplyTo>,
+    answer: Answer,
+}
+
+async fn run(
+    args: CommitterArgs,
+    mut receiver: mpsc::Receiver<Job>,
+    mut stop: watch::Receiver<Stop>,
+) {
+    let CommitterArgs {
+        raft,
+        term,
+        clock,
+        matchers,
+        stats,
+    } = args;
+    let mut failed: Option<LedgerError> = None;
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    let mut jobs: Vec<Job> = Vec::with_capacity(COMMIT_BATCH_MAX);
+    let mut open = true;
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let how = *stop.borrow();
+        match how {
+            Stop::Abandon => return,
+            Stop::Drain if drain_deadline.is_none() => {
+                drain_deadline = Some(tokio::time::Instant::now() + CLOSE_GRACE);
+                // Whatever is queued now goes out; nothing more comes in.
+                receiver.close();
+            }
+            _ => {}
+        }
+        if !open && in_flight.is_empty() {
+            return;
+        }
+        let deadline = drain_deadline
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            biased;
+            _ = stop.changed(), if how == Stop::Running => {}
+            _ = tokio::time::sleep_until(deadline), if drain_deadline.is_some() => {
+                tracing::warn!(entries = in_flight.len(), "closing with log entries not yet committed");
+                return;
+            }
+            result = async { (&mut in_flight.front_mut().expect("not empty").answer).await },
+                if !in_flight.is_empty() =>
+            {
+                let done = in_flight.pop_front().expect("not empty");
+                let result = answer_of(result, done.replies.len());
+                if let Ok((_, applied)) = &result {
+                    stats.commits.fetch_add(1, Ordering::Relaxed);
+                    stats.intents.fetch_add(applied.len() as u64, Ordering::Relaxed);
+                }
+                deliver(&matchers, done.replies, result);
+            }
+            first = receiver.recv(), if open && in_flight.len() < COMMITS_IN_FLIGHT => {
+                let Some(first) = first else {
+                    open = false;
+                    continue;
+                };
+                jobs.push(first);
+                while jobs.len() < COMMIT_BATCH_MAX {
+                    match receiver.try_recv() {
+                        Ok(job) => jobs.push(job),
+                        Err(_) => break,
+                    }
+                }
+                let mut intents = Vec::with_capacity(jobs.len());
+                let replies: Vec<ReplyTo> = jobs
+                    .drain(..)
+                    .map(|job| {
+                        intents.push(job.intent);
+                        job.reply
+                    })
+                    .collect();
+                if let Some(error) = &failed {
+                    deliver(&matchers, replies, Err(error.clone()));
+                    continue;
+                }
+                let entry = LedgerEntry {
+                    term,
+                    at: clock.now(),
+                    intents,
+                };
+                match raft.client_write_ff(entry).await {
+                    Ok(answer) => in_flight.push_back(InFlight { replies, answer }),
+                    Err(fatal) => {
+                        tracing::error!(error = %fatal, "replication stopped; refusing further writes");
+                        let error = LedgerError::Replication(fatal.to_string());
+                        failed = Some(error.clone());
+                        deliver(&matchers, replies, Err(error));
+                    }
+                }
             }
         }
     }
 }
 
-fn run(
-    store: Arc<Store>,
-    clock: Arc<dyn Clock>,
-    matchers: Arc<std::sync::OnceLock<Vec<ActorRef<MatcherMsg>>>>,
-    stats: Arc<CommitStats>,
-    mut receiver: mpsc::Receiver<Job>,
-) {
-    use std::sync::atomic::Ordering;
-    let mut poisoned = false;
-    let mut jobs: Vec<Job> = Vec::with_capacity(COMMIT_BATCH_MAX);
-    let mut intents: Vec<Intent> = Vec::with_capacity(COMMIT_BATCH_MAX);
-    loop {
-        let Some(first) = receiver.blocking_recv() else {
-            break;
-        };
-        jobs.push(first);
-        while jobs.len() < COMMIT_BATCH_MAX {
-            match receiver.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
+/// What an entry's requesters hear, from Raft's answer to it.
+fn answer_of(
+    result: Result<
+        Result<
+            openraft::raft::ClientWriteResponse<TypeConfig>,
+            ClientWriteError<ReplicaId, ReplicaInfo>,
+        >,
+        oneshot::error::RecvError,
+    >,
+    intents: usize,
+) -> Result<(u64, Vec<Applied>), LedgerError> {
+    match result {
+        Ok(Ok(response)) => {
+            let EntryResult { commit, applied } = response.data;
+            assert_eq!(applied.len(), intents, "one result per intent");
+            Ok((commit, applied))
         }
-        intents.clear();
-        let replies: Vec<ReplyTo> = jobs
-            .drain(..)
-            .map(|job| {
-                intents.push(job.intent);
-                job.reply
-            })
-            .collect();
-        let result = if poisoned {
-            Err(LedgerError::from(StoreError::Poisoned))
-        } else {
-            match store.commit_batch(clock.now(), &intents) {
-                Ok(done) => {
-                    stats.commits.fetch_add(1, Ordering::Relaxed);
-                    stats
-                        .intents
-                        .fetch_add(intents.len() as u64, Ordering::Relaxed);
-                    Ok(done)
-                }
-                Err(error) => {
-                    tracing::error!(%error, intents = intents.len(), "commit failed; refusing further writes");
-                    poisoned = true;
-                    Err(LedgerError::from(error))
-                }
-            }
-        };
-        deliver(&matchers, replies, result);
+        Ok(Err(ClientWriteError::ForwardToLeader(forward))) => Err(LedgerError::NotLeader(
+            forward
+                .leader_id
+                .zip(forward.leader_node)
+                .map(|(id, node)| LeaderHint {
+                    id,
+                    client_addr: node.client_addr,
+                }),
+        )),
+        Ok(Err(ClientWriteError::ChangeMembershipError(error))) => {
+            unreachable!("a ledger entry changes no membership: {error}")
+        }
+        // Raft dropped the answer: it is shutting down or stopped.
+        Err(_) => Err(LedgerError::NotLeader(None)),
     }
 }
 
@@ -162,8 +275,12 @@ fn deliver(
                 tx_key,
                 persisted,
             } => {
-                let result = applied.map(|applied| match applied {
-                    Applied::Matched(committed) => committed,
+                let result = applied.and_then(|applied| match applied {
+                    Applied::Matched(committed) => Ok(committed),
+                    Applied::Invalid(reason) => {
+                        tracing::error!(%tx_key, %reason, "storage refused the leader's decision");
+                        Err(LedgerError::Invalid(reason))
+                    }
                     other => unreachable!("matcher intent answered with {other:?}"),
                 });
                 per_shard[shard].push((tx_key, persisted, result));

@@ -40,6 +40,14 @@ redb_error_from!(
     redb::SetDurabilityError
 );
 
+/// Where the leader is, as far as this replica knows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaderHint {
+    pub id: crate::raft::ReplicaId,
+    /// Where phones reach it.
+    pub client_addr: String,
+}
+
 /// Why a ledger request failed. Cheap to clone: one failed commit fails every
 /// request it held.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -52,6 +60,24 @@ pub enum LedgerError {
     UnknownAccount(u64),
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// This replica does not lead the cluster (or stopped leading while the
+    /// request was in flight: it may still take effect). Ask the leader.
+    #[error("{}", not_leader_text(.0))]
+    NotLeader(Option<LeaderHint>),
+    /// Replication stopped on this replica (its log or state machine failed);
+    /// it refuses writes until restarted.
+    #[error("replication stopped: {0}")]
+    Replication(String),
+}
+
+fn not_leader_text(hint: &Option<LeaderHint>) -> String {
+    match hint {
+        Some(hint) => format!(
+            "not the leader; the leader is replica {} at {}",
+            hint.id, hint.client_addr
+        ),
+        None => "not the leader; no leader is known yet".to_string(),
+    }
 }
 
 impl From<StoreError> for LedgerError {

@@ -1,25 +1,37 @@
-//! The ledger API: opens the store, starts the committer and the actors, and
-//! turns calls into messages. Every money-moving call resolves only after the
-//! commit that holds its effect returned.
+//! The ledger API: one replica of a cluster. It opens the store and the Raft
+//! log, runs openraft over them, and while this replica leads it runs the
+//! matcher, account and expiry actors and the committer
+//! ([`crate::leader`]). Every money-moving call resolves only after the log
+//! entry that holds its effect is committed on a majority and applied here.
+//!
+//! A single node is a cluster of one voter ([`Ledger::open`]): the same code
+//! path, with no network.
+//!
+//! Leadership is watched by one task. On becoming leader it first applies
+//! everything in its log (so the store holds every committed decision), then
+//! builds the actors from the store exactly as a restart does; on losing
+//! leadership (a new term, another leader, or no quorum answering) it stops
+//! them, and requests in flight hear [`LedgerError::NotLeader`].
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use ractor::{Actor, ActorRef};
-use tapledger_protocol::{AccountId, Half, ISSUER_ACCOUNT_ID, Outcome, TxKey};
-use tokio::sync::{mpsc, oneshot};
+use openraft::error::{InitializeError, RaftError};
+use openraft::{RaftNetworkFactory, ServerState, SnapshotPolicy};
+use tapledger_protocol::{AccountId, Half, Outcome, TxKey};
+use tokio::sync::{oneshot, watch};
 
-use crate::account::{AccountMsg, Registry};
 use crate::clock::{Clock, SystemClock};
-use crate::committer::{CommitStats, Committer, Job, ReplyTo};
-use crate::core::matching::{MatcherConfig, PendingHalf, Resolution};
-use crate::core::rules::HalfContext;
-use crate::error::LedgerError;
-use crate::expiry::{self, ExpiryActor, ExpiryArgs, ExpiryMsg};
-use crate::matcher::{Ack, ChannelWaiter, MatcherActor, MatcherArgs, MatcherMsg};
-use crate::store::{AccountRecord, Applied, AuditReport, Intent, JournalEntry, NewAccount, Store};
+use crate::core::matching::{PendingHalf, Resolution};
+use crate::error::{LeaderHint, LedgerError, StoreError};
+use crate::leader::{Ended, LeaderServices};
+use crate::raft::{
+    LogStore, NoNetwork, Raft, RaftMetrics, ReplicaId, ReplicaInfo, StateMachine, StorageIo,
+    TypeConfig,
+};
+use crate::store::{AccountRecord, AuditReport, JournalEntry, NewAccount, Store};
 
 /// Default time a lone half waits for its partner.
 pub const HALF_TTL_DEFAULT: Duration = Duration::from_secs(5 * 60);
@@ -29,12 +41,63 @@ pub const MAX_AMOUNT_DEFAULT: u64 = 100_000_000;
 pub const PENDING_HALVES_PER_ACCOUNT_MAX_DEFAULT: u32 = 64;
 /// Default time an unused account actor stays alive.
 pub const ACCOUNT_IDLE_DEFAULT: Duration = Duration::from_secs(30);
+/// How long [`Ledger::open`] waits for a cluster of one to elect itself.
+const SERVE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a new leader may take to apply its log before it serves.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Raft timing and log compaction.
+#[derive(Clone, Debug)]
+pub struct ReplicationConfig {
+    /// How often the leader sends heartbeats.
+    pub heartbeat: Duration,
+    /// A follower that hears no leader for a random time in this range
+    /// starts an election.
+    pub election_timeout: (Duration, Duration),
+    /// Build a snapshot, and compact the log, after this many entries.
+    pub snapshot_after_entries: u64,
+    /// Entries kept behind the snapshot, so that a follower a little behind
+    /// catches up from the log rather than a whole snapshot.
+    pub entries_kept_after_snapshot: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> ReplicationConfig {
+        ReplicationConfig {
+            heartbeat: Duration::from_millis(100),
+            election_timeout: (Duration::from_millis(400), Duration::from_millis(800)),
+            snapshot_after_entries: 4096,
+            entries_kept_after_snapshot: 1024,
+        }
+    }
+}
+
+impl ReplicationConfig {
+    fn raft_config(&self) -> Result<openraft::Config, LedgerError> {
+        let millis = |duration: Duration| u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+        openraft::Config {
+            cluster_name: "tapledger".into(),
+            heartbeat_interval: millis(self.heartbeat),
+            election_timeout_min: millis(self.election_timeout.0),
+            election_timeout_max: millis(self.election_timeout.1),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),
+            max_in_snapshot_log_to_keep: self.entries_kept_after_snapshot,
+            ..openraft::Config::default()
+        }
+        .validate()
+        .map_err(|error| LedgerError::Invalid(format!("replication settings: {error}")))
+    }
+}
 
 /// How a ledger runs. `LedgerConfig::new(path)` gives the defaults.
 #[derive(Clone)]
 pub struct LedgerConfig {
-    /// The redb file; created with its tables if missing.
+    /// The redb file holding the ledger; created with its tables if missing.
     pub path: PathBuf,
+    /// The Raft log's redb file (default: `<stem>-raft.redb` beside `path`).
+    pub log_path: PathBuf,
+    /// Where snapshots live (default: `<stem>-snapshots/` beside `path`).
+    pub snapshot_dir: PathBuf,
     pub half_ttl: Duration,
     pub max_amount: u64,
     /// Matcher actors; halves are spread over them by `tx_key`.
@@ -45,20 +108,42 @@ pub struct LedgerConfig {
     pub pending_halves_per_account_max: u32,
     pub account_idle: Duration,
     pub clock: Arc<dyn Clock>,
+    pub replication: ReplicationConfig,
+    /// Where storage work runs (the blocking pool unless a test says).
+    pub storage_io: StorageIo,
 }
 
 impl LedgerConfig {
     pub fn new(path: impl Into<PathBuf>) -> LedgerConfig {
+        let path = path.into();
+        let (log_path, snapshot_dir) = beside(&path);
         LedgerConfig {
-            path: path.into(),
+            path,
+            log_path,
+            snapshot_dir,
             half_ttl: HALF_TTL_DEFAULT,
             max_amount: MAX_AMOUNT_DEFAULT,
             matcher_shards: 2,
             pending_halves_per_account_max: PENDING_HALVES_PER_ACCOUNT_MAX_DEFAULT,
             account_idle: ACCOUNT_IDLE_DEFAULT,
             clock: Arc::new(SystemClock),
+            replication: ReplicationConfig::default(),
+            storage_io: StorageIo::Blocking,
         }
     }
+}
+
+/// The Raft log file and snapshot directory that go with ledger file `path`.
+fn beside(path: &Path) -> (PathBuf, PathBuf) {
+    let stem = path
+        .file_stem()
+        .map(|stem| stem.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "ledger".into());
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    (
+        dir.join(format!("{stem}-raft.redb")),
+        dir.join(format!("{stem}-snapshots")),
+    )
 }
 
 /// The first answer to [`Ledger::submit`].
@@ -86,11 +171,29 @@ impl Submission {
 pub struct Ticket {
     pub tx_key: TxKey,
     receiver: oneshot::Receiver<Result<Resolution, LedgerError>>,
+    ended: Ended,
 }
 
 impl Ticket {
+    pub(crate) fn new(
+        tx_key: TxKey,
+        receiver: oneshot::Receiver<Result<Resolution, LedgerError>>,
+        ended: Ended,
+    ) -> Ticket {
+        Ticket {
+            tx_key,
+            receiver,
+            ended,
+        }
+    }
+
+    /// The key's resolution; [`LedgerError::NotLeader`] if this replica
+    /// stopped leading first (the half stays durably pending: ask the new
+    /// leader).
     pub async fn resolution(self) -> Result<Resolution, LedgerError> {
-        self.receiver.await.unwrap_or(Err(LedgerError::Closed))
+        self.receiver
+            .await
+            .unwrap_or_else(|_| Err(self.ended.error()))
     }
 }
 
@@ -103,120 +206,189 @@ pub struct LedgerStats {
     pub account_actors_started: u64,
 }
 
-/// A running ledger. Cheap to share behind an `Arc`; call [`Ledger::close`]
-/// to shut it down cleanly.
+/// How a replica joins Raft.
+pub struct ReplicaSetup<N> {
+    pub id: ReplicaId,
+    /// How it reaches its peers.
+    pub network: N,
+    /// The voters a brand-new cluster starts with. Used only when this
+    /// replica's log has never held anything; `None` reads what `init`
+    /// recorded in the log (if anything: a replica being added waits to be
+    /// told by the leader).
+    pub bootstrap: Option<BTreeMap<ReplicaId, ReplicaInfo>>,
+}
+
+impl ReplicaSetup<NoNetwork> {
+    /// A cluster of one voter, replica 1.
+    pub fn single() -> ReplicaSetup<NoNetwork> {
+        ReplicaSetup {
+            id: 1,
+            network: NoNetwork,
+            bootstrap: Some(BTreeMap::from([(1, ReplicaInfo::default())])),
+        }
+    }
+}
+
+/// A replica's place in the cluster, as `tapledger-node status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    pub id: ReplicaId,
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub role: &'static str,
+    /// True when this replica leads and its actors take writes.
+    pub serving: bool,
+    pub term: u64,
+    pub leader: Option<ReplicaId>,
+    pub last_log_index: Option<u64>,
+    pub committed_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    pub purged_index: Option<u64>,
+    pub voters: Vec<ReplicaId>,
+    pub learners: Vec<ReplicaId>,
+    /// On the leader: each follower's last replicated index and how many
+    /// entries it is behind this replica's log.
+    pub followers: Vec<FollowerStatus>,
+    /// Why Raft stopped on this replica, if it did.
+    pub failure: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FollowerStatus {
+    pub id: ReplicaId,
+    pub matched_index: Option<u64>,
+    pub lag: u64,
+}
+
+/// What the leadership task shares with every caller.
+#[derive(Default)]
+struct Slot {
+    services: RwLock<Option<Arc<LeaderServices>>>,
+    hint: RwLock<Option<LeaderHint>>,
+    failure: RwLock<Option<String>>,
+}
+
+impl Slot {
+    fn not_leader(&self) -> LedgerError {
+        if let Some(failure) = self.failure.read().expect("slot lock").clone() {
+            return LedgerError::Replication(failure);
+        }
+        LedgerError::NotLeader(self.hint.read().expect("slot lock").clone())
+    }
+}
+
+/// One replica of the ledger. Cheap to share behind an `Arc`; call
+/// [`Ledger::close`] to shut it down cleanly.
 pub struct Ledger {
     config: LedgerConfig,
+    id: ReplicaId,
     store: Arc<Store>,
-    commit_queue: mpsc::Sender<Job>,
-    committer: Committer,
-    matchers: Vec<ActorRef<MatcherMsg>>,
-    expiry: ActorRef<ExpiryMsg>,
-    registry: Arc<Registry>,
-    sweeper: tokio::task::JoinHandle<()>,
-    /// Accounts `1 .. accounts_end` exist.
-    accounts_end: AtomicU64,
-    stats: Arc<CommitStats>,
+    log: LogStore,
+    raft: Raft,
+    slot: Arc<Slot>,
+    serving: watch::Receiver<bool>,
+    manager: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    stop: watch::Sender<bool>,
 }
 
 impl Ledger {
-    /// Opens (or creates) the ledger at `config.path` and rebuilds its live
-    /// state from it: pending halves keep their original receive times.
+    /// Opens (or creates) a single-node ledger, a cluster of one voter, at
+    /// `config.path`, and waits until it serves. Its live state is rebuilt
+    /// from the store: pending halves keep their original receive times.
     pub async fn open(config: LedgerConfig) -> Result<Ledger, LedgerError> {
+        let (store, log) = open_files(&config).await?;
+        Ledger::start(config, store, log).await
+    }
+
+    /// Runs a single-node ledger on already opened stores (e.g. ones on a
+    /// custom backend), and waits until it serves.
+    pub async fn start(
+        config: LedgerConfig,
+        store: Arc<Store>,
+        log: LogStore,
+    ) -> Result<Ledger, LedgerError> {
+        let ledger = Ledger::start_replica(config, store, log, ReplicaSetup::single()).await?;
+        ledger.wait_serving(SERVE_TIMEOUT).await?;
+        Ok(ledger)
+    }
+
+    /// Opens one replica of a cluster on the files of `config`. It serves
+    /// writes once it is elected leader.
+    pub async fn open_replica<N: RaftNetworkFactory<TypeConfig>>(
+        config: LedgerConfig,
+        setup: ReplicaSetup<N>,
+    ) -> Result<Ledger, LedgerError> {
+        let (store, log) = open_files(&config).await?;
+        Ledger::start_replica(config, store, log, setup).await
+    }
+
+    /// Runs one replica of a cluster on already opened stores.
+    pub async fn start_replica<N: RaftNetworkFactory<TypeConfig>>(
+        config: LedgerConfig,
+        store: Arc<Store>,
+        log: LogStore,
+        setup: ReplicaSetup<N>,
+    ) -> Result<Ledger, LedgerError> {
         if config.matcher_shards == 0 {
             return Err(LedgerError::Invalid(
                 "matcher_shards must be at least 1".into(),
             ));
         }
-        let store = {
-            let path = config.path.clone();
-            Arc::new(
-                tokio::task::spawn_blocking(move || Store::open(&path))
-                    .await
-                    .map_err(|_| LedgerError::Closed)??,
-            )
+        let raft_config = Arc::new(config.replication.raft_config()?);
+        let pristine = log.is_pristine()?;
+        let bootstrap = match setup.bootstrap {
+            Some(members) => Some(members),
+            None => log.bootstrap()?,
         };
-        Ledger::start(config, store).await
-    }
-
-    /// Runs a ledger on an already opened store (e.g. one on a custom backend).
-    pub async fn start(config: LedgerConfig, store: Arc<Store>) -> Result<Ledger, LedgerError> {
-        let counters = store.counters()?;
-        let mut restored: Vec<Vec<PendingHalf>> =
-            (0..config.matcher_shards).map(|_| Vec::new()).collect();
-        for pending in store.all_pending()? {
-            restored[shard_of(pending.tx_key(), config.matcher_shards)].push(pending);
-        }
-
-        let matcher_slot = Arc::new(OnceLock::new());
-        let stats = Arc::new(CommitStats::default());
-        let (committer, commit_queue) = Committer::start(
-            store.clone(),
-            config.clock.clone(),
-            matcher_slot.clone(),
-            stats.clone(),
-        );
-        let registry = Registry::new(store.clone());
-        let matcher_config = MatcherConfig {
-            half_ttl_micros: u64::try_from(config.half_ttl.as_micros()).unwrap_or(u64::MAX),
-            pending_halves_per_account_max: (config.pending_halves_per_account_max
-                / config.matcher_shards as u32)
-                .max(1),
-        };
-        let mut matchers = Vec::with_capacity(config.matcher_shards);
-        for (shard, restored) in restored.into_iter().enumerate() {
-            let args = MatcherArgs {
-                shard,
-                config: matcher_config,
-                restored,
-                commit_queue: commit_queue.clone(),
-                registry: registry.clone(),
-                store: store.clone(),
-                clock: config.clock.clone(),
-            };
-            let (matcher, _) = Actor::spawn(None, MatcherActor, args)
-                .await
-                .map_err(|error| LedgerError::Invalid(format!("cannot start matcher: {error}")))?;
-            matchers.push(matcher);
-        }
-        matcher_slot
-            .set(matchers.clone())
-            .unwrap_or_else(|_| unreachable!("matchers set once"));
-
-        let (expiry, _) = Actor::spawn(
-            None,
-            ExpiryActor,
-            ExpiryArgs {
-                matchers: matchers.clone(),
-                tick: expiry::tick_for(config.half_ttl),
-            },
-        )
-        .await
-        .map_err(|error| LedgerError::Invalid(format!("cannot start expiry actor: {error}")))?;
-        let sweeper = {
-            let registry = registry.clone();
-            let idle = config.account_idle;
-            tokio::spawn(async move {
-                let mut interval = tokio::time::interval((idle / 2).max(Duration::from_millis(1)));
-                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    interval.tick().await;
-                    registry.sweep_idle(idle).await;
+        let machine = StateMachine::new(store.clone(), &config.snapshot_dir, config.storage_io)?;
+        let raft = Raft::new(setup.id, raft_config, setup.network, log.clone(), machine)
+            .await
+            .map_err(|fatal| LedgerError::Replication(fatal.to_string()))?;
+        if pristine && let Some(members) = bootstrap {
+            match raft.initialize(members).await {
+                Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                Err(error) => {
+                    let _ = raft.shutdown().await;
+                    return Err(LedgerError::Replication(format!(
+                        "cannot start the cluster: {error}"
+                    )));
                 }
-            })
+            }
+        }
+        // A lone voter need not wait out an election timeout to lead again.
+        let alone = {
+            let metrics = raft.metrics();
+            let metrics = metrics.borrow();
+            let voters: Vec<ReplicaId> =
+                metrics.membership_config.membership().voter_ids().collect();
+            voters == [setup.id] && metrics.state != ServerState::Leader
         };
-
+        if alone {
+            let _ = raft.trigger().elect().await;
+        }
+        let slot = Arc::new(Slot::default());
+        let (serving_sender, serving) = watch::channel(false);
+        let (stop, stop_receiver) = watch::channel(false);
+        let manager = tokio::spawn(manage(
+            Leadership {
+                raft: raft.clone(),
+                store: store.clone(),
+                config: config.clone(),
+                slot: slot.clone(),
+                serving: serving_sender,
+            },
+            stop_receiver,
+        ));
         Ok(Ledger {
             config,
+            id: setup.id,
             store,
-            commit_queue,
-            committer,
-            matchers,
-            expiry,
-            registry,
-            sweeper,
-            accounts_end: AtomicU64::new(counters.account_next),
-            stats,
+            log,
+            raft,
+            slot,
+            serving,
+            manager: Mutex::new(Some(manager)),
+            stop,
         })
     }
 
@@ -224,57 +396,66 @@ impl Ledger {
         &self.config
     }
 
-    /// The store, for reads (outcomes, history, audit, export, backup).
+    pub fn id(&self) -> ReplicaId {
+        self.id
+    }
+
+    /// The store, for reads (outcomes, history, audit, export, backup). On a
+    /// follower it may lag the leader by the entries not yet applied here.
     pub fn store(&self) -> &Arc<Store> {
         &self.store
     }
 
-    async fn commit(&self, intent: Intent) -> Result<(u64, Applied), LedgerError> {
-        let (sender, receiver) = oneshot::channel();
-        self.commit_queue
-            .send(Job {
-                intent,
-                reply: ReplyTo::Caller(sender),
-            })
-            .await
-            .map_err(|_| LedgerError::Closed)?;
-        receiver.await.unwrap_or(Err(LedgerError::Closed))
+    /// The Raft instance: the node feeds it its peers' RPCs.
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// True while this replica leads and takes writes.
+    pub fn is_serving(&self) -> bool {
+        *self.serving.borrow()
+    }
+
+    /// Waits until this replica takes writes.
+    pub async fn wait_serving(&self, limit: Duration) -> Result<(), LedgerError> {
+        let mut serving = self.serving.clone();
+        match tokio::time::timeout(limit, serving.wait_for(|serving| *serving)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(LedgerError::Closed),
+            Err(_) => Err(self.slot.not_leader()),
+        }
+    }
+
+    /// A watch that is true while this replica takes writes.
+    pub fn serving_watch(&self) -> watch::Receiver<bool> {
+        self.serving.clone()
+    }
+
+    /// Where the leader is, as far as this replica knows.
+    pub fn leader_hint(&self) -> Option<LeaderHint> {
+        self.slot.hint.read().expect("slot lock").clone()
+    }
+
+    fn services(&self) -> Result<Arc<LeaderServices>, LedgerError> {
+        self.slot
+            .services
+            .read()
+            .expect("slot lock")
+            .clone()
+            .ok_or_else(|| self.slot.not_leader())
     }
 
     /// Opens an account funded with `opening_balance` by the issuer. Resolves
     /// with the new account id once durable. Checking the operator's admin
     /// credential is the caller's job.
     pub async fn open_account(&self, new_account: NewAccount) -> Result<AccountId, LedgerError> {
-        match self.commit(Intent::OpenAccount(new_account)).await? {
-            (_, Applied::AccountOpened(id)) => {
-                self.accounts_end.fetch_max(id + 1, Ordering::AcqRel);
-                Ok(id)
-            }
-            (_, Applied::Invalid(reason)) => Err(LedgerError::Invalid(reason)),
-            (_, other) => unreachable!("open account answered with {other:?}"),
-        }
+        self.services()?.open_account(new_account).await
     }
 
     /// Moves `amount` from the issuer to `account`; returns the new balance
     /// once durable.
     pub async fn top_up(&self, account: AccountId, amount: u64) -> Result<u64, LedgerError> {
-        if !self.account_exists(account) {
-            return Err(LedgerError::UnknownAccount(account));
-        }
-        match self.commit(Intent::TopUp { account, amount }).await? {
-            (commit, Applied::ToppedUp { balance }) => {
-                self.registry
-                    .send_if_live(account, AccountMsg::Credit { amount, commit })
-                    .await;
-                Ok(balance)
-            }
-            (_, Applied::Invalid(reason)) => Err(LedgerError::Invalid(reason)),
-            (_, other) => unreachable!("top-up answered with {other:?}"),
-        }
-    }
-
-    fn account_exists(&self, account: AccountId) -> bool {
-        account != ISSUER_ACCOUNT_ID && account < self.accounts_end.load(Ordering::Acquire)
+        self.services()?.top_up(account, amount).await
     }
 
     /// Submits a half on behalf of the authenticated account `submitter`.
@@ -284,31 +465,10 @@ impl Ledger {
         submitter: AccountId,
         half: Half,
     ) -> Result<Submission, LedgerError> {
-        let tx_key = half.tx_key();
-        let context = HalfContext {
-            submitter,
-            accounts_end: self.accounts_end.load(Ordering::Acquire),
-            max_amount: self.config.max_amount,
-        };
-        let (waiter, ack, resolution) = ChannelWaiter::new();
-        let matcher = &self.matchers[shard_of(tx_key, self.matchers.len())];
-        matcher
-            .send_message(MatcherMsg::Submit {
-                context,
-                half,
-                waiter,
-            })
-            .map_err(|_| LedgerError::Closed)?;
-        match ack.await.unwrap_or(Err(LedgerError::Closed))? {
-            Ack::Done(resolution) => Ok(Submission::Done(resolution)),
-            Ack::Pending => Ok(Submission::Pending(Ticket {
-                tx_key,
-                receiver: resolution,
-            })),
-        }
+        self.services()?.submit(submitter, half).await
     }
 
-    /// The final outcome of `tx_key` if it has one.
+    /// The final outcome of `tx_key` if it has one (as applied here).
     pub fn outcome(&self, tx_key: TxKey) -> Result<Option<Outcome>, LedgerError> {
         Ok(self.store.outcome(tx_key)?)
     }
@@ -339,91 +499,359 @@ impl Ledger {
 
     /// Live (balance, reserved) of an account as its actor holds them.
     pub async fn live_balance(&self, account: AccountId) -> Result<(u64, u64), LedgerError> {
-        if !self.account_exists(account) {
-            return Err(LedgerError::UnknownAccount(account));
-        }
-        self.registry.inspect(account).await
+        self.services()?.live_balance(account).await
     }
 
     /// Expires every lone half that is due now and waits until those
     /// expiries are durable. Returns how many halves expired. (The expiry
     /// actor does the same on its own tick.)
     pub async fn expire_now(&self) -> Result<usize, LedgerError> {
-        let mut expired = 0;
-        for matcher in &self.matchers {
-            let (sender, receiver) = oneshot::channel();
-            matcher
-                .send_message(MatcherMsg::ExpireDue { done: Some(sender) })
-                .map_err(|_| LedgerError::Closed)?;
-            expired += receiver.await.map_err(|_| LedgerError::Closed)?;
-        }
-        self.flush().await?;
-        Ok(expired)
+        self.services()?.expire_now().await
     }
 
     /// Waits until everything queued for commit before this call is durable.
     pub async fn flush(&self) -> Result<(), LedgerError> {
-        self.commit(Intent::Barrier).await.map(|_| ())
+        self.services()?.flush().await
     }
 
+    /// The leader's commit figures (zeros on a replica that does not lead).
     pub async fn stats(&self) -> LedgerStats {
-        LedgerStats {
-            commits: self.stats.commits.load(Ordering::Relaxed),
-            intents_committed: self.stats.intents.load(Ordering::Relaxed),
-            live_account_actors: self.registry.live(),
-            account_actors_started: self.registry.spawned(),
-        }
+        self.services()
+            .map(|services| services.stats())
+            .unwrap_or_default()
     }
 
     /// Keys in flight and lone halves, summed over the matcher shards.
     pub async fn matcher_stats(&self) -> Result<(usize, usize), LedgerError> {
-        let mut totals = (0, 0);
-        for matcher in &self.matchers {
-            let (sender, receiver) = oneshot::channel();
-            matcher
-                .send_message(MatcherMsg::Stats(sender))
-                .map_err(|_| LedgerError::Closed)?;
-            let (keys, lone) = receiver.await.map_err(|_| LedgerError::Closed)?;
-            totals = (totals.0 + keys, totals.1 + lone);
-        }
-        Ok(totals)
+        self.services()?.matcher_stats().await
     }
 
-    /// Shuts down: stops expiry and matchers (waiting submissions get
-    /// `LedgerError::Closed`), lets the committer finish its last commit, stops
-    /// account actors and closes the file.
-    pub async fn close(self) {
-        let Ledger {
-            store,
-            commit_queue,
-            committer,
-            matchers,
-            expiry,
-            registry,
-            sweeper,
-            ..
-        } = self;
-        sweeper.abort();
-        // The sweeper holds the registry and through it the store: wait until
-        // it is gone, or the file could still be open when close returns.
-        let _ = sweeper.await;
-        let _ = expiry
-            .stop_and_wait(None, Some(Duration::from_secs(5)))
-            .await;
-        for matcher in &matchers {
-            let _ = matcher
-                .stop_and_wait(None, Some(Duration::from_secs(5)))
-                .await;
+    /// Where this replica stands in the cluster.
+    pub fn status(&self) -> ReplicaStatus {
+        status_of(
+            &self.raft.metrics().borrow(),
+            self.is_serving(),
+            self.log.committed().map(|log_id| log_id.index),
+        )
+    }
+
+    /// Adds replica `id` as a learner (it receives the log but does not vote)
+    /// and waits until it has caught up; then [`Ledger::change_voters`] can
+    /// make it a voter. Only the leader can.
+    pub async fn add_learner(&self, id: ReplicaId, info: ReplicaInfo) -> Result<(), LedgerError> {
+        self.raft
+            .add_learner(id, info, true)
+            .await
+            .map(|_| ())
+            .map_err(|error| self.membership_error(error))
+    }
+
+    /// Makes exactly `voters` the voting members (each must already be a
+    /// learner or voter). A removed voter stays a learner unless `retain` is
+    /// false.
+    pub async fn change_voters(
+        &self,
+        voters: BTreeSet<ReplicaId>,
+        retain: bool,
+    ) -> Result<(), LedgerError> {
+        self.raft
+            .change_membership(voters, retain)
+            .await
+            .map(|_| ())
+            .map_err(|error| self.membership_error(error))
+    }
+
+    fn membership_error(
+        &self,
+        error: RaftError<ReplicaId, openraft::error::ClientWriteError<ReplicaId, ReplicaInfo>>,
+    ) -> LedgerError {
+        match error {
+            RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(_)) => {
+                self.slot.not_leader()
+            }
+            RaftError::APIError(openraft::error::ClientWriteError::ChangeMembershipError(
+                error,
+            )) => LedgerError::Invalid(error.to_string()),
+            RaftError::Fatal(fatal) => LedgerError::Replication(fatal.to_string()),
         }
-        drop(matchers);
-        drop(commit_queue);
-        let _ = tokio::task::spawn_blocking(move || committer.join()).await;
-        registry.stop_all().await;
-        drop(registry);
-        drop(store);
+    }
+
+    /// Shuts down: stops the leader's actors (waiting submissions get
+    /// `LedgerError::Closed`), lets the committer finish its last entries,
+    /// stops Raft and closes both files before returning.
+    pub async fn close(self) {
+        let _ = self.stop.send(true);
+        let manager = self.manager.lock().expect("manager lock").take();
+        if let Some(manager) = manager {
+            let _ = manager.await;
+        }
+        let _ = self.raft.shutdown().await;
+        let Ledger {
+            store, log, raft, ..
+        } = self;
+        drop(raft);
+        // openraft's tasks hold the stores until they have wound down.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while (Arc::strong_count(&store) > 1 || log.handles() > 1)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if Arc::strong_count(&store) > 1 || log.handles() > 1 {
+            tracing::warn!("ledger files still in use after close");
+        }
+    }
+
+    /// Stops this replica abruptly, as a crash would: nothing waits for the
+    /// committer, nothing is flushed; files are released once openraft's
+    /// tasks end. For tests and the simulator's fault injection.
+    pub async fn crash(self) {
+        let services = self.slot.services.write().expect("slot lock").take();
+        if let Some(services) = services {
+            services.stop(LedgerError::NotLeader(None)).await;
+        }
+        let manager = self.manager.lock().expect("manager lock").take();
+        if let Some(manager) = manager {
+            manager.abort();
+            let _ = manager.await;
+        }
+        let _ = self.raft.shutdown().await;
+        let Ledger { store, log, .. } = self;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while (Arc::strong_count(&store) > 1 || log.handles() > 1)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 }
 
-fn shard_of(tx_key: TxKey, shards: usize) -> usize {
-    (tx_key.as_u128() % shards as u128) as usize
+/// Opens the ledger store and the Raft log of `config` (off the runtime).
+async fn open_files(config: &LedgerConfig) -> Result<(Arc<Store>, LogStore), LedgerError> {
+    let path = config.path.clone();
+    let log_path = config.log_path.clone();
+    let io = config.storage_io;
+    tokio::task::spawn_blocking(move || -> Result<(Arc<Store>, LogStore), StoreError> {
+        Ok((
+            Arc::new(Store::open(&path)?),
+            LogStore::open(&log_path, io)?,
+        ))
+    })
+    .await
+    .map_err(|_| LedgerError::Closed)?
+    .map_err(LedgerError::from)
+}
+
+fn leading(metrics: &RaftMetrics) -> bool {
+    metrics.state == ServerState::Leader
+        && metrics.current_leader == Some(metrics.id)
+        && metrics.running_state.is_ok()
+}
+
+fn hint_of(metrics: &RaftMetrics) -> Option<LeaderHint> {
+    let id = metrics.current_leader?;
+    let node = metrics.membership_config.membership().get_node(&id)?;
+    Some(LeaderHint {
+        id,
+        client_addr: node.client_addr.clone(),
+    })
+}
+
+fn status_of(metrics: &RaftMetrics, serving: bool, committed: Option<u64>) -> ReplicaStatus {
+    let membership = metrics.membership_config.membership();
+    let last = metrics.last_log_index;
+    let followers = metrics
+        .replication
+        .as_ref()
+        .map(|replication| {
+            replication
+                .iter()
+                .filter(|(id, _)| **id != metrics.id)
+                .map(|(id, matched)| {
+                    let matched_index = matched.map(|log_id| log_id.index);
+                    let lag = match (last, matched_index) {
+                        (Some(last), Some(matched)) => last.saturating_sub(matched),
+                        (Some(last), None) => last + 1,
+                        (None, _) => 0,
+                    };
+                    FollowerStatus {
+                        id: *id,
+                        matched_index,
+                        lag,
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ReplicaStatus {
+        id: metrics.id,
+        role: match metrics.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        },
+        serving,
+        term: metrics.current_term,
+        leader: metrics.current_leader,
+        last_log_index: last,
+        committed_index: committed,
+        applied_index: metrics.last_applied.map(|log_id| log_id.index),
+        snapshot_index: metrics.snapshot.map(|log_id| log_id.index),
+        purged_index: metrics.purged.map(|log_id| log_id.index),
+        voters: membership.voter_ids().collect(),
+        learners: membership.learner_ids().collect(),
+        followers,
+        failure: metrics
+            .running_state
+            .as_ref()
+            .err()
+            .map(|fatal| fatal.to_string()),
+    }
+}
+
+/// What the leadership task works with.
+struct Leadership {
+    raft: Raft,
+    store: Arc<Store>,
+    config: LedgerConfig,
+    slot: Arc<Slot>,
+    serving: watch::Sender<bool>,
+}
+
+impl Leadership {
+    /// Records what the latest metrics say about the leader and failures.
+    fn observe(&self, metrics: &RaftMetrics) {
+        *self.slot.hint.write().expect("slot lock") = hint_of(metrics);
+        if let Err(fatal) = &metrics.running_state {
+            let mut failure = self.slot.failure.write().expect("slot lock");
+            if failure.is_none() {
+                tracing::error!(error = %fatal, "replication stopped on this replica; it refuses writes until restarted");
+                *failure = Some(fatal.to_string());
+            }
+        }
+    }
+
+    /// Catches up with the log and builds the leader's actors for `term`.
+    async fn take_office(&self, term: u64) -> Result<LeaderServices, String> {
+        let target = self.raft.metrics().borrow().last_log_index;
+        tokio::time::timeout(CATCH_UP_TIMEOUT, self.raft.ensure_linearizable())
+            .await
+            .map_err(|_| "no quorum confirmed leadership in time".to_string())?
+            .map_err(|error| error.to_string())?;
+        // Everything in the log, entries a previous leader's actors proposed
+        // in this very term included, is applied before the store is read.
+        self.raft
+            .wait(Some(CATCH_UP_TIMEOUT))
+            .applied_index_at_least(target, "leader catches up")
+            .await
+            .map_err(|error| error.to_string())?;
+        let still = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            leading(&metrics) && metrics.current_term == term
+        };
+        if !still {
+            return Err("lost leadership while catching up".into());
+        }
+        LeaderServices::start(&self.config, self.store.clone(), self.raft.clone(), term)
+            .await
+            .map_err(|error| error.to_string())
+    }
+
+    /// Leads until the term ends, quorum stops answering, Raft fails or the
+    /// ledger closes; returns what waiting requests should hear.
+    async fn hold_office(
+        &self,
+        term: u64,
+        metrics: &mut watch::Receiver<RaftMetrics>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> LedgerError {
+        let check_every = self.config.replication.election_timeout.1;
+        let mut unconfirmed = 0;
+        loop {
+            tokio::select! {
+                changed = metrics.changed() => {
+                    if changed.is_err() {
+                        return LedgerError::NotLeader(None);
+                    }
+                    let metrics = metrics.borrow_and_update().clone();
+                    self.observe(&metrics);
+                    if let Err(fatal) = &metrics.running_state {
+                        return LedgerError::Replication(fatal.to_string());
+                    }
+                    if !leading(&metrics) || metrics.current_term != term {
+                        return LedgerError::NotLeader(hint_of(&metrics));
+                    }
+                }
+                _ = tokio::time::sleep(check_every) => {
+                    let alone = self.raft.metrics().borrow().membership_config.membership().voter_ids().count() <= 1;
+                    if alone {
+                        continue;
+                    }
+                    match tokio::time::timeout(check_every, self.raft.get_read_log_id()).await {
+                        Ok(Ok(_)) => unconfirmed = 0,
+                        _ => {
+                            unconfirmed += 1;
+                            if unconfirmed >= 2 {
+                                tracing::warn!(term, "a quorum stopped confirming this leader; not serving");
+                                return LedgerError::NotLeader(None);
+                            }
+                        }
+                    }
+                }
+                _ = stop.changed() => return LedgerError::Closed,
+            }
+        }
+    }
+}
+
+/// The leadership task: serves while leading, and only then.
+async fn manage(leadership: Leadership, mut stop: watch::Receiver<bool>) {
+    let mut metrics = leadership.raft.metrics();
+    loop {
+        let term = loop {
+            if *stop.borrow() {
+                return;
+            }
+            let lead = {
+                let metrics = metrics.borrow_and_update().clone();
+                leadership.observe(&metrics);
+                leading(&metrics).then_some(metrics.current_term)
+            };
+            if let Some(term) = lead {
+                break term;
+            }
+            tokio::select! {
+                changed = metrics.changed() => if changed.is_err() { return },
+                _ = stop.changed() => {}
+            }
+        };
+        let services = match leadership.take_office(term).await {
+            Ok(services) => Arc::new(services),
+            Err(why) => {
+                tracing::warn!(term, %why, "elected but not serving yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(leadership.config.replication.heartbeat) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+        };
+        *leadership.slot.services.write().expect("slot lock") = Some(services.clone());
+        let _ = leadership.serving.send(true);
+        tracing::info!(term, "leading: taking writes");
+        let reason = leadership.hold_office(term, &mut metrics, &mut stop).await;
+        *leadership.slot.services.write().expect("slot lock") = None;
+        let _ = leadership.serving.send(false);
+        let closing = matches!(reason, LedgerError::Closed);
+        if !closing {
+            tracing::info!(term, %reason, "stopped leading");
+        }
+        services.stop(reason).await;
+        if closing {
+            return;
+        }
+    }
 }

@@ -2,12 +2,17 @@
 //! outcome and moves the money atomically and durably.
 //!
 //! * [`core`] holds the rules and state machines with no IO at all.
-//! * [`store`] is the redb file, the source of truth, written only by group
-//!   commits in [`committer`].
-//! * [`account`], [`matcher`] and [`expiry`] are the ractor actors.
-//! * [`Ledger`] is the API the node (and tests, and the benchmark) call.
+//! * [`store`] is the redb file, the source of truth: the Raft state machine,
+//!   written only by applying committed log entries.
+//! * [`raft`] is replication on openraft: the log store, the state machine,
+//!   snapshots; [`committer`] turns group commits into log entries.
+//! * [`account`], [`matcher`] and [`expiry`] are the ractor actors, run only
+//!   by the leader (`leader`).
+//! * [`Ledger`] is the API the node (and tests, and the benchmark) call: one
+//!   replica of a cluster, a cluster of one by default.
 //!
-//! This crate opens no sockets and knows nothing of QUIC or TLS.
+//! This crate opens no sockets and knows nothing of QUIC or TLS: the network
+//! between replicas is passed in.
 
 pub mod account;
 pub mod clock;
@@ -15,17 +20,21 @@ pub mod committer;
 pub mod core;
 pub mod error;
 pub mod expiry;
+mod leader;
 mod ledger;
 pub mod matcher;
+pub mod raft;
 pub mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use core::matching::Resolution;
-pub use error::{LedgerError, StoreError};
+pub use error::{LeaderHint, LedgerError, StoreError};
 pub use ledger::{
-    ACCOUNT_IDLE_DEFAULT, HALF_TTL_DEFAULT, Ledger, LedgerConfig, LedgerStats, MAX_AMOUNT_DEFAULT,
-    PENDING_HALVES_PER_ACCOUNT_MAX_DEFAULT, Submission, Ticket,
+    ACCOUNT_IDLE_DEFAULT, FollowerStatus, HALF_TTL_DEFAULT, Ledger, LedgerConfig, LedgerStats,
+    MAX_AMOUNT_DEFAULT, PENDING_HALVES_PER_ACCOUNT_MAX_DEFAULT, ReplicaSetup, ReplicaStatus,
+    ReplicationConfig, Submission, Ticket,
 };
+pub use raft::{LogStore, ReplicaId, ReplicaInfo, StorageIo};
 pub use store::{
     AccountRecord, AuditReport, Counters, Funding, FundingKind, JournalEntry, NewAccount, Store,
 };

@@ -1,32 +1,43 @@
 //! redb persistence: the source of truth for accounts, balances, pending
 //! halves, outcomes and the journal every balance is audited against.
 //!
-//! Writes happen only in [`Store::commit_batch`], which applies a whole group
-//! of intents in one write transaction at `Durability::Immediate`: one fsync
-//! for many settlements. It re-checks, inside the transaction, that a key has
-//! no outcome yet, so storage has the last word on "a `tx_key` never settles
-//! twice" whatever the actors believed. Reads use snapshots and never block
-//! the writer.
+//! It is the Raft state machine's storage: writes happen only in
+//! [`Store::apply_entries`], which applies committed log entries (each a
+//! group of intents the leader decided) in one write transaction at
+//! `Durability::Immediate`, recording the applied log id and membership in
+//! the same transaction. Applying is deterministic: the same log prefix gives
+//! the same ledger on every replica ([`Store::digest`]). It re-checks, inside
+//! the transaction, that a key has no outcome yet and that every settlement
+//! can be paid, so storage has the last word whatever the actors believed; an
+//! intent that breaks a rule is refused ([`Applied::Invalid`]) the same way
+//! on every replica, never a panic that would crash-loop them all. Reads use
+//! snapshots and never block the writer.
 //!
-//! This module knows nothing of actors or channels; `committer` drives it.
+//! This module knows nothing of actors or channels; `raft::state_machine`
+//! drives it.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
+use openraft::EntryPayload;
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
 };
 use serde::{Deserialize, Serialize};
+use sha3::{Digest, Sha3_256};
 use tapledger_protocol::{
     AccountId, ISSUER_ACCOUNT_ID, Outcome, Rejection, Settlement, Timestamp, TxKey,
 };
 
 use crate::core::matching::{Committed, Decision, PendingHalf};
 use crate::error::StoreError;
+use crate::raft::{self, EntryResult, LedgerEntry, LogId, SnapshotMeta, StoredMembership};
 
 /// Version of the table layout below. Opening a file of another version fails.
-pub const SCHEMA_VERSION: u64 = 1;
+/// Version 2 added the `raft` table (a replicated ledger); a version 1 file
+/// has no Raft history to join a cluster with.
+pub const SCHEMA_VERSION: u64 = 2;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Account id -> [`AccountRecord`] (MessagePack). Never changes after opening.
@@ -43,6 +54,14 @@ const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
 const TX_KEYS: TableDefinition<u128, u64> = TableDefinition::new("tx_keys");
 /// `tx_key` -> the lone [`PendingHalf`] waiting for its partner (MessagePack).
 const PENDING: TableDefinition<u128, &[u8]> = TableDefinition::new("pending");
+/// Raft's view of this state machine, written in the same transaction as the
+/// entries it describes: `applied` (the last applied log id) and `membership`
+/// (the last applied membership), MessagePack. A snapshot file also holds
+/// `snapshot` (its [`SnapshotMeta`]).
+const RAFT: TableDefinition<&str, &[u8]> = TableDefinition::new("raft");
+const RAFT_APPLIED: &str = "applied";
+const RAFT_MEMBERSHIP: &str = "membership";
+const RAFT_SNAPSHOT: &str = "snapshot";
 
 const META_SCHEMA_VERSION: &str = "schema_version";
 /// Number of write transactions committed so far.
@@ -66,7 +85,7 @@ pub struct AccountRecord {
 }
 
 /// A request to open an account, funded by the issuer.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewAccount {
     pub account_type: String,
     pub bank_name: String,
@@ -130,7 +149,7 @@ struct StoredEntryRef<'a> {
 }
 
 /// One thing to make durable in the next commit.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Intent {
     StorePending(PendingHalf),
     Decide(Decision),
@@ -144,14 +163,16 @@ pub enum Intent {
 }
 
 /// What a commit did with one intent.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Applied {
     Matched(Committed),
     AccountOpened(AccountId),
     ToppedUp {
         balance: u64,
     },
-    /// Refused without changing anything (e.g. a top-up that would overflow).
+    /// Refused without changing anything (a top-up that would overflow, or
+    /// an intent that breaks a ledger rule: a settlement its sender cannot
+    /// pay, a second pending half for a key). Every replica refuses it alike.
     Invalid(String),
     Barrier,
 }
@@ -254,57 +275,73 @@ impl Store {
             write.open_table(JOURNAL)?;
             write.open_table(TX_KEYS)?;
             write.open_table(PENDING)?;
+            write.open_table(RAFT)?;
         }
         write.commit()?;
         Ok(Store { db })
     }
 
-    /// Applies `intents` in order in one durable write transaction and returns
-    /// the commit's sequence number with one result per intent. If the commit
-    /// fails nothing of it is visible and the caller must fail every intent.
-    pub fn commit_batch(
+    /// Applies committed Raft entries, in order, in one durable write
+    /// transaction, and records the last one's log id (and any membership
+    /// among them) in it. Returns one result per entry. If the commit fails
+    /// nothing of it is visible and this replica must stop applying.
+    pub fn apply_entries(&self, entries: &[raft::Entry]) -> Result<Vec<EntryResult>, StoreError> {
+        let Some(last) = entries.last() else {
+            return Ok(Vec::new());
+        };
+        let mut write = self.db.begin_write()?;
+        write.set_durability(redb::Durability::Immediate)?;
+        let mut results = Vec::with_capacity(entries.len());
+        {
+            let mut tables = Tables::open(&write)?;
+            for entry in entries {
+                let result = match &entry.payload {
+                    EntryPayload::Blank => EntryResult::default(),
+                    EntryPayload::Membership(membership) => {
+                        let stored = StoredMembership::new(Some(entry.log_id), membership.clone());
+                        tables
+                            .raft
+                            .insert(RAFT_MEMBERSHIP, raft::encode(&stored)?.as_slice())?;
+                        EntryResult::default()
+                    }
+                    EntryPayload::Normal(ledger_entry) => {
+                        tables.apply_ledger_entry(entry.log_id, ledger_entry)?
+                    }
+                };
+                results.push(result);
+            }
+            tables
+                .raft
+                .insert(RAFT_APPLIED, raft::encode(&last.log_id)?.as_slice())?;
+        }
+        write.commit()?;
+        Ok(results)
+    }
+
+    /// Applies `intents` as one commit outside Raft (store unit tests only:
+    /// a replica's store changes only through [`Store::apply_entries`]).
+    #[cfg(test)]
+    pub(crate) fn commit_batch(
         &self,
         now: Timestamp,
         intents: &[Intent],
     ) -> Result<(u64, Vec<Applied>), StoreError> {
         let mut write = self.db.begin_write()?;
         write.set_durability(redb::Durability::Immediate)?;
-        let mut applied = Vec::with_capacity(intents.len());
-        let commit_seq;
-        {
-            let mut batch = Batch {
-                now,
-                meta: write.open_table(META)?,
-                accounts: write.open_table(ACCOUNTS)?,
-                balances: write.open_table(BALANCES)?,
-                journal: write.open_table(JOURNAL)?,
-                tx_keys: write.open_table(TX_KEYS)?,
-                pending: write.open_table(PENDING)?,
-                touched: HashMap::new(),
-                decided_in_batch: HashSet::new(),
-                skipped_pending: HashSet::new(),
-                journal_next: 0,
-                account_next: 0,
-                issued: 0,
-            };
-            batch.journal_next = batch.meta_value(META_JOURNAL_NEXT)?;
-            batch.account_next = batch.meta_value(META_ACCOUNT_NEXT)?;
-            batch.issued = batch.meta_value(META_ISSUED)?;
-            commit_seq = batch.meta_value(META_COMMIT_SEQ)? + 1;
-            // Halves that meet their partner inside this batch need never be
-            // written as pending.
-            for intent in intents {
-                if let Intent::Decide(decision) = intent {
-                    batch.decided_in_batch.insert(decision.tx_key());
-                }
-            }
-            for intent in intents {
-                applied.push(batch.apply(intent)?);
-            }
-            batch.finish(commit_seq)?;
-        }
+        let result = {
+            let mut tables = Tables::open(&write)?;
+            tables.apply_intents(now, intents)?
+        };
         write.commit()?;
-        Ok((commit_seq, applied))
+        Ok((result.commit, result.applied))
+    }
+
+    /// The last applied log id and membership, as Raft's state machine
+    /// reports them.
+    pub fn raft_state(&self) -> Result<(Option<LogId>, StoredMembership), StoreError> {
+        let read = self.db.begin_read()?;
+        let table = read.open_table(RAFT)?;
+        raft_state_of(&table)
     }
 
     pub fn counters(&self) -> Result<Counters, StoreError> {
@@ -604,19 +641,181 @@ impl Store {
             return Err(StoreError::TargetExists(to.display().to_string()));
         }
         let read = self.db.begin_read()?;
-        let copy = Database::builder().create(to)?;
-        let write = copy.begin_write()?;
+        write_copy(&read, to, None)
+    }
+
+    /// Writes the ledger as a Raft snapshot to the new file `to`: a copy
+    /// from one read snapshot, which also records the snapshot's metadata.
+    /// Its last log id and membership are those of the copied state, read in
+    /// the same transaction. The file is durable when this returns.
+    pub fn write_snapshot(
+        &self,
+        to: &Path,
+        snapshot_id: String,
+    ) -> Result<SnapshotMeta, StoreError> {
+        if to.exists() {
+            return Err(StoreError::TargetExists(to.display().to_string()));
+        }
+        let read = self.db.begin_read()?;
+        let (last_log_id, last_membership) = raft_state_of(&read.open_table(RAFT)?)?;
+        let meta = SnapshotMeta {
+            last_log_id,
+            last_membership,
+            snapshot_id,
+        };
+        write_copy(&read, to, Some(&meta))?;
+        Ok(meta)
+    }
+
+    /// The metadata recorded in a snapshot file, checking that it is a
+    /// ledger of this schema.
+    pub fn snapshot_meta(path: &Path) -> Result<SnapshotMeta, StoreError> {
+        let source = redb::ReadOnlyDatabase::open(path)?;
+        let read = source.begin_read()?;
+        snapshot_meta_in(&read)
+    }
+
+    /// Replaces the whole ledger by the snapshot file `from`, in one durable
+    /// write transaction: a replica that crashes while installing keeps its
+    /// old state. The file must record `meta` (what the leader announced).
+    pub fn install_snapshot(&self, from: &Path, meta: &SnapshotMeta) -> Result<(), StoreError> {
+        let source = redb::ReadOnlyDatabase::open(from)?;
+        let read = source.begin_read()?;
+        let recorded = snapshot_meta_in(&read)?;
+        if recorded.last_log_id != meta.last_log_id
+            || recorded.last_membership != meta.last_membership
         {
-            copy_table(&read, &write, META)?;
-            copy_table(&read, &write, ACCOUNTS)?;
-            copy_table(&read, &write, BALANCES)?;
-            copy_table(&read, &write, JOURNAL)?;
-            copy_table(&read, &write, TX_KEYS)?;
-            copy_table(&read, &write, PENDING)?;
+            return Err(corrupted(format!(
+                "snapshot {} records last log {:?}, the leader announced {:?}",
+                meta.snapshot_id, recorded.last_log_id, meta.last_log_id
+            )));
+        }
+        let mut write = self.db.begin_write()?;
+        write.set_durability(redb::Durability::Immediate)?;
+        {
+            replace_table(&read, &write, META)?;
+            replace_table(&read, &write, ACCOUNTS)?;
+            replace_table(&read, &write, BALANCES)?;
+            replace_table(&read, &write, JOURNAL)?;
+            replace_table(&read, &write, TX_KEYS)?;
+            replace_table(&read, &write, PENDING)?;
+            write.delete_table(RAFT)?;
+            let source = read.open_table(RAFT)?;
+            let mut target = write.open_table(RAFT)?;
+            for row in source.iter()? {
+                let (key, value) = row?;
+                if key.value() != RAFT_SNAPSHOT {
+                    target.insert(key.value(), value.value())?;
+                }
+            }
         }
         write.commit()?;
         Ok(())
     }
+
+    /// A SHA3-256 digest of everything the ledger holds, Raft's applied log
+    /// id and membership included. Two replicas that applied the same log
+    /// prefix have the same digest.
+    pub fn digest(&self) -> Result<[u8; 32], StoreError> {
+        let read = self.db.begin_read()?;
+        let mut hasher = Sha3_256::new();
+        digest_table(&read, META, &mut hasher)?;
+        digest_table(&read, ACCOUNTS, &mut hasher)?;
+        digest_table(&read, BALANCES, &mut hasher)?;
+        digest_table(&read, JOURNAL, &mut hasher)?;
+        digest_table(&read, TX_KEYS, &mut hasher)?;
+        digest_table(&read, PENDING, &mut hasher)?;
+        digest_table(&read, RAFT, &mut hasher)?;
+        Ok(hasher.finalize().into())
+    }
+}
+
+/// Writes every table of `read` to the new durable file `to`, plus the
+/// snapshot metadata when given.
+fn write_copy(
+    read: &redb::ReadTransaction,
+    to: &Path,
+    snapshot: Option<&SnapshotMeta>,
+) -> Result<(), StoreError> {
+    let copy = Database::builder().create(to)?;
+    let mut write = copy.begin_write()?;
+    write.set_durability(redb::Durability::Immediate)?;
+    {
+        copy_table(read, &write, META)?;
+        copy_table(read, &write, ACCOUNTS)?;
+        copy_table(read, &write, BALANCES)?;
+        copy_table(read, &write, JOURNAL)?;
+        copy_table(read, &write, TX_KEYS)?;
+        copy_table(read, &write, PENDING)?;
+        copy_table(read, &write, RAFT)?;
+        if let Some(meta) = snapshot {
+            write
+                .open_table(RAFT)?
+                .insert(RAFT_SNAPSHOT, raft::encode(meta)?.as_slice())?;
+        }
+    }
+    write.commit()?;
+    Ok(())
+}
+
+fn replace_table<K, V>(
+    read: &redb::ReadTransaction,
+    write: &redb::WriteTransaction,
+    definition: TableDefinition<K, V>,
+) -> Result<(), StoreError>
+where
+    K: redb::Key + 'static,
+    V: redb::Value + 'static,
+    for<'a> K::SelfType<'a>: std::borrow::Borrow<K::SelfType<'a>>,
+    for<'a> V::SelfType<'a>: std::borrow::Borrow<V::SelfType<'a>>,
+{
+    write.delete_table(definition)?;
+    copy_table(read, write, definition)
+}
+
+fn snapshot_meta_in(read: &redb::ReadTransaction) -> Result<SnapshotMeta, StoreError> {
+    let meta = read.open_table(META).map_err(|_| StoreError::NotALedger)?;
+    let found = meta
+        .get(META_SCHEMA_VERSION)?
+        .map(|guard| guard.value())
+        .ok_or(StoreError::NotALedger)?;
+    if found != SCHEMA_VERSION {
+        return Err(StoreError::SchemaVersion {
+            found,
+            expected: SCHEMA_VERSION,
+        });
+    }
+    let table = read.open_table(RAFT)?;
+    let bytes = table
+        .get(RAFT_SNAPSHOT)?
+        .ok_or_else(|| corrupted("the file records no snapshot metadata".into()))?;
+    Ok(raft::decode(bytes.value())?)
+}
+
+fn digest_table<K, V>(
+    read: &redb::ReadTransaction,
+    definition: TableDefinition<K, V>,
+    hasher: &mut Sha3_256,
+) -> Result<(), StoreError>
+where
+    K: redb::Key + 'static,
+    V: redb::Value + 'static,
+{
+    let table = read.open_table(definition)?;
+    hasher.update(definition.name().as_bytes());
+    hasher.update(table.len()?.to_be_bytes());
+    for row in table.iter()? {
+        let (key, value) = row?;
+        let key = key.value();
+        let value = value.value();
+        let key = K::as_bytes(&key);
+        let value = V::as_bytes(&value);
+        hasher.update((key.as_ref().len() as u64).to_be_bytes());
+        hasher.update(key.as_ref());
+        hasher.update((value.as_ref().len() as u64).to_be_bytes());
+        hasher.update(value.as_ref());
+    }
+    Ok(())
 }
 
 fn copy_table<K, V>(
@@ -724,15 +923,89 @@ struct Touched {
     last_seq: Option<u64>,
 }
 
-/// The open tables and running counters of one write transaction.
-struct Batch<'txn> {
-    now: Timestamp,
+/// The open tables of one write transaction.
+struct Tables<'txn> {
     meta: redb::Table<'txn, &'static str, u64>,
     accounts: redb::Table<'txn, u64, &'static [u8]>,
     balances: redb::Table<'txn, u64, (u64, u64)>,
     journal: redb::Table<'txn, u64, &'static [u8]>,
     tx_keys: redb::Table<'txn, u128, u64>,
     pending: redb::Table<'txn, u128, &'static [u8]>,
+    raft: redb::Table<'txn, &'static str, &'static [u8]>,
+}
+
+impl<'txn> Tables<'txn> {
+    fn open(write: &'txn redb::WriteTransaction) -> Result<Tables<'txn>, StoreError> {
+        Ok(Tables {
+            meta: write.open_table(META)?,
+            accounts: write.open_table(ACCOUNTS)?,
+            balances: write.open_table(BALANCES)?,
+            journal: write.open_table(JOURNAL)?,
+            tx_keys: write.open_table(TX_KEYS)?,
+            pending: write.open_table(PENDING)?,
+            raft: write.open_table(RAFT)?,
+        })
+    }
+
+    /// Applies one committed ledger batch. An entry proposed by actors of an
+    /// earlier term than the one it was committed in is refused whole: those
+    /// actors may have decided on a stale view of the ledger.
+    fn apply_ledger_entry(
+        &mut self,
+        log_id: LogId,
+        entry: &LedgerEntry,
+    ) -> Result<EntryResult, StoreError> {
+        let committed_term = log_id.leader_id.term;
+        if entry.term != committed_term {
+            let reason = format!(
+                "proposed by the leader of term {} but committed in term {committed_term}",
+                entry.term
+            );
+            return Ok(EntryResult {
+                commit: 0,
+                applied: vec![Applied::Invalid(reason); entry.intents.len()],
+            });
+        }
+        self.apply_intents(entry.at, &entry.intents)
+    }
+
+    /// Applies `intents` in order as the next ledger commit, at node time `now`.
+    fn apply_intents(
+        &mut self,
+        now: Timestamp,
+        intents: &[Intent],
+    ) -> Result<EntryResult, StoreError> {
+        let mut batch = Batch {
+            now,
+            journal_next: meta_get(&self.meta, META_JOURNAL_NEXT)?,
+            account_next: meta_get(&self.meta, META_ACCOUNT_NEXT)?,
+            issued: meta_get(&self.meta, META_ISSUED)?,
+            tables: self,
+            touched: HashMap::new(),
+            decided_in_batch: HashSet::new(),
+            skipped_pending: HashSet::new(),
+        };
+        let commit = meta_get(&batch.tables.meta, META_COMMIT_SEQ)? + 1;
+        // Halves that meet their partner inside this batch need never be
+        // written as pending.
+        for intent in intents {
+            if let Intent::Decide(decision) = intent {
+                batch.decided_in_batch.insert(decision.tx_key());
+            }
+        }
+        let mut applied = Vec::with_capacity(intents.len());
+        for intent in intents {
+            applied.push(batch.apply(intent)?);
+        }
+        batch.finish(commit)?;
+        Ok(EntryResult { commit, applied })
+    }
+}
+
+/// One ledger commit in progress: its tables and running counters.
+struct Batch<'a, 'txn> {
+    now: Timestamp,
+    tables: &'a mut Tables<'txn>,
     /// Balances read or changed in this batch, with each account's newest
     /// journal entry; written back once at the end.
     touched: HashMap<AccountId, Touched>,
@@ -745,16 +1018,16 @@ struct Batch<'txn> {
     issued: u64,
 }
 
-impl Batch<'_> {
-    fn meta_value(&self, key: &str) -> Result<u64, StoreError> {
-        meta_get(&self.meta, key)
-    }
-
+impl Batch<'_, '_> {
     fn balance(&mut self, account: AccountId) -> Result<Option<u64>, StoreError> {
         if let Some(touched) = self.touched.get(&account) {
             return Ok(Some(touched.balance));
         }
-        let Some((balance, last_seq)) = self.balances.get(account)?.map(|guard| guard.value())
+        let Some((balance, last_seq)) = self
+            .tables
+            .balances
+            .get(account)?
+            .map(|guard| guard.value())
         else {
             return Ok(None);
         };
@@ -793,61 +1066,58 @@ impl Batch<'_> {
             entry,
             previous: &previous,
         };
-        self.journal.insert(seq, encode(&stored)?.as_slice())?;
+        self.tables
+            .journal
+            .insert(seq, encode(&stored)?.as_slice())?;
         Ok(seq)
     }
 
     fn apply(&mut self, intent: &Intent) -> Result<Applied, StoreError> {
         match intent {
-            Intent::StorePending(half) => self.store_pending(half).map(Applied::Matched),
-            Intent::Decide(decision) => self.decide(decision).map(Applied::Matched),
+            Intent::StorePending(half) => self.store_pending(half),
+            Intent::Decide(decision) => self.decide(decision),
             Intent::OpenAccount(new_account) => self.open_account(new_account),
             Intent::TopUp { account, amount } => self.top_up(*account, *amount),
             Intent::Barrier => Ok(Applied::Barrier),
         }
     }
 
-    fn store_pending(&mut self, half: &PendingHalf) -> Result<Committed, StoreError> {
-        let tx_key = half.tx_key();
-        if self.decided_in_batch.contains(&tx_key) {
-            self.skipped_pending.insert(tx_key);
-            return Ok(Committed::PendingSkipped);
-        }
-        if let Some(seq) = self
+    fn final_outcome(&self, tx_key: TxKey) -> Result<Option<Arc<Outcome>>, StoreError> {
+        match self
+            .tables
             .tx_keys
             .get(tx_key.as_u128())?
             .map(|guard| guard.value())
         {
-            return Ok(Committed::AlreadyFinal(Arc::new(outcome_at(
-                &self.journal,
-                seq,
-            )?)));
+            Some(seq) => Ok(Some(Arc::new(outcome_at(&self.tables.journal, seq)?))),
+            None => Ok(None),
         }
-        let previous = self
-            .pending
-            .insert(tx_key.as_u128(), encode(half)?.as_slice())?;
-        assert!(
-            previous.is_none(),
-            "tx_key {tx_key} stored as pending twice"
-        );
-        Ok(Committed::PendingStored)
     }
 
-    fn decide(&mut self, decision: &Decision) -> Result<Committed, StoreError> {
+    fn store_pending(&mut self, half: &PendingHalf) -> Result<Applied, StoreError> {
+        let tx_key = half.tx_key();
+        if self.decided_in_batch.contains(&tx_key) {
+            self.skipped_pending.insert(tx_key);
+            return Ok(Applied::Matched(Committed::PendingSkipped));
+        }
+        if let Some(outcome) = self.final_outcome(tx_key)? {
+            return Ok(Applied::Matched(Committed::AlreadyFinal(outcome)));
+        }
+        if self.tables.pending.get(tx_key.as_u128())?.is_some() {
+            return Ok(Applied::Invalid(format!(
+                "tx_key {tx_key} already has a pending half"
+            )));
+        }
+        self.tables
+            .pending
+            .insert(tx_key.as_u128(), encode(half)?.as_slice())?;
+        Ok(Applied::Matched(Committed::PendingStored))
+    }
+
+    fn decide(&mut self, decision: &Decision) -> Result<Applied, StoreError> {
         let tx_key = decision.tx_key();
-        // Claim the key for the journal entry about to be appended; one B-tree
-        // descent both checks and claims. An older outcome is put back.
-        let seq = self.journal_next;
-        let older = self
-            .tx_keys
-            .insert(tx_key.as_u128(), seq)?
-            .map(|guard| guard.value());
-        if let Some(older) = older {
-            self.tx_keys.insert(tx_key.as_u128(), older)?;
-            return Ok(Committed::AlreadyFinal(Arc::new(outcome_at(
-                &self.journal,
-                older,
-            )?)));
+        if let Some(outcome) = self.final_outcome(tx_key)? {
+            return Ok(Applied::Matched(Committed::AlreadyFinal(outcome)));
         }
         let outcome = match decision {
             Decision::Settle { send, receive } => {
@@ -856,35 +1126,23 @@ impl Batch<'_> {
                     receive.half.receiver_id,
                     send.half.amount,
                 );
-                assert_ne!(
-                    sender, receiver,
-                    "settlement {tx_key}: account {sender} pays itself"
-                );
-                assert!(amount > 0, "settlement {tx_key}: zero amount");
-                let sender_before = self
-                    .balance(sender)?
-                    .unwrap_or_else(|| panic!("settlement {tx_key}: unknown sender {sender}"));
-                let receiver_before = self
-                    .balance(receiver)?
-                    .unwrap_or_else(|| panic!("settlement {tx_key}: unknown receiver {receiver}"));
-                // The sender's account actor reserved the amount before this
-                // decision was made, so storage must agree that it is there.
-                let sender_after = sender_before.checked_sub(amount).unwrap_or_else(|| {
-                    panic!("settlement {tx_key}: account {sender} reserved {amount} but has {sender_before}")
-                });
-                let receiver_after = receiver_before
-                    .checked_add(amount)
-                    .unwrap_or_else(|| panic!("settlement {tx_key}: account {receiver} overflows"));
-                self.set_balance(sender, sender_after);
-                self.set_balance(receiver, receiver_after);
-                let settlement = Settlement {
+                if let Some(reason) = self.unpayable(tx_key, sender, receiver, amount)? {
+                    return Ok(Applied::Invalid(reason));
+                }
+                let (Some(sender_before), Some(receiver_before)) =
+                    (self.balance(sender)?, self.balance(receiver)?)
+                else {
+                    unreachable!("unpayable checked both accounts exist")
+                };
+                self.set_balance(sender, sender_before - amount);
+                self.set_balance(receiver, receiver_before + amount);
+                Outcome::Settled(Settlement {
                     send: send.clone(),
                     receive: receive.clone(),
                     sender_balance_before: sender_before,
                     receiver_balance_before: receiver_before,
                     settled_at: self.now,
-                };
-                Outcome::Settled(settlement)
+                })
             }
             Decision::Reject {
                 tx_key,
@@ -893,32 +1151,75 @@ impl Batch<'_> {
                 receive,
                 sender_balance,
             } => {
-                assert!(
-                    code.is_payment_outcome(),
-                    "rejection {tx_key} with half-only code {code}"
-                );
-                let rejection = Rejection {
+                if !code.is_payment_outcome() {
+                    return Ok(Applied::Invalid(format!(
+                        "rejection of {tx_key} with half-only code {code}"
+                    )));
+                }
+                Outcome::Rejected(Rejection {
                     tx_key: *tx_key,
                     code: *code,
                     send: send.clone(),
                     receive: receive.clone(),
                     sender_balance: *sender_balance,
                     decided_at: self.now,
-                };
-                Outcome::Rejected(rejection)
+                })
             }
         };
         let outcome = Arc::new(outcome);
-        let appended = self.append(&JournalEntry::Outcome((*outcome).clone()))?;
-        assert_eq!(
-            appended, seq,
-            "tx_key {tx_key} claimed the journal entry it got"
+        let seq = self.append(&JournalEntry::Outcome((*outcome).clone()))?;
+        let older = self.tables.tx_keys.insert(tx_key.as_u128(), seq)?;
+        assert!(
+            older.is_none(),
+            "tx_key {tx_key} checked to have no outcome"
         );
         // A lone half skipped in this batch was never written: nothing to delete.
         if !self.skipped_pending.contains(&tx_key) {
-            self.pending.remove(tx_key.as_u128())?;
+            self.tables.pending.remove(tx_key.as_u128())?;
         }
-        Ok(Committed::Decided(outcome))
+        Ok(Applied::Matched(Committed::Decided(outcome)))
+    }
+
+    /// Why a settlement cannot be applied, if it cannot. The sender's account
+    /// actor reserved the amount before the leader decided, so storage must
+    /// agree that it is there; if it does not, the decision is refused rather
+    /// than the money created.
+    fn unpayable(
+        &mut self,
+        tx_key: TxKey,
+        sender: AccountId,
+        receiver: AccountId,
+        amount: u64,
+    ) -> Result<Option<String>, StoreError> {
+        if sender == receiver {
+            return Ok(Some(format!(
+                "settlement {tx_key}: account {sender} pays itself"
+            )));
+        }
+        if amount == 0 {
+            return Ok(Some(format!("settlement {tx_key}: zero amount")));
+        }
+        let Some(sender_before) = self.balance(sender)? else {
+            return Ok(Some(format!(
+                "settlement {tx_key}: unknown sender {sender}"
+            )));
+        };
+        let Some(receiver_before) = self.balance(receiver)? else {
+            return Ok(Some(format!(
+                "settlement {tx_key}: unknown receiver {receiver}"
+            )));
+        };
+        if sender_before < amount {
+            return Ok(Some(format!(
+                "settlement {tx_key}: account {sender} was reserved {amount} but has {sender_before}"
+            )));
+        }
+        if receiver_before.checked_add(amount).is_none() {
+            return Ok(Some(format!(
+                "settlement {tx_key}: account {receiver} would overflow"
+            )));
+        }
+        Ok(None)
     }
 
     fn open_account(&mut self, new_account: &NewAccount) -> Result<Applied, StoreError> {
@@ -937,7 +1238,9 @@ impl Batch<'_> {
             salt: new_account.salt.clone(),
             key_hash: new_account.key_hash.clone(),
         };
-        self.accounts.insert(id, encode(&record)?.as_slice())?;
+        self.tables
+            .accounts
+            .insert(id, encode(&record)?.as_slice())?;
         self.touched.insert(
             id,
             Touched {
@@ -985,30 +1288,47 @@ impl Batch<'_> {
         Ok(Applied::ToppedUp { balance: after })
     }
 
-    fn finish(mut self, commit_seq: u64) -> Result<(), StoreError> {
+    fn finish(self, commit_seq: u64) -> Result<(), StoreError> {
         let mut total_touched_before: u128 = 0;
         let mut total_touched_after: u128 = 0;
         for (&account, touched) in &self.touched {
             let last_seq = touched.last_seq.unwrap_or_else(|| {
                 panic!("commit {commit_seq}: account {account} has no journal entry")
             });
-            self.balances.insert(account, (touched.balance, last_seq))?;
+            self.tables
+                .balances
+                .insert(account, (touched.balance, last_seq))?;
             total_touched_before += u128::from(touched.balance_before_batch);
             total_touched_after += u128::from(touched.balance);
         }
         // Conservation: balances changed only by what the issuer paid out.
-        let issued_before = self.meta_value(META_ISSUED)?;
+        let issued_before = meta_get(&self.tables.meta, META_ISSUED)?;
         assert_eq!(
             total_touched_after as i128 - total_touched_before as i128, // both below 2^64 * accounts
             i128::from(self.issued) - i128::from(issued_before),
             "commit {commit_seq}: balances moved by a different amount than the issuer paid out"
         );
-        self.meta.insert(META_COMMIT_SEQ, commit_seq)?;
-        self.meta.insert(META_JOURNAL_NEXT, self.journal_next)?;
-        self.meta.insert(META_ACCOUNT_NEXT, self.account_next)?;
-        self.meta.insert(META_ISSUED, self.issued)?;
+        let meta = &mut self.tables.meta;
+        meta.insert(META_COMMIT_SEQ, commit_seq)?;
+        meta.insert(META_JOURNAL_NEXT, self.journal_next)?;
+        meta.insert(META_ACCOUNT_NEXT, self.account_next)?;
+        meta.insert(META_ISSUED, self.issued)?;
         Ok(())
     }
+}
+
+fn raft_state_of(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<(Option<LogId>, StoredMembership), StoreError> {
+    let applied = match table.get(RAFT_APPLIED)? {
+        Some(bytes) => Some(raft::decode(bytes.value())?),
+        None => None,
+    };
+    let membership = match table.get(RAFT_MEMBERSHIP)? {
+        Some(bytes) => raft::decode(bytes.value())?,
+        None => StoredMembership::default(),
+    };
+    Ok((applied, membership))
 }
 
 #[cfg(test)]

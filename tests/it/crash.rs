@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use tapledger_actors::{JournalEntry, Store};
 
-use crate::storage_faults::{SimDisk, WORKERS, Workload, check_promises, ledger_works_again};
+use crate::storage_faults::{
+    SimDisk, WORKERS, Workload, check_promises, ledger_works_again, reopen_images,
+};
 use crate::support::{within, within_for};
 
 /// Crash points per run unless `TAPLEDGER_CRASH_POINTS` says otherwise.
@@ -46,8 +48,10 @@ async fn a_crash_between_any_two_writes_keeps_every_promise() {
     let points = env_u64("TAPLEDGER_CRASH_POINTS").unwrap_or(CRASH_POINTS_DEFAULT);
     println!("crash points: seed {seed} (TAPLEDGER_SEED={seed} repeats this run), {points} points");
 
+    let snapshots = tempfile::tempdir().expect("temp dir");
     let disk = SimDisk::default();
-    let (workload, _stop) = Workload::start(disk.clone()).await;
+    let (workload, _stop) =
+        Workload::start(disk.clone(), SimDisk::default(), snapshots.path()).await;
     let (writes_at_start, _) = disk.counts();
     // This workload writes 1,000 to 1,500 pages after its setup; spread the
     // crash points over the first 900 writes after the setup, so that all
@@ -96,13 +100,13 @@ async fn a_crash_between_any_two_writes_keeps_every_promise() {
 
     let mut outcomes_checked = 0;
     for (index, snapshot) in snapshots.iter().enumerate() {
-        for (image_name, image) in [
-            ("kill -9", &snapshot.current),
-            ("power cut", &snapshot.durable),
+        let (log_current, log_durable) = snapshot.companion.clone().expect("log images");
+        for (image_name, image, log_image) in [
+            ("kill -9", &snapshot.current, &log_current),
+            ("power cut", &snapshot.durable, &log_durable),
         ] {
             let what = format!("{image_name} after write {}", snapshot.writes);
-            let store = Store::open_with_backend(SimDisk::with_image(image.clone()))
-                .unwrap_or_else(|error| panic!("{what}: reopen: {error}"));
+            let (store, log) = reopen_images(&what, image, log_image);
             check_promises(&what, &store, &told, &accounts, index);
             // What the image holds is a prefix of what happened: every
             // outcome in it is the one the final file has.
@@ -118,7 +122,7 @@ async fn a_crash_between_any_two_writes_keeps_every_promise() {
                 }
             }
             if index % 6 == 0 {
-                ledger_works_again(&what, store, &accounts).await;
+                ledger_works_again(&what, store, log, &accounts).await;
             }
         }
     }

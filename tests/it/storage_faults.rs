@@ -1,9 +1,11 @@
-//! Storage faults: the ledger runs on a simulated disk that starts failing
-//! writes (cleanly or torn) or fsyncs after N operations. Whatever the
-//! failure point, no caller is ever told "settled" (or "pending", or "account
-//! opened") unless it is in the file after a power cut, the ledger refuses
-//! every later write with `Poisoned`, and the file reopened on a healthy disk
-//! passes the audit and keeps working.
+//! Storage faults: the ledger (a cluster of one replica) runs on two
+//! simulated disks, one for the ledger file and one for the Raft log, and
+//! one of them starts failing writes (cleanly or torn) or fsyncs after N
+//! operations. Whatever the failure point, no caller is ever told "settled"
+//! (or "pending", or "account opened") unless it is in the ledger file after
+//! a power cut; replication stops and the replica refuses every later write
+//! (`LedgerError::Replication`, wire 1100); and both files reopened on
+//! healthy disks pass the audit and keep working.
 //!
 //! The simulated disk ([`SimDisk`]) keeps two images: what reads see (every
 //! write so far) and what survives a power cut (only data covered by a
@@ -15,7 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tapledger_actors::{
-    JournalEntry, Ledger, LedgerConfig, LedgerError, Resolution, Store, StoreError, Submission,
+    JournalEntry, Ledger, LedgerConfig, LedgerError, LogStore, Resolution, StorageIo, Store,
+    Submission,
 };
 use tapledger_protocol::{AccountId, Half, Outcome, TxKey};
 
@@ -48,6 +51,9 @@ struct DiskState {
     /// Write counts after which to save both images, ascending.
     snapshot_at: std::collections::VecDeque<u64>,
     snapshots: Vec<Snapshot>,
+    /// Another disk whose images each snapshot also saves (the Raft log's
+    /// beside the ledger's), so a crash image is the pair of both.
+    companion: Option<SimDisk>,
 }
 
 /// Both images of the disk right after one write: a crash at that moment.
@@ -57,6 +63,8 @@ pub struct Snapshot {
     pub writes: u64,
     pub current: Vec<u8>,
     pub durable: Vec<u8>,
+    /// The companion disk's (current, durable) images at the same moment.
+    pub companion: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// An in-memory disk with separate "written" and "synced" images and an
@@ -101,6 +109,11 @@ impl SimDisk {
         points.sort_unstable();
         points.dedup();
         self.state.lock().unwrap().snapshot_at = points.into();
+    }
+
+    /// Makes every snapshot of this disk also save `companion`'s images.
+    pub fn snapshot_with(&self, companion: &SimDisk) {
+        self.state.lock().unwrap().companion = Some(companion.clone());
     }
 
     /// How many snapshots exist; see [`SimDisk::taken`].
@@ -228,10 +241,15 @@ impl redb::StorageBackend for SimDisk {
         if state.snapshot_at.front() == Some(&writes) {
             state.snapshot_at.pop_front();
             self.taken.fetch_add(1, Ordering::SeqCst);
+            let companion = state
+                .companion
+                .as_ref()
+                .map(|companion| (companion.current_image(), companion.durable_image()));
             let snapshot = Snapshot {
                 writes,
                 current: state.current.clone(),
                 durable: state.durable.clone(),
+                companion,
             };
             state.snapshots.push(snapshot);
         }
@@ -257,7 +275,7 @@ pub struct Told {
     pub topped_up: Vec<(AccountId, u64, u64, usize)>,
     /// Requests answered with an error.
     pub errors: Vec<String>,
-    /// Errors that were `Poisoned` (writes refused after the failure).
+    /// Errors saying replication stopped (writes refused after the failure).
     pub poisoned: usize,
 }
 
@@ -283,19 +301,21 @@ impl Told {
     }
 }
 
+/// The error a replica gives for every write once its storage failed.
 pub fn is_poisoned(error: &LedgerError) -> bool {
-    matches!(error, LedgerError::Store(store) if matches!(**store, StoreError::Poisoned))
+    matches!(error, LedgerError::Replication(_))
 }
 
 pub const ACCOUNTS: u64 = 12;
 const OPENING_BALANCE: u64 = 10_000;
 pub const WORKERS: u64 = 16;
 
-/// A workload of payments against a ledger on a [`SimDisk`], recording what
-/// callers were told.
+/// A workload of payments against a ledger on two [`SimDisk`]s (its file
+/// and its Raft log), recording what callers were told.
 #[derive(Clone)]
 pub struct Workload {
     pub ledger: Arc<Ledger>,
+    /// The ledger file's disk; its snapshots also save the log disk's images.
     pub disk: SimDisk,
     pub accounts: Vec<AccountId>,
     pub told: Arc<Mutex<Told>>,
@@ -303,14 +323,21 @@ pub struct Workload {
 }
 
 impl Workload {
-    /// A ledger on a fresh simulated disk with `ACCOUNTS` funded accounts.
-    pub async fn start(disk: SimDisk) -> (Workload, tokio::sync::watch::Sender<bool>) {
+    /// A ledger on fresh simulated disks with `ACCOUNTS` funded accounts.
+    pub async fn start(
+        disk: SimDisk,
+        log_disk: SimDisk,
+        snapshots: &std::path::Path,
+    ) -> (Workload, tokio::sync::watch::Sender<bool>) {
+        disk.snapshot_with(&log_disk);
         let store =
             Store::open_with_backend(disk.clone()).expect("open store on the simulated disk");
-        let mut config = LedgerConfig::new("/nonexistent/simulated.redb");
+        let log = LogStore::open_with_backend(log_disk.clone(), StorageIo::Blocking)
+            .expect("open the Raft log on the simulated disk");
+        let mut config = LedgerConfig::new(snapshots.join("simulated.redb"));
         config.matcher_shards = 2;
         config.pending_halves_per_account_max = 1_000;
-        let ledger = within(Ledger::start(config, Arc::new(store)))
+        let ledger = within(Ledger::start(config, Arc::new(store), log))
             .await
             .expect("start ledger");
         let mut accounts = Vec::new();
@@ -492,18 +519,22 @@ pub fn check_promises(
     audit
 }
 
-/// Runs a ledger on `store` (a reopened image): lone halves are restored
-/// and a new payment settles.
-pub async fn ledger_works_again(what: &str, store: Store, accounts: &[AccountId]) {
-    let pending_before = store.all_pending().expect("pending").len();
+/// Runs a ledger on `store` and `log` (reopened images): it re-applies what
+/// its log holds beyond the store, restores every lone half, audits clean
+/// and settles a new payment.
+pub async fn ledger_works_again(what: &str, store: Store, log: LogStore, accounts: &[AccountId]) {
+    let snapshots = tempfile::tempdir().expect("temp dir");
     let ledger = within(Ledger::start(
-        LedgerConfig::new("/nonexistent/reopened.redb"),
+        LedgerConfig::new(snapshots.path().join("reopened.redb")),
         Arc::new(store),
+        log,
     ))
     .await
-    .unwrap_or_else(|error| panic!("{what}: ledger on the reopened file: {error}"));
+    .unwrap_or_else(|error| panic!("{what}: ledger on the reopened files: {error}"));
+    // The leader applied its whole log before it served.
+    let pending_now = ledger.store().all_pending().expect("pending").len();
     let (_, lone) = within(ledger.matcher_stats()).await.unwrap();
-    assert_eq!(lone, pending_before, "{what}: lone halves restored");
+    assert_eq!(lone, pending_now, "{what}: lone halves restored");
     let payer = *accounts
         .iter()
         .max_by_key(|account| ledger.balance(**account).unwrap().unwrap())
@@ -542,11 +573,33 @@ struct CaseReport {
 /// Payments each worker makes at most; the fault fires long before.
 const PAYMENTS_PER_WORKER_MAX: u64 = 400;
 
-/// Runs the workload on a disk armed with `fault` after `allowed` operations,
-/// then checks everything on both images.
-async fn run_case(fault: Fault, allowed: u64) -> CaseReport {
-    let disk = SimDisk::default();
-    let (workload, stop) = Workload::start(disk.clone()).await;
+/// Which disk fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failing {
+    Ledger,
+    Log,
+}
+
+/// Reopens the store and log held in `images` (ledger, log) on healthy disks.
+pub fn reopen_images(what: &str, ledger: &[u8], log: &[u8]) -> (Store, LogStore) {
+    let store = Store::open_with_backend(SimDisk::with_image(ledger.to_vec()))
+        .unwrap_or_else(|error| panic!("{what}: reopen the ledger: {error}"));
+    let log = LogStore::open_with_backend(SimDisk::with_image(log.to_vec()), StorageIo::Blocking)
+        .unwrap_or_else(|error| panic!("{what}: reopen the Raft log: {error}"));
+    (store, log)
+}
+
+/// Runs the workload with the `failing` disk armed with `fault` after
+/// `allowed` operations, then checks everything on both images.
+async fn run_case(failing: Failing, fault: Fault, allowed: u64) -> CaseReport {
+    let snapshots = tempfile::tempdir().expect("temp dir");
+    let (ledger_disk, log_disk) = (SimDisk::default(), SimDisk::default());
+    let (workload, stop) =
+        Workload::start(ledger_disk.clone(), log_disk.clone(), snapshots.path()).await;
+    let disk = match failing {
+        Failing::Ledger => ledger_disk.clone(),
+        Failing::Log => log_disk.clone(),
+    };
     let (writes_before, syncs_before) = disk.counts();
     disk.arm(fault, allowed);
     let workers: Vec<_> = (0..WORKERS)
@@ -565,7 +618,7 @@ async fn run_case(fault: Fault, allowed: u64) -> CaseReport {
     let (writes, syncs) = disk.counts();
     assert!(
         disk.fired(),
-        "{fault:?} after {allowed}: the workload ended before the fault fired \
+        "{failing:?} {fault:?} after {allowed}: the workload ended before the fault fired \
          ({} more writes, {} more syncs)",
         writes - writes_before,
         syncs - syncs_before
@@ -577,7 +630,7 @@ async fn run_case(fault: Fault, allowed: u64) -> CaseReport {
         within(worker).await.expect("worker panicked");
     }
 
-    // Every later write is refused with Poisoned, not attempted.
+    // Every later write is refused, not attempted.
     let Workload {
         ledger,
         accounts,
@@ -616,22 +669,34 @@ async fn run_case(fault: Fault, allowed: u64) -> CaseReport {
     );
     // Both what the page cache held and what a power cut leaves must keep
     // every promise; each is reopened from a real file on a healthy disk.
-    for (image_name, image) in [
-        ("after a crash", disk.current_image()),
-        ("after a power cut", disk.durable_image()),
+    for (image_name, ledger_image, log_image) in [
+        (
+            "after a crash",
+            ledger_disk.current_image(),
+            log_disk.current_image(),
+        ),
+        (
+            "after a power cut",
+            ledger_disk.durable_image(),
+            log_disk.durable_image(),
+        ),
     ] {
-        let what = format!("{fault:?} after {allowed}, {image_name}");
+        let what = format!("{failing:?} {fault:?} after {allowed}, {image_name}");
+        // The ledger file alone keeps every promise: nobody is told before
+        // the entry is applied to it.
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("ledger.redb");
-        std::fs::write(&path, &image).expect("write image");
+        std::fs::write(&path, &ledger_image).expect("write image");
         let store = Store::open(&path).unwrap_or_else(|error| panic!("{what}: reopen: {error}"));
         check_promises(&what, &store, &told, &accounts, usize::MAX);
+        drop(store);
+        let (store, log) = reopen_images(&what, &ledger_image, &log_image);
         assert!(
             store.outcome(refused_key).unwrap().is_none()
                 && store.pending(refused_key).unwrap().is_none(),
             "{what}: a half refused after the failure was stored"
         );
-        ledger_works_again(&what, store, &accounts).await;
+        ledger_works_again(&what, store, log, &accounts).await;
     }
     CaseReport {
         finals: told.finals.len(),
@@ -641,13 +706,13 @@ async fn run_case(fault: Fault, allowed: u64) -> CaseReport {
     }
 }
 
-/// Runs every `(fault, allowed)` case and prints one line per case.
-async fn run_cases(cases: &[(Fault, u64)]) {
-    for &(fault, allowed) in cases {
-        let report = run_case(fault, allowed).await;
+/// Runs every `(disk, fault, allowed)` case and prints one line per case.
+async fn run_cases(cases: &[(Failing, Fault, u64)]) {
+    for &(failing, fault, allowed) in cases {
+        let report = run_case(failing, fault, allowed).await;
         println!(
-            "storage fault {fault:?} after {allowed}: {} outcomes told and kept, {} halves \
-             acknowledged, {} errors told ({} Poisoned)",
+            "storage fault on the {failing:?} disk, {fault:?} after {allowed}: {} outcomes told \
+             and kept, {} halves acknowledged, {} errors told ({} replication stopped)",
             report.finals, report.pending, report.errors, report.poisoned
         );
     }
@@ -660,11 +725,13 @@ async fn failing_fsync_never_reports_a_false_outcome_and_poisons_the_ledger() {
     // false outcome; the ledger refuses further writes; and both the crashed
     // and the power-cut image reopen with every promise kept.
     run_cases(&[
-        (Fault::Sync, 0),
-        (Fault::Sync, 1),
-        (Fault::Sync, 4),
-        (Fault::Sync, 25),
-        (Fault::Sync, 80),
+        (Failing::Ledger, Fault::Sync, 0),
+        (Failing::Ledger, Fault::Sync, 1),
+        (Failing::Ledger, Fault::Sync, 4),
+        (Failing::Ledger, Fault::Sync, 25),
+        (Failing::Ledger, Fault::Sync, 80),
+        (Failing::Log, Fault::Sync, 0),
+        (Failing::Log, Fault::Sync, 30),
     ])
     .await;
 }
@@ -674,10 +741,12 @@ async fn failing_writes_never_report_a_false_outcome_and_poison_the_ledger() {
     // Goal: as above for a write that fails outright, at several points of a
     // commit and of the run.
     run_cases(&[
-        (Fault::Write, 0),
-        (Fault::Write, 3),
-        (Fault::Write, 40),
-        (Fault::Write, 400),
+        (Failing::Ledger, Fault::Write, 0),
+        (Failing::Ledger, Fault::Write, 3),
+        (Failing::Ledger, Fault::Write, 40),
+        (Failing::Ledger, Fault::Write, 400),
+        (Failing::Log, Fault::Write, 5),
+        (Failing::Log, Fault::Write, 200),
     ])
     .await;
 }
@@ -687,9 +756,10 @@ async fn torn_writes_never_report_a_false_outcome_and_poison_the_ledger() {
     // Goal: as above for a write that stores half its bytes before failing:
     // redb's checksums must make the torn commit invisible after reopening.
     run_cases(&[
-        (Fault::TornWrite, 1),
-        (Fault::TornWrite, 17),
-        (Fault::TornWrite, 150),
+        (Failing::Ledger, Fault::TornWrite, 1),
+        (Failing::Ledger, Fault::TornWrite, 17),
+        (Failing::Ledger, Fault::TornWrite, 150),
+        (Failing::Log, Fault::TornWrite, 60),
     ])
     .await;
 }

@@ -97,7 +97,7 @@ impl PendingHalf {
 /// A final decision the matcher hands to storage. Storage stamps the time,
 /// reads the balances before the move and refuses it if the key already has an
 /// outcome.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Decision {
     Settle {
         send: Stamped<SendHalf>,
@@ -156,7 +156,7 @@ pub enum Effect {
 }
 
 /// What storage reported for one [`Effect::StorePending`] or [`Effect::Decide`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Committed {
     /// The lone half is durable.
     PendingStored,

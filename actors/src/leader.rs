@@ -1,0 +1,301 @@
+//! What only the leader runs: the matcher shards, the account actors, the
+//! expiry actor and the committer, built for one term from the applied ledger
+//! exactly as a restart builds them, and stopped when this replica stops
+//! leading (requests in flight then hear [`LedgerError::NotLeader`]).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use ractor::{Actor, ActorRef};
+use tapledger_protocol::{AccountId, Half, ISSUER_ACCOUNT_ID, TxKey};
+use tokio::sync::oneshot;
+
+use crate::account::{AccountMsg, Registry};
+use crate::committer::{CommitStats, Committer, CommitterArgs, Job, ReplyTo, Stop};
+use crate::core::matching::{MatcherConfig, PendingHalf};
+use crate::core::rules::HalfContext;
+use crate::error::LedgerError;
+use crate::expiry::{self, ExpiryActor, ExpiryArgs, ExpiryMsg};
+use crate::ledger::{LedgerConfig, LedgerStats, Submission, Ticket};
+use crate::matcher::{Ack, ChannelWaiter, MatcherActor, MatcherArgs, MatcherMsg};
+use crate::raft::Raft;
+use crate::store::{Applied, Intent, NewAccount, Store};
+
+/// Why a leader's services ended, told to everyone still waiting on them.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Ended(Arc<OnceLock<LedgerError>>);
+
+impl Ended {
+    /// The error for a request whose channel closed.
+    pub(crate) fn error(&self) -> LedgerError {
+        self.0.get().cloned().unwrap_or(LedgerError::Closed)
+    }
+
+    fn set(&self, reason: LedgerError) {
+        let _ = self.0.set(reason);
+    }
+}
+
+/// The leader's actors for one term.
+pub(crate) struct LeaderServices {
+    max_amount: u64,
+    commit_queue: tokio::sync::mpsc::Sender<Job>,
+    committer: Mutex<Option<Committer>>,
+    matchers: Vec<ActorRef<MatcherMsg>>,
+    expiry: ActorRef<ExpiryMsg>,
+    registry: Arc<Registry>,
+    sweeper: tokio::task::JoinHandle<()>,
+    /// Accounts `1 .. accounts_end` exist.
+    accounts_end: AtomicU64,
+    stats: Arc<CommitStats>,
+    pub(crate) ended: Ended,
+}
+
+impl LeaderServices {
+    /// Builds the services from the ledger as applied now: pending halves
+    /// keep their original receive times (and so their deadlines).
+    pub(crate) async fn start(
+        config: &LedgerConfig,
+        store: Arc<Store>,
+        raft: Raft,
+        term: u64,
+    ) -> Result<LeaderServices, LedgerError> {
+        let counters = store.counters()?;
+        let mut restored: Vec<Vec<PendingHalf>> =
+            (0..config.matcher_shards).map(|_| Vec::new()).collect();
+        for pending in store.all_pending()? {
+            restored[shard_of(pending.tx_key(), config.matcher_shards)].push(pending);
+        }
+
+        let matcher_slot = Arc::new(OnceLock::new());
+        let stats = Arc::new(CommitStats::default());
+        let (committer, commit_queue) = Committer::start(CommitterArgs {
+            raft,
+            term,
+            clock: config.clock.clone(),
+            matchers: matcher_slot.clone(),
+            stats: stats.clone(),
+        });
+        let registry = Registry::new(store.clone());
+        let matcher_config = MatcherConfig {
+            half_ttl_micros: u64::try_from(config.half_ttl.as_micros()).unwrap_or(u64::MAX),
+            pending_halves_per_account_max: (config.pending_halves_per_account_max
+                / config.matcher_shards as u32)
+                .max(1),
+        };
+        let mut matchers = Vec::with_capacity(config.matcher_shards);
+        for (shard, restored) in restored.into_iter().enumerate() {
+            let args = MatcherArgs {
+                shard,
+                config: matcher_config,
+                restored,
+                commit_queue: commit_queue.clone(),
+                registry: registry.clone(),
+                store: store.clone(),
+                clock: config.clock.clone(),
+            };
+            let (matcher, _) = Actor::spawn(None, MatcherActor, args)
+                .await
+                .map_err(|error| LedgerError::Invalid(format!("cannot start matcher: {error}")))?;
+            matchers.push(matcher);
+        }
+        matcher_slot
+            .set(matchers.clone())
+            .unwrap_or_else(|_| unreachable!("matchers set once"));
+
+        let (expiry, _) = Actor::spawn(
+            None,
+            ExpiryActor,
+            ExpiryArgs {
+                matchers: matchers.clone(),
+                tick: expiry::tick_for(config.half_ttl),
+            },
+        )
+        .await
+        .map_err(|error| LedgerError::Invalid(format!("cannot start expiry actor: {error}")))?;
+        let sweeper = {
+            let registry = registry.clone();
+            let idle = config.account_idle;
+            tokio::spawn(async move {
+                let mut interval = tokio::time::interval((idle / 2).max(Duration::from_millis(1)));
+                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    interval.tick().await;
+                    registry.sweep_idle(idle).await;
+                }
+            })
+        };
+
+        Ok(LeaderServices {
+            max_amount: config.max_amount,
+            commit_queue,
+            committer: Mutex::new(Some(committer)),
+            matchers,
+            expiry,
+            registry,
+            sweeper,
+            accounts_end: AtomicU64::new(counters.account_next),
+            stats,
+            ended: Ended::default(),
+        })
+    }
+
+    async fn commit(&self, intent: Intent) -> Result<(u64, Applied), LedgerError> {
+        let (sender, receiver) = oneshot::channel();
+        self.commit_queue
+            .send(Job {
+                intent,
+                reply: ReplyTo::Caller(sender),
+            })
+            .await
+            .map_err(|_| self.ended.error())?;
+        receiver.await.unwrap_or_else(|_| Err(self.ended.error()))
+    }
+
+    pub(crate) async fn open_account(
+        &self,
+        new_account: NewAccount,
+    ) -> Result<AccountId, LedgerError> {
+        match self.commit(Intent::OpenAccount(new_account)).await? {
+            (_, Applied::AccountOpened(id)) => {
+                self.accounts_end.fetch_max(id + 1, Ordering::AcqRel);
+                Ok(id)
+            }
+            (_, Applied::Invalid(reason)) => Err(LedgerError::Invalid(reason)),
+            (_, other) => unreachable!("open account answered with {other:?}"),
+        }
+    }
+
+    pub(crate) async fn top_up(&self, account: AccountId, amount: u64) -> Result<u64, LedgerError> {
+        if !self.account_exists(account) {
+            return Err(LedgerError::UnknownAccount(account));
+        }
+        match self.commit(Intent::TopUp { account, amount }).await? {
+            (commit, Applied::ToppedUp { balance }) => {
+                self.registry
+                    .send_if_live(account, AccountMsg::Credit { amount, commit })
+                    .await;
+                Ok(balance)
+            }
+            (_, Applied::Invalid(reason)) => Err(LedgerError::Invalid(reason)),
+            (_, other) => unreachable!("top-up answered with {other:?}"),
+        }
+    }
+
+    fn account_exists(&self, account: AccountId) -> bool {
+        account != ISSUER_ACCOUNT_ID && account < self.accounts_end.load(Ordering::Acquire)
+    }
+
+    pub(crate) async fn submit(
+        &self,
+        submitter: AccountId,
+        half: Half,
+    ) -> Result<Submission, LedgerError> {
+        let tx_key = half.tx_key();
+        let context = HalfContext {
+            submitter,
+            accounts_end: self.accounts_end.load(Ordering::Acquire),
+            max_amount: self.max_amount,
+        };
+        let (waiter, ack, resolution) = ChannelWaiter::new();
+        let matcher = &self.matchers[shard_of(tx_key, self.matchers.len())];
+        matcher
+            .send_message(MatcherMsg::Submit {
+                context,
+                half,
+                waiter,
+            })
+            .map_err(|_| self.ended.error())?;
+        match ack.await.unwrap_or_else(|_| Err(self.ended.error()))? {
+            Ack::Done(resolution) => Ok(Submission::Done(resolution)),
+            Ack::Pending => Ok(Submission::Pending(Ticket::new(
+                tx_key,
+                resolution,
+                self.ended.clone(),
+            ))),
+        }
+    }
+
+    pub(crate) async fn live_balance(&self, account: AccountId) -> Result<(u64, u64), LedgerError> {
+        if !self.account_exists(account) {
+            return Err(LedgerError::UnknownAccount(account));
+        }
+        self.registry.inspect(account).await
+    }
+
+    pub(crate) async fn expire_now(&self) -> Result<usize, LedgerError> {
+        let mut expired = 0;
+        for matcher in &self.matchers {
+            let (sender, receiver) = oneshot::channel();
+            matcher
+                .send_message(MatcherMsg::ExpireDue { done: Some(sender) })
+                .map_err(|_| self.ended.error())?;
+            expired += receiver.await.map_err(|_| self.ended.error())?;
+        }
+        self.flush().await?;
+        Ok(expired)
+    }
+
+    pub(crate) async fn flush(&self) -> Result<(), LedgerError> {
+        self.commit(Intent::Barrier).await.map(|_| ())
+    }
+
+    pub(crate) fn stats(&self) -> LedgerStats {
+        LedgerStats {
+            commits: self.stats.commits.load(Ordering::Relaxed),
+            intents_committed: self.stats.intents.load(Ordering::Relaxed),
+            live_account_actors: self.registry.live(),
+            account_actors_started: self.registry.spawned(),
+        }
+    }
+
+    pub(crate) async fn matcher_stats(&self) -> Result<(usize, usize), LedgerError> {
+        let mut totals = (0, 0);
+        for matcher in &self.matchers {
+            let (sender, receiver) = oneshot::channel();
+            matcher
+                .send_message(MatcherMsg::Stats(sender))
+                .map_err(|_| self.ended.error())?;
+            let (keys, lone) = receiver.await.map_err(|_| self.ended.error())?;
+            totals = (totals.0 + keys, totals.1 + lone);
+        }
+        Ok(totals)
+    }
+
+    /// Stops everything. `reason` is what requests still waiting hear.
+    /// Closing (`LedgerError::Closed`) lets the committer finish the entries
+    /// it has; losing leadership abandons them (they may still commit: the
+    /// next leader rebuilds from whatever did).
+    pub(crate) async fn stop(&self, reason: LedgerError) {
+        let drain = matches!(reason, LedgerError::Closed);
+        self.ended.set(reason);
+        self.sweeper.abort();
+        let _ = self
+            .expiry
+            .stop_and_wait(None, Some(Duration::from_secs(5)))
+            .await;
+        for matcher in &self.matchers {
+            let _ = matcher
+                .stop_and_wait(None, Some(Duration::from_secs(5)))
+                .await;
+        }
+        let committer = self.committer.lock().expect("committer lock").take();
+        if let Some(committer) = committer {
+            committer
+                .stop(if drain { Stop::Drain } else { Stop::Abandon })
+                .await;
+        }
+        self.registry.stop_all().await;
+    }
+}
+
+pub(crate) fn shard_of(tx_key: TxKey, shards: usize) -> usize {
+    (tx_key.as_u128() % shards as u128) as usize
+}
+
+impl Drop for LeaderServices {
+    fn drop(&mut self) {
+        self.sweeper.abort();
+    }
+}

@@ -1,0 +1,319 @@
+//! The Raft log in its own redb file (`raft-log.redb`), apart from the
+//! ledger: entries by index, and the vote, the last purged log id and the
+//! committed log id.
+//!
+//! An append is one write transaction at `Durability::Immediate`: openraft
+//! hears that entries are flushed only after the fsync returned, so an entry
+//! counts toward a majority only once it is on this disk. The vote is written
+//! the same way (a replica must never forget whom it voted for). The
+//! committed log id is only a hint for re-applying after a restart, so it is
+//! written without an fsync of its own; the next durable write carries it.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{AnyError, OptionalSend, RaftLogReader, StorageIOError};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{Entry, LogId, ReplicaId, ReplicaInfo, StorageError, StorageIo, TypeConfig, Vote};
+use crate::error::StoreError;
+
+/// Log index -> [`Entry`] (MessagePack).
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+/// Named records (MessagePack): see the `STATE_*` keys.
+const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
+const STATE_VOTE: &str = "vote";
+const STATE_COMMITTED: &str = "committed";
+const STATE_PURGED: &str = "purged";
+/// The voters this replica starts a new cluster with, written by `init`.
+const STATE_BOOTSTRAP: &str = "bootstrap";
+
+/// The log store. Clones share the file (openraft reads through a clone
+/// while it appends through another).
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+    io: StorageIo,
+    /// The committed log id openraft last reported, for status reports.
+    committed: Arc<std::sync::Mutex<Option<LogId>>>,
+}
+
+fn read_error(error: impl std::fmt::Display) -> StorageError {
+    StorageIOError::read_logs(AnyError::error(error)).into()
+}
+
+fn write_error(error: impl std::fmt::Display) -> StorageError {
+    StorageIOError::write_logs(AnyError::error(error)).into()
+}
+
+fn vote_error(error: impl std::fmt::Display) -> StorageError {
+    StorageIOError::write_vote(AnyError::error(error)).into()
+}
+
+impl LogStore {
+    /// Opens the log file at `path`, creating it if needed.
+    pub fn open(path: &Path, io: StorageIo) -> Result<LogStore, StoreError> {
+        LogStore::init(Database::builder().create(path)?, io)
+    }
+
+    /// Opens the log on a custom storage backend (tests inject faults and
+    /// in-memory disks this way).
+    pub fn open_with_backend(
+        backend: impl redb::StorageBackend,
+        io: StorageIo,
+    ) -> Result<LogStore, StoreError> {
+        LogStore::init(Database::builder().create_with_backend(backend)?, io)
+    }
+
+    fn init(db: Database, io: StorageIo) -> Result<LogStore, StoreError> {
+        let write = db.begin_write()?;
+        {
+            write.open_table(LOG)?;
+            write.open_table(STATE)?;
+        }
+        write.commit()?;
+        Ok(LogStore {
+            db: Arc::new(db),
+            io,
+            committed: Arc::default(),
+        })
+    }
+
+    /// The newest committed log id this replica knows of (since it opened).
+    pub fn committed(&self) -> Option<LogId> {
+        *self.committed.lock().expect("committed lock")
+    }
+
+    /// How many handles on the file are open (it closes with the last).
+    pub fn handles(&self) -> usize {
+        Arc::strong_count(&self.db)
+    }
+
+    fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        let read = self.db.begin_read()?;
+        let table = read.open_table(STATE)?;
+        match table.get(key)? {
+            Some(bytes) => Ok(Some(super::decode(bytes.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        durability: redb::Durability,
+    ) -> Result<(), StoreError> {
+        let mut write = self.db.begin_write()?;
+        write.set_durability(durability)?;
+        write
+            .open_table(STATE)?
+            .insert(key, super::encode(value)?.as_slice())?;
+        write.commit()?;
+        Ok(())
+    }
+
+    /// Records the voters a fresh cluster starts with (done once, by `init`).
+    pub fn set_bootstrap(
+        &self,
+        members: &BTreeMap<ReplicaId, ReplicaInfo>,
+    ) -> Result<(), StoreError> {
+        self.put(STATE_BOOTSTRAP, members, redb::Durability::Immediate)
+    }
+
+    /// The voters recorded by [`LogStore::set_bootstrap`], if any.
+    pub fn bootstrap(&self) -> Result<Option<BTreeMap<ReplicaId, ReplicaInfo>>, StoreError> {
+        self.get(STATE_BOOTSTRAP)
+    }
+
+    /// True when this log has never held a vote or an entry: a replica that
+    /// has not yet been part of any cluster.
+    pub fn is_pristine(&self) -> Result<bool, StoreError> {
+        let read = self.db.begin_read()?;
+        let state = read.open_table(STATE)?;
+        let log = read.open_table(LOG)?;
+        Ok(state.get(STATE_VOTE)?.is_none()
+            && state.get(STATE_PURGED)?.is_none()
+            && log.first()?.is_none())
+    }
+
+    fn entries(&self, range: (Bound<u64>, Bound<u64>)) -> Result<Vec<Entry>, StoreError> {
+        let read = self.db.begin_read()?;
+        let log = read.open_table(LOG)?;
+        let mut entries = Vec::new();
+        for row in log.range::<u64>(range)? {
+            let (index, bytes) = row?;
+            let entry: Entry = super::decode(bytes.value())?;
+            if entry.log_id.index != index.value() {
+                return Err(StoreError::Redb(redb::Error::Corrupted(format!(
+                    "raft log entry at index {} records index {}",
+                    index.value(),
+                    entry.log_id.index
+                ))));
+            }
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+
+    fn last_log_id(&self) -> Result<Option<LogId>, StoreError> {
+        let read = self.db.begin_read()?;
+        let log = read.open_table(LOG)?;
+        match log.last()? {
+            Some((_, bytes)) => Ok(Some(super::decode::<Entry>(bytes.value())?.log_id)),
+            None => Ok(None),
+        }
+    }
+
+    fn append_now(&self, entries: Vec<Entry>) -> Result<(), StoreError> {
+        let mut write = self.db.begin_write()?;
+        write.set_durability(redb::Durability::Immediate)?;
+        {
+            let mut log = write.open_table(LOG)?;
+            for entry in &entries {
+                log.insert(entry.log_id.index, super::encode(entry)?.as_slice())?;
+            }
+        }
+        write.commit()?;
+        Ok(())
+    }
+
+    /// Deletes entries with index in `range`, and records `purged` if given,
+    /// in one durable transaction.
+    fn delete(
+        &self,
+        from: u64,
+        to_inclusive: u64,
+        purged: Option<&LogId>,
+    ) -> Result<(), StoreError> {
+        let mut write = self.db.begin_write()?;
+        write.set_durability(redb::Durability::Immediate)?;
+        {
+            let mut log = write.open_table(LOG)?;
+            log.retain_in(from..=to_inclusive, |_, _| false)?;
+            if let Some(purged) = purged {
+                write
+                    .open_table(STATE)?
+                    .insert(STATE_PURGED, super::encode(purged)?.as_slice())?;
+            }
+        }
+        write.commit()?;
+        Ok(())
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(LogStore) -> Result<T, StoreError> + Send + 'static,
+        error: fn(String) -> StorageError,
+    ) -> Result<T, StorageError> {
+        let store = self.clone();
+        match self.io.run(move || work(store)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(store_error)) => Err(error(store_error.to_string())),
+            Err(panic) => Err(error(panic)),
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let range = (range.start_bound().cloned(), range.end_bound().cloned());
+        self.run(move |store| store.entries(range), |e| read_error(e))
+            .await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        self.run(
+            |store| {
+                let last_purged_log_id: Option<LogId> = store.get(STATE_PURGED)?;
+                let last_log_id = store.last_log_id()?.or(last_purged_log_id);
+                Ok(LogState {
+                    last_purged_log_id,
+                    last_log_id,
+                })
+            },
+            |e| read_error(e),
+        )
+        .await
+    }
+
+    async fn get_log_reader(&mut self) -> LogStore {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        let vote = *vote;
+        self.run(
+            move |store| store.put(STATE_VOTE, &vote, redb::Durability::Immediate),
+            |e| vote_error(e),
+        )
+        .await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        self.run(|store| store.get(STATE_VOTE), |e| vote_error(e))
+            .await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        *self.committed.lock().expect("committed lock") = committed;
+        self.run(
+            move |store| store.put(STATE_COMMITTED, &committed, redb::Durability::None),
+            |e| write_error(e),
+        )
+        .await
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        self.run(
+            |store| Ok(store.get::<Option<LogId>>(STATE_COMMITTED)?.flatten()),
+            |e| read_error(e),
+        )
+        .await
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        self.run(move |store| store.append_now(entries), |e| write_error(e))
+            .await?;
+        callback.log_io_completed(Ok(()));
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.run(
+            move |store| store.delete(log_id.index, u64::MAX, None),
+            |e| write_error(e),
+        )
+        .await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.run(
+            move |store| store.delete(0, log_id.index, Some(&log_id)),
+            |e| write_error(e),
+        )
+        .await
+    }
+}
