@@ -218,17 +218,6 @@ pub struct ReplicaSetup<N> {
     pub bootstrap: Option<BTreeMap<ReplicaId, ReplicaInfo>>,
 }
 
-impl ReplicaSetup<NoNetwork> {
-    /// A cluster of one voter, replica 1.
-    pub fn single() -> ReplicaSetup<NoNetwork> {
-        ReplicaSetup {
-            id: 1,
-            network: NoNetwork,
-            bootstrap: Some(BTreeMap::from([(1, ReplicaInfo::default())])),
-        }
-    }
-}
-
 /// A replica's place in the cluster, as `tapledger-node status` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReplicaStatus {
@@ -301,13 +290,34 @@ impl Ledger {
     }
 
     /// Runs a single-node ledger on already opened stores (e.g. ones on a
-    /// custom backend), and waits until it serves.
+    /// custom backend), and waits until it serves. The replica keeps the id
+    /// `init` recorded in its log (1 if none); a replica whose cluster has
+    /// other voters is refused, since it could never be elected alone.
     pub async fn start(
         config: LedgerConfig,
         store: Arc<Store>,
         log: LogStore,
     ) -> Result<Ledger, LedgerError> {
-        let ledger = Ledger::start_replica(config, store, log, ReplicaSetup::single()).await?;
+        let (id, info) = log.identity()?.unwrap_or((1, ReplicaInfo::default()));
+        let (_, membership) = store.raft_state()?;
+        let mut voters: BTreeSet<ReplicaId> = membership.membership().voter_ids().collect();
+        let bootstrap = log
+            .bootstrap()?
+            .unwrap_or_else(|| BTreeMap::from([(id, info)]));
+        if voters.is_empty() {
+            voters = bootstrap.keys().copied().collect();
+        }
+        if voters != BTreeSet::from([id]) {
+            return Err(LedgerError::Invalid(format!(
+                "replica {id} belongs to a cluster with voters {voters:?}: it needs its peers to run"
+            )));
+        }
+        let setup = ReplicaSetup {
+            id,
+            network: NoNetwork,
+            bootstrap: Some(bootstrap),
+        };
+        let ledger = Ledger::start_replica(config, store, log, setup).await?;
         ledger.wait_serving(SERVE_TIMEOUT).await?;
         Ok(ledger)
     }

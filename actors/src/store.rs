@@ -713,6 +713,22 @@ impl Store {
         Ok(())
     }
 
+    /// Makes `members` this ledger's Raft membership, recorded at its applied
+    /// log id: the start of a new history from this state (`restore`). Never
+    /// used on a replica that is part of a running cluster.
+    pub fn set_membership(&self, members: raft::Membership) -> Result<(), StoreError> {
+        let mut write = self.db.begin_write()?;
+        write.set_durability(redb::Durability::Immediate)?;
+        {
+            let mut table = write.open_table(RAFT)?;
+            let (applied, _) = raft_state_of(&table)?;
+            let stored = StoredMembership::new(applied, members);
+            table.insert(RAFT_MEMBERSHIP, raft::encode(&stored)?.as_slice())?;
+        }
+        write.commit()?;
+        Ok(())
+    }
+
     /// A SHA3-256 digest of everything the ledger holds, Raft's applied log
     /// id and membership included. Two replicas that applied the same log
     /// prefix have the same digest.

@@ -4,6 +4,12 @@
 //!
 //! It never accepts an unpinned certificate. `tapledger-sim` and the tests
 //! use it; it is also a reference for clients in other languages.
+//!
+//! A cluster is a list of replicas, each with its own address and
+//! certificate ([`ReplicaAddress`]). Only the leader takes requests; the
+//! others answer 1102 naming it ([`ClientError::NotLeader`]).
+//! [`ClientEndpoint::connect_leader`] finds it: it tries the replica it was
+//! told, follows "not the leader" answers, and tries the others in turn.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,9 +19,9 @@ use std::time::Duration;
 
 use tapledger_certs::Fingerprint;
 use tapledger_protocol::{
-    API_KEY_BYTES_MIN, AccountId, ClientMessage, ErrorCode, Half, HistoryEntry, NodeMessage,
-    OutcomeReport, QueryStatus, RejectCode, RequestId, SALT_BYTES_MIN, Secret, TxKey, decode_frame,
-    encode_frame_to_vec, key_hash,
+    API_KEY_BYTES_MIN, AccountId, ClientMessage, ErrorCode, Half, HistoryEntry, LeaderRef,
+    NodeMessage, OutcomeReport, QueryStatus, RejectCode, RequestId, SALT_BYTES_MIN, Secret, TxKey,
+    decode_frame, encode_frame_to_vec, key_hash,
 };
 use tokio::sync::mpsc;
 
@@ -28,6 +34,14 @@ pub enum ClientError {
     Connect(String),
     #[error("the node answered error {code}: {message}")]
     Node { code: ErrorCode, message: String },
+    /// 1102: this replica does not lead the cluster; `leader` says which
+    /// does, when it knows. Reconnect there and resubmit (halves are
+    /// idempotent) or query the outcome.
+    #[error("{message}")]
+    NotLeader {
+        leader: Option<LeaderRef>,
+        message: String,
+    },
     #[error("the connection closed before the answer arrived")]
     Disconnected,
     #[error("unexpected answer: {0}")]
@@ -41,9 +55,46 @@ impl ClientError {
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             ClientError::Node { code, .. } => Some(*code),
+            ClientError::NotLeader { .. } => Some(ErrorCode::NotLeader),
             _ => None,
         }
     }
+
+    /// True when retrying elsewhere may help: this replica does not lead,
+    /// or the connection is gone (the replica may have died).
+    pub fn is_failover(&self) -> bool {
+        matches!(
+            self,
+            ClientError::NotLeader { .. }
+                | ClientError::Disconnected
+                | ClientError::Connect(_)
+                | ClientError::Node {
+                    code: ErrorCode::ShuttingDown,
+                    ..
+                }
+        )
+    }
+}
+
+/// What an `error` message becomes for the caller.
+fn node_error(message: NodeMessage) -> ClientError {
+    match message {
+        NodeMessage::Error {
+            code: ErrorCode::NotLeader,
+            message,
+            leader,
+            ..
+        } => ClientError::NotLeader { leader, message },
+        NodeMessage::Error { code, message, .. } => ClientError::Node { code, message },
+        other => unexpected(&other),
+    }
+}
+
+/// One replica of a cluster as phones reach it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplicaAddress {
+    pub addr: SocketAddr,
+    pub fingerprint: Fingerprint,
 }
 
 /// A freshly generated API key with the salt and hash the node registers.
@@ -86,12 +137,7 @@ impl ClientEndpoint {
         } else {
             "0.0.0.0:0".parse().expect("literal")
         };
-        let crypto =
-            tls::client_crypto(pinned).map_err(|error| ClientError::Connect(error.to_string()))?;
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
-        config.transport_config(Arc::new(transport));
+        let config = pinned_config(pinned)?;
         let mut endpoint = quinn::Endpoint::client(bind)
             .map_err(|error| ClientError::Connect(error.to_string()))?;
         endpoint.set_default_client_config(config);
@@ -110,10 +156,100 @@ impl ClientEndpoint {
         Phone::over(connection).await
     }
 
+    /// Connects to one replica of a cluster, pinning its own certificate,
+    /// and opens the long-lived request stream.
+    pub async fn connect_to(&self, replica: &ReplicaAddress) -> Result<Phone, ClientError> {
+        let config = pinned_config(replica.fingerprint)?;
+        let connecting = self
+            .endpoint
+            .connect_with(config, replica.addr, "localhost")
+            .map_err(|error| ClientError::Connect(error.to_string()))?;
+        let connection = connecting
+            .await
+            .map_err(|error| ClientError::Connect(error.to_string()))?;
+        Phone::over(connection).await
+    }
+
+    /// Connects to the cluster's leader, authenticated as `account` when
+    /// given, within `limit`. Starts with `replicas[first]`, follows every
+    /// "not the leader" answer that names a replica of the list, and tries
+    /// the others in turn, backing off a little between rounds. Returns the
+    /// phone, its session, and the index of the replica it reached. Without
+    /// an account the connection cannot tell whether it reached the leader:
+    /// the first request will (1102).
+    pub async fn connect_leader(
+        &self,
+        replicas: &[ReplicaAddress],
+        first: usize,
+        account: Option<(AccountId, &Secret)>,
+        limit: Duration,
+    ) -> Result<(Phone, Option<Session>, usize), ClientError> {
+        if replicas.is_empty() {
+            return Err(ClientError::Connect("no replica to connect to".into()));
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut next = first % replicas.len();
+        let mut last_error = ClientError::Timeout(limit);
+        for attempt in 0u32.. {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if remaining.is_zero() {
+                return Err(last_error);
+            }
+            let trying = next;
+            let step = async {
+                let mut phone = self.connect_to(&replicas[trying]).await?;
+                match account {
+                    None => Ok((phone, None)),
+                    Some((account_id, key)) => match phone.authenticate(account_id, key).await {
+                        Ok(session) => Ok((phone, Some(session))),
+                        Err(error) => {
+                            phone.close().await;
+                            Err(error)
+                        }
+                    },
+                }
+            };
+            match tokio::time::timeout(remaining, step).await {
+                Ok(Ok((phone, session))) => return Ok((phone, session, trying)),
+                Ok(Err(ClientError::NotLeader { leader, message })) => {
+                    next = leader
+                        .as_ref()
+                        .and_then(|leader| leader.addr.parse::<SocketAddr>().ok())
+                        .and_then(|addr| replicas.iter().position(|replica| replica.addr == addr))
+                        .filter(|&index| index != trying)
+                        .unwrap_or((trying + 1) % replicas.len());
+                    last_error = ClientError::NotLeader { leader, message };
+                }
+                Ok(Err(error)) if error.is_failover() => {
+                    next = (trying + 1) % replicas.len();
+                    last_error = error;
+                }
+                Ok(Err(error)) => return Err(error),
+                Err(_) => return Err(ClientError::Timeout(limit)),
+            }
+            if next == first % replicas.len() || next == trying {
+                // A whole round without a leader (an election, most likely).
+                let pause = Duration::from_millis(20 * u64::from(attempt.min(10) + 1));
+                tokio::time::sleep(pause.min(remaining)).await;
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
     /// Waits until every connection of this endpoint has closed.
     pub async fn wait_idle(&self) {
         self.endpoint.wait_idle().await;
     }
+}
+
+fn pinned_config(pinned: Fingerprint) -> Result<quinn::ClientConfig, ClientError> {
+    let crypto =
+        tls::client_crypto(pinned).map_err(|error| ClientError::Connect(error.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
 }
 
 type Routes = Arc<Mutex<HashMap<RequestId, mpsc::UnboundedSender<NodeMessage>>>>;
@@ -256,7 +392,7 @@ impl Phone {
         let mut receiver = self.request(message).await?;
         let answer = receiver.recv().await.ok_or(ClientError::Disconnected)?;
         match answer {
-            NodeMessage::Error { code, message, .. } => Err(ClientError::Node { code, message }),
+            NodeMessage::Error { .. } => Err(node_error(answer)),
             answer => Ok(answer),
         }
     }
@@ -457,7 +593,7 @@ fn half_answer(message: NodeMessage) -> Result<HalfAnswer, ClientError> {
         NodeMessage::Refused {
             code, explanation, ..
         } => Ok(HalfAnswer::Refused { code, explanation }),
-        NodeMessage::Error { code, message, .. } => Err(ClientError::Node { code, message }),
+        error @ NodeMessage::Error { .. } => Err(node_error(error)),
         other => Err(unexpected(&other)),
     }
 }

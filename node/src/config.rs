@@ -1,8 +1,11 @@
 //! The node's settings and the files of its data directory.
 //!
-//! A data directory holds the ledger (`ledger.redb`), the TLS identity
-//! (`node.crt.pem`, `node.key.pem`, key mode 0600) and the operator's admin
-//! credential (`admin.key`, mode 0600). `init` creates them; `run` reads them.
+//! A data directory holds the ledger (`ledger.redb`), the Raft log
+//! (`ledger-raft.redb`: entries, vote, and what `init` recorded: this
+//! replica's id and addresses, its peers, the voters a new cluster starts
+//! with), snapshots (`ledger-snapshots/`), the TLS identity (`node.crt.pem`,
+//! `node.key.pem`, key mode 0600) and the operator's admin credential
+//! (`admin.key`, mode 0600). `init` creates them; `run` reads them.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,6 +18,8 @@ use tapledger_protocol::{
 };
 
 pub const LEDGER_FILE: &str = "ledger.redb";
+pub const RAFT_LOG_FILE: &str = "ledger-raft.redb";
+pub const SNAPSHOT_DIR: &str = "ledger-snapshots";
 pub const CERT_FILE: &str = "node.crt.pem";
 pub const KEY_FILE: &str = "node.key.pem";
 pub const ADMIN_FILE: &str = "admin.key";
@@ -31,6 +36,13 @@ impl DataDir {
     }
     pub fn ledger(&self) -> PathBuf {
         self.root.join(LEDGER_FILE)
+    }
+    /// The Raft log (beside the ledger, as `LedgerConfig::new` expects it).
+    pub fn raft_log(&self) -> PathBuf {
+        self.root.join(RAFT_LOG_FILE)
+    }
+    pub fn snapshots(&self) -> PathBuf {
+        self.root.join(SNAPSHOT_DIR)
     }
     pub fn cert(&self) -> PathBuf {
         self.root.join(CERT_FILE)
@@ -99,25 +111,42 @@ pub const BAD_FRAMES_PER_CONNECTION_MAX_DEFAULT: u32 = 64;
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_millis(KEEP_ALIVE_INTERVAL_MS_DEFAULT);
 
 /// Everything `run` needs besides the data directory's files.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct NodeConfig {
     pub data_dir: DataDir,
+    /// Where phones connect.
     pub listen: SocketAddr,
-    pub half_ttl: Duration,
-    pub max_amount: u64,
-    pub matcher_shards: usize,
+    /// Where the other replicas connect; `None` runs a cluster of one with
+    /// no replication endpoint.
+    pub peer_listen: Option<SocketAddr>,
     pub limits: Limits,
+    /// The whole ledger configuration, exactly as `run` builds it.
+    pub ledger: tapledger_actors::LedgerConfig,
 }
 
 impl NodeConfig {
     pub fn new(data_dir: impl Into<PathBuf>, listen: SocketAddr) -> NodeConfig {
+        let data_dir = DataDir::new(data_dir);
+        let ledger = tapledger_actors::LedgerConfig::new(data_dir.ledger());
         NodeConfig {
-            data_dir: DataDir::new(data_dir),
+            data_dir,
             listen,
-            half_ttl: tapledger_actors::HALF_TTL_DEFAULT,
-            max_amount: tapledger_actors::MAX_AMOUNT_DEFAULT,
-            matcher_shards: 2,
+            peer_listen: None,
             limits: Limits::default(),
+            ledger,
         }
+    }
+}
+
+impl std::fmt::Debug for NodeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeConfig")
+            .field("data_dir", &self.data_dir)
+            .field("listen", &self.listen)
+            .field("peer_listen", &self.peer_listen)
+            .field("limits", &self.limits)
+            .field("half_ttl", &self.ledger.half_ttl)
+            .field("max_amount", &self.ledger.max_amount)
+            .finish_non_exhaustive()
     }
 }

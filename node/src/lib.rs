@@ -2,6 +2,7 @@
 //! TLS 1.3, ring), and the Rust phone client that talks to it.
 //!
 //! * [`server`] — endpoint, accept loop, limits, shutdown.
+//! * [`peer`] — replication between replicas: Raft over QUIC, mutual TLS.
 //! * [`session`] — per connection and stream: frames in, ledger calls, answers out.
 //! * [`client`] — `ClientEndpoint` and `Phone`, used by `tapledger-sim` and tests.
 //! * [`init`], [`config`], [`tls`] — data directory, settings, TLS configs.
@@ -17,12 +18,15 @@ pub mod export;
 pub mod init;
 pub mod logging;
 pub mod ops;
+pub mod peer;
 pub mod server;
 pub mod session;
 pub mod settings;
 pub mod telemetry;
 pub mod tls;
 
-pub use client::{ApiCredentials, ClientEndpoint, ClientError, HalfAnswer, Phone, Submitted};
+pub use client::{
+    ApiCredentials, ClientEndpoint, ClientError, HalfAnswer, Phone, ReplicaAddress, Submitted,
+};
 pub use config::{DataDir, Limits, NodeConfig};
 pub use server::{NodeError, RunningNode};

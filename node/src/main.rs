@@ -16,15 +16,21 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use tapledger_actors::Ledger;
+use std::collections::BTreeMap;
+
+use tapledger_actors::{Ledger, ReplicaId, ReplicaInfo};
 use tapledger_certs::Identity;
 use tapledger_node::config::DataDir;
 use tapledger_node::export::{TimeRange, parse_time};
-use tapledger_node::init::{init_data_dir, load_admin_credential};
+use tapledger_node::init::{
+    ReplicaPlan, init_cluster, init_replica, load_admin_credential, recorded_replica,
+};
 use tapledger_node::ops::{self, OpenError};
-use tapledger_node::settings::{FileSettings, GlobalLayer, RunLayer, Settings, run_layer_from_env};
+use tapledger_node::settings::{
+    FileSettings, GlobalLayer, PeerListen, RunLayer, Settings, run_layer_from_env,
+};
 use tapledger_node::telemetry::{self, HttpServer, Telemetry};
-use tapledger_node::{ClientEndpoint, RunningNode};
+use tapledger_node::{ClientEndpoint, NodeError, RunningNode};
 use tapledger_protocol::{AccountId, Timestamp};
 
 /// Exit status when an audit finds problems.
@@ -63,19 +69,67 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create the data directory: ledger file, TLS certificate and key, admin
-    /// credential. Keeps whatever already exists.
+    /// Create the data directory: ledger file, Raft log, TLS certificate and
+    /// key, admin credential. Keeps whatever already exists.
+    ///
+    /// Without options: a cluster of one replica. For a cluster, give this
+    /// replica's --id and addresses and each other replica with --peer
+    /// (their certificates must exist: init each replica first with --id,
+    /// then again with the peers), or make a whole cluster on this machine
+    /// with --replicas N.
     Init {
         /// Names for a generated certificate (DNS names or IP addresses);
         /// repeat for several.
         #[arg(long = "name", value_name = "NAME", default_values_t = vec!["localhost".to_string(), "127.0.0.1".to_string()])]
         names: Vec<String>,
+        /// This replica's id in its cluster (unique, never reused).
+        #[arg(long, value_name = "N", default_value_t = 1, help_heading = "Cluster")]
+        id: u64,
+        /// Address phones use to reach this replica.
+        #[arg(long, value_name = "HOST:PORT", default_value = tapledger_node::init::CLIENT_ADDR_DEFAULT, help_heading = "Cluster")]
+        client_addr: String,
+        /// Address the other replicas use to reach this one.
+        #[arg(long, value_name = "HOST:PORT", default_value = tapledger_node::init::PEER_ADDR_DEFAULT, help_heading = "Cluster")]
+        peer_addr: String,
+        /// Another replica of the cluster: ID=CLIENT_ADDR,PEER_ADDR,CERT_FILE
+        /// (its node.crt.pem). Repeat for each.
+        #[arg(
+            long = "peer",
+            value_name = "ID=CLIENT,PEER,CERT",
+            help_heading = "Cluster"
+        )]
+        peers: Vec<String>,
+        /// Join an existing cluster instead of starting one: the replica
+        /// waits until the leader adds it (`cluster add`). --peer names the
+        /// replicas to trust meanwhile.
+        #[arg(long, help_heading = "Cluster")]
+        join: bool,
+        /// Copy the admin credential from this file instead of generating
+        /// one (every replica of a cluster takes the same credential).
+        #[arg(long, value_name = "FILE", help_heading = "Cluster")]
+        admin_key: Option<PathBuf>,
+        /// Create a whole cluster of N replicas on this machine instead:
+        /// DATA/replica-1 .. DATA/replica-N with consecutive loopback ports
+        /// from --client-addr and --peer-addr (metrics from 9464), one shared
+        /// admin credential, and DATA/replica-I.toml for `--config` to run each.
+        #[arg(long, value_name = "N", help_heading = "Cluster")]
+        replicas: Option<u64>,
     },
     /// Serve the data directory: QUIC for phones, HTTP for metrics and
     /// health. Stops cleanly on SIGTERM or Ctrl-C.
     Run {
         #[command(flatten)]
         run: RunLayer,
+    },
+    /// Show this replica's place in its cluster: role, term, leader, last
+    /// log, committed and applied indexes, snapshot, voters, and on the
+    /// leader each follower's lag. Asks the running node (loopback admin
+    /// endpoint); with the node stopped, reads its files.
+    Status,
+    /// Change the cluster's membership, through the running leader.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
     },
     /// Print the settings in force (flags, environment, file and defaults
     /// combined) as a TOML file `--config` accepts.
@@ -175,6 +229,33 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum ClusterCommand {
+    /// Add a replica: first as a learner that receives the log, then, once
+    /// it has caught up, as a voter. Run against the leader (DATA is the
+    /// leader's data directory). Initialise the new replica with `init
+    /// --join --id N --peer ...` and start it first.
+    Add {
+        #[arg(long, value_name = "N")]
+        id: u64,
+        /// Where phones reach the new replica.
+        #[arg(long, value_name = "HOST:PORT")]
+        client_addr: String,
+        /// Where the other replicas reach it.
+        #[arg(long, value_name = "HOST:PORT")]
+        peer_addr: String,
+        /// Its certificate (its node.crt.pem), pinned by every replica.
+        #[arg(long, value_name = "FILE")]
+        cert: PathBuf,
+    },
+    /// Remove a replica from the voters and the cluster. Run against the
+    /// leader.
+    Remove {
+        #[arg(long, value_name = "N")]
+        id: u64,
+    },
+}
+
+#[derive(Subcommand)]
 enum AccountsCommand {
     /// Every account: id, type, bank, balance, opening time.
     List,
@@ -238,22 +319,32 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     tapledger_node::logging::init(settings.global.log_format, &settings.global.log)?;
     let data_dir = DataDir::new(&settings.global.data);
     match command {
-        Command::Init { names } => {
-            let report = init_data_dir(&data_dir, &names)
-                .with_context(|| format!("initialising {}", data_dir.path().display()))?;
-            for path in &report.created {
-                println!("created  {path}");
+        Command::Init {
+            names,
+            id,
+            client_addr,
+            peer_addr,
+            peers,
+            join,
+            admin_key,
+            replicas,
+        } => match replicas {
+            Some(count) => init_local_cluster(&data_dir, &names, count, &client_addr, &peer_addr),
+            None => {
+                let plan = ReplicaPlan {
+                    id,
+                    client_addr,
+                    peer_addr,
+                    peers: parse_peers(&peers)?,
+                    bootstrap: !join,
+                };
+                init_one(&data_dir, &names, &plan, admin_key.as_deref())?;
+                Ok(ExitCode::SUCCESS)
             }
-            for path in &report.kept {
-                println!("kept     {path}");
-            }
-            println!(
-                "certificate fingerprint (SHA-256, pin this in clients): {}",
-                report.fingerprint
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        },
         Command::Run { .. } => run(&settings).await,
+        Command::Status => status(&settings).await,
+        Command::Cluster { command } => cluster(&settings, command).await,
         Command::Config { .. } => {
             print!("{}", settings.to_toml());
             Ok(ExitCode::SUCCESS)
@@ -319,6 +410,138 @@ fn open_offline(path: &Path) -> anyhow::Result<tapledger_actors::Store> {
     }
 }
 
+/// Parses `--peer ID=CLIENT_ADDR,PEER_ADDR,CERT_FILE` values.
+fn parse_peers(peers: &[String]) -> anyhow::Result<BTreeMap<ReplicaId, ReplicaInfo>> {
+    let mut parsed = BTreeMap::new();
+    for peer in peers {
+        let (id, rest) = peer.split_once('=').with_context(|| {
+            format!("--peer {peer}: expected ID=CLIENT_ADDR,PEER_ADDR,CERT_FILE")
+        })?;
+        let id: ReplicaId = id
+            .trim()
+            .parse()
+            .with_context(|| format!("--peer {peer}: {id:?} is not a replica id"))?;
+        let parts: Vec<&str> = rest.split(',').map(str::trim).collect();
+        let [client_addr, peer_addr, cert] = parts[..] else {
+            bail!("--peer {peer}: expected ID=CLIENT_ADDR,PEER_ADDR,CERT_FILE");
+        };
+        let certificates = tapledger_certs::load_certificates(Path::new(cert))
+            .with_context(|| format!("--peer {peer}: reading its certificate"))?;
+        let fingerprint = tapledger_certs::Fingerprint::of(&certificates[0]);
+        let info = ReplicaInfo {
+            client_addr: client_addr.to_string(),
+            peer_addr: peer_addr.to_string(),
+            fingerprint: fingerprint.to_string(),
+        };
+        if parsed.insert(id, info).is_some() {
+            bail!("--peer {id} is given twice");
+        }
+    }
+    Ok(parsed)
+}
+
+fn init_one(
+    data_dir: &DataDir,
+    names: &[String],
+    plan: &ReplicaPlan,
+    admin_from: Option<&Path>,
+) -> anyhow::Result<()> {
+    let report = init_replica(data_dir, names, plan, admin_from)
+        .with_context(|| format!("initialising {}", data_dir.path().display()))?;
+    for path in &report.created {
+        println!("created  {path}");
+    }
+    for path in &report.kept {
+        println!("kept     {path}");
+    }
+    let role = if plan.peers.is_empty() && plan.bootstrap {
+        "a cluster of one".to_string()
+    } else if plan.bootstrap {
+        format!("a new cluster of {}", plan.peers.len() + 1)
+    } else {
+        "joining an existing cluster".to_string()
+    };
+    println!(
+        "replica {} ({role}): phones at {}, replicas at {}",
+        plan.id, plan.client_addr, plan.peer_addr
+    );
+    println!(
+        "certificate fingerprint (SHA-256, pin this in clients): {}",
+        report.fingerprint
+    );
+    Ok(())
+}
+
+/// `init --replicas N`: a whole cluster on this machine.
+fn init_local_cluster(
+    root: &DataDir,
+    names: &[String],
+    count: u64,
+    client_addr: &str,
+    peer_addr: &str,
+) -> anyhow::Result<ExitCode> {
+    if !(1..=9).contains(&count) {
+        bail!("--replicas must be 1 to 9");
+    }
+    let base = |addr: &str, what: &str| -> anyhow::Result<std::net::SocketAddr> {
+        addr.parse()
+            .with_context(|| format!("--{what} {addr}: with --replicas, give HOST:PORT"))
+    };
+    let (client_base, peer_base) = (
+        base(client_addr, "client-addr")?,
+        base(peer_addr, "peer-addr")?,
+    );
+    let at = |addr: std::net::SocketAddr, offset: u64| {
+        let mut addr = addr;
+        addr.set_port(addr.port() + offset as u16);
+        addr
+    };
+    let dirs: Vec<DataDir> = (1..=count)
+        .map(|id| DataDir::new(root.path().join(format!("replica-{id}"))))
+        .collect();
+    let addrs: Vec<(String, String)> = (0..count)
+        .map(|index| {
+            (
+                at(client_base, index).to_string(),
+                at(peer_base, index).to_string(),
+            )
+        })
+        .collect();
+    let initialised = init_cluster(&dirs, &addrs, names)
+        .with_context(|| format!("initialising a cluster in {}", root.path().display()))?;
+    for (index, ((info, report), dir)) in initialised.iter().zip(&dirs).enumerate() {
+        let id = index as u64 + 1;
+        for path in &report.created {
+            println!("created  {path}");
+        }
+        println!(
+            "replica {id}: phones at {}, replicas at {}, fingerprint {}",
+            info.client_addr, info.peer_addr, report.fingerprint
+        );
+        let config_path = root.path().join(format!("replica-{id}.toml"));
+        let metrics = format!("127.0.0.1:{}", 9464 + index);
+        let config = format!(
+            "# Replica {id} of {count}: `tapledger-node --config {} run`\ndata = {:?}\nlisten = {:?}\npeer_listen = {:?}\nmetrics_listen = {:?}\n",
+            config_path.display(),
+            dir.path().display().to_string(),
+            info.client_addr,
+            info.peer_addr,
+            metrics,
+        );
+        std::fs::write(&config_path, config)
+            .with_context(|| format!("writing {}", config_path.display()))?;
+        println!("wrote    {}", config_path.display());
+    }
+    println!("\nstart each replica:");
+    for id in 1..=count {
+        println!(
+            "  tapledger-node --config {} run",
+            root.path().join(format!("replica-{id}.toml")).display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
     let data_dir = DataDir::new(&settings.global.data);
     let ledger_path = data_dir.ledger();
@@ -331,29 +554,45 @@ async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
         ),
         Err(error) => return Err(error.into()),
     }
-    let identity = Identity::load(&data_dir.cert(), &data_dir.key()).with_context(|| {
-        format!(
-            "loading the TLS identity from {}",
+    let mut node_config = settings.node_config();
+    let recorded = recorded_replica(&data_dir).map_err(|error| match error {
+        tapledger_node::init::InitError::Store(tapledger_actors::StoreError::Redb(
+            redb::Error::DatabaseAlreadyOpen,
+        )) => anyhow::anyhow!(
+            "{} is locked: is another node running on this data directory?",
             data_dir.path().display()
-        )
+        ),
+        error => error.into(),
     })?;
-    let admin_credential = load_admin_credential(&data_dir.admin())?;
+    if settings.run.peer_listen == PeerListen::Auto
+        && let Some(recorded) = &recorded
+        && recorded.cluster_size > 1
+    {
+        node_config.peer_listen = Some(recorded.info.peer_addr.parse().with_context(|| {
+            format!(
+                "the recorded replication address {} is not HOST:PORT; set peer_listen",
+                recorded.info.peer_addr
+            )
+        })?);
+    }
     let recorder = match settings.run.metrics_listen.addr() {
         Some(_) => Some(telemetry::install_recorder()?),
         None => None,
     };
     tracing::info!(
         data = %data_dir.path().display(),
+        replica = recorded.as_ref().map_or(1, |recorded| recorded.id),
         listen = %settings.run.listen,
+        peer_listen = ?node_config.peer_listen,
         metrics_listen = %settings.run.metrics_listen,
         half_ttl_secs = settings.run.half_ttl_secs,
         max_amount = settings.run.max_amount,
         matcher_shards = settings.run.matcher_shards,
         "starting"
     );
-    let ledger = match Ledger::open(settings.ledger_config()).await {
-        Ok(ledger) => Arc::new(ledger),
-        Err(tapledger_actors::LedgerError::Store(error))
+    let node = match RunningNode::start(node_config).await {
+        Ok(node) => node,
+        Err(NodeError::Ledger(tapledger_actors::LedgerError::Store(error)))
             if matches!(
                 *error,
                 tapledger_actors::StoreError::Redb(redb::Error::DatabaseAlreadyOpen)
@@ -364,16 +603,9 @@ async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
                 ledger_path.display()
             )
         }
-        Err(error) => return Err(error).context("opening the ledger"),
+        Err(error) => return Err(error).context("starting the node"),
     };
-    let node_config = settings.node_config();
-    let node = RunningNode::serve(
-        node_config.listen,
-        &identity,
-        admin_credential.clone(),
-        node_config.limits,
-        ledger,
-    )?;
+    let admin_credential = load_admin_credential(&data_dir.admin())?;
 
     let mut http = None;
     if let (Some(addr), Some(recorder)) = (settings.run.metrics_listen.addr(), recorder) {
@@ -401,7 +633,7 @@ async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    // Operators and scripts read these two lines; the addresses are the real
+    // Operators and scripts read these lines; the addresses are the real
     // ones (a port of 0 in the settings is resolved here).
     println!(
         "listening on {} (fingerprint {})",
@@ -411,16 +643,124 @@ async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
         telemetry.set_ready(true);
         println!("metrics on http://{}/metrics", server.local_addr);
     }
+    if let Some(peer_addr) = node.peer_addr {
+        println!(
+            "replicating on {peer_addr} as replica {}",
+            node.ledger().id()
+        );
+    }
     let _ = std::io::stdout().flush();
 
-    wait_for_signal().await;
-    tracing::info!("shutting down");
+    let failed = tokio::select! {
+        _ = wait_for_signal() => None,
+        failure = replication_failure(node.ledger()) => Some(failure),
+    };
+    match &failed {
+        None => tracing::info!("shutting down"),
+        Some(failure) => {
+            tracing::error!(%failure, "replication stopped on this replica; exiting so a supervisor restarts it")
+        }
+    }
     if let Some((telemetry, server)) = http {
         telemetry.set_ready(false);
         server.stop().await;
     }
     node.shutdown(settings.grace()).await;
     tracing::info!("stopped");
+    Ok(match failed {
+        None => ExitCode::SUCCESS,
+        Some(_) => ExitCode::from(EXIT_ERROR),
+    })
+}
+
+/// Resolves when Raft stops on this replica (its log or ledger failed): the
+/// replica can no longer take part, so the process should end.
+async fn replication_failure(ledger: &Arc<Ledger>) -> String {
+    let mut metrics = ledger.raft().metrics();
+    loop {
+        if let Err(fatal) = &metrics.borrow_and_update().running_state {
+            return fatal.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return "Raft stopped".into();
+        }
+    }
+}
+
+async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
+    let data_dir = DataDir::new(&settings.global.data);
+    match ops::open_existing(&data_dir.ledger()) {
+        Ok(store) => {
+            let (applied, membership) = store.raft_state()?;
+            drop(store);
+            let recorded = recorded_replica(&data_dir)?;
+            println!(
+                "replica     {} (stopped; read from {})",
+                recorded.as_ref().map_or(1, |recorded| recorded.id),
+                data_dir.path().display()
+            );
+            println!(
+                "applied     {}",
+                applied.map_or("-".to_string(), |log_id| log_id.index.to_string())
+            );
+            let voters: Vec<String> = membership
+                .membership()
+                .voter_ids()
+                .map(|id| id.to_string())
+                .collect();
+            println!(
+                "voters      {}",
+                if voters.is_empty() {
+                    "none yet".to_string()
+                } else {
+                    voters.join(", ")
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(OpenError::Locked(_)) => {
+            let addr = node_http(settings)?;
+            let admin = load_admin_credential(&data_dir.admin())?;
+            let (status, body) =
+                telemetry::admin_request(addr, "/admin/status", &admin, String::new()).await?;
+            if !status.is_success() {
+                bail!("the node answered {status}: {}", body.trim());
+            }
+            print!("{body}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+async fn cluster(settings: &Settings, command: ClusterCommand) -> anyhow::Result<ExitCode> {
+    let data_dir = DataDir::new(&settings.global.data);
+    let (path, body) = match command {
+        ClusterCommand::Add {
+            id,
+            client_addr,
+            peer_addr,
+            cert,
+        } => {
+            let certificates = tapledger_certs::load_certificates(&cert)
+                .with_context(|| format!("reading {}", cert.display()))?;
+            let fingerprint = tapledger_certs::Fingerprint::of(&certificates[0]);
+            (
+                "/admin/cluster/add",
+                format!("{id} {client_addr} {peer_addr} {fingerprint}"),
+            )
+        }
+        ClusterCommand::Remove { id } => ("/admin/cluster/remove", id.to_string()),
+    };
+    let addr = settings.local_http_addr().context(
+        "cluster changes go through the running leader's HTTP server, and metrics_listen is off",
+    )?;
+    let admin = load_admin_credential(&data_dir.admin())?;
+    let (status, answer) = telemetry::admin_request(addr, path, &admin, body).await?;
+    if !status.is_success() {
+        bail!("the node refused ({status}): {}", answer.trim());
+    }
+    print!("{answer}");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -10,7 +10,10 @@ use std::fmt::Write as _;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use tapledger_actors::{AuditReport, FundingKind, JournalEntry, Store, StoreError};
+use tapledger_actors::{
+    AuditReport, FundingKind, JournalEntry, Ledger, LedgerConfig, LedgerError, LogStore, ReplicaId,
+    ReplicaInfo, ReplicaStatus, StorageIo, Store, StoreError,
+};
 use tapledger_protocol::{AccountId, Outcome};
 
 use crate::export::format_time;
@@ -295,12 +298,66 @@ pub enum RestoreError {
     },
     #[error("{0}")]
     Store(#[from] StoreError),
+    #[error(
+        "{0} is one replica of a cluster of several; restore and reset work on a cluster of one. Remove it from the cluster (`tapledger-node cluster remove`) and initialise it again, or restore every replica from one backup by re-initialising them as a new cluster"
+    )]
+    Clustered(String),
+}
+
+/// The Raft side of the ledger at `ledger`: its log (opened), the snapshot
+/// directory, and this replica's recorded id and info. Refuses a replica
+/// whose cluster has other members.
+fn single_replica_log(
+    ledger: &Path,
+    store: &Store,
+) -> Result<(LogStore, PathBuf, ReplicaId, ReplicaInfo), RestoreError> {
+    let config = LedgerConfig::new(ledger);
+    let log = LogStore::open(&config.log_path, StorageIo::Blocking)?;
+    let (id, info) = log.identity()?.unwrap_or((1, ReplicaInfo::default()));
+    let (_, membership) = store.raft_state()?;
+    let others = membership
+        .membership()
+        .nodes()
+        .map(|(node, _)| *node)
+        .chain(log.known()?.into_keys())
+        .chain(log.bootstrap()?.unwrap_or_default().into_keys())
+        .any(|node| node != id);
+    if others {
+        return Err(RestoreError::Clustered(ledger.display().to_string()));
+    }
+    Ok((log, config.snapshot_dir, id, info))
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or(0)
+}
+
+/// Moves `path` (a file or directory) aside to `<path>.before-<what>-<secs>`.
+fn move_aside(path: &Path, what: &str) -> Result<Option<PathBuf>, RestoreError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let aside = PathBuf::from(format!(
+        "{}.before-{what}-{}",
+        path.display(),
+        unix_seconds()
+    ));
+    std::fs::rename(path, &aside).map_err(|source| RestoreError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(Some(aside))
 }
 
 /// Puts a backup in place as the ledger at `ledger`: audits the backup,
 /// moves the current ledger (if any) aside to `<ledger>.before-restore-<unix
-/// seconds>`, writes a fresh consistent copy of the backup in its place and
-/// audits that. Refuses while a node holds the current ledger.
+/// seconds>` (and its snapshots), writes a fresh consistent copy of the
+/// backup in its place and audits that. The Raft history starts again from
+/// the backup's state, as a cluster of this one replica. Refuses while a
+/// node holds the current ledger, and on a replica of a larger cluster.
 pub fn restore(backup: &Path, ledger: &Path) -> Result<Restored, RestoreError> {
     let source = open_existing(backup).map_err(RestoreError::Backup)?;
     let report = source.audit()?;
@@ -309,17 +366,10 @@ pub fn restore(backup: &Path, ledger: &Path) -> Result<Restored, RestoreError> {
     }
     let previous = match open_existing(ledger) {
         Ok(current) => {
-            drop(current);
-            let seconds = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|elapsed| elapsed.as_secs())
-                .unwrap_or(0);
-            let aside = PathBuf::from(format!("{}.before-restore-{seconds}", ledger.display()));
-            std::fs::rename(ledger, &aside).map_err(|source| RestoreError::Io {
-                path: ledger.display().to_string(),
-                source,
-            })?;
-            Some(aside)
+            let (log, snapshots, _, _) = single_replica_log(ledger, &current)?;
+            drop((current, log));
+            move_aside(&snapshots, "restore")?;
+            move_aside(ledger, "restore")?
         }
         Err(OpenError::Missing(_)) => None,
         Err(error) => return Err(RestoreError::Current(error)),
@@ -327,6 +377,24 @@ pub fn restore(backup: &Path, ledger: &Path) -> Result<Restored, RestoreError> {
     source.backup(ledger)?;
     drop(source);
     let restored = open_existing(ledger).map_err(RestoreError::Current)?;
+    let (log, _, id, info) =
+        single_replica_log(ledger, &restored).or_else(|error| match error {
+            // The backup came from a larger cluster: this replica goes on alone.
+            RestoreError::Clustered(_) => {
+                let log = LogStore::open(&LedgerConfig::new(ledger).log_path, StorageIo::Blocking)?;
+                let (id, info) = log.identity()?.unwrap_or((1, ReplicaInfo::default()));
+                Ok((log, PathBuf::new(), id, info))
+            }
+            error => Err(error),
+        })?;
+    restored.set_membership(tapledger_actors::raft::Membership::new(
+        vec![[id].into()],
+        std::collections::BTreeMap::from([(id, info)]),
+    ))?;
+    match restored.raft_state()?.0 {
+        Some(applied) => log.begin_after(applied, id)?,
+        None => log.forget_history()?,
+    }
     let report = restored.audit()?;
     Ok(Restored { report, previous })
 }
@@ -344,17 +412,163 @@ pub fn describe_for_reset(store: &Store) -> Result<String, StoreError> {
     ))
 }
 
-/// Replaces the ledger at `path` with an empty one. The caller has checked
-/// with [`open_existing`] that it is an unlocked tapledger ledger (and
-/// asked for confirmation); the check is repeated here just before deleting.
+/// Replaces the ledger at `path` with an empty one and forgets its Raft
+/// history and snapshots (keeping what `init` recorded). The caller has
+/// checked with [`open_existing`] that it is an unlocked tapledger ledger
+/// (and asked for confirmation); the check is repeated here just before
+/// deleting. Refuses a replica of a larger cluster: it would forget its
+/// votes, which Raft's safety rests on.
 pub fn reset(path: &Path) -> Result<(), RestoreError> {
-    drop(open_existing(path).map_err(RestoreError::Current)?);
+    let store = open_existing(path).map_err(RestoreError::Current)?;
+    let (log, snapshots, _, _) = single_replica_log(path, &store)?;
+    drop(store);
     std::fs::remove_file(path).map_err(|source| RestoreError::Io {
         path: path.display().to_string(),
         source,
     })?;
+    log.forget_history()?;
+    if snapshots.exists() {
+        std::fs::remove_dir_all(&snapshots).map_err(|source| RestoreError::Io {
+            path: snapshots.display().to_string(),
+            source,
+        })?;
+    }
     drop(Store::open(path)?);
     Ok(())
+}
+
+/// `tapledger-node status`: where this replica stands in its cluster.
+pub fn status_text(status: &ReplicaStatus) -> String {
+    let index = |index: Option<u64>| index.map_or("-".to_string(), |index| index.to_string());
+    let mut text = String::new();
+    let serving = if status.serving {
+        "takes writes"
+    } else {
+        "takes no writes"
+    };
+    let _ = writeln!(
+        text,
+        "replica     {}\nrole        {} ({serving})\nterm        {}\nleader      {}",
+        status.id,
+        status.role,
+        status.term,
+        status
+            .leader
+            .map_or("none known".to_string(), |leader| leader.to_string())
+    );
+    let _ = writeln!(
+        text,
+        "last log    {}\ncommitted   {}\napplied     {}\nsnapshot    {}\npurged      {}",
+        index(status.last_log_index),
+        index(status.committed_index),
+        index(status.applied_index),
+        index(status.snapshot_index),
+        index(status.purged_index),
+    );
+    let ids = |ids: &[ReplicaId]| {
+        if ids.is_empty() {
+            "none".to_string()
+        } else {
+            ids.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    let _ = writeln!(
+        text,
+        "voters      {}\nlearners    {}",
+        ids(&status.voters),
+        ids(&status.learners)
+    );
+    for follower in &status.followers {
+        let _ = writeln!(
+            text,
+            "follower {:<3} replicated to {}, {} behind",
+            follower.id,
+            index(follower.matched_index),
+            follower.lag
+        );
+    }
+    if let Some(failure) = &status.failure {
+        let _ = writeln!(text, "FAILED: replication stopped: {failure}");
+    }
+    text
+}
+
+/// `tapledger-node cluster add|remove`, run by the leader's HTTP server:
+/// `add` takes `ID CLIENT_ADDR PEER_ADDR FINGERPRINT`, adds the replica as
+/// a learner, waits until it caught up, then makes it a voter; `remove`
+/// takes `ID` and removes it from the voters and the cluster.
+pub async fn change_cluster(
+    ledger: &Ledger,
+    path: &str,
+    body: &str,
+) -> Result<String, (hyper::StatusCode, String)> {
+    use hyper::StatusCode;
+    let bad = |why: String| (StatusCode::BAD_REQUEST, format!("{why}\n"));
+    let refused = |error: LedgerError| match error {
+        LedgerError::NotLeader(_) => (StatusCode::CONFLICT, format!("{error}\n")),
+        LedgerError::Invalid(_) => (StatusCode::BAD_REQUEST, format!("{error}\n")),
+        error => (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")),
+    };
+    let words: Vec<&str> = body.split_whitespace().collect();
+    let status = ledger.status();
+    let mut voters: std::collections::BTreeSet<ReplicaId> = status.voters.iter().copied().collect();
+    if path.ends_with("/add") {
+        let [id, client_addr, peer_addr, fingerprint] = words[..] else {
+            return Err(bad("expected: ID CLIENT_ADDR PEER_ADDR FINGERPRINT".into()));
+        };
+        let id: ReplicaId = id
+            .parse()
+            .map_err(|_| bad(format!("{id:?} is not a replica id")))?;
+        let fingerprint = tapledger_certs::Fingerprint::parse(fingerprint)
+            .map_err(|error| bad(error.to_string()))?;
+        let info = ReplicaInfo {
+            client_addr: client_addr.to_string(),
+            peer_addr: peer_addr.to_string(),
+            fingerprint: fingerprint.to_string(),
+        };
+        ledger.add_learner(id, info).await.map_err(refused)?;
+        voters.insert(id);
+        ledger
+            .change_voters(voters.clone(), true)
+            .await
+            .map_err(refused)?;
+        Ok(format!(
+            "replica {id} added; voters now {}\n",
+            voters
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    } else {
+        let [id] = words[..] else {
+            return Err(bad("expected: ID".into()));
+        };
+        let id: ReplicaId = id
+            .parse()
+            .map_err(|_| bad(format!("{id:?} is not a replica id")))?;
+        if !voters.remove(&id) && !status.learners.contains(&id) {
+            return Err(bad(format!("replica {id} is not in the cluster")));
+        }
+        if voters.is_empty() {
+            return Err(bad("the last voter cannot be removed".into()));
+        }
+        ledger
+            .change_voters(voters.clone(), false)
+            .await
+            .map_err(refused)?;
+        Ok(format!(
+            "replica {id} removed; voters now {}\n",
+            voters
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! The QUIC service: a quinn endpoint configured for untrusted clients, an
 //! accept loop that caps connections and asks for address validation under
-//! load, a task per connection, and a clean shutdown.
+//! load, a task per connection, and a clean shutdown. Beside it, when the
+//! node is one replica of a cluster, the replication endpoint
+//! ([`crate::peer`]) that carries Raft between replicas.
 //!
 //! Business rules are not here: sessions translate frames into ledger calls.
 
@@ -9,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tapledger_actors::{Ledger, LedgerConfig};
+use tapledger_actors::{Ledger, LogStore, ReplicaSetup, Store};
 use tapledger_certs::{Fingerprint, Identity};
 use tapledger_protocol::Secret;
 use tokio::sync::watch;
@@ -17,8 +19,12 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::config::{Limits, NodeConfig};
+use crate::peer::{self, PeerEndpoint};
 use crate::session;
-use crate::tls;
+use crate::tls::{self, PeerTrust};
+
+/// How long `RunningNode::start` waits for a cluster of one to lead.
+const SINGLE_SERVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -26,6 +32,8 @@ pub enum NodeError {
     Init(#[from] crate::init::InitError),
     #[error(transparent)]
     Ledger(#[from] tapledger_actors::LedgerError),
+    #[error(transparent)]
+    Store(#[from] tapledger_actors::StoreError),
     #[error("TLS: {0}")]
     Tls(#[from] rustls::Error),
     #[error("cannot listen on {addr}: {source}")]
@@ -33,6 +41,10 @@ pub enum NodeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(
+        "{0}: this replica belongs to a cluster of several voters; give it its replication address (peer_listen)"
+    )]
+    NeedsPeers(String),
 }
 
 /// Counters the node keeps about its clients.
@@ -57,37 +69,120 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
 }
 
-/// A node serving on a socket. Drop it only after [`RunningNode::shutdown`].
+/// The replication side of a node that is one replica of a cluster.
+struct Replication {
+    endpoint: PeerEndpoint,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// A node serving on a socket. Drop it only after [`RunningNode::shutdown`]
+/// (or [`RunningNode::kill`]).
 pub struct RunningNode {
     pub local_addr: SocketAddr,
+    /// Where the replication endpoint listens, when there is one.
+    pub peer_addr: Option<SocketAddr>,
     pub fingerprint: Fingerprint,
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
+    replication: Option<Replication>,
     shutdown: watch::Sender<bool>,
     accept_loop: tokio::task::JoinHandle<()>,
 }
 
 impl RunningNode {
-    /// Opens the ledger in the data directory and starts serving.
+    /// Opens the ledger in the data directory and starts serving: phones on
+    /// `config.listen`, replicas on `config.peer_listen` (if set).
     pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
+        let bind = |addr: SocketAddr| {
+            std::net::UdpSocket::bind(addr).map_err(|source| NodeError::Bind { addr, source })
+        };
+        let phones = bind(config.listen)?;
+        let peers = config.peer_listen.map(bind).transpose()?;
+        RunningNode::start_on(config, phones, peers).await
+    }
+
+    /// Like [`RunningNode::start`] on sockets already bound (so that a test
+    /// or the simulator can learn every replica's port before any starts).
+    pub async fn start_on(
+        config: NodeConfig,
+        phones: std::net::UdpSocket,
+        peers: Option<std::net::UdpSocket>,
+    ) -> Result<RunningNode, NodeError> {
         let identity = Identity::load(&config.data_dir.cert(), &config.data_dir.key())
             .map_err(crate::init::InitError::from)?;
         let admin_credential = crate::init::load_admin_credential(&config.data_dir.admin())?;
-        let mut ledger_config = LedgerConfig::new(config.data_dir.ledger());
-        ledger_config.half_ttl = config.half_ttl;
-        ledger_config.max_amount = config.max_amount;
-        ledger_config.matcher_shards = config.matcher_shards;
-        let ledger = Arc::new(Ledger::open(ledger_config).await?);
-        RunningNode::serve(
-            config.listen,
+        let (store, log) = {
+            let ledger_path = config.ledger.path.clone();
+            let log_path = config.ledger.log_path.clone();
+            let io = config.ledger.storage_io;
+            tokio::task::spawn_blocking(move || -> Result<_, tapledger_actors::StoreError> {
+                Ok((
+                    Arc::new(Store::open(&ledger_path)?),
+                    LogStore::open(&log_path, io)?,
+                ))
+            })
+            .await
+            .map_err(|_| tapledger_actors::LedgerError::Closed)?
+            .map_err(tapledger_actors::LedgerError::from)?
+        };
+        let (ledger, replication) = match peers {
+            None => {
+                let ledger = Ledger::start(config.ledger, store, log)
+                    .await
+                    .map_err(|error| match error {
+                        tapledger_actors::LedgerError::Invalid(why)
+                            if why.contains("needs its peers") =>
+                        {
+                            NodeError::NeedsPeers(why)
+                        }
+                        error => NodeError::Ledger(error),
+                    })?;
+                (ledger, None)
+            }
+            Some(socket) => {
+                let (id, _) = log.identity()?.unwrap_or((1, Default::default()));
+                let mut known: Vec<Fingerprint> = log
+                    .known()?
+                    .values()
+                    .chain(log.bootstrap()?.unwrap_or_default().values())
+                    .filter_map(|info| Fingerprint::parse(&info.fingerprint).ok())
+                    .collect();
+                known.push(identity.fingerprint());
+                let trust = PeerTrust::default();
+                trust.set(known.iter().copied());
+                let endpoint = PeerEndpoint::bind(socket, &identity, trust.clone())?;
+                let setup = ReplicaSetup {
+                    id,
+                    network: endpoint.network(),
+                    bootstrap: None,
+                };
+                let ledger = Ledger::start_replica(config.ledger, store, log, setup).await?;
+                let tasks = vec![
+                    endpoint.serve(ledger.raft().clone()),
+                    peer::follow_membership(ledger.raft(), trust, known),
+                ];
+                let status = ledger.status();
+                if status.voters == [id] {
+                    ledger.wait_serving(SINGLE_SERVE_TIMEOUT).await?;
+                }
+                (ledger, Some(Replication { endpoint, tasks }))
+            }
+        };
+        let mut node = RunningNode::serve_on(
+            phones,
             &identity,
             admin_credential,
             config.limits,
-            ledger,
-        )
+            Arc::new(ledger),
+        )?;
+        node.peer_addr = replication
+            .as_ref()
+            .map(|replication| replication.endpoint.local_addr);
+        node.replication = replication;
+        Ok(node)
     }
 
-    /// Serves an already open ledger.
+    /// Serves an already open ledger on `listen`.
     pub fn serve(
         listen: SocketAddr,
         identity: &Identity,
@@ -95,12 +190,39 @@ impl RunningNode {
         limits: Limits,
         ledger: Arc<Ledger>,
     ) -> Result<RunningNode, NodeError> {
+        let socket = std::net::UdpSocket::bind(listen).map_err(|source| NodeError::Bind {
+            addr: listen,
+            source,
+        })?;
+        RunningNode::serve_on(socket, identity, admin_credential, limits, ledger)
+    }
+
+    fn serve_on(
+        socket: std::net::UdpSocket,
+        identity: &Identity,
+        admin_credential: Secret,
+        limits: Limits,
+        ledger: Arc<Ledger>,
+    ) -> Result<RunningNode, NodeError> {
         let server_config = server_config(identity, &limits)?;
-        let endpoint =
-            quinn::Endpoint::server(server_config, listen).map_err(|source| NodeError::Bind {
-                addr: listen,
-                source,
-            })?;
+        let listen = socket.local_addr().map_err(|source| NodeError::Bind {
+            addr: "0.0.0.0:0".parse().expect("literal"),
+            source,
+        })?;
+        let runtime = quinn::default_runtime().ok_or_else(|| NodeError::Bind {
+            addr: listen,
+            source: std::io::Error::other("no async runtime for QUIC"),
+        })?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            runtime,
+        )
+        .map_err(|source| NodeError::Bind {
+            addr: listen,
+            source,
+        })?;
         let local_addr = endpoint.local_addr().map_err(|source| NodeError::Bind {
             addr: listen,
             source,
@@ -117,9 +239,11 @@ impl RunningNode {
         tracing::info!(%local_addr, fingerprint = %identity.fingerprint(), "node listening");
         Ok(RunningNode {
             local_addr,
+            peer_addr: None,
             fingerprint: identity.fingerprint(),
             shared,
             endpoint,
+            replication: None,
             shutdown,
             accept_loop,
         })
@@ -140,7 +264,8 @@ impl RunningNode {
 
     /// Stops accepting, lets requests in flight reach an answer (up to
     /// `grace`), closes every connection with a reason, then closes the ledger
-    /// after its last commit.
+    /// after its last commit (still replicating it), then the replication
+    /// endpoint.
     pub async fn shutdown(self, grace: Duration) {
         let _ = self.shutdown.send(true);
         // The accept loop drains its connection tasks before it returns.
@@ -156,6 +281,64 @@ impl RunningNode {
                 Err(_) => tracing::warn!("ledger still referenced at shutdown; not closing it"),
             },
             Err(_) => tracing::warn!("sessions still running at shutdown"),
+        }
+        if let Some(replication) = self.replication {
+            replication
+                .endpoint
+                .endpoint
+                .close(0u32.into(), b"replica shutting down");
+            for task in replication.tasks {
+                task.abort();
+            }
+        }
+    }
+
+    /// Stops the node at once, as a crash would: connections are dropped
+    /// without answers, nothing is flushed, the ledger stops mid-flight. What
+    /// was durable stays on disk. For the simulator's and tests' faults.
+    pub async fn kill(self) {
+        let _ = self.shutdown.send(true);
+        self.endpoint.close(0u32.into(), b"");
+        if let Some(replication) = &self.replication {
+            replication.endpoint.endpoint.close(0u32.into(), b"");
+            for task in &replication.tasks {
+                task.abort();
+            }
+        }
+        self.accept_loop.abort();
+        let _ = self.accept_loop.await;
+        let shared = self.shared;
+        // Sessions may still hold the ledger for a moment; crash it through
+        // whichever handle ends last.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut shared = shared;
+        loop {
+            match Arc::try_unwrap(shared) {
+                Ok(inner) => {
+                    let mut ledger = inner.ledger;
+                    loop {
+                        match Arc::try_unwrap(ledger) {
+                            Ok(ledger) => return ledger.crash().await,
+                            Err(still) if tokio::time::Instant::now() < deadline => {
+                                ledger = still;
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                            Err(_) => {
+                                tracing::warn!("ledger still referenced; leaving it to its tasks");
+                                return;
+                            }
+                        }
+                    }
+                }
+                Err(still) if tokio::time::Instant::now() < deadline => {
+                    shared = still;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(_) => {
+                    tracing::warn!("sessions still running after the kill");
+                    return;
+                }
+            }
         }
     }
 }

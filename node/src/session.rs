@@ -13,8 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use quinn::VarInt;
 use tapledger_actors::{LedgerError, NewAccount, Resolution, Submission};
 use tapledger_protocol::{
-    AccountId, ClientMessage, ErrorCode, HistoryEntry, HistoryKind, NodeMessage, OutcomeReport,
-    QueryStatus, RequestId, TxKey, bytes_equal, decode_frame, encode_frame, key_matches,
+    AccountId, ClientMessage, ErrorCode, HistoryEntry, HistoryKind, LeaderRef, NodeMessage,
+    OutcomeReport, QueryStatus, RequestId, TxKey, bytes_equal, decode_frame, encode_frame,
+    key_matches,
 };
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -286,6 +287,16 @@ impl RequestContext {
     async fn dispatch(self, message: ClientMessage) -> Option<RequestTask> {
         let request_id = message.request_id();
         let account = self.state.account();
+        if !self.shared.ledger.is_serving() {
+            // A follower (or a leader still catching up) takes no requests,
+            // reads included: its store may lag the leader's.
+            self.answer(NodeMessage::not_leader(
+                Some(request_id),
+                leader_ref(self.shared.ledger.leader_hint()),
+            ))
+            .await;
+            return None;
+        }
         if message.needs_authentication() && account.is_none() {
             self.fail(
                 request_id,
@@ -446,6 +457,15 @@ impl RequestContext {
 
     async fn internal(&self, request_id: RequestId, error: &LedgerError) {
         let code = match error {
+            LedgerError::NotLeader(hint) => {
+                tracing::info!(%error, request_id, "request ended by a change of leader");
+                return self
+                    .answer(NodeMessage::not_leader(
+                        Some(request_id),
+                        leader_ref(hint.clone()),
+                    ))
+                    .await;
+            }
             LedgerError::Closed => ErrorCode::ShuttingDown,
             _ => ErrorCode::Internal,
         };
@@ -673,6 +693,14 @@ async fn stopping(mut shutdown: tokio::sync::watch::Receiver<bool>) {
             return std::future::pending().await;
         }
     }
+}
+
+/// The leader as the wire names it.
+fn leader_ref(hint: Option<tapledger_actors::LeaderHint>) -> Option<LeaderRef> {
+    hint.map(|hint| LeaderRef {
+        id: hint.id,
+        addr: hint.client_addr,
+    })
 }
 
 /// How a half's first answer counts in the metrics.

@@ -21,6 +21,7 @@ use tapledger_protocol::{
 };
 
 use crate::config::{Limits, NodeConfig};
+use tapledger_actors::ReplicationConfig;
 
 /// Where the node serves QUIC when nothing says otherwise.
 pub const LISTEN_DEFAULT: &str = "127.0.0.1:7443";
@@ -99,6 +100,11 @@ settings_layer! {
         /// UDP address to serve QUIC on. [default: 127.0.0.1:7443]
         #[arg(long, env = "TAPLEDGER_LISTEN", value_name = "ADDR", help_heading = "Network")]
         listen: SocketAddr = LISTEN_DEFAULT.parse().expect("valid default");
+        /// UDP address the other replicas connect to (replication, mutual
+        /// TLS), `off`, or `auto`: the replication address `init` recorded,
+        /// when the cluster has more than this replica. [default: auto]
+        #[arg(long, env = "TAPLEDGER_PEER_LISTEN", value_name = "ADDR|auto|off", help_heading = "Network")]
+        peer_listen: PeerListen = PeerListen::Auto;
         /// TCP address of the HTTP server for /metrics, /healthz, /readyz and
         /// the loopback-only admin endpoints, or `off`.
         /// [default: 127.0.0.1:9464]
@@ -120,6 +126,18 @@ settings_layer! {
         /// Seconds an unused account actor stays in memory. [default: 30]
         #[arg(long, env = "TAPLEDGER_ACCOUNT_IDLE_SECS", value_name = "SECS", help_heading = "Ledger")]
         account_idle_secs: f64 = tapledger_actors::ACCOUNT_IDLE_DEFAULT.as_secs_f64();
+        /// Milliseconds between the leader's heartbeats. [default: 100]
+        #[arg(long, env = "TAPLEDGER_HEARTBEAT_MS", value_name = "MS", help_heading = "Replication")]
+        heartbeat_ms: u64 = ReplicationConfig::default().heartbeat.as_millis() as u64;
+        /// A follower that hears no leader for a random time between this
+        /// and twice this (milliseconds) starts an election. Must be well
+        /// above heartbeat_ms. [default: 400]
+        #[arg(long, env = "TAPLEDGER_ELECTION_TIMEOUT_MS", value_name = "MS", help_heading = "Replication")]
+        election_timeout_ms: u64 = ReplicationConfig::default().election_timeout.0.as_millis() as u64;
+        /// Log entries between snapshots (each snapshot compacts the log).
+        /// [default: 4096]
+        #[arg(long, env = "TAPLEDGER_SNAPSHOT_AFTER_ENTRIES", value_name = "N", help_heading = "Replication")]
+        snapshot_after_entries: u64 = ReplicationConfig::default().snapshot_after_entries;
         /// Open connections at most; further ones are refused. [default: 20000]
         #[arg(long, env = "TAPLEDGER_CONNECTIONS_MAX", value_name = "N", help_heading = "Limits")]
         connections_max: usize = Limits::default().connections_max;
@@ -206,6 +224,52 @@ impl Serialize for HttpListen {
 
 impl<'de> Deserialize<'de> for HttpListen {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<HttpListen, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where the replication endpoint listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerListen {
+    /// The replication address `init` recorded, when the cluster has more
+    /// than this replica; none for a cluster of one.
+    Auto,
+    Off,
+    At(SocketAddr),
+}
+
+impl FromStr for PeerListen {
+    type Err = String;
+    fn from_str(text: &str) -> Result<PeerListen, String> {
+        match text.trim() {
+            "auto" => Ok(PeerListen::Auto),
+            "off" | "none" => Ok(PeerListen::Off),
+            addr => addr.parse().map(PeerListen::At).map_err(|error| {
+                format!("`{addr}`: {error} (expected HOST:PORT, `auto` or `off`)")
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for PeerListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerListen::Auto => f.write_str("auto"),
+            PeerListen::Off => f.write_str("off"),
+            PeerListen::At(addr) => addr.fmt(f),
+        }
+    }
+}
+
+impl Serialize for PeerListen {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PeerListen {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<PeerListen, D::Error> {
         let text = String::deserialize(deserializer)?;
         text.parse().map_err(serde::de::Error::custom)
     }
@@ -344,6 +408,17 @@ impl Settings {
                 "connections_max and streams_per_connection_max must be at least 1".into(),
             ));
         }
+        if run.heartbeat_ms == 0 || run.election_timeout_ms < 3 * run.heartbeat_ms {
+            return Err(SettingsError::Invalid(
+                "heartbeat_ms must be at least 1 and election_timeout_ms at least 3 times it"
+                    .into(),
+            ));
+        }
+        if run.snapshot_after_entries == 0 {
+            return Err(SettingsError::Invalid(
+                "snapshot_after_entries must be at least 1".into(),
+            ));
+        }
         if run.requests_in_flight_max == 0 || run.auth_failures_max == 0 {
             return Err(SettingsError::Invalid(
                 "requests_in_flight_max and auth_failures_max must be at least 1".into(),
@@ -363,13 +438,17 @@ impl Settings {
         Duration::from_secs_f64(self.run.grace_secs)
     }
 
-    /// The node's QUIC and ledger configuration.
+    /// The node's QUIC and ledger configuration. `peer_listen` is set only
+    /// when given as an address (`auto` is resolved against the data
+    /// directory by `run`).
     pub fn node_config(&self) -> NodeConfig {
         let run = &self.run;
         let mut config = NodeConfig::new(&self.global.data, run.listen);
-        config.half_ttl = Duration::from_secs_f64(run.half_ttl_secs);
-        config.max_amount = run.max_amount;
-        config.matcher_shards = run.matcher_shards;
+        config.ledger = self.ledger_config();
+        config.peer_listen = match run.peer_listen {
+            PeerListen::At(addr) => Some(addr),
+            PeerListen::Auto | PeerListen::Off => None,
+        };
         config.limits = Limits {
             connections_max: run.connections_max,
             retry_above_connections: run.retry_above_connections,
@@ -393,6 +472,15 @@ impl Settings {
         config.matcher_shards = run.matcher_shards;
         config.pending_halves_per_account_max = run.pending_halves_per_account_max;
         config.account_idle = Duration::from_secs_f64(run.account_idle_secs);
+        config.replication = ReplicationConfig {
+            heartbeat: Duration::from_millis(run.heartbeat_ms),
+            election_timeout: (
+                Duration::from_millis(run.election_timeout_ms),
+                Duration::from_millis(run.election_timeout_ms * 2),
+            ),
+            snapshot_after_entries: run.snapshot_after_entries,
+            entries_kept_after_snapshot: (run.snapshot_after_entries / 4).max(1),
+        };
         config
     }
 

@@ -4,13 +4,17 @@
 //! * `GET /metrics` — Prometheus text format, rendered by
 //!   `metrics-exporter-prometheus` from the global `metrics` recorder.
 //! * `GET /healthz` — 200 while the process serves HTTP (liveness).
-//! * `GET /readyz` — 200 while the node accepts payments and its matchers
-//!   answer; 503 while starting or shutting down (readiness).
-//! * `POST /admin/backup` (body: absolute path of a new file) and
-//!   `POST /admin/audit` — only from loopback peers and only with the admin
-//!   credential as `Authorization: Bearer <hex>`. They exist because redb
-//!   locks the ledger file while the node runs, so `tapledger-node backup`
-//!   and `audit` ask the running node to read its own snapshot.
+//! * `GET /readyz` — 200 while this replica leads the cluster, takes writes
+//!   and its matchers answer; 503 while starting, shutting down, following
+//!   another replica, or after replication stopped (readiness).
+//! * `POST /admin/backup` (body: absolute path of a new file),
+//!   `POST /admin/audit`, `POST /admin/status` and `POST /admin/cluster/add`
+//!   (body: `ID CLIENT_ADDR PEER_ADDR FINGERPRINT`), `POST
+//!   /admin/cluster/remove` (body: `ID`) — only from loopback peers and only
+//!   with the admin credential as `Authorization: Bearer <hex>`. Backup and
+//!   audit exist because redb locks the ledger file while the node runs, so
+//!   `tapledger-node backup` and `audit` ask the running node to read its own
+//!   snapshot; the others are `status` and `cluster add|remove`.
 //!
 //! Figures the node already keeps (its connection counters, `LedgerStats`,
 //! matcher stats) are copied into the recorder at each scrape; settlements
@@ -83,6 +87,14 @@ pub mod names {
     pub const AUTH_FAILURES: &str = "tapledger_auth_failures_total";
     pub const PROTOCOL_ERRORS: &str = "tapledger_protocol_errors_total";
     pub const READY: &str = "tapledger_ready";
+    pub const RAFT_TERM: &str = "tapledger_raft_term";
+    pub const RAFT_LEADER: &str = "tapledger_raft_is_leader";
+    pub const RAFT_LAST_LOG: &str = "tapledger_raft_last_log_index";
+    pub const RAFT_COMMITTED: &str = "tapledger_raft_committed_index";
+    pub const RAFT_APPLIED: &str = "tapledger_raft_applied_index";
+    pub const RAFT_SNAPSHOT: &str = "tapledger_raft_snapshot_index";
+    pub const RAFT_VOTERS: &str = "tapledger_raft_voters";
+    pub const RAFT_FOLLOWER_LAG: &str = "tapledger_raft_follower_lag_entries";
     pub const BUILD_INFO: &str = "tapledger_build_info";
 }
 
@@ -173,7 +185,36 @@ fn describe() {
         "Failed authentications and rejected admin credentials."
     );
     describe_counter!(PROTOCOL_ERRORS, "Malformed or oversized frames received.");
-    describe_gauge!(READY, "1 while the node accepts payments, else 0.");
+    describe_gauge!(
+        READY,
+        "1 while this replica leads and accepts payments, else 0 (starting, shutting down, following, or replication stopped)."
+    );
+    describe_gauge!(RAFT_TERM, "Raft term this replica is in.");
+    describe_gauge!(
+        RAFT_LEADER,
+        "1 while this replica is the Raft leader, else 0."
+    );
+    describe_gauge!(
+        RAFT_LAST_LOG,
+        "Index of the last entry in this replica's Raft log."
+    );
+    describe_gauge!(
+        RAFT_COMMITTED,
+        "Index of the last Raft entry this replica knows is committed (on a majority)."
+    );
+    describe_gauge!(
+        RAFT_APPLIED,
+        "Index of the last Raft entry applied to this replica's ledger."
+    );
+    describe_gauge!(
+        RAFT_SNAPSHOT,
+        "Index covered by this replica's newest snapshot (the log is compacted behind it)."
+    );
+    describe_gauge!(RAFT_VOTERS, "Voting members of the cluster.");
+    describe_gauge!(
+        RAFT_FOLLOWER_LAG,
+        "On the leader: entries each follower is behind the leader's log, by follower id."
+    );
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     for code in RejectCode::ALL {
@@ -268,6 +309,21 @@ impl Telemetry {
         let Some(ledger) = self.ledger.upgrade() else {
             return Ok(());
         };
+        let status = ledger.status();
+        let index = |index: Option<u64>| index.map_or(-1.0, |index| index as f64);
+        gauge!(RAFT_TERM).set(status.term as f64);
+        gauge!(RAFT_LEADER).set(if status.role == "leader" { 1.0 } else { 0.0 });
+        gauge!(RAFT_LAST_LOG).set(index(status.last_log_index));
+        gauge!(RAFT_COMMITTED).set(index(status.committed_index));
+        gauge!(RAFT_APPLIED).set(index(status.applied_index));
+        gauge!(RAFT_SNAPSHOT).set(index(status.snapshot_index));
+        gauge!(RAFT_VOTERS).set(status.voters.len() as f64);
+        for follower in &status.followers {
+            gauge!(RAFT_FOLLOWER_LAG, "follower" => follower.id.to_string())
+                .set(follower.lag as f64);
+        }
+        let ready = self.ready.load(Ordering::Acquire) && ledger.is_serving();
+        gauge!(READY).set(if ready { 1.0 } else { 0.0 });
         let stats = ledger.stats().await;
         let matcher_stats = tokio::time::timeout(READY_PROBE_TIMEOUT, ledger.matcher_stats()).await;
         let store = ledger.store().clone();
@@ -308,17 +364,31 @@ impl Telemetry {
     }
 
     /// Why the node is not ready, or `None` when it is.
-    async fn not_ready(&self) -> Option<&'static str> {
+    async fn not_ready(&self) -> Option<String> {
         if !self.ready.load(Ordering::Acquire) {
-            return Some("not serving (starting or shutting down)");
+            return Some("not serving (starting or shutting down)".into());
         }
         let Some(ledger) = self.ledger.upgrade() else {
-            return Some("ledger closed");
+            return Some("ledger closed".into());
         };
+        if !ledger.is_serving() {
+            let status = ledger.status();
+            return Some(match (&status.failure, status.leader) {
+                (Some(failure), _) => format!("replication stopped: {failure}"),
+                (None, Some(leader)) if leader != status.id => format!(
+                    "replica {} is a {} of leader {leader}; it takes no writes",
+                    status.id, status.role
+                ),
+                (None, _) => format!(
+                    "replica {} is a {} with no leader serving yet",
+                    status.id, status.role
+                ),
+            });
+        }
         match tokio::time::timeout(READY_PROBE_TIMEOUT, ledger.matcher_stats()).await {
             Ok(Ok(_)) => None,
-            Ok(Err(_)) => Some("ledger closed"),
-            Err(_) => Some("matchers did not answer within 1 s"),
+            Ok(Err(error)) => Some(format!("the ledger refuses writes: {error}")),
+            Err(_) => Some("matchers did not answer within 1 s".into()),
         }
     }
 }
@@ -481,12 +551,25 @@ async fn route(
                 format!("not ready: {reason}\n"),
             ),
         },
-        (&Method::POST, "/admin/backup") | (&Method::POST, "/admin/audit") => {
-            admin(request, peer, telemetry, &path).await
-        }
-        (_, "/metrics" | "/healthz" | "/readyz" | "/admin/backup" | "/admin/audit") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
-        }
+        (
+            &Method::POST,
+            "/admin/backup"
+            | "/admin/audit"
+            | "/admin/status"
+            | "/admin/cluster/add"
+            | "/admin/cluster/remove",
+        ) => admin(request, peer, telemetry, &path).await,
+        (
+            _,
+            "/metrics"
+            | "/healthz"
+            | "/readyz"
+            | "/admin/backup"
+            | "/admin/audit"
+            | "/admin/status"
+            | "/admin/cluster/add"
+            | "/admin/cluster/remove",
+        ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(
             StatusCode::NOT_FOUND,
             "not found; try /metrics, /healthz or /readyz\n",
@@ -533,6 +616,17 @@ async fn admin(
     let Some(ledger) = telemetry.ledger.upgrade() else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "the ledger is closed\n");
     };
+    match path {
+        "/admin/status" => return text(StatusCode::OK, crate::ops::status_text(&ledger.status())),
+        "/admin/cluster/add" | "/admin/cluster/remove" => {
+            let body = String::from_utf8_lossy(&body).into_owned();
+            return match crate::ops::change_cluster(&ledger, path, &body).await {
+                Ok(done) => text(StatusCode::OK, done),
+                Err((status, why)) => text(status, why),
+            };
+        }
+        _ => {}
+    }
     let store = ledger.store().clone();
     drop(ledger);
     match path {

@@ -59,10 +59,15 @@ pub enum ErrorCode {
     Internal,
     /// 1101: the node is shutting down and takes no new requests.
     ShuttingDown,
+    /// 1102: this replica does not lead the cluster, so it takes no
+    /// requests; the error names the leader when the replica knows it.
+    /// Reconnect to the leader and resubmit (identical halves are
+    /// idempotent) or query the outcome there.
+    NotLeader,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::Malformed,
         ErrorCode::FrameTooLarge,
         ErrorCode::UnknownMessage,
@@ -76,6 +81,7 @@ impl ErrorCode {
         ErrorCode::InvalidAmount,
         ErrorCode::Internal,
         ErrorCode::ShuttingDown,
+        ErrorCode::NotLeader,
     ];
 
     pub const fn code(self) -> u16 {
@@ -93,6 +99,7 @@ impl ErrorCode {
             ErrorCode::InvalidAmount => 1021,
             ErrorCode::Internal => 1100,
             ErrorCode::ShuttingDown => 1101,
+            ErrorCode::NotLeader => 1102,
         }
     }
 
@@ -118,6 +125,7 @@ impl ErrorCode {
             ErrorCode::InvalidAmount => "the amount is zero or would overflow a balance",
             ErrorCode::Internal => "the node failed internally; nothing was changed",
             ErrorCode::ShuttingDown => "the node is shutting down",
+            ErrorCode::NotLeader => "this replica is not the leader",
         }
     }
 

@@ -13,7 +13,9 @@ use crate::limits::{
     ADMIN_CREDENTIAL_BYTES_MAX, ADMIN_CREDENTIAL_BYTES_MIN, API_KEY_BYTES_MAX, API_KEY_BYTES_MIN,
     HISTORY_PAGE_ENTRIES_MAX, KEY_HASH_BYTES, SALT_BYTES_MAX, SALT_BYTES_MIN,
 };
-use crate::messages::{HistoryEntry, HistoryKind, OutcomeReport, OutcomeStatus, QueryStatus};
+use crate::messages::{
+    HistoryEntry, HistoryKind, LeaderRef, OutcomeReport, OutcomeStatus, QueryStatus,
+};
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
@@ -301,6 +303,7 @@ fn too_large_message_leaves_the_buffer_untouched() {
         request_id: None,
         code: ErrorCode::Internal,
         message: "x".repeat(FRAME_BYTES_MAX),
+        leader: None,
     };
     let error = encode_frame(&huge, &mut out).unwrap_err();
     assert!(matches!(error, EncodeError::TooLarge { .. }), "{error}");
@@ -617,13 +620,18 @@ fn node_message() -> impl Strategy<Value = NodeMessage> {
                 balance,
             }
         }),
-        (proptest::option::of(any::<u64>()), error_code(), text(60)).prop_map(
-            |(request_id, code, message)| NodeMessage::Error {
+        (
+            proptest::option::of(any::<u64>()),
+            error_code(),
+            text(60),
+            proptest::option::of((any::<u64>(), text(40)))
+        )
+            .prop_map(|(request_id, code, message, leader)| NodeMessage::Error {
                 request_id,
                 code,
-                message
-            }
-        ),
+                message,
+                leader: leader.map(|(id, addr)| LeaderRef { id, addr }),
+            }),
     ]
 }
 

@@ -26,7 +26,7 @@ pub use frame::{
 };
 pub use limits::*;
 pub use messages::{
-    ClientMessage, HistoryEntry, HistoryKind, NodeMessage, OutcomeReport, OutcomeStatus,
+    ClientMessage, HistoryEntry, HistoryKind, LeaderRef, NodeMessage, OutcomeReport, OutcomeStatus,
     QueryStatus, RequestId,
 };
 pub use validate::{Problem, ValidationError};

@@ -160,7 +160,19 @@ pub enum NodeMessage {
         request_id: Option<RequestId>,
         code: ErrorCode,
         message: String,
+        /// With 1102 (not the leader): the leader, when this replica knows
+        /// it. Absent from every other error.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        leader: Option<LeaderRef>,
     },
+}
+
+/// Where the cluster's leader is: its replica id and the address phones
+/// reach it at.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderRef {
+    pub id: u64,
+    pub addr: String,
 }
 
 /// Whether a reported payment moved money.
@@ -432,6 +444,31 @@ impl NodeMessage {
             request_id,
             code,
             message,
+            leader: None,
+        }
+    }
+
+    /// A 1102 `error`: this replica does not lead; `leader` is where the
+    /// leader is, if known.
+    pub fn not_leader(request_id: Option<RequestId>, leader: Option<LeaderRef>) -> NodeMessage {
+        let detail = match &leader {
+            Some(leader) => format!("the leader is replica {} at {}", leader.id, leader.addr),
+            None => "no leader is known yet; try another replica".to_string(),
+        };
+        let NodeMessage::Error {
+            request_id,
+            code,
+            message,
+            ..
+        } = NodeMessage::error(request_id, ErrorCode::NotLeader, &detail)
+        else {
+            unreachable!("error builds an error")
+        };
+        NodeMessage::Error {
+            request_id,
+            code,
+            message,
+            leader,
         }
     }
 

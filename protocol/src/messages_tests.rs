@@ -282,8 +282,40 @@ fn node_text_is_bounded_for_clients_too() {
         request_id: None,
         code: ErrorCode::Internal,
         message: long,
+        leader: None,
     };
     assert_eq!(error.validate().unwrap_err().field, "message");
+}
+
+#[test]
+fn not_leader_names_the_leader_and_other_errors_carry_no_leader_key() {
+    let leader = LeaderRef {
+        id: 2,
+        addr: "127.0.0.1:7444".into(),
+    };
+    let answer = NodeMessage::not_leader(Some(9), Some(leader.clone()));
+    let NodeMessage::Error {
+        request_id,
+        code,
+        message,
+        leader: named,
+    } = &answer
+    else {
+        panic!("not_leader builds an error");
+    };
+    assert_eq!((*request_id, *code), (Some(9), ErrorCode::NotLeader));
+    assert_eq!(named.as_ref(), Some(&leader));
+    assert!(message.contains("replica 2 at 127.0.0.1:7444"), "{message}");
+    let bytes = rmp_serde::to_vec_named(&answer).unwrap();
+    assert_eq!(
+        rmp_serde::from_slice::<NodeMessage>(&bytes).unwrap(),
+        answer
+    );
+    // Errors without a leader encode exactly as before: no `leader` key.
+    let plain =
+        rmp_serde::to_vec_named(&NodeMessage::error(Some(1), ErrorCode::Internal, "")).unwrap();
+    assert!(!plain.windows(6).any(|window| window == b"leader"));
+    assert_eq!(ErrorCode::from_code(1102), Some(ErrorCode::NotLeader));
 }
 
 #[test]

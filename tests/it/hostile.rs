@@ -152,6 +152,7 @@ async fn unrouted_error(phone: &Phone, code: ErrorCode) -> (Option<u64>, String)
             request_id,
             code: got,
             message,
+            ..
         }) => {
             assert_eq!(got, code, "error {got:?}: {message}");
             (request_id, message)

@@ -153,7 +153,7 @@ async fn paying_yourself_is_refused_with_410_and_creates_no_money() {
     // Goal: code 410 end to end (a prototype bug made the account 100 richer).
     // A receive half that names its own account as sender is refused on its
     // own, whichever half came first; the key's pending send half is untouched.
-    let node = TestNode::start(|config| config.half_ttl = Duration::from_millis(300)).await;
+    let node = TestNode::start(|config| config.ledger.half_ttl = Duration::from_millis(300)).await;
     let (alice, alice_phone, _) = node.phone_with_account(500).await;
 
     let lone_key = TxKey::new_random();
@@ -183,7 +183,7 @@ async fn lone_half_expires_with_500_and_its_phone_is_told() {
     // Goal: code 500 end to end with a short TTL. Alice's half waits alone;
     // the node expires it on its own clock and pushes the outcome to her
     // stream; Bob's half, arriving after, finds the key used (700).
-    let node = TestNode::start(|config| config.half_ttl = Duration::from_millis(200)).await;
+    let node = TestNode::start(|config| config.ledger.half_ttl = Duration::from_millis(200)).await;
     let (alice, alice_phone, credentials) = node.phone_with_account(500).await;
     let (bob, bob_phone, _) = node.phone_with_account(0).await;
     let key = TxKey::new_random();
@@ -229,7 +229,7 @@ async fn lone_half_expires_with_500_and_its_phone_is_told() {
 async fn zero_and_too_large_amounts_are_refused_with_400() {
     // Goal: code 400 end to end on both sides, at both ends of the range,
     // and the amounts at the edges of the range still work.
-    let node = TestNode::start(|config| config.max_amount = 1_000).await;
+    let node = TestNode::start(|config| config.ledger.max_amount = 1_000).await;
     let (alice, alice_phone, _) = node.phone_with_account(5_000).await;
     let (bob, bob_phone, _) = node.phone_with_account(0).await;
 

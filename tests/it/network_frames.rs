@@ -38,6 +38,7 @@ async fn expect_error(phone: &Phone, code: ErrorCode, request_id: Option<Request
             request_id: got_id,
             code: got,
             message,
+            ..
         }) => {
             assert_eq!(got, code, "error {got:?}: {message}");
             assert_eq!(got_id, request_id, "error {got:?}: {message}");

@@ -33,6 +33,11 @@ const STATE_COMMITTED: &str = "committed";
 const STATE_PURGED: &str = "purged";
 /// The voters this replica starts a new cluster with, written by `init`.
 const STATE_BOOTSTRAP: &str = "bootstrap";
+/// This replica's id and what it advertises, written by `init`.
+const STATE_IDENTITY: &str = "identity";
+/// Replicas this one trusts before any membership reaches it (its peers as
+/// `init` was told them), written by `init`.
+const STATE_KNOWN: &str = "known";
 
 /// The log store. Clones share the file (openraft reads through a clone
 /// while it appends through another).
@@ -127,9 +132,74 @@ impl LogStore {
         self.put(STATE_BOOTSTRAP, members, redb::Durability::Immediate)
     }
 
+    /// Forgets the voters recorded by [`LogStore::set_bootstrap`]: this
+    /// replica will join an existing cluster instead.
+    pub fn clear_bootstrap(&self) -> Result<(), StoreError> {
+        let write = self.db.begin_write()?;
+        write.open_table(STATE)?.remove(STATE_BOOTSTRAP)?;
+        write.commit()?;
+        Ok(())
+    }
+
     /// The voters recorded by [`LogStore::set_bootstrap`], if any.
     pub fn bootstrap(&self) -> Result<Option<BTreeMap<ReplicaId, ReplicaInfo>>, StoreError> {
         self.get(STATE_BOOTSTRAP)
+    }
+
+    /// Records this replica's id and advertised addresses (done by `init`).
+    pub fn set_identity(&self, id: ReplicaId, info: &ReplicaInfo) -> Result<(), StoreError> {
+        self.put(STATE_IDENTITY, &(id, info), redb::Durability::Immediate)
+    }
+
+    /// The identity recorded by [`LogStore::set_identity`], if any.
+    pub fn identity(&self) -> Result<Option<(ReplicaId, ReplicaInfo)>, StoreError> {
+        self.get(STATE_IDENTITY)
+    }
+
+    /// Records the replicas to trust before a membership arrives.
+    pub fn set_known(&self, known: &BTreeMap<ReplicaId, ReplicaInfo>) -> Result<(), StoreError> {
+        self.put(STATE_KNOWN, known, redb::Durability::Immediate)
+    }
+
+    /// The replicas recorded by [`LogStore::set_known`] (empty if none).
+    pub fn known(&self) -> Result<BTreeMap<ReplicaId, ReplicaInfo>, StoreError> {
+        Ok(self.get(STATE_KNOWN)?.unwrap_or_default())
+    }
+
+    /// Forgets the whole Raft history (entries, vote, committed and purged
+    /// log ids) and keeps what `init` recorded: the replica starts over as
+    /// if just initialised. For `reset`, with the ledger emptied alongside.
+    pub fn forget_history(&self) -> Result<(), StoreError> {
+        self.rewrite_history(None)
+    }
+
+    /// Replaces the Raft history by one that ends at `last` (entries up to it
+    /// count as purged, `last` as committed) with a vote for `id` in `last`'s
+    /// term: a new history continuing from a ledger whose applied log id is
+    /// `last`. For `restore`, with the ledger replaced by a backup.
+    pub fn begin_after(&self, last: LogId, id: ReplicaId) -> Result<(), StoreError> {
+        self.rewrite_history(Some((last, id)))
+    }
+
+    fn rewrite_history(&self, after: Option<(LogId, ReplicaId)>) -> Result<(), StoreError> {
+        let mut write = self.db.begin_write()?;
+        write.set_durability(redb::Durability::Immediate)?;
+        {
+            let mut log = write.open_table(LOG)?;
+            log.retain(|_, _| false)?;
+            let mut state = write.open_table(STATE)?;
+            for key in [STATE_VOTE, STATE_COMMITTED, STATE_PURGED] {
+                state.remove(key)?;
+            }
+            if let Some((last, id)) = after {
+                let vote = Vote::new(last.leader_id.term, id);
+                state.insert(STATE_PURGED, super::encode(&last)?.as_slice())?;
+                state.insert(STATE_COMMITTED, super::encode(&Some(last))?.as_slice())?;
+                state.insert(STATE_VOTE, super::encode(&vote)?.as_slice())?;
+            }
+        }
+        write.commit()?;
+        Ok(())
     }
 
     /// True when this log has never held a vote or an entry: a replica that

@@ -88,7 +88,7 @@ impl EmbeddedNode {
         init_data_dir(&data_dir, &["localhost".into(), "127.0.0.1".into()])
             .context("cannot initialise the embedded node's data directory")?;
         let mut config = NodeConfig::new(data_dir.path(), "127.0.0.1:0".parse().expect("literal"));
-        config.half_ttl = half_ttl;
+        config.ledger.half_ttl = half_ttl;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .thread_name(NODE_THREAD_NAME)
