@@ -280,13 +280,16 @@ impl LeaderServices {
                 .stop_and_wait(None, Some(Duration::from_secs(5)))
                 .await;
         }
+        tracing::debug!("leader stop: matchers stopped");
         let committer = self.committer.lock().expect("committer lock").take();
         if let Some(committer) = committer {
             committer
                 .stop(if drain { Stop::Drain } else { Stop::Abandon })
                 .await;
         }
+        tracing::debug!("leader stop: committer stopped");
         self.registry.stop_all().await;
+        tracing::debug!("leader stop: account actors stopped");
     }
 }
 

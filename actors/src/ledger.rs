@@ -45,6 +45,9 @@ pub const ACCOUNT_IDLE_DEFAULT: Duration = Duration::from_secs(30);
 const SERVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a new leader may take to apply its log before it serves.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
+/// A leader whose proposed entries commit nothing for this long (at least)
+/// stops serving.
+const LEADER_STALL_LIMIT: Duration = Duration::from_secs(3);
 
 /// Raft timing and log compaction.
 #[derive(Clone, Debug)]
@@ -52,7 +55,8 @@ pub struct ReplicationConfig {
     /// How often the leader sends heartbeats.
     pub heartbeat: Duration,
     /// A follower that hears no leader for a random time in this range
-    /// starts an election.
+    /// (plus openraft's leader lease, the range's upper bound) starts an
+    /// election.
     pub election_timeout: (Duration, Duration),
     /// Build a snapshot, and compact the log, after this many entries.
     pub snapshot_after_entries: u64,
@@ -62,10 +66,16 @@ pub struct ReplicationConfig {
 }
 
 impl Default for ReplicationConfig {
+    /// openraft 0.9 gives every AppendEntries the heartbeat interval to be
+    /// answered (the follower's fsync included), so the interval must cover
+    /// a loaded machine: 250 ms. A follower of a leader that died starts an
+    /// election after openraft's leader lease (the timeout's upper bound)
+    /// plus a random timeout: 660 to 800 ms with these, so a new leader
+    /// serves within about a second.
     fn default() -> ReplicationConfig {
         ReplicationConfig {
-            heartbeat: Duration::from_millis(100),
-            election_timeout: (Duration::from_millis(400), Duration::from_millis(800)),
+            heartbeat: Duration::from_millis(250),
+            election_timeout: (Duration::from_millis(260), Duration::from_millis(400)),
             snapshot_after_entries: 4096,
             entries_kept_after_snapshot: 1024,
         }
@@ -82,6 +92,9 @@ impl ReplicationConfig {
             election_timeout_max: millis(self.election_timeout.1),
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),
             max_in_snapshot_log_to_keep: self.entries_kept_after_snapshot,
+            // Each entry is a whole group commit: a few per message keep every
+            // AppendEntries well within its time limit (the heartbeat).
+            max_payload_entries: 8,
             ..openraft::Config::default()
         }
         .validate()
@@ -383,6 +396,7 @@ impl Ledger {
             Leadership {
                 raft: raft.clone(),
                 store: store.clone(),
+                log: log.clone(),
                 config: config.clone(),
                 slot: slot.clone(),
                 serving: serving_sender,
@@ -595,7 +609,9 @@ impl Ledger {
         if let Some(manager) = manager {
             let _ = manager.await;
         }
+        tracing::debug!("close: leader's actors stopped");
         let _ = self.raft.shutdown().await;
+        tracing::debug!("close: raft stopped");
         let Ledger {
             store, log, raft, ..
         } = self;
@@ -608,8 +624,13 @@ impl Ledger {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         if Arc::strong_count(&store) > 1 || log.handles() > 1 {
-            tracing::warn!("ledger files still in use after close");
+            tracing::warn!(
+                store = Arc::strong_count(&store),
+                log = log.handles(),
+                "ledger files still in use after close"
+            );
         }
+        tracing::debug!("close: files closed");
     }
 
     /// Stops this replica abruptly, as a crash would: nothing waits for the
@@ -725,6 +746,7 @@ fn status_of(metrics: &RaftMetrics, serving: bool, committed: Option<u64>) -> Re
 struct Leadership {
     raft: Raft,
     store: Arc<Store>,
+    log: LogStore,
     config: LedgerConfig,
     slot: Arc<Slot>,
     serving: watch::Sender<bool>,
@@ -778,8 +800,13 @@ impl Leadership {
         metrics: &mut watch::Receiver<RaftMetrics>,
         stop: &mut watch::Receiver<bool>,
     ) -> LedgerError {
-        let check_every = self.config.replication.election_timeout.1;
-        let mut unconfirmed = 0;
+        // A leader cut off from its quorum never hears of the next one (openraft
+        // 0.9 leaders do not step down on their own). It notices instead that
+        // entries it proposed stop committing: then it stops serving, so that
+        // phones waiting on it hear "not the leader" and look elsewhere.
+        let check_every = self.config.replication.election_timeout.0;
+        let stall_limit = (self.config.replication.election_timeout.1 * 4).max(LEADER_STALL_LIMIT);
+        let mut stalled: Option<(tokio::time::Instant, Option<u64>)> = None;
         loop {
             tokio::select! {
                 changed = metrics.changed() => {
@@ -796,20 +823,25 @@ impl Leadership {
                     }
                 }
                 _ = tokio::time::sleep(check_every) => {
-                    let alone = self.raft.metrics().borrow().membership_config.membership().voter_ids().count() <= 1;
-                    if alone {
-                        continue;
-                    }
-                    match tokio::time::timeout(check_every, self.raft.get_read_log_id()).await {
-                        Ok(Ok(_)) => unconfirmed = 0,
-                        _ => {
-                            unconfirmed += 1;
-                            if unconfirmed >= 2 {
-                                tracing::warn!(term, "a quorum stopped confirming this leader; not serving");
+                    let last = self.raft.metrics().borrow().last_log_index;
+                    let committed = self.log.committed().map(|log_id| log_id.index);
+                    let now = tokio::time::Instant::now();
+                    stalled = match stalled {
+                        _ if committed >= last => None,
+                        Some((since, at)) if at == committed => {
+                            if now.duration_since(since) >= stall_limit {
+                                tracing::warn!(
+                                    term,
+                                    ?committed,
+                                    ?last,
+                                    "nothing committed for {stall_limit:?}: no quorum answers this leader; not serving"
+                                );
                                 return LedgerError::NotLeader(None);
                             }
+                            Some((since, at))
                         }
-                    }
+                        _ => Some((now, committed)),
+                    };
                 }
                 _ = stop.changed() => return LedgerError::Closed,
             }

@@ -28,6 +28,10 @@ use tokio::sync::mpsc;
 use crate::config::KEEP_ALIVE_INTERVAL;
 use crate::tls;
 
+/// How long [`ClientEndpoint::connect_leader`] gives one replica to
+/// complete the handshake (and authentication) before trying the next.
+pub const CONNECT_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
+
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot connect: {0}")]
@@ -209,7 +213,9 @@ impl ClientEndpoint {
                     },
                 }
             };
-            match tokio::time::timeout(remaining, step).await {
+            // A dead replica never answers the handshake (UDP gives no
+            // refusal): try the next one after a short while.
+            match tokio::time::timeout(remaining.min(CONNECT_ATTEMPT_TIMEOUT), step).await {
                 Ok(Ok((phone, session))) => return Ok((phone, session, trying)),
                 Ok(Err(ClientError::NotLeader { leader, message })) => {
                     next = leader
@@ -225,7 +231,10 @@ impl ClientEndpoint {
                     last_error = error;
                 }
                 Ok(Err(error)) => return Err(error),
-                Err(_) => return Err(ClientError::Timeout(limit)),
+                Err(_) => {
+                    next = (trying + 1) % replicas.len();
+                    last_error = ClientError::Timeout(CONNECT_ATTEMPT_TIMEOUT);
+                }
             }
             if next == first % replicas.len() || next == trying {
                 // A whole round without a leader (an election, most likely).

@@ -88,9 +88,10 @@ settings_layer! {
         #[arg(long, env = "TAPLEDGER_LOG_FORMAT", global = true, value_name = "FORMAT")]
         log_format: LogFormat = LogFormat::Human;
         /// Log filter, in tracing's EnvFilter syntax (e.g. `info`,
-        /// `tapledger_node=debug`). [default: info]
+        /// `tapledger_node=debug`, `info,openraft=info` for Raft's own
+        /// chatter). [default: info,openraft=warn]
         #[arg(long, env = "TAPLEDGER_LOG", global = true, value_name = "FILTER")]
-        log: String = "info".to_string();
+        log: String = "info,openraft=warn".to_string();
     }
 }
 
@@ -126,12 +127,14 @@ settings_layer! {
         /// Seconds an unused account actor stays in memory. [default: 30]
         #[arg(long, env = "TAPLEDGER_ACCOUNT_IDLE_SECS", value_name = "SECS", help_heading = "Ledger")]
         account_idle_secs: f64 = tapledger_actors::ACCOUNT_IDLE_DEFAULT.as_secs_f64();
-        /// Milliseconds between the leader's heartbeats. [default: 100]
+        /// Milliseconds between the leader's heartbeats; also how long a
+        /// follower has to answer the leader (openraft). [default: 250]
         #[arg(long, env = "TAPLEDGER_HEARTBEAT_MS", value_name = "MS", help_heading = "Replication")]
         heartbeat_ms: u64 = ReplicationConfig::default().heartbeat.as_millis() as u64;
-        /// A follower that hears no leader for a random time between this
-        /// and twice this (milliseconds) starts an election. Must be well
-        /// above heartbeat_ms. [default: 400]
+        /// A follower that hears no leader for a random time between this and
+        /// its maximum (about 1.5 times this), plus that maximum again
+        /// (openraft's leader lease), starts an election: 660 to 800 ms by
+        /// default. Must be above heartbeat_ms. [default: 260]
         #[arg(long, env = "TAPLEDGER_ELECTION_TIMEOUT_MS", value_name = "MS", help_heading = "Replication")]
         election_timeout_ms: u64 = ReplicationConfig::default().election_timeout.0.as_millis() as u64;
         /// Log entries between snapshots (each snapshot compacts the log).
@@ -476,7 +479,7 @@ impl Settings {
             heartbeat: Duration::from_millis(run.heartbeat_ms),
             election_timeout: (
                 Duration::from_millis(run.election_timeout_ms),
-                Duration::from_millis(run.election_timeout_ms * 2),
+                Duration::from_millis(run.election_timeout_ms * 20 / 13),
             ),
             snapshot_after_entries: run.snapshot_after_entries,
             entries_kept_after_snapshot: (run.snapshot_after_entries / 4).max(1),

@@ -86,19 +86,24 @@ enum Command {
     Bench(BenchCommand),
 }
 
-/// Which node to talk to: embedded by default.
+/// Which cluster to talk to: embedded by default.
 #[derive(Args, Clone)]
 struct TargetArgs {
-    /// Address (host:port) of a node started by `tapledger-node run`; default:
-    /// start an embedded node for this run.
+    /// Address (host:port) of a node started by `tapledger-node run`; repeat
+    /// for each replica of a cluster (phones find the leader). Default:
+    /// start an embedded cluster for this run.
     #[arg(long, requires = "cert")]
-    node: Option<String>,
-    /// The node's certificate (node.crt.pem in its data directory), to pin.
+    node: Vec<String>,
+    /// Each --node's certificate (node.crt.pem in its data directory), to
+    /// pin, in the same order.
     #[arg(long, requires = "node")]
-    cert: Option<PathBuf>,
-    /// The node's admin credential file (admin.key), to open accounts with.
+    cert: Vec<PathBuf>,
+    /// The cluster's admin credential file (admin.key), to open accounts with.
     #[arg(long, requires = "node")]
     admin: Option<PathBuf>,
+    /// Replicas of the embedded cluster (1 runs a single node).
+    #[arg(long, default_value_t = tapledger_sim::swarm::config::REPLICAS_DEFAULT)]
+    replicas: usize,
     /// half_ttl of the embedded node, in seconds (short, so expiry faults
     /// finish within the run).
     #[arg(long, default_value_t = EMBEDDED_HALF_TTL.as_secs_f64())]
@@ -110,15 +115,27 @@ struct TargetArgs {
 
 impl TargetArgs {
     fn target(&self) -> anyhow::Result<Target> {
-        Ok(match &self.node {
-            Some(address) => Target::Remote {
-                address: address.clone(),
-                cert: self.cert.clone().context("--node needs --cert")?,
-                admin: self.admin.clone(),
-            },
-            None => Target::Embedded {
+        if self.node.is_empty() {
+            return Ok(Target::Embedded {
                 half_ttl: seconds(self.half_ttl_seconds, "--half-ttl-seconds")?,
-            },
+                replicas: self.replicas,
+            });
+        }
+        if self.node.len() != self.cert.len() {
+            anyhow::bail!(
+                "give one --cert per --node ({} nodes, {} certificates)",
+                self.node.len(),
+                self.cert.len()
+            );
+        }
+        Ok(Target::Remote {
+            replicas: self
+                .node
+                .iter()
+                .cloned()
+                .zip(self.cert.iter().cloned())
+                .collect(),
+            admin: self.admin.clone(),
         })
     }
 
@@ -132,6 +149,14 @@ fn seconds(value: f64, flag: &str) -> anyhow::Result<Duration> {
         .ok()
         .filter(|duration| !duration.is_zero())
         .with_context(|| format!("{flag} must be a positive number of seconds"))
+}
+
+/// `None` for 0, else the duration.
+fn optional_seconds(value: f64, flag: &str) -> anyhow::Result<Option<Duration>> {
+    if value == 0.0 {
+        return Ok(None);
+    }
+    seconds(value, flag).map(Some)
 }
 
 /// The default run: the phone swarm.
@@ -185,6 +210,14 @@ struct SwarmArgs {
     /// No phases or progress bar on stderr.
     #[arg(long)]
     quiet: bool,
+    /// Kill the embedded cluster's leader this many seconds after the first
+    /// tap (with more than one replica); 0 never.
+    #[arg(long, default_value_t = 4.0)]
+    kill_leader_after: f64,
+    /// Start the killed replica again this many seconds after the kill; 0
+    /// never.
+    #[arg(long, default_value_t = 3.0)]
+    restart_after: f64,
     #[command(flatten)]
     target: TargetArgs,
 }
@@ -282,6 +315,14 @@ struct CoreArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The embedded cluster's logs, on request (`TAPLEDGER_LOG=warn`, or any
+    // tracing filter): silent by default, the report is the output.
+    if let Ok(filter) = std::env::var("TAPLEDGER_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let result = match cli.command {
         None => run_swarm(cli.swarm),
         Some(Command::OpenAccount { balance, target }) => {
@@ -400,6 +441,8 @@ fn run_swarm(args: SwarmArgs) -> anyhow::Result<ExitCode> {
         expiry_wait_max: Duration::try_from_secs_f64(args.expiry_wait_max_seconds)
             .context("--expiry-wait-max-seconds must be a non-negative number")?,
         progress: !args.quiet,
+        kill_leader_after: optional_seconds(args.kill_leader_after, "--kill-leader-after")?,
+        restart_after: optional_seconds(args.restart_after, "--restart-after")?,
         ..SwarmConfig::default()
     };
     let report = runtime(None)?.block_on(swarm::run(&config))?;

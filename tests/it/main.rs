@@ -1,5 +1,6 @@
 //! Integration tests across crates: one test binary, a module per area.
 
+mod cluster;
 mod concurrency;
 mod crash;
 mod fuzz;

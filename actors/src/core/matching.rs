@@ -202,6 +202,12 @@ struct Entry<W> {
     /// and its party's pending count belong to the entry while `Waiting`.
     first: Side,
     phase: Phase,
+    /// Halves of the missing side that arrived while the lone half's expiry
+    /// was on its way to storage. They hear the decision once it commits
+    /// (700 if it recorded the expiry), never a guess before: a leader cut
+    /// off from its quorum may never commit it, and the key may settle with
+    /// exactly this half on the next leader.
+    late: Vec<(Half, W)>,
 }
 
 impl<W> Entry<W> {
@@ -215,6 +221,7 @@ impl<W> Entry<W> {
             receive: None,
             first: Side::Send,
             phase: Phase::Waiting,
+            late: Vec::new(),
         }
     }
 
@@ -228,6 +235,7 @@ impl<W> Entry<W> {
             }),
             first: Side::Receive,
             phase: Phase::Waiting,
+            late: Vec::new(),
         }
     }
 
@@ -259,7 +267,7 @@ impl<W> Entry<W> {
                 .into_iter()
                 .map(move |waiter| (half.clone(), waiter))
         });
-        send.chain(receive)
+        send.chain(receive).chain(self.late)
     }
 }
 
@@ -327,9 +335,14 @@ impl<W: Waiter> Matcher<W> {
     }
 
     /// A half arrives at node time `now`. `decided` looks a key's outcome up in
-    /// storage; it is asked only on the rare path where a half would be refused
-    /// for the pending cap, so a replay of an old key gets its outcome (or 700)
-    /// rather than 800.
+    /// storage. It is asked where a key this matcher does not remember may
+    /// already be decided and acting on it would have an effect: when a half
+    /// would be refused for the pending cap (a replay of an old key gets its
+    /// outcome, or 700, rather than 800), and when two halves pair, before the
+    /// sender's money is reserved. The second matters after a restart or a
+    /// change of leader: phones resubmit both halves of payments the previous
+    /// leader decided, and a reservation for them, however brief, would make
+    /// the sender's honest payments in the meantime look underfunded (100).
     pub fn submit(
         &mut self,
         now: Timestamp,
@@ -351,10 +364,12 @@ impl<W: Waiter> Matcher<W> {
             return self.start_entry(now, half, waiter, decided);
         };
         // A half for a key already in flight: identical (join), conflicting
-        // (refuse), or the missing partner (pair).
+        // (refuse, unless storage has the key's outcome), or the missing
+        // partner (pair, or wait for the decision in flight).
         match half {
             Half::Send(send) => match &mut entry.send {
-                Some(slot) => join_or_refuse(slot, &send, waiter),
+                Some(slot) if slot.stamped.half == send => join(slot, waiter),
+                Some(_) => self.refuse_unless_decided(tx_key, Half::Send(send), waiter, decided),
                 None if entry.phase == Phase::Waiting => {
                     entry.send = Some(Slot {
                         stamped: Stamped {
@@ -364,12 +379,15 @@ impl<W: Waiter> Matcher<W> {
                         durable: false,
                         waiters: vec![waiter],
                     });
-                    self.pair(tx_key)
+                    self.pair(tx_key, decided)
                 }
-                None => refuse(waiter, RejectCode::TxKeyAlreadyUsed),
+                None => wait_for_decision(entry, Half::Send(send), waiter),
             },
             Half::Receive(receive) => match &mut entry.receive {
-                Some(slot) => join_or_refuse(slot, &receive, waiter),
+                Some(slot) if slot.stamped.half == receive => join(slot, waiter),
+                Some(_) => {
+                    self.refuse_unless_decided(tx_key, Half::Receive(receive), waiter, decided)
+                }
                 None if entry.phase == Phase::Waiting => {
                     entry.receive = Some(Slot {
                         stamped: Stamped {
@@ -379,10 +397,30 @@ impl<W: Waiter> Matcher<W> {
                         durable: false,
                         waiters: vec![waiter],
                     });
-                    self.pair(tx_key)
+                    self.pair(tx_key, decided)
                 }
-                None => refuse(waiter, RejectCode::TxKeyAlreadyUsed),
+                None => wait_for_decision(entry, Half::Receive(receive), waiter),
             },
+        }
+    }
+
+    /// A half that conflicts with the one waiting under its key: 710, unless
+    /// storage already decided the key (after a restart or a change of
+    /// leader, the waiting half may be a stranger's and the key long
+    /// settled): then the half hears that outcome, or 700.
+    fn refuse_unless_decided(
+        &mut self,
+        tx_key: TxKey,
+        half: Half,
+        waiter: W,
+        decided: impl FnOnce(TxKey) -> Option<Arc<Outcome>>,
+    ) -> Vec<Effect> {
+        match decided(tx_key) {
+            Some(outcome) => {
+                waiter.finish(Ok(resolve_against(&outcome, &half)));
+                Vec::new()
+            }
+            None => refuse(waiter, RejectCode::ConflictingHalf),
         }
     }
 
@@ -460,8 +498,21 @@ impl<W: Waiter> Matcher<W> {
         }
     }
 
-    /// Both halves are present: decide what they say together.
-    fn pair(&mut self, tx_key: TxKey) -> Vec<Effect> {
+    /// Both halves are present: decide what they say together, unless
+    /// storage already holds the key's outcome (then every waiter hears it and
+    /// nothing is reserved).
+    fn pair(
+        &mut self,
+        tx_key: TxKey,
+        decided: impl FnOnce(TxKey) -> Option<Arc<Outcome>>,
+    ) -> Vec<Effect> {
+        if let Some(outcome) = decided(tx_key) {
+            // Still `Waiting`: resolving takes it out of the lone-half books.
+            let mut answers = Answers::new();
+            self.resolve(tx_key, &outcome, &mut answers);
+            answers.deliver();
+            return Vec::new();
+        }
         self.leave_waiting(tx_key);
         let entry = self.entries.get_mut(&tx_key).expect("entry exists");
         let send = &entry.send.as_ref().expect("send half").stamped;
@@ -696,19 +747,26 @@ fn resolve_against(outcome: &Arc<Outcome>, half: &Half) -> Resolution {
     }
 }
 
-fn join_or_refuse<H: PartialEq, W: Waiter>(
-    slot: &mut Slot<H, W>,
-    half: &H,
-    mut waiter: W,
-) -> Vec<Effect> {
-    if &slot.stamped.half != half {
-        return refuse(waiter, RejectCode::ConflictingHalf);
-    }
+/// An identical resubmission joins the half's waiters.
+fn join<H, W: Waiter>(slot: &mut Slot<H, W>, mut waiter: W) -> Vec<Effect> {
     if slot.durable {
         waiter.accepted();
     }
     slot.waiters.retain(|waiter| !waiter.is_gone());
     slot.waiters.push(waiter);
+    Vec::new()
+}
+
+/// The missing side of a key whose lone half is being expired: it hears the
+/// decision once storage has it.
+fn wait_for_decision<W: Waiter>(entry: &mut Entry<W>, half: Half, waiter: W) -> Vec<Effect> {
+    debug_assert_eq!(
+        entry.phase,
+        Phase::Deciding,
+        "only an expiry leaves a side missing"
+    );
+    entry.late.retain(|(_, waiter)| !waiter.is_gone());
+    entry.late.push((half, waiter));
     Vec::new()
 }
 

@@ -332,16 +332,10 @@ fn lone_half_expires_at_node_time_deadline() {
     // Prototype bug: a timed-out receive half was recorded with the parties swapped.
     assert!(rejection.send.is_none());
     assert_eq!(rejection.receive.as_ref().unwrap().half.receiver_id, 2);
-    // The partner arriving while the expiry is being written is refused.
+    // The partner arriving while the expiry is being written waits for it:
+    // until storage has it, nothing says the key is decided.
     harness.submit(2, 100 + TTL + 1, send_half(KEY, 1, 50));
-    assert_eq!(
-        harness.take_log(),
-        vec![(
-            2,
-            "finish",
-            Some(Ok(Resolution::Refused(RejectCode::TxKeyAlreadyUsed)))
-        )]
-    );
+    assert_eq!(harness.take_log(), vec![]);
     harness.committed(
         KEY,
         Persisted::Decision { reserved: None },
@@ -350,9 +344,41 @@ fn lone_half_expires_at_node_time_deadline() {
     );
     assert_eq!(
         harness.take_log(),
-        vec![(1, "finish", Some(Ok(Resolution::Final(outcome))))]
+        vec![
+            (1, "finish", Some(Ok(Resolution::Final(outcome)))),
+            (
+                2,
+                "finish",
+                Some(Ok(Resolution::Refused(RejectCode::TxKeyAlreadyUsed)))
+            ),
+        ]
     );
     assert_eq!(harness.matcher.next_deadline(), None);
+}
+
+#[test]
+fn a_partner_waiting_on_an_expiry_that_never_commits_is_not_told_700() {
+    // A leader cut off from its quorum expires a lone half but cannot commit
+    // the expiry; the next leader may settle the key with this very partner.
+    // The partner that reached the old leader must hear the failure (and
+    // retry elsewhere), never "already decided".
+    let mut harness = Harness::new();
+    harness.submit(1, 100, receive_half(KEY, 2, 1, 50));
+    harness.matcher.expire_due(Timestamp(100 + TTL));
+    harness.submit(2, 100 + TTL + 1, send_half(KEY, 1, 50));
+    harness.committed(
+        KEY,
+        Persisted::Decision { reserved: None },
+        0,
+        Err(LedgerError::NotLeader(None)),
+    );
+    let log = harness.take_log();
+    assert_eq!(log.len(), 2, "{log:?}");
+    for (_, what, result) in log {
+        assert_eq!(what, "finish");
+        assert!(matches!(result, Some(Err(_))), "{result:?}");
+    }
+    assert_eq!(harness.matcher.keys_in_flight(), 0);
 }
 
 #[test]
@@ -394,6 +420,146 @@ fn replay_of_a_decided_key_returns_the_outcome_or_700() {
                 Some(Ok(Resolution::Refused(RejectCode::TxKeyAlreadyUsed)))
             ),
         ]
+    );
+}
+
+#[test]
+fn resubmitted_halves_of_a_key_decided_before_a_restart_reserve_nothing() {
+    // A new leader (or a restarted node) remembers no recent outcome. Phones
+    // resubmit both halves of a payment the previous leader settled: they must
+    // hear that outcome, and the sender's money must not be reserved for it
+    // even briefly (a concurrent honest payment would be refused 100).
+    let mut harness = Harness::new();
+    let Half::Send(send) = send_half(KEY, 1, 50) else {
+        unreachable!()
+    };
+    let Half::Receive(receive) = receive_half(KEY, 2, 1, 50) else {
+        unreachable!()
+    };
+    let stored = Arc::new(Outcome::Settled(Settlement {
+        send: Stamped {
+            half: send,
+            received_at: Timestamp(0),
+        },
+        receive: Stamped {
+            half: receive,
+            received_at: Timestamp(0),
+        },
+        sender_balance_before: 500,
+        receiver_balance_before: 0,
+        settled_at: Timestamp(1),
+    }));
+    let context = |party| HalfContext {
+        submitter: party,
+        accounts_end: 100,
+        max_amount: 1_000,
+    };
+    let first = harness.matcher.submit(
+        Timestamp(5),
+        &context(1),
+        send_half(KEY, 1, 50),
+        Recorder {
+            id: 1,
+            log: harness.log.clone(),
+        },
+        |_| panic!("a first half under the cap needs no lookup"),
+    );
+    assert!(matches!(first[..], [Effect::StorePending(_)]), "{first:?}");
+    let lookup = stored.clone();
+    let second = harness.matcher.submit(
+        Timestamp(6),
+        &context(2),
+        receive_half(KEY, 2, 1, 50),
+        Recorder {
+            id: 2,
+            log: harness.log.clone(),
+        },
+        move |key| (key == KEY).then_some(lookup),
+    );
+    assert!(second.is_empty(), "no reservation, no decision: {second:?}");
+    let mut log = harness.take_log();
+    log.sort_by_key(|entry| entry.0);
+    assert_eq!(
+        log,
+        vec![
+            (1, "finish", Some(Ok(Resolution::Final(stored.clone())))),
+            (2, "finish", Some(Ok(Resolution::Final(stored.clone())))),
+        ]
+    );
+    // The lone half's commit comes back as the older outcome: nothing more.
+    let effects = harness.committed(
+        KEY,
+        Persisted::Pending(Side::Send),
+        3,
+        Ok(Committed::AlreadyFinal(stored)),
+    );
+    assert!(effects.is_empty());
+    assert!(harness.take_log().is_empty());
+    assert_eq!(harness.matcher.keys_in_flight(), 0);
+}
+
+#[test]
+fn after_a_restart_the_recorded_half_hears_its_outcome_though_a_stranger_waits_first() {
+    // A new leader knows nothing of a key the old one settled. A conflicting
+    // send half arrives first and waits (its write will find the outcome);
+    // the recorded send half then arrives: it must hear the settlement, not
+    // 710 for conflicting with the stranger.
+    let mut harness = Harness::new();
+    let recorded = send_half(KEY, 1, 50);
+    let Half::Send(send) = recorded.clone() else {
+        unreachable!()
+    };
+    let Half::Receive(receive) = receive_half(KEY, 2, 1, 50) else {
+        unreachable!()
+    };
+    let stored = Arc::new(Outcome::Settled(Settlement {
+        send: Stamped {
+            half: send,
+            received_at: Timestamp(0),
+        },
+        receive: Stamped {
+            half: receive,
+            received_at: Timestamp(0),
+        },
+        sender_balance_before: 500,
+        receiver_balance_before: 0,
+        settled_at: Timestamp(1),
+    }));
+    harness.submit(1, 5, send_half(KEY, 1, 49));
+    let context = HalfContext {
+        submitter: 1,
+        accounts_end: 100,
+        max_amount: 1_000,
+    };
+    let lookup = stored.clone();
+    harness.matcher.submit(
+        Timestamp(6),
+        &context,
+        recorded,
+        Recorder {
+            id: 2,
+            log: harness.log.clone(),
+        },
+        move |key| (key == KEY).then_some(lookup),
+    );
+    assert_eq!(
+        harness.take_log(),
+        vec![(2, "finish", Some(Ok(Resolution::Final(stored.clone()))))]
+    );
+    // The stranger's write finds the outcome: 700 for it.
+    harness.committed(
+        KEY,
+        Persisted::Pending(Side::Send),
+        3,
+        Ok(Committed::AlreadyFinal(stored)),
+    );
+    assert_eq!(
+        harness.take_log(),
+        vec![(
+            1,
+            "finish",
+            Some(Ok(Resolution::Refused(RejectCode::TxKeyAlreadyUsed)))
+        )]
     );
 }
 

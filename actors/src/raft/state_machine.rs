@@ -143,14 +143,23 @@ impl SnapshotDir {
         )))
     }
 
-    /// Makes the complete, synced file at `from` the current snapshot.
-    fn make_current(&self, from: &Path, meta: SnapshotMeta) -> Result<(), StoreError> {
+    /// Makes the complete, synced file at `from` the current snapshot, unless
+    /// the current one already covers as much of the log (a build that ran
+    /// while a newer snapshot was installed): then `from` is removed and the
+    /// current snapshot stays. Returns whether `from` became current.
+    fn make_current(&self, from: &Path, meta: SnapshotMeta) -> Result<bool, StoreError> {
         let mut current = self.current.lock().expect("snapshot lock");
+        if let Some(newer) = current.as_ref()
+            && newer.last_log_id >= meta.last_log_id
+        {
+            let _ = std::fs::remove_file(from);
+            return Ok(false);
+        }
         let to = self.current_path();
         std::fs::rename(from, &to).map_err(|error| io_store_error(&to, error))?;
         sync_dir(&self.dir)?;
         *current = Some(meta);
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -233,7 +242,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                     // file even if a newer one replaces it at once.
                     let file =
                         std::fs::File::open(&temp).map_err(|error| io_store_error(&temp, error))?;
-                    machine.snapshots.make_current(&temp, meta.clone())?;
+                    if !machine.snapshots.make_current(&temp, meta.clone())? {
+                        tracing::debug!(
+                            last_log = ?meta.last_log_id,
+                            "a newer snapshot became current meanwhile; this one is dropped"
+                        );
+                    }
                     Ok((meta, file))
                 },
                 |e| snapshot_error(e),
@@ -356,5 +370,45 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 meta,
                 snapshot: Box::new(snapshot),
             }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(index: u64, id: &str) -> SnapshotMeta {
+        SnapshotMeta {
+            last_log_id: Some(openraft::LogId::new(
+                openraft::CommittedLeaderId::new(1, 1),
+                index,
+            )),
+            last_membership: StoredMembership::default(),
+            snapshot_id: id.into(),
+        }
+    }
+
+    #[test]
+    fn an_older_snapshot_never_replaces_a_newer_current_one() {
+        // openraft builds snapshots in a task of its own: a build that read
+        // the ledger at index 1 can finish after a snapshot at index 100 was
+        // installed. It must not become current, or the replica would later
+        // offer a snapshot older than the log it purged.
+        let dir = tempfile::tempdir().unwrap();
+        let snapshots = SnapshotDir::open(dir.path()).unwrap();
+        let newer = snapshots.temp_path("receiving");
+        std::fs::write(&newer, b"newer").unwrap();
+        assert!(snapshots.make_current(&newer, meta(100, "newer")).unwrap());
+        let older = snapshots.temp_path("building");
+        std::fs::write(&older, b"older").unwrap();
+        assert!(!snapshots.make_current(&older, meta(1, "older")).unwrap());
+        assert!(!older.exists(), "the stale build is removed");
+        let (current, _) = snapshots.open_current().unwrap().unwrap();
+        assert_eq!(current.snapshot_id, "newer");
+        assert_eq!(std::fs::read(snapshots.current_path()).unwrap(), b"newer");
+        let later = snapshots.temp_path("building");
+        std::fs::write(&later, b"later").unwrap();
+        assert!(snapshots.make_current(&later, meta(101, "later")).unwrap());
+        assert_eq!(std::fs::read(snapshots.current_path()).unwrap(), b"later");
     }
 }

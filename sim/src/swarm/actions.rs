@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
+use tapledger_node::ClientError;
 use tapledger_node::init::{hex, parse_hex};
 use tapledger_protocol::{AccountId, Secret, Side, TxKey};
 use tokio::time::Instant;
@@ -57,7 +58,7 @@ where
     } = target.connect(1, step_timeout).await?;
     let result = body(connector.clone(), label).await;
     connector.wait_idle().await;
-    if let Some(embedded) = embedded {
+    if let Some(embedded) = embedded.and_then(Arc::into_inner) {
         embedded.stop().await;
     }
     result
@@ -229,15 +230,17 @@ async fn small_swarm(
     let mut phones = Vec::with_capacity(accounts.len());
     let mut session = None;
     for (index, account) in accounts.into_iter().enumerate() {
-        let (phone, this_session) = connector.connect_as(account.id, &account.key).await?;
+        let (phone, this_session, replica) =
+            connector.connect_phone(account.id, &account.key).await?;
         session.get_or_insert(this_session);
-        phones.push(SimPhone::new(index, account, phone));
+        phones.push(SimPhone::new(index, account, phone, replica));
     }
     Ok(Arc::new(Swarm {
         connector: connector.clone(),
         phones,
         session: session.ok_or_else(|| anyhow!("no account"))?,
         transcript: Some(Mutex::new(Vec::new())),
+        failover: Default::default(),
     }))
 }
 
@@ -282,12 +285,10 @@ fn take_transcript(swarm: &Swarm) -> String {
 async fn balances_text(swarm: &Swarm) -> String {
     let mut text = String::from("balances now:");
     for (index, phone) in swarm.phones.iter().enumerate() {
-        let answer =
-            tokio::time::timeout(swarm.connector.step_timeout, phone.phone.balance()).await;
-        let shown = match answer {
-            Ok(Ok(balance)) => balance.to_string(),
-            Ok(Err(error)) => format!("({error})"),
-            Err(_) => "(no answer)".to_owned(),
+        let shown = match swarm.balance(phone).await {
+            Ok(balance) => balance.to_string(),
+            Err(ClientError::Timeout(_)) => "(no answer)".to_owned(),
+            Err(error) => format!("({error})"),
         };
         let _ = write!(
             text,

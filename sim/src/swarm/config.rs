@@ -8,8 +8,14 @@ use super::target::Target;
 use super::workload::Kind;
 
 /// `half_ttl` of the embedded node: short, so that expiry faults are decided
-/// within the run instead of after the default five minutes.
-pub const EMBEDDED_HALF_TTL: Duration = Duration::from_secs(2);
+/// within the run instead of after the default five minutes, and well above
+/// a failover (about a second, and the phones' reconnections), so that an
+/// honest half the new leader holds does not expire before its partner,
+/// resubmitted, arrives.
+pub const EMBEDDED_HALF_TTL: Duration = Duration::from_secs(5);
+
+/// Replicas of the embedded cluster in the default run.
+pub const REPLICAS_DEFAULT: usize = 3;
 
 #[derive(Clone, Debug)]
 pub struct SwarmConfig {
@@ -51,6 +57,11 @@ pub struct SwarmConfig {
     pub expiry_wait_max: Duration,
     /// Phases and a progress bar on stderr (hidden when not a terminal).
     pub progress: bool,
+    /// Kill the embedded cluster's leader this long after the first tap
+    /// (only with more than one replica); `None` never.
+    pub kill_leader_after: Option<Duration>,
+    /// Start the killed replica again this long after the kill; `None` never.
+    pub restart_after: Option<Duration>,
 }
 
 impl Default for SwarmConfig {
@@ -58,6 +69,7 @@ impl Default for SwarmConfig {
         SwarmConfig {
             target: Target::Embedded {
                 half_ttl: EMBEDDED_HALF_TTL,
+                replicas: REPLICAS_DEFAULT,
             },
             phones: 1_000,
             payments: 20_000,
@@ -76,6 +88,8 @@ impl Default for SwarmConfig {
             step_timeout: Duration::from_secs(10),
             expiry_wait_max: Duration::from_secs(30),
             progress: false,
+            kill_leader_after: Some(Duration::from_secs(4)),
+            restart_after: Some(Duration::from_secs(3)),
         }
     }
 }

@@ -324,6 +324,7 @@ pub async fn run(config: &E2eConfig) -> anyhow::Result<E2eReport> {
     // probe must not expire halves whose partner is merely queued.
     let target = Target::Embedded {
         half_ttl: tapledger_actors::HALF_TTL_DEFAULT,
+        replicas: 1,
     };
     let step_timeout = Duration::from_secs(10);
     let Connected {
@@ -352,10 +353,13 @@ pub async fn run(config: &E2eConfig) -> anyhow::Result<E2eReport> {
             .into_iter()
             .zip(connections)
             .enumerate()
-            .map(|(index, (account, phone))| SimPhone::new(index, account, phone))
+            .map(|(index, (account, (phone, replica)))| {
+                SimPhone::new(index, account, phone, replica)
+            })
             .collect(),
         session,
         transcript: None,
+        failover: Default::default(),
     });
 
     let mut seed = config.seed;
@@ -480,10 +484,12 @@ pub async fn run(config: &E2eConfig) -> anyhow::Result<E2eReport> {
 
     phase("checking balances and the audit...");
     let (_, balance_mismatches, _) = super::check_balances(&swarm, &balances).await;
-    let audit = embedded.audit().await?;
+    let audit = embedded.audit().await?.leader;
     super::close_swarm(swarm).await;
     connector.wait_idle().await;
-    embedded.stop().await;
+    if let Some(embedded) = Arc::into_inner(embedded) {
+        embedded.stop().await;
+    }
 
     phase(&format!(
         "bench core with {} payments for comparison...",

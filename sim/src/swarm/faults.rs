@@ -6,6 +6,7 @@
 //! Nothing here decides what is expected: the plan does. These methods only
 //! act and observe, every wait bounded like the honest flow's.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tapledger_node::{ApiCredentials, ClientError, HalfAnswer, Submitted};
@@ -33,12 +34,7 @@ impl Swarm {
         });
         let limit = self.half_ttl() + self.step_timeout();
         let answer = self
-            .submit(
-                &self.phones[phone as usize].phone,
-                half,
-                payment.amount,
-                limit,
-            )
+            .submit(&self.phones[phone as usize], half, payment.amount, limit)
             .await;
         self.note_told(phone, &answer);
         gots.push(answer.got);
@@ -64,7 +60,7 @@ impl Swarm {
             )
         });
         let answer = self
-            .submit(&receiver.phone, forged, payment.amount, self.step_timeout())
+            .submit(receiver, forged, payment.amount, self.step_timeout())
             .await;
         self.note_told(payment.receiver, &answer);
         gots.push(answer.got);
@@ -107,12 +103,7 @@ impl Swarm {
             )
         });
         let replay = self
-            .submit(
-                &sender.phone,
-                send_half,
-                payment.amount,
-                self.step_timeout(),
-            )
+            .submit(sender, send_half, payment.amount, self.step_timeout())
             .await;
         self.note_told(payment.sender, &replay);
         let replay_got = match (&send.report, &replay.report) {
@@ -136,12 +127,7 @@ impl Swarm {
             )
         });
         let answer = self
-            .submit(
-                &receiver.phone,
-                different,
-                payment.amount,
-                self.step_timeout(),
-            )
+            .submit(receiver, different, payment.amount, self.step_timeout())
             .await;
         self.note_told(payment.receiver, &answer);
         gots.push(answer.got);
@@ -170,18 +156,8 @@ impl Swarm {
                 )
             });
             tokio::join!(
-                self.submit(
-                    &sender.phone,
-                    send_half.clone(),
-                    payment.amount,
-                    step_timeout
-                ),
-                self.submit(
-                    &sender.phone,
-                    send_half.clone(),
-                    payment.amount,
-                    step_timeout
-                ),
+                self.submit(sender, send_half.clone(), payment.amount, step_timeout),
+                self.submit(sender, send_half.clone(), payment.amount, step_timeout),
             )
         };
         let receiving = async {
@@ -193,13 +169,8 @@ impl Swarm {
                     describe_half(&receive_half)
                 )
             });
-            self.submit(
-                &receiver.phone,
-                receive_half.clone(),
-                payment.amount,
-                step_timeout,
-            )
-            .await
+            self.submit(receiver, receive_half.clone(), payment.amount, step_timeout)
+                .await
         };
         let ((first, again), receive) = tokio::join!(sending, receiving);
         for (who, answer) in [
@@ -224,23 +195,24 @@ impl Swarm {
                 account.id
             )
         });
-        let mut phone = match self.connector.connect().await {
-            Ok(phone) => phone,
-            Err(error) => return Got::Failed(error.to_string()),
-        };
+        // Finding the leader authenticates: with a wrong key the leader
+        // refuses it (1012), whichever replica answers first.
         let got = match tokio::time::timeout(
-            self.step_timeout(),
-            phone.authenticate(account.id, &wrong_key),
+            self.step_timeout() * 4,
+            self.connector
+                .connect_leader(Some((account.id, &wrong_key))),
         )
         .await
         {
-            Err(_) => Got::Failed(format!("no answer within {:?}", self.step_timeout())),
-            Ok(Ok(_)) => Got::Failed("the node accepted a wrong API key".to_owned()),
+            Err(_) => Got::Failed(format!("no answer within {:?}", self.step_timeout() * 4)),
+            Ok(Ok((phone, _, _))) => {
+                close_bounded(phone).await;
+                Got::Failed("the node accepted a wrong API key".to_owned())
+            }
             Ok(Err(ClientError::Node { code, .. })) => Got::Answer(Expect::Error(code)),
             Ok(Err(error)) => Got::Failed(error.to_string()),
         };
         self.note(|| format!("  the node answers: {}", got.describe()));
-        close_bounded(phone).await;
         got
     }
 
@@ -255,14 +227,6 @@ impl Swarm {
         let step_timeout = self.step_timeout();
         let failed = |why: String| (Got::Failed(why.clone()), Got::Failed(why));
 
-        let temporary = match self
-            .connector
-            .connect_as(sender.account.id, &sender.account.key)
-            .await
-        {
-            Ok((phone, _)) => phone,
-            Err(error) => return failed(error.to_string()),
-        };
         self.note(|| {
             format!(
                 "{} sends {} on a second connection",
@@ -270,9 +234,29 @@ impl Swarm {
                 describe_half(&send_half)
             )
         });
-        let submitted =
-            tokio::time::timeout(step_timeout, temporary.submit(send_half.clone())).await;
-        close_bounded(temporary).await;
+        // A change of leader between connecting and the answer: connect to
+        // the new leader and send the identical half again.
+        let mut attempts = 0;
+        let submitted = loop {
+            attempts += 1;
+            let temporary = match self
+                .connector
+                .connect_as(sender.account.id, &sender.account.key)
+                .await
+            {
+                Ok((phone, _)) => phone,
+                Err(error) => return failed(error.to_string()),
+            };
+            let submitted =
+                tokio::time::timeout(step_timeout, temporary.submit(send_half.clone())).await;
+            close_bounded(temporary).await;
+            match submitted {
+                Ok(Err(error)) if error.is_failover() && attempts < 4 => {
+                    self.failover.resubmitted.fetch_add(1, Ordering::Relaxed);
+                }
+                submitted => break submitted,
+            }
+        };
         match submitted {
             Ok(Ok(Submitted::Accepted(_))) => {
                 self.note(|| {
@@ -297,11 +281,11 @@ impl Swarm {
             )
         });
         let receive = self
-            .submit(&receiver.phone, receive_half, payment.amount, step_timeout)
+            .submit(receiver, receive_half, payment.amount, step_timeout)
             .await;
         self.note_told(payment.receiver, &receive);
 
-        let (again, _) = match self
+        let (mut again, _) = match self
             .connector
             .connect_as(sender.account.id, &sender.account.key)
             .await
@@ -317,7 +301,26 @@ impl Swarm {
                     payment.tx_key
                 )
             });
-            match tokio::time::timeout(step_timeout, again.query_outcome(payment.tx_key)).await {
+            let mut asked = 0;
+            let queried = loop {
+                asked += 1;
+                match tokio::time::timeout(step_timeout, again.query_outcome(payment.tx_key)).await
+                {
+                    Ok(Err(error)) if error.is_failover() && asked < 4 => {
+                        close_bounded(again).await;
+                        again = match self
+                            .connector
+                            .connect_as(sender.account.id, &sender.account.key)
+                            .await
+                        {
+                            Ok((phone, _)) => phone,
+                            Err(error) => return (receive.got, Got::Failed(error.to_string())),
+                        };
+                    }
+                    queried => break queried,
+                }
+            };
+            match queried {
                 Err(_) => Got::Failed(format!("no answer within {step_timeout:?}")),
                 Ok(Err(error)) => classify(Err(error), payment.tx_key, payment.amount).0,
                 Ok(Ok((QueryStatus::Decided, Some(report)))) => {
@@ -339,7 +342,7 @@ impl Swarm {
                     self.who(payment.sender)
                 )
             });
-            self.submit(&again, send_half, payment.amount, step_timeout)
+            self.submit_once(&again, send_half, payment.amount, step_timeout)
                 .await
                 .got
         };

@@ -1,11 +1,14 @@
 //! The phone swarm: the binary's default run, and the library the tests and
 //! `bench e2e` drive.
 //!
-//! A run starts (or pins) a node, opens one funded account per phone over the
-//! wire with the admin credential, connects every phone over its own QUIC
-//! connection, plans a seeded workload of honest payments and faults whose
-//! outcomes it knows in advance, runs it open loop, and then checks every
-//! answer, every balance over the wire and (embedded) the node's audit.
+//! A run starts (or pins) a cluster, opens one funded account per phone over
+//! the wire with the admin credential, connects every phone over its own
+//! QUIC connection to the leader, plans a seeded workload of honest payments
+//! and faults whose outcomes it knows in advance, runs it open loop (killing
+//! the embedded cluster's leader once along the way, and starting it again a
+//! little later), and then checks every answer, every balance over the wire,
+//! that every outcome a phone was told is on the new leader, and (embedded)
+//! every replica's audit and that the replicas hold identical ledgers.
 //!
 //! * [`config`] — what to run; [`workload`] — the seeded plan and expectations;
 //! * [`target`] — the node, connections, account opening;
@@ -35,10 +38,10 @@ use tokio::task::JoinSet;
 pub use config::SwarmConfig;
 pub use report::SwarmReport;
 
-use phones::{SimPhone, Swarm};
-use report::{AuditSummary, LatencySummary};
+use phones::{SimPhone, Swarm, same_outcome};
+use report::{AuditSummary, FailoverReport, LatencySummary};
 use run::{Pace, RunOptions};
-use target::{Connected, EmbeddedNode, connect_phones, open_accounts};
+use target::{Connected, EmbeddedCluster, connect_phones, open_accounts};
 use workload::{Kind, Payment, WorkloadConfig};
 
 /// Balance mismatches described in full in the report.
@@ -57,7 +60,7 @@ pub async fn run(config: &SwarmConfig) -> anyhow::Result<SwarmReport> {
         .await?;
     let result = run_connected(config, &connector, embedded.as_ref(), &label).await;
     connector.wait_idle().await;
-    if let Some(embedded) = embedded {
+    if let Some(embedded) = embedded.and_then(Arc::into_inner) {
         embedded.stop().await;
     }
     result
@@ -92,7 +95,7 @@ fn phase(config: &SwarmConfig, text: &str) {
 async fn run_connected(
     config: &SwarmConfig,
     connector: &Arc<target::Connector>,
-    embedded: Option<&EmbeddedNode>,
+    embedded: Option<&Arc<EmbeddedCluster>>,
     label: &str,
 ) -> anyhow::Result<SwarmReport> {
     phase(
@@ -127,13 +130,14 @@ async fn run_connected(
         .into_iter()
         .zip(connections)
         .enumerate()
-        .map(|(index, (account, phone))| SimPhone::new(index, account, phone))
+        .map(|(index, (account, (phone, replica)))| SimPhone::new(index, account, phone, replica))
         .collect();
     let swarm = Arc::new(Swarm {
         connector: connector.clone(),
         phones,
         session,
         transcript: None,
+        failover: Default::default(),
     });
 
     let result = exercise(config, &swarm, embedded, &opening).await;
@@ -150,7 +154,7 @@ async fn run_connected(
 async fn exercise(
     config: &SwarmConfig,
     swarm: &Arc<Swarm>,
-    embedded: Option<&EmbeddedNode>,
+    embedded: Option<&Arc<EmbeddedCluster>>,
     opening: &[u64],
 ) -> anyhow::Result<(SwarmReport, Vec<String>)> {
     let mut notes = Vec::new();
@@ -211,7 +215,33 @@ async fn exercise(
         progress: config.progress,
         stall_timeout: stall_timeout(swarm, config.step_timeout),
     };
-    let tally = run::run_plan(swarm, &plan, &options).await?;
+    let started = tokio::time::Instant::now();
+    let killing = match (embedded, config.kill_leader_after) {
+        (Some(cluster), Some(after)) if cluster.size() > 1 => Some(tokio::spawn(kill_leader(
+            cluster.clone(),
+            swarm.clone(),
+            after,
+            config.restart_after,
+        ))),
+        _ => None,
+    };
+    let tally = run::run_plan(swarm, &plan, &options).await;
+    let killed = match killing {
+        Some(task) => {
+            if task.is_finished() {
+                Some(task.await??)
+            } else {
+                task.abort();
+                notes.push(format!(
+                    "the run ended before the leader was to be killed ({:?} in): no failover",
+                    config.kill_leader_after.unwrap_or_default()
+                ));
+                None
+            }
+        }
+        None => None,
+    };
+    let tally = tally?;
     let ran = &plan[..tally.dispatched as usize];
 
     phase(config, "checking every balance over the wire...");
@@ -221,10 +251,17 @@ async fn exercise(
 
     let audit = match embedded {
         Some(embedded) => {
-            phase(config, "auditing the node's books...");
+            phase(config, "auditing every replica's books...");
             Some(audit(embedded, ran, swarm.phones.len()).await?)
         }
         None => None,
+    };
+    let failover = match (embedded, killed) {
+        (Some(cluster), Some(killed)) => {
+            phase(config, "looking for every outcome a phone was told...");
+            Some(failover_report(cluster, swarm, killed, started).await)
+        }
+        _ => None,
     };
 
     let report = SwarmReport {
@@ -255,9 +292,165 @@ async fn exercise(
         balance_mismatches,
         balance_mismatch_examples,
         audit,
+        replicas: embedded.map_or(0, |cluster| cluster.size()),
+        failover,
         notes: Vec::new(),
     };
     Ok((report, notes))
+}
+
+/// What the leader kill did, for the report.
+struct Killed {
+    replica: usize,
+    at: tokio::time::Instant,
+    /// When another replica first took writes.
+    new_leader_at: Option<tokio::time::Instant>,
+    restarted: bool,
+}
+
+/// Waits `after`, kills the leader, and starts it again `restart_after` later.
+async fn kill_leader(
+    cluster: Arc<EmbeddedCluster>,
+    swarm: Arc<Swarm>,
+    after: Duration,
+    restart_after: Option<Duration>,
+) -> anyhow::Result<Killed> {
+    tokio::time::sleep(after).await;
+    let leader = cluster.wait_leader(Duration::from_secs(30)).await?;
+    let at = tokio::time::Instant::now();
+    *swarm.failover.killed.lock().expect("failover lock") = Some((at, leader));
+    cluster.kill(leader).await?;
+    let restart_at = restart_after.map(|after| at + after);
+    let mut new_leader_at = None;
+    // Watch for the new leader until it is time to restart the old one.
+    let watch_until = restart_at.unwrap_or(at + Duration::from_secs(30));
+    while tokio::time::Instant::now() < watch_until {
+        if let Some(now_leading) = cluster.leader().await
+            && now_leading != leader
+        {
+            new_leader_at = Some(tokio::time::Instant::now());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut restarted = false;
+    if let Some(restart_at) = restart_at {
+        tokio::time::sleep_until(restart_at).await;
+        cluster.restart(leader).await?;
+        restarted = true;
+    }
+    Ok(Killed {
+        replica: leader,
+        at,
+        new_leader_at,
+        restarted,
+    })
+}
+
+/// Checks that every outcome a phone was told is on the new leader.
+async fn failover_report(
+    cluster: &EmbeddedCluster,
+    swarm: &Swarm,
+    killed: Killed,
+    started: tokio::time::Instant,
+) -> FailoverReport {
+    let log = &swarm.failover;
+    let mut report = FailoverReport {
+        killed_replica: cluster.replica_id(killed.replica),
+        killed_at_seconds: killed.at.duration_since(started).as_secs_f64(),
+        resubmitted_halves: log.resubmitted.load(std::sync::atomic::Ordering::Relaxed),
+        reconnects: log.reconnects.load(std::sync::atomic::Ordering::Relaxed),
+        restarted: killed.restarted,
+        new_leader_after_ms: killed
+            .new_leader_at
+            .map(|at| at.duration_since(killed.at).as_secs_f64() * 1e3),
+        first_outcome_after_ms: log
+            .first_outcome_after
+            .lock()
+            .expect("failover lock")
+            .map(|first| first.duration_since(killed.at).as_secs_f64() * 1e3),
+        ..FailoverReport::default()
+    };
+    let contradictions = log
+        .contradictions
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if contradictions > 0 {
+        report.problems.push(format!(
+            "{contradictions} payments were told two different outcomes"
+        ));
+    }
+    if report.first_outcome_after_ms.is_none() {
+        report
+            .problems
+            .push("no phone was told an outcome by another replica after the kill".into());
+    }
+    let Some(leader) = cluster.leader().await else {
+        report
+            .problems
+            .push("no replica leads after the run".into());
+        return report;
+    };
+    report.new_leader = Some(cluster.replica_id(leader));
+    let Some(ledger) = cluster.ledger(leader).await else {
+        report.problems.push("the leader stopped".into());
+        return report;
+    };
+    let told: Vec<_> = log
+        .told
+        .lock()
+        .expect("failover lock")
+        .values()
+        .cloned()
+        .collect();
+    report.told_outcomes = told.len() as u64;
+    let checked = tokio::task::spawn_blocking(move || {
+        let mut found = 0u64;
+        let mut problems = Vec::new();
+        for told in &told {
+            match ledger.outcome(told.tx_key) {
+                Ok(Some(outcome)) => {
+                    let party = outcome.parties()[0];
+                    let stored = tapledger_protocol::OutcomeReport::for_party(&outcome, party);
+                    if same_outcome(&stored, told) {
+                        found += 1;
+                    } else if problems.len() < 10 {
+                        problems.push(format!(
+                            "{} was told {:?} {:?} but the leader holds {:?} {:?}",
+                            told.tx_key, told.status, told.code, stored.status, stored.code
+                        ));
+                    }
+                }
+                Ok(None) if problems.len() < 10 => {
+                    problems.push(format!(
+                        "{} was told an outcome the leader does not hold",
+                        told.tx_key
+                    ));
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    problems.push(format!("reading {}: {error}", told.tx_key));
+                    break;
+                }
+            }
+        }
+        (found, problems)
+    })
+    .await;
+    match checked {
+        Ok((found, problems)) => {
+            report.told_found = found;
+            report.problems.extend(problems);
+            if found != report.told_outcomes {
+                report.problems.push(format!(
+                    "{} of {} told outcomes are missing or different on the leader",
+                    report.told_outcomes - found,
+                    report.told_outcomes
+                ));
+            }
+        }
+        Err(error) => report.problems.push(format!("the check failed: {error}")),
+    }
+    report
 }
 
 /// How long the run may go without any payment finishing: longer than the
@@ -274,20 +467,14 @@ pub async fn check_balances(swarm: &Arc<Swarm>, expected: &[u64]) -> (u64, u64, 
         let swarm = swarm.clone();
         tasks.spawn(async move {
             let phone = &swarm.phones[index];
-            let step_timeout = swarm.connector.step_timeout;
-            let answer = tokio::time::timeout(step_timeout, phone.phone.balance()).await;
-            match answer {
-                Ok(Ok(balance)) if balance == expected_balance => None,
-                Ok(Ok(balance)) => Some(format!(
+            match swarm.balance(phone).await {
+                Ok(balance) if balance == expected_balance => None,
+                Ok(balance) => Some(format!(
                     "account {} (phone {index}): balance {balance}, expected {expected_balance}",
                     phone.account.id
                 )),
-                Ok(Err(error)) => Some(format!(
+                Err(error) => Some(format!(
                     "account {} (phone {index}): balance request failed: {error}",
-                    phone.account.id
-                )),
-                Err(_) => Some(format!(
-                    "account {} (phone {index}): no balance within {step_timeout:?}",
                     phone.account.id
                 )),
             }
@@ -308,13 +495,15 @@ pub async fn check_balances(swarm: &Arc<Swarm>, expected: &[u64]) -> (u64, u64, 
     (expected.len() as u64, mismatches, examples)
 }
 
-/// The embedded node's audit, and whether its counts match the payments run.
+/// The embedded cluster's audit (the leader's, every replica's, and whether
+/// they agree), and whether its counts match the payments run.
 async fn audit(
-    embedded: &EmbeddedNode,
+    embedded: &EmbeddedCluster,
     ran: &[Payment],
     phones: usize,
 ) -> anyhow::Result<AuditSummary> {
-    let report = embedded.audit().await?;
+    let cluster = embedded.audit().await?;
+    let report = cluster.leader;
     let settlements = ran.iter().filter(|p| p.kind.settles()).count() as u64;
     let rejections = ran
         .iter()
@@ -339,6 +528,8 @@ async fn audit(
     Ok(AuditSummary {
         report,
         count_problems,
+        replicas: cluster.replicas,
+        replica_problems: cluster.problems,
     })
 }
 
@@ -348,7 +539,7 @@ pub async fn close_swarm(swarm: Arc<Swarm>) {
         Ok(swarm) => {
             let mut closing = JoinSet::new();
             for phone in swarm.phones {
-                closing.spawn(target::close_bounded(phone.phone));
+                closing.spawn(phone.close());
             }
             let _ = tokio::time::timeout(Duration::from_secs(10), async {
                 while closing.join_next().await.is_some() {}

@@ -2,24 +2,30 @@
 //! the halves, send them after the tap's jitter, wait for the node's answers,
 //! and turn each answer into an observation to compare with the plan.
 //!
-//! Each phone keeps one authenticated QUIC connection for the whole run; a
-//! fault that needs another connection (a wrong API key, a dropped connection)
-//! opens and closes its own, so the phone's other payments are undisturbed.
-//! Every wait is bounded by the step timeout (expiry: `half_ttl` on top).
+//! Each phone keeps one authenticated QUIC connection to the leader for the
+//! whole run; a fault that needs another connection (a wrong API key, a
+//! dropped connection) opens and closes its own, so the phone's other
+//! payments are undisturbed. When the leader changes (its replica answers
+//! "not the leader", or dies and the connection drops), the phone reconnects
+//! to the new leader and resubmits its identical half, as a phone app would:
+//! halves are idempotent by `tx_key`, so it hears the one outcome. Every wait
+//! is bounded by the step timeout (expiry: `half_ttl` on top).
 //!
 //! This file holds the honest flow and the shared steps; each fault kind's
 //! steps are in `faults`.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tapledger_node::client::Session;
 use tapledger_node::{ClientError, HalfAnswer, Phone, Submitted};
-use tapledger_protocol::{Half, OutcomeReport, OutcomeStatus, ReceiveHalf, SendHalf};
+use tapledger_protocol::{Half, OutcomeReport, OutcomeStatus, ReceiveHalf, SendHalf, TxKey};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::target::{Account, Connector};
+use super::target::{Account, Connector, close_bounded};
 use super::workload::{Expect, Kind, Payment};
 
 /// Payments one phone takes part in at once. The node lets an account keep
@@ -30,24 +36,137 @@ pub const PAYMENTS_PER_PHONE_IN_FLIGHT: usize = 16;
 /// Operating systems the phones report (recorded by the node for analysts).
 const DEVICE_OS: [&str; 4] = ["ios 18.3", "android 15", "ios 17.6", "android 14"];
 
-/// One simulated phone: its account and its long-lived connection.
+/// One simulated phone: its account and its long-lived connection to the
+/// leader (replaced when the leader changes).
 pub struct SimPhone {
     pub account: Account,
-    pub phone: Phone,
+    connection: tokio::sync::RwLock<Connection>,
+    /// Serialises reconnections: one task reconnects, the others reuse it.
+    reconnecting: tokio::sync::Mutex<()>,
     pub device_os: &'static str,
     /// Slots for payments in flight (see [`PAYMENTS_PER_PHONE_IN_FLIGHT`]).
     pub slots: Arc<Semaphore>,
 }
 
+/// A phone's current connection: which replica it reached, and a number
+/// that changes with every reconnection.
+#[derive(Clone)]
+pub struct Connection {
+    pub phone: Arc<Phone>,
+    pub replica: usize,
+    pub generation: u64,
+}
+
 impl SimPhone {
-    pub fn new(index: usize, account: Account, phone: Phone) -> SimPhone {
+    pub fn new(index: usize, account: Account, phone: Phone, replica: usize) -> SimPhone {
         SimPhone {
             account,
-            phone,
+            connection: tokio::sync::RwLock::new(Connection {
+                phone: Arc::new(phone),
+                replica,
+                generation: 0,
+            }),
+            reconnecting: tokio::sync::Mutex::new(()),
             device_os: DEVICE_OS[index % DEVICE_OS.len()],
             slots: Arc::new(Semaphore::new(PAYMENTS_PER_PHONE_IN_FLIGHT)),
         }
     }
+
+    /// The connection to use now.
+    pub async fn connection(&self) -> Connection {
+        self.connection.read().await.clone()
+    }
+
+    /// Replaces the connection `stale` (found not to lead, or dropped) by a
+    /// new one to the leader, unless another task already did.
+    pub async fn reconnect(
+        &self,
+        connector: &Connector,
+        stale: &Connection,
+        log: &FailoverLog,
+    ) -> anyhow::Result<Connection> {
+        let _one_at_a_time = self.reconnecting.lock().await;
+        let current = self.connection().await;
+        if current.generation != stale.generation {
+            return Ok(current);
+        }
+        log.reconnects.fetch_add(1, Ordering::Relaxed);
+        let (phone, _, replica) = connector
+            .connect_phone(self.account.id, &self.account.key)
+            .await?;
+        let fresh = Connection {
+            phone: Arc::new(phone),
+            replica,
+            generation: stale.generation + 1,
+        };
+        let old = std::mem::replace(&mut *self.connection.write().await, fresh.clone());
+        // The old connection is closed once its last user lets go of it.
+        tokio::spawn(async move {
+            if let Ok(phone) = Arc::try_unwrap(old.phone) {
+                close_bounded(phone).await;
+            }
+        });
+        Ok(fresh)
+    }
+
+    /// Closes the connection (at the end of a run).
+    pub async fn close(self) {
+        let connection = self.connection.into_inner();
+        if let Ok(phone) = Arc::try_unwrap(connection.phone) {
+            close_bounded(phone).await;
+        }
+    }
+}
+
+/// What the swarm saw of a change of leader: for the failover report.
+#[derive(Debug, Default)]
+pub struct FailoverLog {
+    /// When the leader was killed, and which replica (by index) it was.
+    pub killed: Mutex<Option<(Instant, usize)>>,
+    /// The first outcome told after the kill by another replica.
+    pub first_outcome_after: Mutex<Option<Instant>>,
+    /// Halves sent again after their replica stopped leading or died.
+    pub resubmitted: AtomicU64,
+    /// Phone connections replaced to reach a new leader.
+    pub reconnects: AtomicU64,
+    /// Every final outcome a phone was told, to look for afterwards.
+    pub told: Mutex<HashMap<TxKey, OutcomeReport>>,
+    /// Outcomes told twice for one key with different contents.
+    pub contradictions: AtomicUsize,
+}
+
+impl FailoverLog {
+    /// Notes an outcome a phone was told over a connection to `replica`.
+    fn told(&self, report: &OutcomeReport, replica: usize) {
+        if let Some((killed_at, killed)) = *self.killed.lock().expect("failover lock")
+            && replica != killed
+        {
+            let mut first = self.first_outcome_after.lock().expect("failover lock");
+            if first.is_none() {
+                *first = Some(Instant::now().max(killed_at));
+            }
+        }
+        let mut told = self.told.lock().expect("failover lock");
+        match told.get(&report.tx_key) {
+            // Each party hears its own view (balance after); the outcome is
+            // the same: status, code, amount, parties.
+            Some(earlier) if !same_outcome(earlier, report) => {
+                self.contradictions.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(_) => {}
+            None => {
+                told.insert(report.tx_key, report.clone());
+            }
+        }
+    }
+}
+
+/// Whether two parties' reports describe the same outcome.
+pub fn same_outcome(one: &OutcomeReport, other: &OutcomeReport) -> bool {
+    one.tx_key == other.tx_key
+        && one.status == other.status
+        && one.code == other.code
+        && one.amount == other.amount
 }
 
 /// What a phone was told, as comparable with an [`Expect`].
@@ -118,6 +237,7 @@ pub struct Swarm {
     pub session: Session,
     /// When set, every step is written here for people to read (`scenario`).
     pub transcript: Option<Mutex<Vec<String>>>,
+    pub failover: FailoverLog,
 }
 
 impl Swarm {
@@ -246,13 +366,8 @@ impl Swarm {
             let started = Instant::now();
             (
                 started,
-                self.submit(
-                    &sender.phone,
-                    send_half.clone(),
-                    payment.amount,
-                    step_timeout,
-                )
-                .await,
+                self.submit(sender, send_half.clone(), payment.amount, step_timeout)
+                    .await,
             )
         };
         let receiving = async {
@@ -267,13 +382,8 @@ impl Swarm {
             let started = Instant::now();
             (
                 started,
-                self.submit(
-                    &receiver.phone,
-                    receive_half.clone(),
-                    payment.amount,
-                    step_timeout,
-                )
-                .await,
+                self.submit(receiver, receive_half.clone(), payment.amount, step_timeout)
+                    .await,
             )
         };
         let ((send_started, send), (receive_started, receive)) = tokio::join!(sending, receiving);
@@ -287,9 +397,58 @@ impl Swarm {
         (send, receive, second)
     }
 
-    /// Submits `half` on `phone` and waits for its final answer (bounded by
-    /// `limit` in all).
+    /// Submits `half` on `phone`'s connection and waits for its final answer
+    /// (bounded by `limit` in all). When the replica stops leading or the
+    /// connection drops, reconnects to the leader and submits the identical
+    /// half again.
     pub(super) async fn submit(
+        &self,
+        phone: &SimPhone,
+        half: Half,
+        amount: u64,
+        limit: Duration,
+    ) -> Answer {
+        let deadline = Instant::now() + limit;
+        let tx_key = half.tx_key();
+        let mut waited = false;
+        let mut connection = phone.connection().await;
+        let result = loop {
+            let (result, accepted) =
+                submit_on(&connection.phone, half.clone(), deadline, limit).await;
+            waited |= accepted;
+            match result {
+                Err(error) if error.is_failover() && Instant::now() < deadline => {
+                    self.failover.resubmitted.fetch_add(1, Ordering::Relaxed);
+                    match tokio::time::timeout_at(
+                        deadline,
+                        phone.reconnect(&self.connector, &connection, &self.failover),
+                    )
+                    .await
+                    {
+                        Ok(Ok(fresh)) => connection = fresh,
+                        Ok(Err(why)) => break Err(ClientError::Connect(why.to_string())),
+                        Err(_) => break Err(ClientError::Timeout(limit)),
+                    }
+                }
+                result => break result,
+            }
+        };
+        let at = Instant::now();
+        if let Ok(HalfAnswer::Decided(report)) = &result {
+            self.failover.told(report, connection.replica);
+        }
+        let (got, report) = classify(result, tx_key, amount);
+        Answer {
+            got,
+            report,
+            waited,
+            at,
+        }
+    }
+
+    /// Submits `half` on a connection of its own (no reconnection) and waits
+    /// for its final answer within `limit`.
+    pub(super) async fn submit_once(
         &self,
         phone: &Phone,
         half: Half,
@@ -298,17 +457,7 @@ impl Swarm {
     ) -> Answer {
         let deadline = Instant::now() + limit;
         let tx_key = half.tx_key();
-        let (result, waited) = match tokio::time::timeout_at(deadline, phone.submit(half)).await {
-            Err(_) => (Err(ClientError::Timeout(limit)), false),
-            Ok(Err(error)) => (Err(error), false),
-            Ok(Ok(Submitted::Answered(answer))) => (Ok(answer), false),
-            Ok(Ok(Submitted::Accepted(pending))) => {
-                match tokio::time::timeout_at(deadline, pending.answer()).await {
-                    Err(_) => (Err(ClientError::Timeout(limit)), true),
-                    Ok(answer) => (answer, true),
-                }
-            }
-        };
+        let (result, waited) = submit_on(phone, half, deadline, limit).await;
         let at = Instant::now();
         let (got, report) = classify(result, tx_key, amount);
         Answer {
@@ -319,6 +468,51 @@ impl Swarm {
         }
     }
 }
+
+impl Swarm {
+    /// `phone`'s committed balance, asked of the leader (reconnecting if its
+    /// replica stopped leading).
+    pub async fn balance(&self, phone: &SimPhone) -> Result<u64, ClientError> {
+        let limit = self.step_timeout();
+        let mut connection = phone.connection().await;
+        for _ in 0..4 {
+            match tokio::time::timeout(limit, connection.phone.balance()).await {
+                Err(_) => return Err(ClientError::Timeout(limit)),
+                Ok(Err(error)) if error.is_failover() => {
+                    connection = phone
+                        .reconnect(&self.connector, &connection, &self.failover)
+                        .await
+                        .map_err(|why| ClientError::Connect(why.to_string()))?;
+                }
+                Ok(answer) => return answer,
+            }
+        }
+        Err(ClientError::Connect("no leader answered".into()))
+    }
+}
+
+/// One submission on `phone` up to its final answer or `deadline`; and
+/// whether it was `accepted` first.
+async fn submit_on(
+    phone: &Phone,
+    half: Half,
+    deadline: Instant,
+    limit: Duration,
+) -> (Result<HalfAnswer, ClientError>, bool) {
+    match tokio::time::timeout_at(deadline, phone.submit(half)).await {
+        Err(_) => (Err(ClientError::Timeout(limit)), false),
+        Ok(Err(error)) => (Err(error), false),
+        Ok(Ok(Submitted::Answered(answer))) => (Ok(answer), false),
+        Ok(Ok(Submitted::Accepted(pending))) => {
+            match tokio::time::timeout_at(deadline, pending.answer()).await {
+                Err(_) => (Err(ClientError::Timeout(limit)), true),
+                Ok(answer) => (answer, true),
+            }
+        }
+    }
+}
+
+impl Swarm {}
 
 /// Turns the node's answer into an observation, checking that an outcome
 /// names the right key (and, when settled, the right amount).

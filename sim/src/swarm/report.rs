@@ -98,17 +98,107 @@ pub fn timeline(buckets: &[Bucket]) -> Vec<TimelinePoint> {
         .collect()
 }
 
-/// The node's audit, and whether its counts agree with the sim's.
+/// The leader's audit, whether its counts agree with the sim's, and every
+/// replica's own audit.
 #[derive(Clone, Debug)]
 pub struct AuditSummary {
     pub report: AuditReport,
     /// Disagreements between the audit's counts and the payments the sim ran.
     pub count_problems: Vec<String>,
+    /// Each replica: (id, last applied log index, its audit passed).
+    pub replicas: Vec<(u64, Option<u64>, bool)>,
+    /// Replicas down, behind, failing their audit, or holding a ledger that
+    /// differs from the others' at the same log index.
+    pub replica_problems: Vec<String>,
 }
 
 impl AuditSummary {
     pub fn is_ok(&self) -> bool {
-        self.report.is_ok() && self.count_problems.is_empty()
+        self.report.is_ok() && self.count_problems.is_empty() && self.replica_problems.is_empty()
+    }
+}
+
+/// What killing the leader mid-run did, and whether every promise made to a
+/// phone survived it.
+#[derive(Clone, Debug, Default)]
+pub struct FailoverReport {
+    pub killed_replica: u64,
+    /// Since the first planned tap.
+    pub killed_at_seconds: f64,
+    /// The replica that led at the end.
+    pub new_leader: Option<u64>,
+    /// From the kill to another replica taking writes.
+    pub new_leader_after_ms: Option<f64>,
+    /// From the kill to the first outcome a phone heard from another replica.
+    pub first_outcome_after_ms: Option<f64>,
+    /// Halves phones sent again because their replica stopped leading or died.
+    pub resubmitted_halves: u64,
+    /// Phone connections moved to the new leader.
+    pub reconnects: u64,
+    /// Whether the killed replica was started again (and caught up: see the
+    /// audit's replica lines).
+    pub restarted: bool,
+    /// Outcomes phones were told, and how many the final leader holds exactly so.
+    pub told_outcomes: u64,
+    pub told_found: u64,
+    pub problems: Vec<String>,
+}
+
+impl FailoverReport {
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "failover: leader (replica {}) killed at {:.1} s; replica {} leads now",
+            self.killed_replica,
+            self.killed_at_seconds,
+            self.new_leader
+                .map_or("none".to_string(), |leader| leader.to_string())
+        );
+        let ms = |ms: Option<f64>| ms.map_or("none".to_string(), |ms| format!("{ms:.0} ms"));
+        let _ = writeln!(
+            out,
+            "  kill → a new leader takes writes: {} · → first outcome told by the new leader: {}",
+            ms(self.new_leader_after_ms),
+            ms(self.first_outcome_after_ms),
+        );
+        let _ = writeln!(
+            out,
+            "  {} halves resubmitted · {} phone connections moved",
+            thousands(self.resubmitted_halves),
+            thousands(self.reconnects)
+        );
+        let _ = writeln!(
+            out,
+            "  {} of {} outcomes phones were told found exactly so on the new leader{}",
+            thousands(self.told_found),
+            thousands(self.told_outcomes),
+            if self.restarted {
+                "; the killed replica restarted and caught up (see audit)"
+            } else {
+                ""
+            }
+        );
+        for problem in &self.problems {
+            let _ = writeln!(out, "    {problem}");
+        }
+        out
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "killed_replica": self.killed_replica,
+            "killed_at_seconds": self.killed_at_seconds,
+            "new_leader": self.new_leader,
+            "new_leader_after_ms": self.new_leader_after_ms,
+            "first_outcome_after_ms": self.first_outcome_after_ms,
+            "resubmitted_halves": self.resubmitted_halves,
+            "reconnects": self.reconnects,
+            "restarted": self.restarted,
+            "told_outcomes": self.told_outcomes,
+            "told_found": self.told_found,
+            "problems": self.problems,
+        })
     }
 }
 
@@ -146,8 +236,12 @@ pub struct SwarmReport {
     pub balances_checked: u64,
     pub balance_mismatches: u64,
     pub balance_mismatch_examples: Vec<String>,
-    /// The embedded node's audit; `None` against a remote node.
+    /// The embedded cluster's audit; `None` against a remote one.
     pub audit: Option<AuditSummary>,
+    /// Replicas of the embedded cluster (0 for a remote one).
+    pub replicas: usize,
+    /// The leader kill, when the run made one.
+    pub failover: Option<FailoverReport>,
     pub notes: Vec<String>,
 }
 
@@ -178,8 +272,19 @@ impl SwarmReport {
             ));
         }
         if let Some(audit) = &self.audit {
-            for problem in audit.report.problems.iter().chain(&audit.count_problems) {
+            for problem in audit
+                .report
+                .problems
+                .iter()
+                .chain(&audit.count_problems)
+                .chain(&audit.replica_problems)
+            {
                 failures.push(format!("audit: {problem}"));
+            }
+        }
+        if let Some(failover) = &self.failover {
+            for problem in &failover.problems {
+                failures.push(format!("failover: {problem}"));
             }
         }
         failures
@@ -333,6 +438,28 @@ impl SwarmReport {
                 for problem in report.problems.iter().chain(&audit.count_problems) {
                     let _ = writeln!(out, "    {problem}");
                 }
+                if audit.replicas.len() > 1 {
+                    let lines: Vec<String> = audit
+                        .replicas
+                        .iter()
+                        .map(|(id, applied, ok)| {
+                            format!(
+                                "replica {id} applied {} {}",
+                                applied.map_or("-".to_string(), |index| index.to_string()),
+                                if *ok { "ok" } else { "FAILED" }
+                            )
+                        })
+                        .collect();
+                    let same = if audit.replica_problems.is_empty() {
+                        ", identical ledgers"
+                    } else {
+                        ""
+                    };
+                    let _ = writeln!(out, "  replicas: {}{same}", lines.join(" · "));
+                    for problem in &audit.replica_problems {
+                        let _ = writeln!(out, "    {problem}");
+                    }
+                }
             }
             None => {
                 let _ = writeln!(
@@ -340,6 +467,9 @@ impl SwarmReport {
                     "audit: not available over the wire; run `tapledger-node audit` on the node"
                 );
             }
+        }
+        if let Some(failover) = &self.failover {
+            out.push_str(&failover.render());
         }
         for note in &self.notes {
             let _ = writeln!(out, "note: {note}");
@@ -410,6 +540,10 @@ impl SwarmReport {
                 "user_balances_total": audit.report.user_balances_total.to_string(),
                 "problems": audit.report.problems,
                 "count_problems": audit.count_problems,
+                "replicas": audit.replicas.iter().map(|(id, applied, ok)| json!({
+                    "id": id, "applied_index": applied, "ok": ok,
+                })).collect::<Vec<_>>(),
+                "replica_problems": audit.replica_problems,
             })
         });
         json!({
@@ -440,6 +574,8 @@ impl SwarmReport {
             "balance_mismatches": self.balance_mismatches,
             "balance_mismatch_examples": self.balance_mismatch_examples,
             "audit": audit,
+            "replicas": self.replicas,
+            "failover": self.failover.as_ref().map(FailoverReport::to_json),
             "cpu": self.cpu.to_json(self.settled),
             "timeline_bucket_seconds": TIMELINE_BUCKET.as_secs_f64(),
             "timeline": timeline,

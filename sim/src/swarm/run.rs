@@ -126,8 +126,7 @@ impl CpuSplit {
             ..CpuSplit::default()
         };
         for (name, times) in &usage.by_name {
-            let is_node = name.starts_with(super::target::NODE_THREAD_NAME)
-                || name.starts_with("tapledger-commi");
+            let is_node = name.starts_with(super::target::NODE_THREAD_PREFIX);
             if is_node {
                 split.node_ns += times.run_ns;
             } else {
