@@ -25,7 +25,7 @@ use tapledger_protocol::{
 };
 use tokio::sync::mpsc;
 
-use crate::config::KEEP_ALIVE_INTERVAL;
+use crate::config::{CLIENT_IDLE_TIMEOUT, KEEP_ALIVE_INTERVAL};
 use crate::tls;
 
 /// How long [`ClientEndpoint::connect_leader`] gives one replica to
@@ -256,7 +256,13 @@ fn pinned_config(pinned: Fingerprint) -> Result<quinn::ClientConfig, ClientError
         tls::client_crypto(pinned).map_err(|error| ClientError::Connect(error.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
+    transport
+        .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
+        .max_idle_timeout(Some(
+            CLIENT_IDLE_TIMEOUT
+                .try_into()
+                .expect("idle timeout fits QUIC's range"),
+        ));
     config.transport_config(Arc::new(transport));
     Ok(config)
 }

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tapledger_protocol::{
-    AUTH_FAILURES_PER_CONNECTION_MAX_DEFAULT, IDLE_TIMEOUT_MS_DEFAULT,
-    KEEP_ALIVE_INTERVAL_MS_DEFAULT, REQUESTS_IN_FLIGHT_MAX_DEFAULT,
+    AUTH_FAILURES_PER_CONNECTION_MAX_DEFAULT, CLIENT_IDLE_TIMEOUT_MS_DEFAULT,
+    IDLE_TIMEOUT_MS_DEFAULT, KEEP_ALIVE_INTERVAL_MS_DEFAULT, REQUESTS_IN_FLIGHT_MAX_DEFAULT,
     STREAMS_PER_CONNECTION_MAX_DEFAULT,
 };
 
@@ -109,6 +109,10 @@ pub const BAD_FRAMES_PER_CONNECTION_MAX_DEFAULT: u32 = 64;
 
 /// Interval at which clients send QUIC keep-alives (below the idle timeout).
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_millis(KEEP_ALIVE_INTERVAL_MS_DEFAULT);
+
+/// The idle timeout the client asks for: how soon it gives up on a replica
+/// that went silent.
+pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_millis(CLIENT_IDLE_TIMEOUT_MS_DEFAULT);
 
 /// Everything `run` needs besides the data directory's files.
 #[derive(Clone)]

@@ -411,10 +411,9 @@ impl Settings {
                 "connections_max and streams_per_connection_max must be at least 1".into(),
             ));
         }
-        if run.heartbeat_ms == 0 || run.election_timeout_ms < 3 * run.heartbeat_ms {
+        if run.heartbeat_ms == 0 || run.election_timeout_ms <= run.heartbeat_ms {
             return Err(SettingsError::Invalid(
-                "heartbeat_ms must be at least 1 and election_timeout_ms at least 3 times it"
-                    .into(),
+                "heartbeat_ms must be at least 1 and election_timeout_ms above it".into(),
             ));
         }
         if run.snapshot_after_entries == 0 {

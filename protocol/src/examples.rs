@@ -14,7 +14,7 @@ use crate::domain::{
 use crate::error_code::ErrorCode;
 use crate::frame::encode_frame_to_vec;
 use crate::messages::{
-    ClientMessage, HistoryEntry, HistoryKind, NodeMessage, OutcomeReport, QueryStatus,
+    ClientMessage, HistoryEntry, HistoryKind, LeaderRef, NodeMessage, OutcomeReport, QueryStatus,
 };
 
 /// The payment every example talks about: account 1 (Alice, iOS) pays 25.00
@@ -248,6 +248,16 @@ pub fn node_examples() -> Vec<(&'static str, NodeMessage)> {
         (
             "error: a request before authenticate",
             NodeMessage::error(Some(4), ErrorCode::NotAuthenticated, ""),
+        ),
+        (
+            "error: this replica is not the leader, which is replica 2",
+            NodeMessage::not_leader(
+                Some(5),
+                Some(LeaderRef {
+                    id: 2,
+                    addr: "127.0.0.1:7444".to_string(),
+                }),
+            ),
         ),
     ]
 }

@@ -81,5 +81,11 @@ pub const AUTH_FAILURES_PER_CONNECTION_MAX_DEFAULT: u32 = 3;
 pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 30_000;
 
 /// How often a client should send QUIC keep-alives (well under the idle
-/// timeout), so that a phone waiting for an outcome keeps its connection.
-pub const KEEP_ALIVE_INTERVAL_MS_DEFAULT: u64 = 10_000;
+/// timeouts), so that a phone waiting for an outcome keeps its connection.
+pub const KEEP_ALIVE_INTERVAL_MS_DEFAULT: u64 = 1_000;
+
+/// The idle timeout a client should ask for (QUIC takes the smaller of the
+/// two peers'): a replica that died without a word (power, SIGKILL) sends no
+/// close, and its phones notice only when nothing has come back for this
+/// long; then they reconnect to the new leader.
+pub const CLIENT_IDLE_TIMEOUT_MS_DEFAULT: u64 = 3_000;

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use tapledger_sim::bench::cluster::{self, ClusterBenchConfig};
 use tapledger_sim::bench::core::{self, CoreBenchConfig, HalvesMode};
 use tapledger_sim::swarm::actions::{self, GivenAccount, PayRequest};
 use tapledger_sim::swarm::config::EMBEDDED_HALF_TTL;
@@ -311,6 +312,18 @@ struct CoreArgs {
     /// No phases or progress bar on stderr.
     #[arg(long)]
     quiet: bool,
+    /// Replicas: 1 is the ledger alone; more runs the same workload on one
+    /// replica and then on an embedded cluster of this many (QUIC on
+    /// loopback), and measures failover by killing the leader.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// With --replicas above 1: leader kills in the failover phase (0 skips it).
+    #[arg(long, default_value_t = 10)]
+    kills: usize,
+    /// With --replicas above 1: background payments in flight while the
+    /// leader is killed.
+    #[arg(long, default_value_t = 64)]
+    failover_in_flight: usize,
 }
 
 fn main() -> ExitCode {
@@ -387,14 +400,26 @@ fn bench_core(args: CoreArgs) -> anyhow::Result<ExitCode> {
         runtime.worker_threads(workers);
     }
     let runtime = runtime.build().context("cannot start the tokio runtime")?;
-    let report = runtime.block_on(core::run(&config))?;
-    print!("{}", report.render());
+    let (rendered, json, failures) = if args.replicas > 1 {
+        let config = ClusterBenchConfig {
+            core: config,
+            replicas: args.replicas,
+            kills: args.kills,
+            failover_in_flight: args.failover_in_flight,
+        };
+        let report = runtime.block_on(cluster::run(&config))?;
+        (report.render(), report.to_json(), report.failures())
+    } else {
+        let report = runtime.block_on(core::run(&config))?;
+        (report.render(), report.to_json(), report.failures())
+    };
+    print!("{rendered}");
     if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&report.to_json())?;
+        let json = serde_json::to_string_pretty(&json)?;
         std::fs::write(path, json + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    Ok(if report.failures().is_empty() {
+    Ok(if failures.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

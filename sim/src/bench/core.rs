@@ -561,8 +561,36 @@ impl CoreBenchReport {
     }
 }
 
+/// The raw rates of the run's directory, measured once per run so that
+/// every figure is read against the same disk.
+#[derive(Clone, Copy, Debug)]
+pub struct DiskProbes {
+    pub fsync: Rate,
+    pub redb_commit: Rate,
+    pub write_bandwidth: Rate,
+}
+
 /// Runs the benchmark on the current (multi-threaded) tokio runtime.
 pub async fn run(config: &CoreBenchConfig) -> anyhow::Result<CoreBenchReport> {
+    let (parent, work_dir) = prepare(config)?;
+    phase(config, "measuring the disk (fdatasync, redb commits)...");
+    let disk = probe_disk(work_dir.path(), config.probe).await?;
+    let ledger = Arc::new(
+        Ledger::open(ledger_config(config, work_dir.path()))
+            .await
+            .context("cannot open the ledger")?,
+    );
+    let report = measure(config, &ledger, &parent, disk).await?;
+    match Arc::try_unwrap(ledger) {
+        Ok(ledger) => ledger.close().await,
+        Err(_) => bail!("the ledger is still shared after every task ended"),
+    }
+    Ok(report)
+}
+
+/// Checks the configuration and makes the run's temporary directory: returns
+/// its parent (what the report names) and the directory.
+pub fn prepare(config: &CoreBenchConfig) -> anyhow::Result<(PathBuf, tempfile::TempDir)> {
     if config.accounts < 2 {
         bail!("--accounts must be at least 2 (a payment needs two parties)");
     }
@@ -582,20 +610,26 @@ pub async fn run(config: &CoreBenchConfig) -> anyhow::Result<CoreBenchReport> {
         .prefix("tapledger-bench-")
         .tempdir_in(&parent)
         .with_context(|| format!("cannot create a directory in {}", parent.display()))?;
-    let phase = |text: &str| {
-        if config.progress {
-            eprintln!("{text}");
-        }
-    };
+    Ok((parent, work_dir))
+}
 
-    phase("measuring the disk (fdatasync, redb commits)...");
-    let (fsync, redb_commit, write_bandwidth) = probe_disk(work_dir.path(), config.probe).await?;
+/// A phase of the run on stderr, unless the run is quiet.
+pub(crate) fn phase(config: &CoreBenchConfig, text: &str) {
+    if config.progress {
+        eprintln!("{text}");
+    }
+}
 
-    let ledger = Arc::new(
-        Ledger::open(ledger_config(config, work_dir.path()))
-            .await
-            .context("cannot open the ledger")?,
-    );
+/// The measured part of the run on an open ledger (a replica that leads, for
+/// a cluster): opens the accounts, starts their actors, settles the
+/// payments, audits. `dir` is what the report names as the directory.
+pub async fn measure(
+    config: &CoreBenchConfig,
+    ledger: &Arc<Ledger>,
+    dir: &Path,
+    disk: DiskProbes,
+) -> anyhow::Result<CoreBenchReport> {
+    let phase = |text: &str| phase(config, text);
     phase(&format!(
         "opening {} accounts...",
         thousands(config.accounts)
@@ -605,7 +639,7 @@ pub async fn run(config: &CoreBenchConfig) -> anyhow::Result<CoreBenchReport> {
     let open_accounts_seconds = open_started.elapsed().as_secs_f64();
 
     phase("starting one account actor per account...");
-    let actor_memory = start_account_actors(&ledger, &accounts).await?;
+    let actor_memory = start_account_actors(ledger, &accounts).await?;
 
     let workload = Arc::new(Workload {
         seed: config.seed,
@@ -622,7 +656,7 @@ pub async fn run(config: &CoreBenchConfig) -> anyhow::Result<CoreBenchReport> {
     let stats_before = ledger.stats().await;
     let threads_before = threads::Snapshot::take();
     let started = Instant::now();
-    let tally = pay_all(&ledger, &workload, config.concurrency, config.progress).await?;
+    let tally = pay_all(ledger, &workload, config.concurrency, config.progress).await?;
     let seconds = started.elapsed().as_secs_f64();
     let usage = threads_before.usage_until(&threads::Snapshot::take());
     let stats_after = ledger.stats().await;
@@ -635,10 +669,6 @@ pub async fn run(config: &CoreBenchConfig) -> anyhow::Result<CoreBenchReport> {
         on_named_thread("bench-audit", move || ledger.audit()).await??
     };
     let peak_rss_bytes = memory::peak_rss_bytes();
-    match Arc::try_unwrap(ledger) {
-        Ok(ledger) => ledger.close().await,
-        Err(_) => bail!("the ledger is still shared after every task ended"),
-    }
 
     Ok(CoreBenchReport {
         payments: config.payments,
@@ -648,7 +678,7 @@ pub async fn run(config: &CoreBenchConfig) -> anyhow::Result<CoreBenchReport> {
         runtime_workers: tokio::runtime::Handle::current().metrics().num_workers(),
         seed: config.seed,
         halves: config.halves,
-        dir: parent,
+        dir: dir.to_owned(),
         open_accounts_seconds,
         settled: tally.settled,
         rejected: tally.rejected,
@@ -661,9 +691,9 @@ pub async fn run(config: &CoreBenchConfig) -> anyhow::Result<CoreBenchReport> {
         latency: LatencySummary::of(&tally.latency_us),
         commits: stats_after.commits - stats_before.commits,
         intents_committed: stats_after.intents_committed - stats_before.intents_committed,
-        fsync,
-        redb_commit,
-        write_bandwidth,
+        fsync: disk.fsync,
+        redb_commit: disk.redb_commit,
+        write_bandwidth: disk.write_bandwidth,
         usage,
         cpus: std::thread::available_parallelism().map_or(1, usize::from),
         peak_rss_bytes,
@@ -680,27 +710,36 @@ pub async fn run(config: &CoreBenchConfig) -> anyhow::Result<CoreBenchReport> {
 /// halves per account no lower than the payments in flight. With many
 /// payments in flight among few accounts the default cap (64) would refuse a
 /// first half with 800, and its partner would then wait out the whole TTL.
-fn ledger_config(config: &CoreBenchConfig, dir: &Path) -> LedgerConfig {
+pub(crate) fn ledger_config(config: &CoreBenchConfig, dir: &Path) -> LedgerConfig {
     let mut ledger_config = LedgerConfig::new(dir.join("ledger.redb"));
+    tune_ledger(config, &mut ledger_config);
+    ledger_config
+}
+
+/// What [`ledger_config`] changes from the defaults, for a ledger configured
+/// elsewhere (a cluster's replicas).
+pub fn tune_ledger(config: &CoreBenchConfig, ledger_config: &mut LedgerConfig) {
     ledger_config.matcher_shards = config.shards;
     let in_flight = u32::try_from(config.concurrency).unwrap_or(u32::MAX);
     ledger_config.pending_halves_per_account_max =
         ledger_config.pending_halves_per_account_max.max(in_flight);
-    ledger_config
 }
 
-async fn probe_disk(dir: &Path, duration: Duration) -> anyhow::Result<(Rate, Rate, Rate)> {
+/// Measures the raw rates of `dir`'s disk, each for `duration`.
+pub async fn probe_disk(dir: &Path, duration: Duration) -> anyhow::Result<DiskProbes> {
     let dir = dir.to_owned();
-    on_named_thread(
-        "bench-disk-probe",
-        move || -> anyhow::Result<(Rate, Rate, Rate)> {
-            let fsync = hardware::fdatasync_rate(&dir, duration).context("fdatasync probe")?;
-            let redb = hardware::redb_commit_rate(&dir, duration).context("redb commit probe")?;
-            let bandwidth =
-                hardware::write_bandwidth(&dir, duration / 2).context("write bandwidth probe")?;
-            Ok((fsync, redb, bandwidth))
-        },
-    )
+    on_named_thread("bench-disk-probe", move || -> anyhow::Result<DiskProbes> {
+        let fsync = hardware::fdatasync_rate(&dir, duration).context("fdatasync probe")?;
+        let redb_commit =
+            hardware::redb_commit_rate(&dir, duration).context("redb commit probe")?;
+        let write_bandwidth =
+            hardware::write_bandwidth(&dir, duration / 2).context("write bandwidth probe")?;
+        Ok(DiskProbes {
+            fsync,
+            redb_commit,
+            write_bandwidth,
+        })
+    })
     .await?
 }
 
@@ -724,7 +763,7 @@ async fn on_named_thread<T: Send + 'static>(
 
 /// Opens `count` accounts, many at once so their commits batch. Returns their
 /// ids in ascending order.
-async fn open_accounts(
+pub(crate) async fn open_accounts(
     ledger: &Arc<Ledger>,
     count: u64,
     opening_balance: u64,
@@ -795,12 +834,12 @@ async fn start_account_actors(
 
 /// The seeded payments. Payment `index` depends only on the seed and the
 /// index, so the workload is the same whatever the task scheduling.
-struct Workload {
-    seed: u64,
-    payments: u64,
-    accounts: Vec<AccountId>,
-    amount_max: u64,
-    halves: HalvesMode,
+pub(crate) struct Workload {
+    pub(crate) seed: u64,
+    pub(crate) payments: u64,
+    pub(crate) accounts: Vec<AccountId>,
+    pub(crate) amount_max: u64,
+    pub(crate) halves: HalvesMode,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -815,7 +854,7 @@ pub struct Payment {
 }
 
 impl Workload {
-    fn payment(&self, index: u64) -> Payment {
+    pub(crate) fn payment(&self, index: u64) -> Payment {
         payment(self.seed, index, &self.accounts, self.amount_max)
     }
 }
@@ -948,9 +987,9 @@ impl Tally {
 }
 
 /// What the two phones of one payment heard.
-struct Paid {
-    send: Result<Resolution, LedgerError>,
-    receive: Result<Resolution, LedgerError>,
+pub(crate) struct Paid {
+    pub(crate) send: Result<Resolution, LedgerError>,
+    pub(crate) receive: Result<Resolution, LedgerError>,
     /// From the second half's submission to its outcome.
     latency: Duration,
     /// The first half was written to storage as pending (its partner did not
@@ -1034,7 +1073,7 @@ async fn pay_all(
 
 /// Both phones of one payment submit their halves, and each waits for its
 /// resolution.
-async fn pay(ledger: &Ledger, payment: &Payment, halves: HalvesMode) -> Paid {
+pub(crate) async fn pay(ledger: &Ledger, payment: &Payment, halves: HalvesMode) -> Paid {
     let send = (payment.sender, payment.send_half());
     let receive = (payment.receiver, payment.receive_half());
     let (first, second) = if payment.send_first {
@@ -1093,7 +1132,7 @@ async fn resolution_of(
     submission?.resolution().await
 }
 
-fn per(numerator: f64, denominator: f64) -> f64 {
+pub(crate) fn per(numerator: f64, denominator: f64) -> f64 {
     if denominator > 0.0 {
         numerator / denominator
     } else {
@@ -1113,7 +1152,7 @@ fn thousands(value: u64) -> String {
     out
 }
 
-fn micros(value: u64) -> String {
+pub(crate) fn micros(value: u64) -> String {
     if value >= 10_000 {
         format!("{:.1} ms", value as f64 / 1_000.0)
     } else {

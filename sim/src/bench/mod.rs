@@ -2,6 +2,7 @@
 //! [`hardware`] and [`memory`] measure the machine the figures should be read
 //! against.
 
+pub mod cluster;
 pub mod core;
 pub mod hardware;
 pub mod memory;

@@ -118,12 +118,27 @@ impl EmbeddedCluster {
         replicas: usize,
         step_timeout: Duration,
     ) -> anyhow::Result<(EmbeddedCluster, Secret)> {
+        EmbeddedCluster::start_in(&std::env::temp_dir(), replicas, step_timeout, |config| {
+            config.ledger.half_ttl = half_ttl
+        })
+        .await
+    }
+
+    /// Like [`EmbeddedCluster::start`], with the data directories in a
+    /// temporary directory under `parent` and each replica's settings
+    /// adjusted by `tune`.
+    pub async fn start_in(
+        parent: &std::path::Path,
+        replicas: usize,
+        step_timeout: Duration,
+        tune: impl Fn(&mut NodeConfig),
+    ) -> anyhow::Result<(EmbeddedCluster, Secret)> {
         if !(1..=9).contains(&replicas) {
             bail!("--replicas must be 1 to 9");
         }
         let dir = tempfile::Builder::new()
             .prefix("tapledger-sim-")
-            .tempdir()
+            .tempdir_in(parent)
             .context("cannot create a temporary data directory")?;
         let loopback: SocketAddr = "127.0.0.1:0".parse().expect("literal");
         let mut sockets = Vec::with_capacity(replicas);
@@ -154,8 +169,8 @@ impl EmbeddedCluster {
             sockets.into_iter().zip(initialised).enumerate()
         {
             let mut config = NodeConfig::new(dirs[index].path(), phones.local_addr()?);
-            config.ledger.half_ttl = half_ttl;
             config.peer_listen = Some(peers.local_addr()?);
+            tune(&mut config);
             members.push((
                 EmbeddedReplica {
                     id: index as u64 + 1,
