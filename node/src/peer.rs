@@ -376,15 +376,15 @@ impl PeerClient {
         let answer = match tokio::time::timeout(ttl, exchange).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(reason)) => {
-                // The connection may be broken: the next call dials afresh.
-                self.shared
-                    .connections
-                    .lock()
-                    .expect("connections lock")
-                    .remove(&self.target);
+                self.forget(&connection);
                 return Err(RPCError::Network(NetworkError::new(&self.failure(reason))));
             }
             Err(_) => {
+                // Either the peer is slow or the connection leads nowhere: a
+                // peer that crashed and restarted on the same port does not
+                // know this connection, and QUIC would notice only at the
+                // idle timeout. Dial afresh next time rather than wait.
+                self.forget(&connection);
                 return Err(RPCError::Network(NetworkError::new(
                     &self.failure(format!("no answer within {ttl:?}")),
                 )));
@@ -395,6 +395,19 @@ impl PeerClient {
                 &self.failure(format!("undecodable answer: {error}")),
             ))
         })
+    }
+
+    /// Drops the cached connection to this peer if it is still `connection`
+    /// (another call may have replaced it already). Calls still using it
+    /// finish on it; it closes when the last of them lets go.
+    fn forget(&self, connection: &quinn::Connection) {
+        let mut connections = self.shared.connections.lock().expect("connections lock");
+        if connections
+            .get(&self.target)
+            .is_some_and(|cached| cached.stable_id() == connection.stable_id())
+        {
+            connections.remove(&self.target);
+        }
     }
 
     fn remote<E: std::error::Error>(&self, error: RaftError<ReplicaId, E>) -> RpcError<E> {

@@ -128,13 +128,15 @@ settings_layer! {
         #[arg(long, env = "TAPLEDGER_ACCOUNT_IDLE_SECS", value_name = "SECS", help_heading = "Ledger")]
         account_idle_secs: f64 = tapledger_actors::ACCOUNT_IDLE_DEFAULT.as_secs_f64();
         /// Milliseconds between the leader's heartbeats; also how long a
-        /// follower has to answer the leader (openraft). [default: 250]
+        /// follower has to answer the leader (openraft): raise it on slow
+        /// disks or busy machines. [default: 100]
         #[arg(long, env = "TAPLEDGER_HEARTBEAT_MS", value_name = "MS", help_heading = "Replication")]
         heartbeat_ms: u64 = ReplicationConfig::default().heartbeat.as_millis() as u64;
         /// A follower that hears no leader for a random time between this and
         /// its maximum (about 1.5 times this), plus that maximum again
-        /// (openraft's leader lease), starts an election: 660 to 800 ms by
-        /// default. Must be above heartbeat_ms. [default: 260]
+        /// (openraft's leader lease), starts an election: about 280 to 340 ms
+        /// by default (checked every 1.5 heartbeats). Must be above
+        /// heartbeat_ms. [default: 110]
         #[arg(long, env = "TAPLEDGER_ELECTION_TIMEOUT_MS", value_name = "MS", help_heading = "Replication")]
         election_timeout_ms: u64 = ReplicationConfig::default().election_timeout.0.as_millis() as u64;
         /// Log entries between snapshots (each snapshot compacts the log).

@@ -171,7 +171,7 @@ async fn measure_cluster(
     parent: &Path,
     disk: core::DiskProbes,
 ) -> anyhow::Result<ClusterPhases> {
-    let leader_index = cluster.wait_leader(STEP_TIMEOUT).await?;
+    let leader_index = cluster.wait_settled(STEP_TIMEOUT).await?;
     let leader = cluster.replica_id(leader_index);
     let ledger = cluster
         .ledger(leader_index)
@@ -345,7 +345,13 @@ async fn kill_round(
     let killed_index = cluster.wait_leader(STEP_TIMEOUT).await?;
     let killed = cluster.replica_id(killed_index);
     let killed_at = Instant::now();
-    cluster.kill(killed_index).await?;
+    // The kill cuts the replica off at once (its endpoints close) but may
+    // take a moment to finish while payments still hold its ledger; the
+    // successor is looked for meanwhile.
+    let killing = {
+        let cluster = cluster.clone();
+        tokio::spawn(async move { cluster.kill(killed_index).await })
+    };
     let mut serving = None;
     let (successor, first_settlement) = loop {
         if killed_at.elapsed() > FAILOVER_LIMIT {
@@ -378,6 +384,7 @@ async fn kill_round(
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
     let (successor_index, serving) = successor;
+    killing.await.context("the kill task")??;
     tokio::time::sleep(DOWN_FOR.saturating_sub(killed_at.elapsed())).await;
     restart(cluster, killed_index).await?;
     let restarted_at = Instant::now();

@@ -64,6 +64,8 @@ pub const NODE_THREAD_PREFIX: &str = "node-rt";
 const AUDIT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Bound on closing one connection.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Between the starts of two replicas of the embedded cluster.
+const START_STAGGER: Duration = Duration::from_millis(97);
 /// How long a killed replica's ports may take to be free again.
 const REBIND_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -199,10 +201,17 @@ impl EmbeddedCluster {
             .replicas
             .iter()
             .zip(sockets)
-            .map(|(replica, (phones, peers))| start_replica(replica, phones, peers))
+            .enumerate()
+            .map(|(index, (replica, (phones, peers)))| async move {
+                // Replicas on separate machines never start in the same
+                // millisecond; started together, their Raft timers would
+                // tick in step and their elections collide (split votes).
+                tokio::time::sleep(START_STAGGER * index as u32).await;
+                start_replica(replica, phones, peers).await
+            })
             .collect();
-        // Every replica starts at once: a cluster of several elects a leader
-        // only once a majority runs.
+        // Every replica starts at about once: a cluster of several elects a
+        // leader only once a majority runs.
         let started = tokio::time::timeout(step_timeout * 3, futures_join_all(starting))
             .await
             .map_err(|_| {
@@ -214,8 +223,36 @@ impl EmbeddedCluster {
         for (replica, running) in cluster.replicas.iter().zip(started) {
             *replica.running.lock().await = Some(running?);
         }
-        cluster.wait_leader(step_timeout * 3).await?;
+        cluster.wait_settled(step_timeout * 3).await?;
         Ok((cluster, admin))
+    }
+
+    /// Waits until some replica leads and every running replica follows it
+    /// in the same term (a replica that started late may first call an
+    /// election of its own).
+    pub async fn wait_settled(&self, limit: Duration) -> anyhow::Result<usize> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(index) = self.leader().await
+                && let Some(leader) = self.ledger(index).await
+            {
+                let status = leader.status();
+                let mut agree = true;
+                for other in 0..self.replicas.len() {
+                    if let Some(ledger) = self.ledger(other).await {
+                        let theirs = ledger.status();
+                        agree &= theirs.leader == Some(status.id) && theirs.term == status.term;
+                    }
+                }
+                if agree {
+                    return Ok(index);
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("the embedded cluster did not settle on one leader within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// How many replicas the cluster has (up or down).
