@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 
 use crate::account::{AccountMsg, Registry};
 use crate::committer::{CommitStats, Committer, CommitterArgs, Job, ReplyTo, Stop};
-use crate::core::matching::{MatcherConfig, PendingHalf};
+use crate::core::matching::{MatcherConfig, PendingCounts, PendingHalf};
 use crate::core::rules::HalfContext;
 use crate::error::LedgerError;
 use crate::expiry::{self, ExpiryActor, ExpiryArgs, ExpiryMsg};
@@ -80,15 +80,15 @@ impl LeaderServices {
         let registry = Registry::new(store.clone());
         let matcher_config = MatcherConfig {
             half_ttl_micros: u64::try_from(config.half_ttl.as_micros()).unwrap_or(u64::MAX),
-            pending_halves_per_account_max: (config.pending_halves_per_account_max
-                / config.matcher_shards as u32)
-                .max(1),
+            pending_halves_per_account_max: config.pending_halves_per_account_max,
         };
+        let pending_counts = Arc::new(PendingCounts::default());
         let mut matchers = Vec::with_capacity(config.matcher_shards);
         for (shard, restored) in restored.into_iter().enumerate() {
             let args = MatcherArgs {
                 shard,
                 config: matcher_config,
+                pending_counts: pending_counts.clone(),
                 restored,
                 commit_queue: commit_queue.clone(),
                 registry: registry.clone(),

@@ -356,9 +356,9 @@ impl Ledger {
         log: LogStore,
         setup: ReplicaSetup<N>,
     ) -> Result<Ledger, LedgerError> {
-        if config.matcher_shards == 0 {
+        if config.matcher_shards == 0 || config.pending_halves_per_account_max == 0 {
             return Err(LedgerError::Invalid(
-                "matcher_shards must be at least 1".into(),
+                "matcher_shards and pending_halves_per_account_max must be at least 1".into(),
             ));
         }
         let raft_config = Arc::new(config.replication.raft_config()?);

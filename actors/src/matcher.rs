@@ -14,7 +14,7 @@ use crate::account::{AccountMsg, Registry};
 use crate::clock::Clock;
 use crate::committer::{Job, MatcherResults, ReplyTo};
 use crate::core::matching::{
-    Effect, Matcher, MatcherConfig, PendingHalf, Persisted, Resolution, Waiter,
+    Effect, Matcher, MatcherConfig, PendingCounts, PendingHalf, Persisted, Resolution, Waiter,
 };
 use crate::core::rules::HalfContext;
 use crate::error::LedgerError;
@@ -109,6 +109,8 @@ pub struct MatcherActor;
 pub struct MatcherArgs {
     pub shard: usize,
     pub config: MatcherConfig,
+    /// Lone halves per account, shared by every shard.
+    pub pending_counts: Arc<PendingCounts>,
     pub restored: Vec<PendingHalf>,
     pub commit_queue: mpsc::Sender<Job>,
     pub registry: Arc<Registry>,
@@ -135,7 +137,7 @@ impl Actor for MatcherActor {
         _myself: ActorRef<MatcherMsg>,
         args: MatcherArgs,
     ) -> Result<MatcherState, ActorProcessingErr> {
-        let mut core = Matcher::new(args.config);
+        let mut core = Matcher::sharing(args.config, args.pending_counts);
         for pending in args.restored {
             core.restore(pending);
         }

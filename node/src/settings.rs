@@ -159,6 +159,10 @@ settings_layer! {
         /// Failed authentications before a connection is closed. [default: 3]
         #[arg(long, env = "TAPLEDGER_AUTH_FAILURES_MAX", value_name = "N", help_heading = "Limits")]
         auth_failures_max: u32 = AUTH_FAILURES_PER_CONNECTION_MAX_DEFAULT;
+        /// Malformed frames (errors 1000..=1003) one connection may send,
+        /// over all its streams, before it is closed with 1014. [default: 64]
+        #[arg(long, env = "TAPLEDGER_BAD_FRAMES_MAX", value_name = "N", help_heading = "Limits")]
+        bad_frames_max: u32 = crate::config::BAD_FRAMES_PER_CONNECTION_MAX_DEFAULT;
         /// Seconds of silence after which a connection is closed. [default: 30]
         #[arg(long, env = "TAPLEDGER_IDLE_TIMEOUT_SECS", value_name = "SECS", help_heading = "Limits")]
         idle_timeout_secs: f64 = IDLE_TIMEOUT_MS_DEFAULT as f64 / 1000.0;
@@ -398,9 +402,9 @@ impl Settings {
                 return Err(SettingsError::NotPositive { name, value });
             }
         }
-        if run.matcher_shards == 0 {
+        if run.matcher_shards == 0 || run.pending_halves_per_account_max == 0 {
             return Err(SettingsError::Invalid(
-                "matcher_shards must be at least 1".into(),
+                "matcher_shards and pending_halves_per_account_max must be at least 1".into(),
             ));
         }
         if run.max_amount == 0 {
@@ -423,9 +427,11 @@ impl Settings {
                 "snapshot_after_entries must be at least 1".into(),
             ));
         }
-        if run.requests_in_flight_max == 0 || run.auth_failures_max == 0 {
+        if run.requests_in_flight_max == 0 || run.auth_failures_max == 0 || run.bad_frames_max == 0
+        {
             return Err(SettingsError::Invalid(
-                "requests_in_flight_max and auth_failures_max must be at least 1".into(),
+                "requests_in_flight_max, auth_failures_max and bad_frames_max must be at least 1"
+                    .into(),
             ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.global.log)
@@ -459,6 +465,7 @@ impl Settings {
             streams_per_connection_max: run.streams_per_connection_max,
             requests_in_flight_max: run.requests_in_flight_max,
             auth_failures_max: run.auth_failures_max,
+            bad_frames_max: run.bad_frames_max,
             idle_timeout: Duration::from_secs_f64(run.idle_timeout_secs),
             first_request_timeout: Duration::from_secs_f64(run.first_request_timeout_secs),
             ..Limits::default()

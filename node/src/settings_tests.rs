@@ -65,6 +65,13 @@ fn bad_values_are_refused() {
     assert!(error.to_string().contains("half_ttl_secs"), "{error}");
     let file = FileSettings::parse("log = \"[[[\"\n", "node.toml").unwrap();
     assert!(Settings::resolve(GlobalLayer::default(), RunLayer::default(), file).is_err());
+    // Zero lone halves per account would refuse every first half (issue 12).
+    let file = FileSettings::parse("pending_halves_per_account_max = 0\n", "node.toml").unwrap();
+    let error = Settings::resolve(GlobalLayer::default(), RunLayer::default(), file).unwrap_err();
+    assert!(
+        error.to_string().contains("pending_halves_per_account_max"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -101,4 +108,16 @@ fn unspecified_addresses_are_reached_over_loopback() {
         settings.local_http_addr(),
         Some("[::1]:9464".parse().unwrap())
     );
+}
+
+#[test]
+fn bad_frames_max_is_a_setting_that_reaches_the_node() {
+    // PROTOCOL.md names it a node setting (issue 12: it was refused as unknown).
+    let file = FileSettings::parse("bad_frames_max = 10\n", "node.toml").unwrap();
+    let settings = Settings::resolve(GlobalLayer::default(), RunLayer::default(), file).unwrap();
+    assert_eq!(settings.node_config().limits.bad_frames_max, 10);
+    assert!(settings.to_toml().contains("bad_frames_max = 10"));
+    let zero = FileSettings::parse("bad_frames_max = 0\n", "node.toml").unwrap();
+    let error = Settings::resolve(GlobalLayer::default(), RunLayer::default(), zero).unwrap_err();
+    assert!(error.to_string().contains("bad_frames_max"), "{error}");
 }

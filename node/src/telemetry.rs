@@ -227,6 +227,12 @@ fn describe() {
     }
     metrics::counter!(HALF_REFUSALS, "code" => RejectCode::SelfPayment.code().to_string())
         .increment(0);
+    // Every documented series exists from the start, so that dashboards and
+    // alerts see zeros on a fresh node rather than nothing.
+    for result in ["pending", "decided", "refused"] {
+        let _ = metrics::histogram!(HALF_DURABLE_SECONDS, "result" => result);
+    }
+    metrics::gauge!(COMMIT_BATCH_MEAN).set(0.0);
     for kind in ["opening", "top_up"] {
         metrics::counter!(FUNDINGS, "kind" => kind).increment(0);
     }

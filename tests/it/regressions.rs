@@ -934,6 +934,59 @@ async fn received_money_is_spendable_as_soon_as_the_outcome_is_heard() {
 /// settle a payment, restart, let Alice have one lone half waiting, then
 /// replay her recorded half.
 ///
+/// Issue 12: the cap on lone halves is a bound on the account, whatever the
+/// shard count. Failed before the fix: each of 4 shards allowed one lone
+/// half of a cap of 2 (2 / 4, raised to 1), so Alice got 4 waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn code_800_caps_the_account_across_every_matcher_shard() {
+    const SHARDS: u128 = 4;
+    let (_dir, ledger) = temp_ledger(|config| {
+        config.pending_halves_per_account_max = 2;
+        config.matcher_shards = SHARDS as usize;
+    })
+    .await;
+    let ids = open_accounts(&ledger, &[1_000, 0]).await;
+    let (alice, bob) = (ids[0], ids[1]);
+    // One key per shard (a key's shard is its value modulo the shard count).
+    let keys: Vec<TxKey> = (0..SHARDS)
+        .map(|shard| TxKey::from_u128((TxKey::new_random().as_u128() / SHARDS) * SHARDS + shard))
+        .collect();
+    let first = submit_pending(&ledger, alice, send(keys[0], alice, 10)).await;
+    let _second = submit_pending(&ledger, alice, send(keys[1], alice, 10)).await;
+    for &key in &keys[2..] {
+        assert_eq!(
+            submit_done(&ledger, alice, send(key, alice, 10)).await,
+            refused(RejectCode::TooManyPending),
+            "a third lone half of Alice's, in another shard"
+        );
+        assert_untouched(&ledger, key);
+    }
+    // Settling one of them frees a place, in any shard.
+    let answer = submit_done(&ledger, bob, receive(keys[0], bob, alice, 10)).await;
+    assert!(final_outcome(&answer).is_settled());
+    assert_eq!(within(first.resolution()).await.unwrap(), answer);
+    let _third = submit_pending(&ledger, alice, send(keys[3], alice, 10)).await;
+    assert_eq!(
+        submit_done(&ledger, alice, send(keys[2], alice, 10)).await,
+        refused(RejectCode::TooManyPending)
+    );
+    within(ledger.close()).await;
+}
+
+/// Issue 12: a cap of zero lone halves would refuse every first half, so it
+/// is refused as a setting.
+#[tokio::test]
+async fn a_cap_of_zero_lone_halves_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = LedgerConfig::new(dir.path().join("ledger.redb"));
+    config.pending_halves_per_account_max = 0;
+    let error = Ledger::open(config).await.err().expect("refused");
+    assert!(
+        error.to_string().contains("pending_halves_per_account_max"),
+        "{error}"
+    );
+}
+
 /// Failed before the fix with `Refused(TooManyPending)`. Before the restart the
 /// same replay is answered from the matcher's in-memory `recent` outcomes;
 /// after it (or once an outcome has aged out of `recent`), `Matcher::submit`

@@ -275,8 +275,60 @@ impl<W> Entry<W> {
 #[derive(Clone, Copy, Debug)]
 pub struct MatcherConfig {
     pub half_ttl_micros: u64,
-    /// Lone halves one account may have waiting in this matcher.
+    /// Lone halves one account may have waiting, in every matcher sharing
+    /// one [`PendingCounts`] together.
     pub pending_halves_per_account_max: u32,
+}
+
+/// Lone halves waiting per account, shared by the matcher shards: the cap
+/// is on the account, whichever shards its halves' keys fall in.
+#[derive(Debug, Default)]
+pub struct PendingCounts(std::sync::Mutex<HashMap<AccountId, u32>>);
+
+impl PendingCounts {
+    /// Counts one more lone half for `party` if it has fewer than `max`.
+    fn try_add(&self, party: AccountId, max: u32) -> bool {
+        let mut counts = self.0.lock().expect("pending counts lock");
+        let count = counts.entry(party).or_insert(0);
+        if *count >= max {
+            if *count == 0 {
+                counts.remove(&party);
+            }
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    /// Counts a lone half that is waiting already (restored after a
+    /// restart), whatever the cap.
+    fn add(&self, party: AccountId) {
+        *self
+            .0
+            .lock()
+            .expect("pending counts lock")
+            .entry(party)
+            .or_insert(0) += 1;
+    }
+
+    fn remove(&self, party: AccountId) {
+        let mut counts = self.0.lock().expect("pending counts lock");
+        let count = counts.get_mut(&party).expect("pending count exists");
+        *count -= 1;
+        if *count == 0 {
+            counts.remove(&party);
+        }
+    }
+
+    /// Lone halves `party` has waiting.
+    pub fn of(&self, party: AccountId) -> u32 {
+        self.0
+            .lock()
+            .expect("pending counts lock")
+            .get(&party)
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 /// The pairing state of one matcher shard.
@@ -286,19 +338,28 @@ pub struct Matcher<W> {
     /// Lone halves by expiry time. Invariant: holds exactly the entries in
     /// phase `Waiting`, at their lone half's deadline.
     deadlines: BTreeSet<(Timestamp, TxKey)>,
-    /// Lone halves per account, counted against the per-account cap.
-    pending_per_account: HashMap<AccountId, u32>,
+    /// Lone halves per account, counted against the per-account cap
+    /// (shared with the other shards).
+    pending_per_account: std::sync::Arc<PendingCounts>,
     recent: HashMap<TxKey, Arc<Outcome>>,
     recent_order: VecDeque<TxKey>,
 }
 
 impl<W: Waiter> Matcher<W> {
+    /// A matcher whose lone halves are the only ones counted against the
+    /// per-account cap.
     pub fn new(config: MatcherConfig) -> Matcher<W> {
+        Matcher::sharing(config, std::sync::Arc::default())
+    }
+
+    /// A matcher that counts lone halves against the per-account cap
+    /// together with every other matcher sharing `counts`.
+    pub fn sharing(config: MatcherConfig, counts: std::sync::Arc<PendingCounts>) -> Matcher<W> {
         Matcher {
             config,
             entries: HashMap::new(),
             deadlines: BTreeSet::new(),
-            pending_per_account: HashMap::new(),
+            pending_per_account: counts,
             recent: HashMap::new(),
             recent_order: VecDeque::new(),
         }
@@ -432,8 +493,10 @@ impl<W: Waiter> Matcher<W> {
         decided: impl FnOnce(TxKey) -> Option<Arc<Outcome>>,
     ) -> Vec<Effect> {
         let party = half.party();
-        let waiting = self.pending_per_account.get(&party).copied().unwrap_or(0);
-        if waiting >= self.config.pending_halves_per_account_max {
+        if !self
+            .pending_per_account
+            .try_add(party, self.config.pending_halves_per_account_max)
+        {
             if let Some(outcome) = decided(half.tx_key()) {
                 waiter.finish(Ok(resolve_against(&outcome, &half)));
                 self.remember(half.tx_key(), outcome);
@@ -464,14 +527,22 @@ impl<W: Waiter> Matcher<W> {
                 )
             }
         };
-        self.add_waiting(tx_key, entry);
+        // Counted against the cap above already.
+        self.insert_waiting(tx_key, entry);
         vec![Effect::StorePending(pending)]
     }
 
+    /// Records a waiting entry and counts its lone half.
     fn add_waiting(&mut self, tx_key: TxKey, entry: Entry<W>) {
-        let (deadline, party) = entry.first_deadline_and_party(self.config.half_ttl_micros);
+        let (_, party) = entry.first_deadline_and_party(self.config.half_ttl_micros);
+        self.pending_per_account.add(party);
+        self.insert_waiting(tx_key, entry);
+    }
+
+    /// Records a waiting entry whose lone half is counted already.
+    fn insert_waiting(&mut self, tx_key: TxKey, entry: Entry<W>) {
+        let (deadline, _) = entry.first_deadline_and_party(self.config.half_ttl_micros);
         self.deadlines.insert((deadline, tx_key));
-        *self.pending_per_account.entry(party).or_insert(0) += 1;
         self.entries.insert(tx_key, entry);
     }
 
@@ -488,14 +559,7 @@ impl<W: Waiter> Matcher<W> {
     }
 
     fn uncount_pending(&mut self, party: AccountId) {
-        let count = self
-            .pending_per_account
-            .get_mut(&party)
-            .expect("pending count exists");
-        *count -= 1;
-        if *count == 0 {
-            self.pending_per_account.remove(&party);
-        }
+        self.pending_per_account.remove(party);
     }
 
     /// Both halves are present: decide what they say together, unless
