@@ -64,6 +64,7 @@ pub fn peer_transport() -> Arc<quinn::TransportConfig> {
     transport
         .max_concurrent_bidi_streams(1024u32.into())
         .max_concurrent_uni_streams(0u32.into())
+        .datagram_receive_buffer_size(None)
         .stream_receive_window((16u32 * 1024 * 1024).into())
         .receive_window((64u32 * 1024 * 1024).into())
         .send_window(64 * 1024 * 1024)

@@ -367,6 +367,8 @@ fn server_config(identity: &Identity, limits: &Limits) -> Result<quinn::ServerCo
     transport
         .max_concurrent_bidi_streams(limits.streams_per_connection_max.into())
         .max_concurrent_uni_streams(0u32.into())
+        // No datagrams (PROTOCOL.md section 2): not even advertised.
+        .datagram_receive_buffer_size(None)
         .stream_receive_window(limits.stream_receive_window_bytes.into())
         .receive_window(limits.connection_receive_window_bytes.into())
         .max_idle_timeout(Some(

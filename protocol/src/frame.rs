@@ -68,13 +68,19 @@ pub enum DecodeError {
     #[error("frame declares an empty body")]
     EmptyFrame,
     /// The body is not one MessagePack value within limits, or not a valid
-    /// message of a known type.
+    /// message of a known type. `request_id` is the body's, when it is a
+    /// map within the structural limits whose `request_id` is a u64.
     #[error("malformed message: {reason}")]
-    Malformed { reason: String, frame_bytes: usize },
+    Malformed {
+        reason: String,
+        request_id: Option<RequestId>,
+        frame_bytes: usize,
+    },
     /// The body's `type` is not a message this side accepts.
     #[error("unknown message type {type_name:?}")]
     UnknownMessage {
         type_name: String,
+        request_id: Option<RequestId>,
         frame_bytes: usize,
     },
     /// A well-formed message breaks a field limit.
@@ -112,8 +118,10 @@ impl DecodeError {
     /// The request id, when the message was readable enough to have one.
     pub const fn request_id(&self) -> Option<RequestId> {
         match self {
-            DecodeError::Invalid { request_id, .. } => *request_id,
-            _ => None,
+            DecodeError::Invalid { request_id, .. }
+            | DecodeError::Malformed { request_id, .. }
+            | DecodeError::UnknownMessage { request_id, .. } => *request_id,
+            DecodeError::FrameTooLarge { .. } | DecodeError::EmptyFrame => None,
         }
     }
 }
@@ -168,8 +176,10 @@ pub fn decode_frame<M: WireMessage>(buffer: &[u8]) -> Result<Option<(M, usize)>,
 /// `frame_bytes` is reported back in errors so the caller can skip the frame.
 pub fn decode_body<M: WireMessage>(body: &[u8], frame_bytes: usize) -> Result<M, DecodeError> {
     if let Err(error) = check_structure(body) {
+        // Not parsed any further: the body breaks the structural limits.
         return Err(DecodeError::Malformed {
             reason: error.to_string(),
+            request_id: None,
             frame_bytes,
         });
     }
@@ -187,8 +197,10 @@ pub fn decode_body<M: WireMessage>(body: &[u8], frame_bytes: usize) -> Result<M,
     Ok(message)
 }
 
-/// Tells an unknown `type` apart from a broken message of a known type.
-/// Runs only on the failure path, so the second parse costs nothing normally.
+/// Tells an unknown `type` apart from a broken message of a known type, and
+/// finds the body's `request_id` if it has a readable one, so that the
+/// error names its request. Runs only on the failure path (on a body that
+/// passed the structural scan), so the extra parses cost nothing normally.
 fn classify_failure<M: WireMessage>(
     body: &[u8],
     error: rmp_serde::decode::Error,
@@ -199,6 +211,17 @@ fn classify_failure<M: WireMessage>(
         #[serde(rename = "type")]
         type_name: String,
     }
+    #[derive(serde::Deserialize)]
+    struct RequestIdProbe {
+        request_id: RequestId,
+    }
+    // Only a map has named fields (an array would hand its first element
+    // to the probe's only field).
+    let is_map = matches!(body.first(), Some(0x80..=0x8f | 0xde | 0xdf));
+    let request_id = is_map
+        .then(|| rmp_serde::from_slice::<RequestIdProbe>(body).ok())
+        .flatten()
+        .map(|probe| probe.request_id);
     if let Ok(TypeProbe { mut type_name }) = rmp_serde::from_slice::<TypeProbe>(body)
         && !M::TYPE_NAMES.contains(&type_name.as_str())
     {
@@ -206,6 +229,7 @@ fn classify_failure<M: WireMessage>(
         truncate_to_char_boundary(&mut type_name, crate::limits::STRING_BYTES_MAX);
         return DecodeError::UnknownMessage {
             type_name,
+            request_id,
             frame_bytes,
         };
     }
@@ -213,6 +237,7 @@ fn classify_failure<M: WireMessage>(
     truncate_to_char_boundary(&mut reason, crate::limits::STRING_BYTES_MAX * 2);
     DecodeError::Malformed {
         reason,
+        request_id,
         frame_bytes,
     }
 }

@@ -127,6 +127,27 @@ fn protocol_md_shows_every_example_frame_byte_for_byte() {
 }
 
 #[test]
+fn protocol_md_shows_the_admin_credential_as_raw_bytes() {
+    // Issue 12: section 7.6 says how admin.key's hex text becomes the bytes on
+    // the wire, with a byte example; the example is the encoder's output.
+    let document = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../PROTOCOL.md"))
+        .expect("PROTOCOL.md at the repository root");
+    let file_text = "5a".repeat(32);
+    assert!(
+        document.contains(&format!("\n{file_text}\n")),
+        "the file's text"
+    );
+    let credential = Secret::new(unhex(&file_text));
+    let encoded = rmp_serde::to_vec(&credential).unwrap();
+    assert_eq!(encoded.len(), 34);
+    assert!(
+        document.contains(&hex_dump(&encoded)),
+        "PROTOCOL.md lacks the credential's bytes:\n{}",
+        hex_dump(&encoded)
+    );
+}
+
+#[test]
 fn every_prefix_of_a_frame_asks_for_more_bytes() {
     for (title, frame) in example_frames() {
         for cut in 0..frame.len() {
@@ -204,10 +225,13 @@ fn unknown_type_is_told_apart_from_a_broken_known_type() {
         error,
         DecodeError::UnknownMessage {
             type_name: "transfer_all".to_owned(),
+            request_id: Some(1),
             frame_bytes: body.len() + 4,
         }
     );
     assert_eq!(error.code(), ErrorCode::UnknownMessage);
+    // The error names its request (issue 12).
+    assert_eq!(error.request_id(), Some(1));
 
     // A node message sent to the node is unknown to it.
     let accepted = encode_frame_to_vec(&NodeMessage::Accepted {
@@ -321,6 +345,55 @@ fn example_dump_format_is_sixteen_bytes_a_line() {
 }
 
 /// Just enough of a dynamic MessagePack value to build odd test bodies.
+/// Issue 12: a request whose `request_id` can be read gets it back in its
+/// error, whatever else is wrong with it; a body that is not a map (or whose
+/// `request_id` is not a u64) gets nil.
+#[test]
+fn errors_name_the_request_whenever_its_id_is_readable() {
+    let submit = ClientMessage::SubmitHalf {
+        request_id: 7,
+        half: Half::Send(SendHalf {
+            amount: 5,
+            ..example_send_half()
+        }),
+    };
+    let good = rmp_serde::to_vec_named(&submit).unwrap();
+    // `amount` (a6 61 6d 6f 75 6e 74) followed by the positive fixint 5.
+    let key = b"\xa6amount\x05";
+    let at = good
+        .windows(key.len())
+        .position(|window| window == key)
+        .expect("the amount in the encoding")
+        + key.len()
+        - 1;
+    let replace = |value: &[u8]| {
+        let mut body = good[..at].to_vec();
+        body.extend_from_slice(value);
+        body.extend_from_slice(&good[at + 1..]);
+        body
+    };
+    let negative = replace(&[0xfb]); // -5
+    let float = replace(&[0xcb, 0x40, 0x14, 0, 0, 0, 0, 0, 0]); // 5.0
+    let string = replace(&[0xa1, b'5']); // "5"
+    for (what, body) in [("negative", negative), ("float", float), ("string", string)] {
+        let error = decode_frame::<ClientMessage>(&framed(&body)).unwrap_err();
+        assert_eq!(error.code(), ErrorCode::Malformed, "{what}");
+        assert_eq!(error.request_id(), Some(7), "{what} amount: {error:?}");
+    }
+    // A request id that is not a u64 cannot be named.
+    let unnamed = rmp_serde::to_vec_named(&std::collections::BTreeMap::from([
+        ("request_id", rmpv_like::Value::Text("seven")),
+        ("type", rmpv_like::Value::Text("balance")),
+    ]))
+    .unwrap();
+    let error = decode_frame::<ClientMessage>(&framed(&unnamed)).unwrap_err();
+    assert_eq!(error.request_id(), None, "{error:?}");
+    // Nor can an array's first element be taken for one.
+    let array = rmp_serde::to_vec(&(9u64, "balance")).unwrap();
+    let error = decode_frame::<ClientMessage>(&framed(&array)).unwrap_err();
+    assert_eq!(error.request_id(), None, "{error:?}");
+}
+
 mod rmpv_like {
     #[derive(serde::Serialize)]
     #[serde(untagged)]

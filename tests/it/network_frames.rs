@@ -118,7 +118,8 @@ async fn malformed_bodies_get_1000_and_the_stream_continues() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_message_type_gets_1002_and_the_stream_continues() {
     // Goal: a well-formed map whose `type` no client may send (including a
-    // node message type) is answered 1002; the stream goes on.
+    // node message type) is answered 1002 naming its request_id (issue 12);
+    // the stream goes on.
     let node = TestNode::start(|_| {}).await;
     let (_, phone, _) = node.phone_with_account(42).await;
     for type_name in ["launch_missiles", "balance_answer", "Balance", ""] {
@@ -128,7 +129,7 @@ async fn an_unknown_message_type_gets_1002_and_the_stream_continues() {
         body.extend(fixstr("request_id"));
         body.push(0x05);
         within(phone.send_raw(&frame(&body))).await.unwrap();
-        let message = expect_error(&phone, ErrorCode::UnknownMessage, None).await;
+        let message = expect_error(&phone, ErrorCode::UnknownMessage, Some(5)).await;
         assert!(message.contains(type_name), "{message}");
         assert_eq!(within(phone.balance()).await.unwrap(), 42);
     }
