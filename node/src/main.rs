@@ -273,7 +273,14 @@ enum AccountsCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) if !error.use_stderr() => error.exit(), // --help, --version
+        Err(error) => {
+            eprintln!("{}", one_line_usage_error(&error));
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -287,10 +294,45 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", one_line(&error));
             ExitCode::from(EXIT_ERROR)
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: a message that
+/// already quotes its source (`cannot listen on ADDR: <io error>`) is not
+/// followed by the same source again.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+/// clap's usage error as one line: the error and its tip, without the usage
+/// block (`--help` has it).
+fn one_line_usage_error(error: &clap::Error) -> String {
+    let rendered = error.render().to_string();
+    let parts: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .filter(|line| {
+            !line.is_empty()
+                && !line.starts_with("Usage:")
+                && !line.starts_with("For more information")
+        })
+        .collect();
+    format!("{} (see --help)", parts.join("; "))
 }
 
 fn load_settings(
@@ -923,8 +965,11 @@ fn reset(data_dir: &DataDir, yes: bool) -> anyhow::Result<ExitCode> {
     let store = match ops::open_existing(&path) {
         Ok(store) => store,
         Err(OpenError::Missing(_)) => {
-            println!("{}: no ledger; nothing to reset", path.display());
-            return Ok(ExitCode::SUCCESS);
+            // A typo in --data must not look like success.
+            bail!(
+                "{}: no ledger there, nothing reset (is --data right? `tapledger-node init` makes one)",
+                path.display()
+            );
         }
         Err(error) => return Err(error.into()),
     };

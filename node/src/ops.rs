@@ -9,6 +9,7 @@
 use std::fmt::Write as _;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tapledger_actors::{
     AuditReport, FundingKind, JournalEntry, Ledger, LedgerConfig, LedgerError, LogStore, ReplicaId,
@@ -496,10 +497,17 @@ pub fn status_text(status: &ReplicaStatus) -> String {
     text
 }
 
+/// How long `cluster add` waits for the new replica to catch up with the
+/// leader before making it a voter. Past this it stays a learner (it goes
+/// on receiving the log), and `cluster add` can be run again.
+pub const CATCH_UP_WAIT: Duration = Duration::from_secs(60);
+
 /// `tapledger-node cluster add|remove`, run by the leader's HTTP server:
 /// `add` takes `ID CLIENT_ADDR PEER_ADDR FINGERPRINT`, adds the replica as
-/// a learner, waits until it caught up, then makes it a voter; `remove`
-/// takes `ID` and removes it from the voters and the cluster.
+/// a learner, waits (at most [`CATCH_UP_WAIT`]) until it has replicated
+/// everything the leader's log held once it was added, then makes it a
+/// voter; `remove` takes `ID` and removes it, voter or learner, from the
+/// cluster.
 pub async fn change_cluster(
     ledger: &Ledger,
     path: &str,
@@ -529,7 +537,16 @@ pub async fn change_cluster(
             peer_addr: peer_addr.to_string(),
             fingerprint: fingerprint.to_string(),
         };
-        ledger.add_learner(id, info).await.map_err(refused)?;
+        // openraft's own wait for the learner counts it caught up while it is
+        // within `replication_lag_threshold` (5000) entries of the leader,
+        // even if it has received nothing, and otherwise waits without
+        // limit: bound it, then wait for the learner's real progress.
+        let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
+        match tokio::time::timeout_at(deadline, ledger.add_learner(id, info)).await {
+            Ok(added) => added.map_err(refused)?,
+            Err(_) => return Err(not_caught_up(id, None, ledger.status().last_log_index)),
+        }
+        wait_caught_up(ledger, id, deadline).await?;
         voters.insert(id);
         ledger
             .change_voters(voters.clone(), true)
@@ -550,16 +567,23 @@ pub async fn change_cluster(
         let id: ReplicaId = id
             .parse()
             .map_err(|_| bad(format!("{id:?} is not a replica id")))?;
-        if !voters.remove(&id) && !status.learners.contains(&id) {
+        let voter = voters.remove(&id);
+        if !voter && !status.learners.contains(&id) {
             return Err(bad(format!("replica {id} is not in the cluster")));
         }
         if voters.is_empty() {
             return Err(bad("the last voter cannot be removed".into()));
         }
-        ledger
-            .change_voters(voters.clone(), false)
-            .await
-            .map_err(refused)?;
+        if voter {
+            ledger
+                .change_voters(voters.clone(), false)
+                .await
+                .map_err(refused)?;
+        } else {
+            // A learner (say, one added that never caught up): changing the
+            // voters would keep it, since only removed voters are dropped.
+            remove_learner(ledger, id).await.map_err(refused)?;
+        }
         Ok(format!(
             "replica {id} removed; voters now {}\n",
             voters
@@ -569,6 +593,93 @@ pub async fn change_cluster(
                 .join(", ")
         ))
     }
+}
+
+/// Waits until learner `id` has replicated everything this leader's log
+/// holds now, until `deadline` at most.
+async fn wait_caught_up(
+    ledger: &Ledger,
+    id: ReplicaId,
+    deadline: tokio::time::Instant,
+) -> Result<(), (hyper::StatusCode, String)> {
+    use hyper::StatusCode;
+    let mut metrics = ledger.raft().metrics();
+    let target = ledger.status().last_log_index;
+    loop {
+        metrics.borrow_and_update();
+        let status = ledger.status();
+        if status.role != "leader" {
+            return Err((
+                StatusCode::CONFLICT,
+                format!(
+                    "this replica stopped leading while replica {id} caught up; it is a learner: run `cluster add` again against the leader\n"
+                ),
+            ));
+        }
+        if !status.voters.contains(&id) && !status.learners.contains(&id) {
+            return Err((
+                StatusCode::CONFLICT,
+                format!("replica {id} was removed from the cluster while it caught up\n"),
+            ));
+        }
+        let matched = status
+            .followers
+            .iter()
+            .find(|follower| follower.id == id)
+            .and_then(|follower| follower.matched_index);
+        if matched >= target {
+            return Ok(());
+        }
+        match tokio::time::timeout_at(deadline, metrics.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "replication stopped on this replica\n".into(),
+                ));
+            }
+            Err(_) => return Err(not_caught_up(id, matched, target)),
+        }
+    }
+}
+
+fn not_caught_up(
+    id: ReplicaId,
+    matched: Option<u64>,
+    target: Option<u64>,
+) -> (hyper::StatusCode, String) {
+    let index = |index: Option<u64>| index.map_or("-".to_string(), |index| index.to_string());
+    (
+        hyper::StatusCode::GATEWAY_TIMEOUT,
+        format!(
+            "replica {id} did not catch up within {}s (replicated to {}, the leader's log was at {}), so it was not made a voter; a replica that was not one stays a learner, receiving the log. Check that it runs, that the leader reaches it at its peer address, that --cert is its certificate and that it was initialised with --peer for every replica; then run `cluster add` again, or take it out with `cluster remove --id {id}`\n",
+            CATCH_UP_WAIT.as_secs(),
+            index(matched),
+            index(target)
+        ),
+    )
+}
+
+/// Removes learner `id` from the cluster.
+async fn remove_learner(ledger: &Ledger, id: ReplicaId) -> Result<(), LedgerError> {
+    use openraft::error::{ClientWriteError, RaftError};
+    ledger
+        .raft()
+        .change_membership(
+            openraft::ChangeMembers::RemoveNodes([id].into_iter().collect()),
+            false,
+        )
+        .await
+        .map(|_| ())
+        .map_err(|error| match error {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+                LedgerError::NotLeader(ledger.leader_hint())
+            }
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(error)) => {
+                LedgerError::Invalid(error.to_string())
+            }
+            RaftError::Fatal(fatal) => LedgerError::Replication(fatal.to_string()),
+        })
 }
 
 #[cfg(test)]

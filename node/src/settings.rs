@@ -314,6 +314,27 @@ pub enum SettingsError {
     Invalid(String),
 }
 
+/// A TOML error as one line: `line L, column C: what` when the error knows
+/// where it is, then the message with its own line breaks folded.
+fn toml_error_line(text: &str, error: &toml::de::Error) -> String {
+    let message = error
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |at| at + 1) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
+}
+
 impl FileSettings {
     /// Parses a configuration file's text. `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<FileSettings, SettingsError> {
@@ -322,7 +343,7 @@ impl FileSettings {
             message,
         };
         let table: toml::Table =
-            toml::from_str(text).map_err(|error| parse_error(error.to_string()))?;
+            toml::from_str(text).map_err(|error| parse_error(toml_error_line(text, &error)))?;
         let known: Vec<&str> = GlobalLayer::KEYS
             .iter()
             .chain(RunLayer::KEYS)
@@ -336,8 +357,9 @@ impl FileSettings {
             });
         }
         let global = GlobalLayer::deserialize(table.clone())
-            .map_err(|error| parse_error(error.to_string()))?;
-        let run = RunLayer::deserialize(table).map_err(|error| parse_error(error.to_string()))?;
+            .map_err(|error| parse_error(toml_error_line(text, &error)))?;
+        let run = RunLayer::deserialize(table)
+            .map_err(|error| parse_error(toml_error_line(text, &error)))?;
         Ok(FileSettings { global, run })
     }
 

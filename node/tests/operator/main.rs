@@ -528,6 +528,64 @@ async fn reset_asks_first_and_refuses_foreign_files() {
     assert!(std::fs::read(&ledger).unwrap() == b"someone else's file");
 }
 
+/// Goal (issue 12): operator mistakes get one clear line each and a failing
+/// exit status: `reset` of a data directory that does not exist, an
+/// address in use (the OS error once, not twice), a bad TOML value, an
+/// unknown flag.
+#[test]
+fn operator_mistakes_get_one_line_each_and_exit_2() {
+    let missing = tempfile::tempdir().unwrap().path().join("nowhere");
+    let reset = cli(&missing, &["reset", "--yes"]);
+    assert_eq!(reset.status.code(), Some(2), "{}", text(&reset.stdout));
+    assert!(
+        text(&reset.stderr).contains("no ledger"),
+        "{}",
+        text(&reset.stderr)
+    );
+    assert!(!missing.exists(), "reset created {}", missing.display());
+
+    let data = DataDirectory::init();
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let busy = cli(
+        &data.path(),
+        &["run", "--listen", &addr, "--metrics-listen", "off"],
+    );
+    assert_eq!(busy.status.code(), Some(2));
+    let stderr = text(&busy.stderr);
+    let error_lines: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.starts_with("error"))
+        .collect();
+    assert_eq!(error_lines.len(), 1, "{stderr}");
+    assert!(error_lines[0].contains(&addr), "{stderr}");
+    assert_eq!(
+        error_lines[0].matches("os error").count(),
+        1,
+        "the OS error once: {stderr}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("node.toml");
+    std::fs::write(&file, "half_ttl_secs = 60\nlisten = nowhere\n").unwrap();
+    let bad_file = cli_with_input(
+        &data.path(),
+        &["--config", file.to_str().unwrap(), "config"],
+        "",
+        &[],
+    );
+    assert_eq!(bad_file.status.code(), Some(2));
+    let stderr = text(&bad_file.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("node.toml: line 2, column 10"), "{stderr}");
+
+    let unknown = cli(&data.path(), &["run", "--no-such-flag"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    let stderr = text(&unknown.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--no-such-flag"), "{stderr}");
+}
+
 /// Goal: flags beat environment, environment beats the file, the file beats
 /// defaults, and a typo in the file is an error. Method: `config` prints
 /// the resolved settings.
