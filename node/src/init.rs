@@ -76,6 +76,31 @@ pub enum InitError {
     AlreadyRan { path: String, id: ReplicaId },
     #[error("replica id {0} is listed as its own peer")]
     SelfPeer(ReplicaId),
+    #[error(
+        "{path} is open to other users (mode {mode:04o}); a secret must be readable by its owner only: run `chmod 600 {path}`"
+    )]
+    Unprotected { path: String, mode: u32 },
+}
+
+/// Refuses a secret (the TLS key, the admin credential) that users other
+/// than its owner may read or write, as ssh refuses such a private key.
+pub fn check_private(path: &Path) -> Result<(), InitError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(io_error(path))?
+            .permissions()
+            .mode()
+            & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(InitError::Unprotected {
+                path: path.display().to_string(),
+                mode,
+            });
+        }
+    }
+    Ok(())
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> InitError + '_ {
@@ -301,6 +326,7 @@ pub struct RecordedReplica {
 
 /// Reads an admin credential file (hex text).
 pub fn load_admin_credential(path: &Path) -> Result<Secret, InitError> {
+    check_private(path)?;
     let text = std::fs::read_to_string(path).map_err(io_error(path))?;
     parse_hex(text.trim())
         .filter(|bytes| bytes.len() >= ADMIN_CREDENTIAL_BYTES)

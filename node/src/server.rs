@@ -110,6 +110,7 @@ impl RunningNode {
         phones: std::net::UdpSocket,
         peers: Option<std::net::UdpSocket>,
     ) -> Result<RunningNode, NodeError> {
+        crate::init::check_private(&config.data_dir.key())?;
         let identity = Identity::load(&config.data_dir.cert(), &config.data_dir.key())
             .map_err(crate::init::InitError::from)?;
         let admin_credential = crate::init::load_admin_credential(&config.data_dir.admin())?;

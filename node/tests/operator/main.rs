@@ -586,6 +586,54 @@ fn operator_mistakes_get_one_line_each_and_exit_2() {
     assert!(stderr.contains("--no-such-flag"), "{stderr}");
 }
 
+/// Goal (issue 12): a node refuses to use a secret other users can read,
+/// as ssh does: the TLS key at 0644, the admin credential at 0666; with
+/// the modes put back, it starts.
+#[cfg(unix)]
+#[test]
+fn secrets_open_to_other_users_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let data = DataDirectory::init();
+    let set_mode = |name: &str, mode: u32| {
+        std::fs::set_permissions(
+            data.path().join(name),
+            std::fs::Permissions::from_mode(mode),
+        )
+        .unwrap()
+    };
+    let run = || {
+        cli(
+            &data.path(),
+            &["run", "--listen", "127.0.0.1:0", "--metrics-listen", "off"],
+        )
+    };
+    for (name, mode) in [("node.key.pem", 0o644), ("admin.key", 0o666)] {
+        set_mode(name, mode);
+        let refused = run();
+        assert_eq!(refused.status.code(), Some(2), "{name} at {mode:o}");
+        let stderr = text(&refused.stderr);
+        assert!(
+            stderr.contains(name) && stderr.contains("chmod 600"),
+            "{name}: {stderr}"
+        );
+        set_mode(name, 0o600);
+    }
+    // Copying a credential from a file others can read is refused too.
+    set_mode("admin.key", 0o640);
+    let other = tempfile::tempdir().unwrap();
+    let admin = data.path().join("admin.key");
+    let copied = cli(
+        other.path(),
+        &["init", "--admin-key", admin.to_str().unwrap()],
+    );
+    assert_eq!(copied.status.code(), Some(2));
+    assert!(
+        text(&copied.stderr).contains("chmod 600"),
+        "{}",
+        text(&copied.stderr)
+    );
+}
+
 /// Goal: flags beat environment, environment beats the file, the file beats
 /// defaults, and a typo in the file is an error. Method: `config` prints
 /// the resolved settings.
