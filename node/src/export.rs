@@ -1,6 +1,7 @@
 //! `tapledger-node export`: settled transfers and rejected payments as CSV
-//! for analysts, with the prototype's data-science columns first and the
-//! node's own timestamps after them.
+//! or Parquet for analysts, with the prototype's data-science columns first
+//! and the node's own timestamps after them. Both formats are written from
+//! the same [`Cell`]s, so they hold the same columns and values.
 //!
 //! It reads a ledger file (a stopped node's, or a backup of a running one)
 //! through `Store`'s snapshot reads; it never writes to the ledger.
@@ -44,6 +45,87 @@ pub const COLUMNS: [&str; 21] = [
     "journal_seq",
 ];
 
+/// What each column holds, in column order (the Parquet types; CSV writes
+/// the same values as text, an absent value as an empty field).
+pub const KINDS: [Kind; COLUMNS.len()] = [
+    Kind::Text { optional: false },
+    Kind::U64 { optional: true },
+    Kind::U64 { optional: true },
+    Kind::Micros { optional: false },
+    Kind::U64 { optional: true },
+    Kind::U64 { optional: true },
+    Kind::Text { optional: true },
+    Kind::Text { optional: true },
+    Kind::Text { optional: true },
+    Kind::Bool,
+    Kind::Bool,
+    Kind::U16,
+    Kind::Text { optional: true },
+    Kind::Text { optional: false },
+    Kind::Text { optional: true },
+    Kind::Micros { optional: true },
+    Kind::Micros { optional: true },
+    Kind::Micros { optional: false },
+    Kind::Millis,
+    Kind::Millis,
+    Kind::U64 { optional: false },
+];
+
+/// A column's type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// UTF-8 text.
+    Text {
+        optional: bool,
+    },
+    /// An unsigned 64-bit integer.
+    U64 {
+        optional: bool,
+    },
+    /// An unsigned 16-bit code, absent for settlements.
+    U16,
+    Bool,
+    /// A node timestamp, microseconds since the epoch (UTC).
+    Micros {
+        optional: bool,
+    },
+    /// A phone's clock, milliseconds since the epoch; absent with its half
+    /// (and, in Parquet, when beyond what a timestamp can hold).
+    Millis,
+}
+
+/// One value of a row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cell {
+    Text(Option<String>),
+    U64(Option<u64>),
+    U16(Option<u16>),
+    Bool(bool),
+    Micros(Option<Timestamp>),
+    Millis(Option<u64>),
+}
+
+impl Cell {
+    /// The CSV field.
+    fn csv(&self) -> String {
+        match self {
+            Cell::Text(text) => text.clone().unwrap_or_default(),
+            Cell::U64(value) => value.map(|value| value.to_string()).unwrap_or_default(),
+            Cell::U16(value) => value.map(|value| value.to_string()).unwrap_or_default(),
+            Cell::Bool(value) => value.to_string(),
+            Cell::Micros(at) => at.map(format_time).unwrap_or_default(),
+            Cell::Millis(millis) => millis.map(format_client_time).unwrap_or_default(),
+        }
+    }
+}
+
+/// Which file format `export` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Csv,
+    Parquet,
+}
+
 /// Which outcomes to export: decided at or after `from`, before `to`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TimeRange {
@@ -74,6 +156,8 @@ pub enum ExportError {
     Csv(#[from] csv::Error),
     #[error("writing CSV: {0}")]
     Io(#[from] std::io::Error),
+    #[error("writing Parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
 }
 
 /// Writes every outcome of `store` within `range` as CSV to `out`.
@@ -82,13 +166,41 @@ pub fn export_csv(
     out: impl Write,
     range: TimeRange,
 ) -> Result<ExportSummary, ExportError> {
+    let mut writer = csv::Writer::from_writer(out);
+    writer.write_record(COLUMNS)?;
+    let summary = for_each_row(store, range, |cells| {
+        writer.write_record(cells.iter().map(Cell::csv))?;
+        Ok(())
+    })?;
+    writer.flush()?;
+    Ok(summary)
+}
+
+/// Writes every outcome of `store` within `range` as a Parquet file to
+/// `out` (columns and types: [`COLUMNS`], [`KINDS`]).
+pub fn export_parquet(
+    store: &Store,
+    out: impl Write + Send,
+    range: TimeRange,
+) -> Result<ExportSummary, ExportError> {
+    let mut writer = parquet_file::Writer::new(out)?;
+    let summary = for_each_row(store, range, |cells| writer.push(cells))?;
+    writer.finish()?;
+    Ok(summary)
+}
+
+/// Calls `each` with every outcome's cells, in journal order, within
+/// `range`.
+fn for_each_row(
+    store: &Store,
+    range: TimeRange,
+    mut each: impl FnMut(&[Cell; COLUMNS.len()]) -> Result<(), ExportError>,
+) -> Result<ExportSummary, ExportError> {
     let banks: HashMap<AccountId, String> = store
         .accounts()?
         .into_iter()
         .map(|(record, _)| (record.id, record.bank_name))
         .collect();
-    let mut writer = csv::Writer::from_writer(out);
-    writer.write_record(COLUMNS)?;
     let mut summary = ExportSummary::default();
     let mut next = 0;
     loop {
@@ -110,13 +222,12 @@ pub fn export_csv(
                 Outcome::Settled(_) => summary.settlements += 1,
                 Outcome::Rejected(_) => summary.rejections += 1,
             }
-            writer.write_record(row.fields())?;
+            each(&row.cells())?;
         }
         if entries.len() < JOURNAL_CHUNK_ENTRIES {
             break;
         }
     }
-    writer.flush()?;
     Ok(summary)
 }
 
@@ -215,46 +326,36 @@ impl<'a> Row<'a> {
         }
     }
 
-    fn bank(&self, account: Option<AccountId>) -> String {
-        account
-            .and_then(|account| self.banks.get(&account).cloned())
-            .unwrap_or_default()
+    fn bank(&self, account: Option<AccountId>) -> Cell {
+        Cell::Text(account.and_then(|account| self.banks.get(&account).cloned()))
     }
 
-    fn fields(&self) -> [String; COLUMNS.len()] {
-        let number = |value: Option<u64>| value.map(|value| value.to_string()).unwrap_or_default();
+    /// The row's values, in [`COLUMNS`] order.
+    fn cells(&self) -> [Cell; COLUMNS.len()] {
         [
-            self.tx_key.clone(),
-            number(self.sender),
-            number(self.receiver),
-            format_time(self.decided_at),
-            number(self.amount),
-            number(self.sender_balance_before),
+            Cell::Text(Some(self.tx_key.clone())),
+            Cell::U64(self.sender),
+            Cell::U64(self.receiver),
+            Cell::Micros(Some(self.decided_at)),
+            Cell::U64(self.amount),
+            Cell::U64(self.sender_balance_before),
             self.bank(self.sender),
-            self.send
-                .map(|(half, _)| half.device_os.clone())
-                .unwrap_or_default(),
-            self.receive
-                .map(|(half, _)| half.device_os.clone())
-                .unwrap_or_default(),
-            self.unanimous.to_string(),
-            (!self.settled).to_string(),
-            number(self.code.map(u64::from)),
-            self.explanation.to_string(),
-            if self.settled { "settled" } else { "rejected" }.to_string(),
+            Cell::Text(self.send.map(|(half, _)| half.device_os.clone())),
+            Cell::Text(self.receive.map(|(half, _)| half.device_os.clone())),
+            Cell::Bool(self.unanimous),
+            Cell::Bool(!self.settled),
+            Cell::U16(self.code),
+            Cell::Text((!self.explanation.is_empty()).then(|| self.explanation.to_string())),
+            Cell::Text(Some(
+                if self.settled { "settled" } else { "rejected" }.to_string(),
+            )),
             self.bank(self.receiver),
-            self.send.map(|(_, at)| format_time(at)).unwrap_or_default(),
-            self.receive
-                .map(|(_, at)| format_time(at))
-                .unwrap_or_default(),
-            format_time(self.decided_at),
-            self.send
-                .map(|(half, _)| format_client_time(half.client_time))
-                .unwrap_or_default(),
-            self.receive
-                .map(|(half, _)| format_client_time(half.client_time))
-                .unwrap_or_default(),
-            self.seq.to_string(),
+            Cell::Micros(self.send.map(|(_, at)| at)),
+            Cell::Micros(self.receive.map(|(_, at)| at)),
+            Cell::Micros(Some(self.decided_at)),
+            Cell::Millis(self.send.map(|(half, _)| half.client_time)),
+            Cell::Millis(self.receive.map(|(half, _)| half.client_time)),
+            Cell::U64(Some(self.seq)),
         ]
     }
 }
@@ -302,6 +403,9 @@ pub fn parse_time(text: &str) -> Result<Timestamp, String> {
         u64::try_from(since_epoch.as_micros()).unwrap_or(u64::MAX),
     ))
 }
+
+#[path = "export_parquet.rs"]
+mod parquet_file;
 
 #[cfg(test)]
 #[path = "export_tests.rs"]

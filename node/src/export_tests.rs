@@ -261,3 +261,109 @@ fn times_parse_in_the_documented_forms() {
     assert!(parse_time("-5").is_err());
     assert_eq!(format_time(at), "2023-11-14T22:13:20.000000Z");
 }
+
+/// Issue 12: `--format parquet` writes the CSV's columns, with their types,
+/// and the same values: read back, every row and column matches the CSV.
+#[tokio::test]
+async fn parquet_holds_the_csv_columns_with_their_types() {
+    use parquet::basic::{ConvertedType, Type as PhysicalType};
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::record::Field;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.redb");
+    let sample = sample_ledger(&path).await;
+    let store = Store::open(&path).unwrap();
+    let (_, csv_rows) = exported(&store, TimeRange::default());
+    let file_path = dir.path().join("outcomes.parquet");
+    let summary = export_parquet(
+        &store,
+        std::fs::File::create(&file_path).unwrap(),
+        TimeRange::default(),
+    )
+    .unwrap();
+    assert_eq!(summary.settlements + summary.rejections, 4);
+
+    let reader = SerializedFileReader::new(std::fs::File::open(&file_path).unwrap()).unwrap();
+    let schema = reader.metadata().file_metadata().schema_descr();
+    let names: Vec<&str> = schema
+        .columns()
+        .iter()
+        .map(|column| column.name())
+        .collect();
+    assert_eq!(names, COLUMNS.to_vec());
+    let column = |name: &str| {
+        schema
+            .columns()
+            .iter()
+            .find(|column| column.name() == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        column("transfer_amount").physical_type(),
+        PhysicalType::INT64
+    );
+    assert_eq!(
+        column("transfer_amount").converted_type(),
+        ConvertedType::UINT_64
+    );
+    assert_eq!(
+        column("settled_at").converted_type(),
+        ConvertedType::TIMESTAMP_MICROS
+    );
+    assert_eq!(
+        column("unanimous_agreement").physical_type(),
+        PhysicalType::BOOLEAN
+    );
+    assert_eq!(
+        column("error_code").converted_type(),
+        ConvertedType::UINT_16
+    );
+
+    let rows: Vec<parquet::record::Row> = reader
+        .get_row_iter(None)
+        .unwrap()
+        .map(|row| row.unwrap())
+        .collect();
+    assert_eq!(rows.len(), csv_rows.len());
+    for (row, csv_row) in rows.iter().zip(&csv_rows) {
+        for (name, field) in row.get_column_iter() {
+            let as_text = match field {
+                Field::Null => String::new(),
+                Field::Str(text) => text.clone(),
+                Field::Bool(value) => value.to_string(),
+                Field::ULong(value) => value.to_string(),
+                Field::UShort(value) => value.to_string(),
+                Field::TimestampMicros(micros) => {
+                    format_time(Timestamp::from_micros(u64::try_from(*micros).unwrap()))
+                }
+                Field::TimestampMillis(millis) => humantime::format_rfc3339_millis(
+                    std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(*millis).unwrap()),
+                )
+                .to_string(),
+                other => panic!("{name}: unexpected {other:?}"),
+            };
+            assert_eq!(as_text, csv_row[name.as_str()], "column {name}");
+        }
+    }
+    // Typed, not text: the settlement's amount is a number, its code absent.
+    let settled = rows
+        .iter()
+        .find(|row| {
+            row.get_column_iter().any(|(name, field)| {
+                name == "transaction_key" && *field == Field::Str(sample.settled.to_string())
+            })
+        })
+        .expect("the settlement");
+    let field = |name: &str| {
+        settled
+            .get_column_iter()
+            .find(|(column, _)| column.as_str() == name)
+            .map(|(_, field)| field.clone())
+            .unwrap()
+    };
+    assert_eq!(field("transfer_amount"), Field::ULong(300));
+    assert_eq!(field("error_code"), Field::Null);
+    assert_eq!(field("transaction_error"), Field::Bool(false));
+}

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use tapledger_actors::{Ledger, ReplicaId, ReplicaInfo};
 use tapledger_certs::Identity;
 use tapledger_node::config::DataDir;
-use tapledger_node::export::{TimeRange, parse_time};
+use tapledger_node::export::{Format, TimeRange, parse_time};
 use tapledger_node::init::{
     ReplicaPlan, init_cluster, init_replica, load_admin_credential, recorded_replica,
 };
@@ -156,9 +156,13 @@ enum Command {
     /// (2025-01-31, midnight UTC) or Unix seconds; the range applies to the
     /// time each outcome was decided.
     Export {
-        /// CSV file to write; refuses to replace an existing file.
-        #[arg(long, value_name = "FILE.csv")]
+        /// File to write; refuses to replace an existing file.
+        #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// `csv` or `parquet` (same columns; Parquet keeps their types)
+        /// [default: parquet for a FILE ending in .parquet, else csv].
+        #[arg(long, value_enum)]
+        format: Option<tapledger_node::export::Format>,
         /// Only outcomes decided at or after this time.
         #[arg(long, value_name = "TIME", value_parser = parse_time)]
         from: Option<Timestamp>,
@@ -394,10 +398,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit { ledger } => audit(&settings, ledger).await,
         Command::Export {
             out,
+            format,
             from,
             to,
             ledger,
-        } => export(&data_dir, ledger, &out, TimeRange { from, to }),
+        } => export(&data_dir, ledger, &out, format, TimeRange { from, to }),
         Command::Backup { to } => backup(&settings, &to).await,
         Command::Restore { from } => {
             let restored = ops::restore(&from, &data_dir.ledger())?;
@@ -862,6 +867,7 @@ fn export(
     data_dir: &DataDir,
     ledger: Option<PathBuf>,
     out: &Path,
+    format: Option<Format>,
     range: TimeRange,
 ) -> anyhow::Result<ExitCode> {
     if let (Some(from), Some(to)) = (range.from, range.to)
@@ -876,7 +882,21 @@ fn export(
         .create_new(true)
         .open(out)
         .with_context(|| format!("creating {}", out.display()))?;
-    let summary = tapledger_node::export::export_csv(&store, std::io::BufWriter::new(file), range)?;
+    let format = format.unwrap_or(
+        if out
+            .extension()
+            .is_some_and(|extension| extension == "parquet")
+        {
+            Format::Parquet
+        } else {
+            Format::Csv
+        },
+    );
+    let out_file = std::io::BufWriter::new(file);
+    let summary = match format {
+        Format::Csv => tapledger_node::export::export_csv(&store, out_file, range)?,
+        Format::Parquet => tapledger_node::export::export_parquet(&store, out_file, range)?,
+    };
     println!(
         "wrote {}: {} settled, {} rejected ({} outside the time range)",
         out.display(),
