@@ -20,6 +20,8 @@ pub enum StoreError {
     TargetExists(String),
     #[error("an earlier commit failed; the ledger refuses writes until it is reopened")]
     Poisoned,
+    #[error("the ledger was opened read-only")]
+    ReadOnly,
 }
 
 macro_rules! redb_error_from {

@@ -213,7 +213,66 @@ impl AuditReport {
 /// The ledger's redb file.
 #[derive(Debug)]
 pub struct Store {
-    db: Database,
+    db: Db,
+}
+
+/// The file, open for writing (a node, tests) or read-only (the operator's
+/// audit, export and accounts commands, which must not change a byte).
+enum Db {
+    Writable(Database),
+    ReadOnly(redb::ReadOnlyDatabase),
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Db::Writable(db) => db.fmt(f),
+            Db::ReadOnly(_) => f.write_str("ReadOnlyDatabase"),
+        }
+    }
+}
+
+impl Db {
+    fn begin_read(&self) -> Result<redb::ReadTransaction, redb::TransactionError> {
+        match self {
+            Db::Writable(db) => db.begin_read(),
+            Db::ReadOnly(db) => db.begin_read(),
+        }
+    }
+
+    fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        match self {
+            Db::Writable(db) => Ok(db.begin_write()?),
+            Db::ReadOnly(_) => Err(StoreError::ReadOnly),
+        }
+    }
+}
+
+/// `Some(())` when the file holds a ledger of this schema, `None` when it
+/// holds no tables at all (a new file), an error otherwise.
+fn check_schema(read: &redb::ReadTransaction) -> Result<Option<()>, StoreError> {
+    let tables: Vec<String> = read
+        .list_tables()?
+        .map(|handle| handle.name().to_string())
+        .collect();
+    if tables.is_empty() {
+        return Ok(None);
+    }
+    if !tables.iter().any(|name| name == "meta") {
+        return Err(StoreError::NotALedger);
+    }
+    let meta = read.open_table(META)?;
+    let found = meta
+        .get(META_SCHEMA_VERSION)?
+        .map(|guard| guard.value())
+        .ok_or(StoreError::NotALedger)?;
+    if found != SCHEMA_VERSION {
+        return Err(StoreError::SchemaVersion {
+            found,
+            expected: SCHEMA_VERSION,
+        });
+    }
+    Ok(Some(()))
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
@@ -237,30 +296,26 @@ impl Store {
         Store::init(db)
     }
 
-    fn init(db: Database) -> Result<Store, StoreError> {
+    /// Opens an existing ledger without writing to it, ever: every write
+    /// is refused with [`StoreError::ReadOnly`]. A file that was not closed
+    /// cleanly needs recovery, which writes, so it is refused
+    /// (`redb::DatabaseError::RepairAborted`).
+    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        let db = redb::ReadOnlyDatabase::open(path)?;
         {
             let read = db.begin_read()?;
-            let tables: Vec<String> = read
-                .list_tables()?
-                .map(|handle| handle.name().to_string())
-                .collect();
-            if !tables.is_empty() {
-                if !tables.iter().any(|name| name == "meta") {
-                    return Err(StoreError::NotALedger);
-                }
-                let meta = read.open_table(META)?;
-                let found = meta
-                    .get(META_SCHEMA_VERSION)?
-                    .map(|guard| guard.value())
-                    .ok_or(StoreError::NotALedger)?;
-                if found != SCHEMA_VERSION {
-                    return Err(StoreError::SchemaVersion {
-                        found,
-                        expected: SCHEMA_VERSION,
-                    });
-                }
-                return Ok(Store { db });
-            }
+            check_schema(&read)?.ok_or(StoreError::NotALedger)?;
+        }
+        Ok(Store {
+            db: Db::ReadOnly(db),
+        })
+    }
+
+    fn init(db: Database) -> Result<Store, StoreError> {
+        if check_schema(&db.begin_read()?)?.is_some() {
+            return Ok(Store {
+                db: Db::Writable(db),
+            });
         }
         let write = db.begin_write()?;
         {
@@ -278,7 +333,9 @@ impl Store {
             write.open_table(RAFT)?;
         }
         write.commit()?;
-        Ok(Store { db })
+        Ok(Store {
+            db: Db::Writable(db),
+        })
     }
 
     /// Applies committed Raft entries, in order, in one durable write

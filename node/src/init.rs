@@ -304,7 +304,14 @@ pub fn recorded_replica(data_dir: &DataDir) -> Result<Option<RecordedReplica>, I
     drop(log);
     let ledger = data_dir.ledger();
     if ledger.exists() {
-        let store = tapledger_actors::Store::open(&ledger)?;
+        // Read-only when it can be (`status` must not change the file); a
+        // file that needs recovery is opened for writing, as `run` would.
+        let store = match tapledger_actors::Store::open_read_only(&ledger) {
+            Err(tapledger_actors::StoreError::Redb(redb::Error::RepairAborted)) => {
+                tapledger_actors::Store::open(&ledger)?
+            }
+            opened => opened?,
+        };
         let (_, membership) = store.raft_state()?;
         members.extend(membership.membership().nodes().map(|(id, _)| *id));
     }

@@ -448,7 +448,7 @@ fn exit_for(ok: bool) -> ExitCode {
 
 /// Opens a ledger for reading, explaining a lock held by a running node.
 fn open_offline(path: &Path) -> anyhow::Result<tapledger_actors::Store> {
-    match ops::open_existing(path) {
+    match ops::open_read_only(path) {
         Ok(store) => Ok(store),
         Err(OpenError::Locked(path)) => bail!(
             "{path} is locked by a running node: stop it, or take a `backup` and read that with --ledger"
@@ -736,7 +736,7 @@ async fn replication_failure(ledger: &Arc<Ledger>) -> String {
 
 async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
     let data_dir = DataDir::new(&settings.global.data);
-    match ops::open_existing(&data_dir.ledger()) {
+    match ops::open_read_only(&data_dir.ledger()) {
         Ok(store) => {
             let (applied, membership) = store.raft_state()?;
             drop(store);
@@ -836,7 +836,7 @@ fn node_http(settings: &Settings) -> anyhow::Result<std::net::SocketAddr> {
 async fn audit(settings: &Settings, ledger: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let explicit = ledger.is_some();
     let path = ledger.unwrap_or_else(|| DataDir::new(&settings.global.data).ledger());
-    match ops::open_existing(&path) {
+    match ops::open_read_only(&path) {
         Ok(store) => {
             let report = tokio::task::spawn_blocking(move || store.audit()).await??;
             println!("audit of {}", path.display());
@@ -939,7 +939,7 @@ async fn backup(settings: &Settings, to: &Path) -> anyhow::Result<ExitCode> {
         }
         Err(error) => return Err(error.into()),
     }
-    let copy = ops::open_existing(to)?;
+    let copy = ops::open_read_only(to)?;
     let report = tokio::task::spawn_blocking(move || copy.audit()).await??;
     println!("audit of the backup:");
     print!("{}", ops::audit_text(&report));

@@ -32,6 +32,10 @@ pub enum OpenError {
     NotALedger(String),
     #[error("{0}: locked by a running node (stop it, or use the commands that ask the node)")]
     Locked(String),
+    #[error(
+        "{0}: not closed cleanly (the node crashed or was killed); reading it needs a recovery that writes to it, so nothing was read or changed: start the node on it once, or read a backup"
+    )]
+    NeedsRecovery(String),
     #[error("{path}: {source}")]
     Store { path: String, source: StoreError },
     #[error("{path}: {source}")]
@@ -115,6 +119,25 @@ pub fn open_existing(path: &Path) -> Result<Store, OpenError> {
         Ok(store) => Ok(store),
         Err(StoreError::NotALedger) => Err(OpenError::NotALedger(shown)),
         Err(StoreError::Redb(redb::Error::DatabaseAlreadyOpen)) => Err(OpenError::Locked(shown)),
+        Err(source) => Err(OpenError::Store {
+            path: shown,
+            source,
+        }),
+    }
+}
+
+/// Opens an existing tapledger ledger read-only: nothing is ever written to
+/// the file, not even the marks an open for writing leaves, so a backup
+/// hashes the same before and after it is read (audit, export, accounts,
+/// status).
+pub fn open_read_only(path: &Path) -> Result<Store, OpenError> {
+    check_redb_file(path)?;
+    let shown = path.display().to_string();
+    match Store::open_read_only(path) {
+        Ok(store) => Ok(store),
+        Err(StoreError::NotALedger) => Err(OpenError::NotALedger(shown)),
+        Err(StoreError::Redb(redb::Error::DatabaseAlreadyOpen)) => Err(OpenError::Locked(shown)),
+        Err(StoreError::Redb(redb::Error::RepairAborted)) => Err(OpenError::NeedsRecovery(shown)),
         Err(source) => Err(OpenError::Store {
             path: shown,
             source,

@@ -634,6 +634,93 @@ fn secrets_open_to_other_users_are_refused() {
     );
 }
 
+/// Goal (issue 13): `audit`, `export`, `accounts` and `status` only read: a
+/// backup's bytes are the same before and after them (they used to open the
+/// file for writing, which changes it), and they work on a read-only file.
+/// A file that was not closed cleanly is refused with a clear line rather
+/// than recovered (which writes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_commands_never_change_the_file() {
+    let data = DataDirectory::init();
+    let node = NodeProcess::start(&data, &[]);
+    let (alice, bob) = (
+        node.account(&data.admin(), "North Bank", 1_000).await,
+        node.account(&data.admin(), "South Bank", 0).await,
+    );
+    pay(&alice, &bob, TxKey::new_random(), 250, 250).await;
+    let backup = data.file("backup.redb");
+    let running = [("TAPLEDGER_METRICS_LISTEN", node.http.to_string())];
+    let taken = cli_with_input(
+        &data.path(),
+        &["backup", "--to", backup.to_str().unwrap()],
+        "",
+        &running,
+    );
+    assert!(taken.status.success(), "{}", text(&taken.stderr));
+    let (status, _) = tokio::task::spawn_blocking(move || node.terminate())
+        .await
+        .unwrap();
+    assert!(status.success());
+
+    for file in [backup.clone(), data.path().join("ledger.redb")] {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o444)).unwrap();
+        }
+        let before = std::fs::read(&file).unwrap();
+        let ledger = file.to_str().unwrap();
+        let out = data.file("read-only.csv");
+        let _ = std::fs::remove_file(&out);
+        assert!(cli_ok(&data.path(), &["audit", "--ledger", ledger]).contains("OK: "));
+        cli_ok(
+            &data.path(),
+            &["export", "--ledger", ledger, "--out", out.to_str().unwrap()],
+        );
+        let listed = cli_ok(&data.path(), &["accounts", "--ledger", ledger, "list"]);
+        assert_eq!(listed.lines().count(), 3, "{listed}");
+        cli_ok(
+            &data.path(),
+            &["accounts", "--ledger", ledger, "history", "1"],
+        );
+        if file.ends_with("ledger.redb") {
+            assert!(cli_ok(&data.path(), &["status"]).contains("stopped"));
+        }
+        assert!(
+            std::fs::read(&file).unwrap() == before,
+            "{} changed by a reading command",
+            file.display()
+        );
+    }
+
+    // A node killed with SIGKILL leaves a file that needs recovery.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            data.path().join("ledger.redb"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+    }
+    let node = NodeProcess::start(&data, &[]);
+    node.account(&data.admin(), "West Bank", 5).await;
+    // SAFETY: signalling the child process this test started.
+    unsafe { libc::kill(node.pid(), libc::SIGKILL) };
+    let (_, _) = tokio::task::spawn_blocking(move || node.terminate())
+        .await
+        .unwrap();
+    let before = std::fs::read(data.path().join("ledger.redb")).unwrap();
+    let refused = cli(&data.path(), &["accounts", "list"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        text(&refused.stderr).contains("not closed cleanly"),
+        "{}",
+        text(&refused.stderr)
+    );
+    assert!(std::fs::read(data.path().join("ledger.redb")).unwrap() == before);
+}
+
 /// Goal: flags beat environment, environment beats the file, the file beats
 /// defaults, and a typo in the file is an error. Method: `config` prints
 /// the resolved settings.
