@@ -412,12 +412,14 @@ struct NetClient {
 type RpcResult<T, E = openraft::error::Infallible> =
     Result<T, RPCError<ReplicaId, ReplicaInfo, RaftError<ReplicaId, E>>>;
 
+#[allow(clippy::result_large_err)] // openraft's error type, as its trait returns it
 fn cannot_reach<T, E: std::error::Error>(from: ReplicaId, to: ReplicaId) -> RpcResult<T, E> {
     Err(RPCError::Unreachable(Unreachable::new(&AnyError::error(
         format!("simulated network: {from} cannot reach {to}"),
     ))))
 }
 
+#[allow(clippy::result_large_err)] // openraft's error type, as its trait returns it
 fn lost<T, E: std::error::Error>(from: ReplicaId, to: ReplicaId) -> RpcResult<T, E> {
     Err(RPCError::Network(NetworkError::new(&AnyError::error(
         format!("simulated network: message {from} -> {to} lost"),
@@ -1945,51 +1947,53 @@ async fn a_three_replica_cluster_keeps_every_promise_under_seeded_faults() {
     drop(leader);
 
     let net = cluster.net.state().stats;
-    let told = cluster.shared.told();
-    let stats = &cluster.stats;
-    println!(
-        "cluster: {steps} steps, {} phones, {} payments told (distinct keys {}), {} accepted, {} \
-         refused 700, {} gave up; {} leader changes (last term {}), {} crashes ({} power cuts, \
-         {} of the leader), {} restarts, {} convergences; snapshots: {} installs ({} transfers, \
-         {} chunks), {} snapshot advances on {} replicas, {} purges on {} replicas; {} states \
-         audited, {} digest checks; {} crashes left a task holding the store; net {} sent, {} refused, {} dropped, {} duplicated; {:.1} s \
-         virtual, {:.1} s wall; TAPLEDGER_SEED={seed}",
-        told.phones,
-        told.finals,
-        told.outcomes.len(),
-        told.accepted.len(),
-        told.refused.len(),
-        told.gave_up,
-        stats.leader_changes,
-        cluster.last_leader.map(|(term, _)| term).unwrap_or(0),
-        stats.crashes,
-        stats.power_cuts,
-        stats.leader_crashes,
-        stats.restarts,
-        stats.convergences,
-        net.snapshot_installs,
-        net.snapshot_transfers,
-        net.snapshot_chunks,
-        stats.snapshot_advances,
-        stats.replicas_snapshotted.len(),
-        stats.purge_advances,
-        stats.replicas_purged.len(),
-        stats.states_audited,
-        stats.digest_checks,
-        stats.lingering,
-        net.sent,
-        net.refused,
-        net.dropped,
-        net.duplicated,
-        Instant::now()
-            .saturating_duration_since(virtual_start)
-            .as_secs_f64(),
-        wall.elapsed().as_secs_f64(),
-    );
-    println!("cluster: errors phones saw: {:?}", told.errors);
-    drop(told);
+    {
+        let told = cluster.shared.told();
+        let stats = &cluster.stats;
+        println!(
+            "cluster: {steps} steps, {} phones, {} payments told (distinct keys {}), {} accepted, {} \
+             refused 700, {} gave up; {} leader changes (last term {}), {} crashes ({} power cuts, \
+             {} of the leader), {} restarts, {} convergences; snapshots: {} installs ({} transfers, \
+             {} chunks), {} snapshot advances on {} replicas, {} purges on {} replicas; {} states \
+             audited, {} digest checks; {} crashes left a task holding the store; net {} sent, {} refused, {} dropped, {} duplicated; {:.1} s \
+             virtual, {:.1} s wall; TAPLEDGER_SEED={seed}",
+            told.phones,
+            told.finals,
+            told.outcomes.len(),
+            told.accepted.len(),
+            told.refused.len(),
+            told.gave_up,
+            stats.leader_changes,
+            cluster.last_leader.map(|(term, _)| term).unwrap_or(0),
+            stats.crashes,
+            stats.power_cuts,
+            stats.leader_crashes,
+            stats.restarts,
+            stats.convergences,
+            net.snapshot_installs,
+            net.snapshot_transfers,
+            net.snapshot_chunks,
+            stats.snapshot_advances,
+            stats.replicas_snapshotted.len(),
+            stats.purge_advances,
+            stats.replicas_purged.len(),
+            stats.states_audited,
+            stats.digest_checks,
+            stats.lingering,
+            net.sent,
+            net.refused,
+            net.dropped,
+            net.duplicated,
+            Instant::now()
+                .saturating_duration_since(virtual_start)
+                .as_secs_f64(),
+            wall.elapsed().as_secs_f64(),
+        );
+        println!("cluster: errors phones saw: {:?}", told.errors);
+    }
 
-    for (_, live) in std::mem::take(&mut *cluster.shared.live()) {
+    let live = std::mem::take(&mut *cluster.shared.live());
+    for (_, live) in live {
         if let Ok(ledger) = Arc::try_unwrap(live.ledger) {
             let _ = tokio::time::timeout(Duration::from_secs(10), ledger.close()).await;
         }

@@ -297,7 +297,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
         let range = (range.start_bound().cloned(), range.end_bound().cloned());
-        self.run(move |store| store.entries(range), |e| read_error(e))
+        self.run(move |store| store.entries(range), read_error)
             .await
     }
 }
@@ -315,7 +315,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     last_log_id,
                 })
             },
-            |e| read_error(e),
+            read_error,
         )
         .await
     }
@@ -328,21 +328,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let vote = *vote;
         self.run(
             move |store| store.put(STATE_VOTE, &vote, redb::Durability::Immediate),
-            |e| vote_error(e),
+            vote_error,
         )
         .await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        self.run(|store| store.get(STATE_VOTE), |e| vote_error(e))
-            .await
+        self.run(|store| store.get(STATE_VOTE), vote_error).await
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         *self.committed.lock().expect("committed lock") = committed;
         self.run(
             move |store| store.put(STATE_COMMITTED, &committed, redb::Durability::None),
-            |e| write_error(e),
+            write_error,
         )
         .await
     }
@@ -350,7 +349,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
         self.run(
             |store| Ok(store.get::<Option<LogId>>(STATE_COMMITTED)?.flatten()),
-            |e| read_error(e),
+            read_error,
         )
         .await
     }
@@ -365,7 +364,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        self.run(move |store| store.append_now(entries), |e| write_error(e))
+        self.run(move |store| store.append_now(entries), write_error)
             .await?;
         callback.log_io_completed(Ok(()));
         Ok(())
@@ -374,7 +373,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.run(
             move |store| store.delete(log_id.index, u64::MAX, None),
-            |e| write_error(e),
+            write_error,
         )
         .await
     }
@@ -382,7 +381,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.run(
             move |store| store.delete(0, log_id.index, Some(&log_id)),
-            |e| write_error(e),
+            write_error,
         )
         .await
     }

@@ -34,6 +34,8 @@ impl RaftNetworkFactory<TypeConfig> for NoNetwork {
 pub struct NoRouteTo(ReplicaId);
 
 impl NoRouteTo {
+    // openraft's own error types, as its traits return them.
+    #[allow(clippy::result_large_err)]
     fn fail<T, E: std::error::Error>(&self) -> RpcResult<T, E> {
         Err(RPCError::Unreachable(Unreachable::new(&NoRoute(self.0))))
     }

@@ -126,6 +126,8 @@ impl SnapshotDir {
 
     /// The current snapshot's metadata and an open handle on its file, read
     /// together under the lock so they describe the same file.
+    // openraft's own error types, as its traits return them.
+    #[allow(clippy::result_large_err)]
     fn open_current(&self) -> Result<Option<(SnapshotMeta, SnapshotFile)>, StorageError> {
         let current = self.current.lock().expect("snapshot lock");
         let Some(meta) = current.clone() else {
@@ -250,7 +252,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                     }
                     Ok((meta, file))
                 },
-                |e| snapshot_error(e),
+                snapshot_error,
             )
             .await?;
         let (meta, file) = built;
@@ -269,7 +271,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = StateMachine;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
-        self.run(|machine| machine.store.raft_state(), |e| sm_read_error(e))
+        self.run(|machine| machine.store.raft_state(), sm_read_error)
             .await
     }
 
@@ -357,7 +359,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 tracing::info!(last_log = ?meta.last_log_id, id = %meta.snapshot_id, "snapshot installed");
                 Ok(())
             },
-            |e| snapshot_error(e),
+            snapshot_error,
         )
         .await
     }

@@ -635,7 +635,7 @@ pub async fn measure(
         thousands(config.accounts)
     ));
     let open_started = Instant::now();
-    let accounts = open_accounts(&ledger, config.accounts, config.opening_balance).await?;
+    let accounts = open_accounts(ledger, config.accounts, config.opening_balance).await?;
     let open_accounts_seconds = open_started.elapsed().as_secs_f64();
 
     phase("starting one account actor per account...");
