@@ -847,17 +847,7 @@ where
 }
 
 fn snapshot_meta_in(read: &redb::ReadTransaction) -> Result<SnapshotMeta, StoreError> {
-    let meta = read.open_table(META).map_err(|_| StoreError::NotALedger)?;
-    let found = meta
-        .get(META_SCHEMA_VERSION)?
-        .map(|guard| guard.value())
-        .ok_or(StoreError::NotALedger)?;
-    if found != SCHEMA_VERSION {
-        return Err(StoreError::SchemaVersion {
-            found,
-            expected: SCHEMA_VERSION,
-        });
-    }
+    check_schema(read)?.ok_or(StoreError::NotALedger)?;
     let table = read.open_table(RAFT)?;
     let bytes = table
         .get(RAFT_SNAPSHOT)?
