@@ -69,6 +69,8 @@ pub struct Shared {
     pub counters: Arc<NodeCounters>,
     /// Flips to true when the node starts shutting down.
     pub shutdown: watch::Receiver<bool>,
+    /// Failed requests' errors, logged once per window with a count.
+    pub request_errors: crate::logging::Repeats,
 }
 
 /// The replication side of a node that is one replica of a cluster.
@@ -76,6 +78,9 @@ struct Replication {
     endpoint: PeerEndpoint,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
+
+/// The same request error is logged at most once per this, with a count.
+const REPEATED_ERROR_WINDOW: Duration = Duration::from_secs(10);
 
 /// A node serving on a socket. Drop it only after [`RunningNode::shutdown`]
 /// (or [`RunningNode::kill`]).
@@ -237,6 +242,7 @@ impl RunningNode {
             limits,
             counters: Arc::default(),
             shutdown: shutdown_receiver,
+            request_errors: crate::logging::Repeats::new(REPEATED_ERROR_WINDOW),
         });
         let accept_loop = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         tracing::info!(%local_addr, fingerprint = %identity.fingerprint(), "node listening");

@@ -469,8 +469,17 @@ impl RequestContext {
             LedgerError::Closed => ErrorCode::ShuttingDown,
             _ => ErrorCode::Internal,
         };
-        tracing::error!(%error, request_id, "request failed");
-        self.fail(request_id, code, &error.to_string()).await;
+        let message = error.to_string();
+        if let Some(repeated) = self
+            .shared
+            .request_errors
+            .check(&message, std::time::Instant::now())
+        {
+            // `not_logged_since`: requests that failed the same way since
+            // this error was last logged.
+            tracing::error!(%error, request_id, not_logged_since = repeated, "request failed");
+        }
+        self.fail(request_id, code, &message).await;
     }
 
     async fn authenticate(&self, request_id: RequestId, account_id: AccountId, api_key: &[u8]) {
