@@ -417,11 +417,11 @@ async fn too_many_pending_halves_for_one_account_are_refused_with_800() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_pending_cap_is_split_over_matcher_shards() {
+async fn the_pending_cap_bounds_the_account_across_matcher_shards() {
     // Goal: pin down what PROTOCOL.md section 12 says about code 800: the cap
-    // on an account's lone halves is split evenly over the matcher shards, so
-    // with 2 shards and a cap of 4 an account may have 4 halves waiting, 2 on
-    // each shard, and never more.
+    // on an account's lone halves bounds the account, however its keys fall
+    // over the matcher shards: with 2 shards and a cap of 4, 3 halves on one
+    // shard and 1 on the other fill it, and a fifth is refused on either.
     let node = TestNode::start_with_ledger(|config| {
         config.pending_halves_per_account_max = 4;
         config.matcher_shards = 2;
@@ -429,15 +429,17 @@ async fn the_pending_cap_is_split_over_matcher_shards() {
     .await;
     let (alice, alice_phone, _) = node.phone_with_account(500).await;
     let mut waiting = Vec::new();
-    for shard in 0..2 {
-        for index in 0..2 {
+    for (shard, count) in [(0, 3), (1, 1)] {
+        for index in 0..count {
             let key = key_on_shard(index, shard, 2);
             waiting.push(accepted(
                 within(alice_phone.submit(send(key, alice, 1))).await,
             ));
         }
+    }
+    for shard in 0..2 {
         refused(
-            within(alice_phone.submit(send(key_on_shard(2, shard, 2), alice, 1))).await,
+            within(alice_phone.submit(send(key_on_shard(5, shard, 2), alice, 1))).await,
             RejectCode::TooManyPending,
         );
     }
