@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use tapledger_sim::bench::cluster::{self, ClusterBenchConfig};
 use tapledger_sim::bench::core::{self, CoreBenchConfig, HalvesMode};
 use tapledger_sim::swarm::actions::{self, GivenAccount, PayRequest};
-use tapledger_sim::swarm::config::EMBEDDED_HALF_TTL;
+use tapledger_sim::swarm::config::{DEAD_AFTER_DEFAULT, EMBEDDED_HALF_TTL};
 use tapledger_sim::swarm::e2e::{self, E2eConfig};
 use tapledger_sim::swarm::target::Target;
 use tapledger_sim::swarm::workload::Kind;
@@ -202,7 +202,9 @@ struct SwarmArgs {
     /// Skip expiry faults when the node's half_ttl is longer than this (s).
     #[arg(long, default_value_t = 30.0)]
     expiry_wait_max_seconds: f64,
-    /// Write the report as JSON to this file.
+    /// Write the report as JSON to this file, also when the run fails or
+    /// stops early; it lists every outcome each phone was told
+    /// (`outcomes_told`), to check against the node's ledger afterwards.
     #[arg(long)]
     json: Option<PathBuf>,
     /// Draw throughput and latency over time to this SVG file.
@@ -219,6 +221,13 @@ struct SwarmArgs {
     /// never.
     #[arg(long, default_value_t = 3.0)]
     restart_after: f64,
+    /// End the run early, as failed, once the target has answered nothing
+    /// (no outcome, refusal or error) for this many seconds while phones
+    /// wait, and no replica completes a QUIC handshake: a dead node or
+    /// cluster. A change of leader does not count (the other replicas
+    /// answer). 0 never; the report (and --json) is still written.
+    #[arg(long, default_value_t = DEAD_AFTER_DEFAULT.as_secs_f64())]
+    dead_after: f64,
     #[command(flatten)]
     target: TargetArgs,
 }
@@ -468,14 +477,16 @@ fn run_swarm(args: SwarmArgs) -> anyhow::Result<ExitCode> {
         progress: !args.quiet,
         kill_leader_after: optional_seconds(args.kill_leader_after, "--kill-leader-after")?,
         restart_after: optional_seconds(args.restart_after, "--restart-after")?,
+        dead_after: optional_seconds(args.dead_after, "--dead-after")?,
         ..SwarmConfig::default()
     };
     let report = runtime(None)?.block_on(swarm::run(&config))?;
+    if let Some(stop) = &report.stopped {
+        eprintln!("tapledger-sim: {}", stop.describe(&report.target));
+    }
     print!("{}", report.render());
     if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&report.to_json())?;
-        std::fs::write(path, json + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        report.write_json(path)?;
     }
     if let Some(path) = &args.plot {
         let title = format!(

@@ -241,6 +241,7 @@ async fn small_swarm(
         session: session.ok_or_else(|| anyhow!("no account"))?,
         transcript: Some(Mutex::new(Vec::new())),
         failover: Default::default(),
+        liveness: Default::default(),
     }))
 }
 

@@ -14,6 +14,12 @@ use super::workload::Kind;
 /// resubmitted, arrives.
 pub const EMBEDDED_HALF_TTL: Duration = Duration::from_secs(5);
 
+/// How long the target may answer nothing while phones wait (and no replica
+/// completes a handshake) before the run ends as failed: well above a change
+/// of leader (phones reach the new leader within one to three seconds),
+/// well below the schedule of a run.
+pub const DEAD_AFTER_DEFAULT: Duration = Duration::from_secs(5);
+
 /// Replicas of the embedded cluster in the default run.
 pub const REPLICAS_DEFAULT: usize = 3;
 
@@ -62,6 +68,11 @@ pub struct SwarmConfig {
     pub kill_leader_after: Option<Duration>,
     /// Start the killed replica again this long after the kill; `None` never.
     pub restart_after: Option<Duration>,
+    /// End the run, failed, once the target has answered nothing for this
+    /// long while requests waited and no replica completes a handshake;
+    /// `None` never (then only the stall timeout ends a run whose target
+    /// died).
+    pub dead_after: Option<Duration>,
 }
 
 impl Default for SwarmConfig {
@@ -90,6 +101,7 @@ impl Default for SwarmConfig {
             progress: false,
             kill_leader_after: Some(Duration::from_secs(4)),
             restart_after: Some(Duration::from_secs(3)),
+            dead_after: Some(DEAD_AFTER_DEFAULT),
         }
     }
 }

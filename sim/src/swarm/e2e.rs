@@ -360,6 +360,7 @@ pub async fn run(config: &E2eConfig) -> anyhow::Result<E2eReport> {
         session,
         transcript: None,
         failover: Default::default(),
+        liveness: Default::default(),
     });
 
     let mut seed = config.seed;
@@ -399,8 +400,12 @@ pub async fn run(config: &E2eConfig) -> anyhow::Result<E2eReport> {
                 in_flight_max: 200_000,
                 progress: config.progress,
                 stall_timeout: Duration::from_secs(60),
+                dead_after: None,
             };
             let tally = run_plan(&swarm, &plan, &options).await?;
+            if let Some(stop) = &tally.stopped {
+                anyhow::bail!("{}", stop.describe("embedded node"));
+            }
             *balances = workload::balances_after(balances, &plan[..tally.dispatched as usize]);
             let latency = LatencySummary::of(&tally.latency);
             let settlements_per_sec = tally.settled as f64 / tally.seconds.max(1e-9);

@@ -13,7 +13,7 @@ use tapledger_node::{ApiCredentials, ClientError, HalfAnswer, Submitted};
 use tapledger_protocol::{Half, QueryStatus, Side};
 use tokio::time::Instant;
 
-use super::phones::{Got, Swarm, classify, delay, describe_half, sleep_until};
+use super::phones::{Got, SimPhone, Swarm, classify, delay, describe_half, sleep_until};
 use super::target::close_bounded;
 use super::workload::{Expect, Payment};
 
@@ -197,13 +197,18 @@ impl Swarm {
         });
         // Finding the leader authenticates: with a wrong key the leader
         // refuses it (1012), whichever replica answers first.
-        let got = match tokio::time::timeout(
+        let waiting = self.liveness.waiting();
+        let connected = tokio::time::timeout(
             self.step_timeout() * 4,
             self.connector
                 .connect_leader(Some((account.id, &wrong_key))),
         )
-        .await
-        {
+        .await;
+        drop(waiting);
+        if let Ok(connected) = &connected {
+            self.liveness.heard(connected);
+        }
+        let got = match connected {
             Err(_) => Got::Failed(format!("no answer within {:?}", self.step_timeout() * 4)),
             Ok(Ok((phone, _, _))) => {
                 close_bounded(phone).await;
@@ -237,18 +242,18 @@ impl Swarm {
         // A change of leader between connecting and the answer: connect to
         // the new leader and send the identical half again.
         let mut attempts = 0;
+        let waiting = self.liveness.waiting();
         let submitted = loop {
             attempts += 1;
-            let temporary = match self
-                .connector
-                .connect_as(sender.account.id, &sender.account.key)
-                .await
-            {
-                Ok((phone, _)) => phone,
+            let temporary = match self.connect_as(sender).await {
+                Ok(phone) => phone,
                 Err(error) => return failed(error.to_string()),
             };
             let submitted =
                 tokio::time::timeout(step_timeout, temporary.submit(send_half.clone())).await;
+            if let Ok(submitted) = &submitted {
+                self.liveness.heard(submitted);
+            }
             close_bounded(temporary).await;
             match submitted {
                 Ok(Err(error)) if error.is_failover() && attempts < 4 => {
@@ -257,6 +262,7 @@ impl Swarm {
                 submitted => break submitted,
             }
         };
+        drop(waiting);
         match submitted {
             Ok(Ok(Submitted::Accepted(_))) => {
                 self.note(|| {
@@ -285,12 +291,8 @@ impl Swarm {
             .await;
         self.note_told(payment.receiver, &receive);
 
-        let (mut again, _) = match self
-            .connector
-            .connect_as(sender.account.id, &sender.account.key)
-            .await
-        {
-            Ok(connected) => connected,
+        let mut again = match self.connect_as(sender).await {
+            Ok(phone) => phone,
             Err(error) => return (receive.got, Got::Failed(error.to_string())),
         };
         let sender_got = if payment.by_query {
@@ -302,28 +304,31 @@ impl Swarm {
                 )
             });
             let mut asked = 0;
+            let waiting = self.liveness.waiting();
             let queried = loop {
                 asked += 1;
-                match tokio::time::timeout(step_timeout, again.query_outcome(payment.tx_key)).await
-                {
+                let queried =
+                    tokio::time::timeout(step_timeout, again.query_outcome(payment.tx_key)).await;
+                if let Ok(queried) = &queried {
+                    self.liveness.heard(queried);
+                }
+                match queried {
                     Ok(Err(error)) if error.is_failover() && asked < 4 => {
                         close_bounded(again).await;
-                        again = match self
-                            .connector
-                            .connect_as(sender.account.id, &sender.account.key)
-                            .await
-                        {
-                            Ok((phone, _)) => phone,
+                        again = match self.connect_as(sender).await {
+                            Ok(phone) => phone,
                             Err(error) => return (receive.got, Got::Failed(error.to_string())),
                         };
                     }
                     queried => break queried,
                 }
             };
+            drop(waiting);
             match queried {
                 Err(_) => Got::Failed(format!("no answer within {step_timeout:?}")),
                 Ok(Err(error)) => classify(Err(error), payment.tx_key, payment.amount).0,
                 Ok(Ok((QueryStatus::Decided, Some(report)))) => {
+                    self.failover.told(sender.account.id, &report, None);
                     classify(
                         Ok(HalfAnswer::Decided(report)),
                         payment.tx_key,
@@ -342,9 +347,15 @@ impl Swarm {
                     self.who(payment.sender)
                 )
             });
-            self.submit_once(&again, send_half, payment.amount, step_timeout)
-                .await
-                .got
+            self.submit_once(
+                &again,
+                sender.account.id,
+                send_half,
+                payment.amount,
+                step_timeout,
+            )
+            .await
+            .got
         };
         self.note(|| {
             format!(
@@ -355,5 +366,17 @@ impl Swarm {
         });
         close_bounded(again).await;
         (receive.got, sender_got)
+    }
+
+    /// A connection of its own for `phone`'s account, counted as a request
+    /// waiting for the node until it is made.
+    async fn connect_as(&self, phone: &SimPhone) -> anyhow::Result<tapledger_node::Phone> {
+        let _waiting = self.liveness.waiting();
+        let (connection, _) = self
+            .connector
+            .connect_as(phone.account.id, &phone.account.key)
+            .await?;
+        self.liveness.answered();
+        Ok(connection)
     }
 }

@@ -8,12 +8,15 @@
 //! the embedded cluster's leader once along the way, and starting it again a
 //! little later), and then checks every answer, every balance over the wire,
 //! that every outcome a phone was told is on the new leader, and (embedded)
-//! every replica's audit and that the replicas hold identical ledgers.
+//! every replica's audit and that the replicas hold identical ledgers. A
+//! target that stops answering altogether ends the run early, as failed;
+//! its report still says what was run and every outcome each phone was told.
 //!
 //! * [`config`] — what to run; [`workload`] — the seeded plan and expectations;
 //! * [`target`] — the node, connections, account opening;
 //! * [`phones`] — the phones and the honest payment; `faults` — each fault;
-//! * [`run`] — dispatch and tally; [`report`] and [`plot`] — the results;
+//! * [`run`] — dispatch and tally; [`liveness`] — noticing a dead target;
+//! * [`report`] and [`plot`] — the results;
 //! * [`actions`] — single actions for people; [`e2e`] — `bench e2e`.
 //!
 //! It uses only the node's public client and, for the audit, the embedded
@@ -23,6 +26,7 @@ pub mod actions;
 pub mod config;
 pub mod e2e;
 mod faults;
+pub mod liveness;
 pub mod phones;
 pub mod plot;
 pub mod report;
@@ -138,6 +142,7 @@ async fn run_connected(
         session,
         transcript: None,
         failover: Default::default(),
+        liveness: Default::default(),
     });
 
     let result = exercise(config, &swarm, embedded, &opening).await;
@@ -150,7 +155,9 @@ async fn run_connected(
     Ok(report)
 }
 
-/// Plans and runs the payments, then checks balances and the audit.
+/// Plans and runs the payments, then checks balances and the audit. A run
+/// that stopped early (its target stopped answering) is reported as far as
+/// it got, without the checks after it.
 async fn exercise(
     config: &SwarmConfig,
     swarm: &Arc<Swarm>,
@@ -158,6 +165,94 @@ async fn exercise(
     opening: &[u64],
 ) -> anyhow::Result<(SwarmReport, Vec<String>)> {
     let mut notes = Vec::new();
+    let plan = plan_payments(config, swarm, opening, &mut notes)?;
+    phase(
+        config,
+        &format!(
+            "running {} payments ({:.1}% faults, {}), seed {}...",
+            report::thousands(plan.len() as u64),
+            config.fault_share * 100.0,
+            match config.rate {
+                Some(rate) => format!("{}/s open loop", report::thousands(rate as u64)),
+                None => format!("closed loop, {} in flight", config.in_flight),
+            },
+            config.seed
+        ),
+    );
+    let options = RunOptions {
+        pace: match config.rate {
+            Some(_) => Pace::Open,
+            None => Pace::Closed {
+                in_flight: config.in_flight,
+            },
+        },
+        stop_after: config.duration,
+        in_flight_max: config.in_flight,
+        progress: config.progress,
+        stall_timeout: stall_timeout(swarm, config.step_timeout),
+        dead_after: config.dead_after,
+    };
+    let started = tokio::time::Instant::now();
+    let killing = match (embedded, config.kill_leader_after) {
+        (Some(cluster), Some(after)) if cluster.size() > 1 => Some(tokio::spawn(kill_leader(
+            cluster.clone(),
+            swarm.clone(),
+            after,
+            config.restart_after,
+        ))),
+        _ => None,
+    };
+    let tally = run::run_plan(swarm, &plan, &options).await;
+    let mut errors = Vec::new();
+    let killed = match killing {
+        Some(task) if task.is_finished() => match task.await {
+            Ok(Ok(killed)) => Some(killed),
+            Ok(Err(error)) => {
+                errors.push(format!("killing the leader: {error:#}"));
+                None
+            }
+            Err(error) => {
+                errors.push(format!("the task killing the leader failed: {error}"));
+                None
+            }
+        },
+        Some(task) => {
+            task.abort();
+            // Let go of the swarm, so that its phones can be closed.
+            let _ = task.await;
+            notes.push(format!(
+                "the run ended before the leader was to be killed ({:?} in): no failover",
+                config.kill_leader_after.unwrap_or_default()
+            ));
+            None
+        }
+        None => None,
+    };
+    let tally = tally?;
+    let checks = if tally.stopped.is_some() {
+        notes.push(
+            "balances, the audit and the failover were not checked: the run stopped early".into(),
+        );
+        Checks::default()
+    } else {
+        let ran = &plan[..tally.dispatched as usize];
+        check_after(config, swarm, embedded, opening, ran, killed, started).await
+    };
+    errors.extend(checks.errors.iter().cloned());
+    let mut report = report_of(config, swarm, &plan, tally, checks);
+    report.replicas = embedded.map_or(0, |cluster| cluster.size());
+    report.errors = errors;
+    Ok((report, notes))
+}
+
+/// The seeded plan for `config` (faults the node's `half_ttl` makes too
+/// slow are left out, with a note).
+fn plan_payments(
+    config: &SwarmConfig,
+    swarm: &Swarm,
+    opening: &[u64],
+    notes: &mut Vec<String>,
+) -> anyhow::Result<Arc<Vec<Payment>>> {
     let half_ttl_ms = swarm.session.half_ttl_ms;
     let expiry_wait_max_ms = config.expiry_wait_max.as_millis() as u64;
     let faults: Vec<Kind> = config
@@ -188,71 +283,47 @@ async fn exercise(
                 .max(1),
         ),
     };
-    let plan = Arc::new(workload::plan(&workload, opening)?.payments);
+    Ok(Arc::new(workload::plan(&workload, opening)?.payments))
+}
 
-    phase(
-        config,
-        &format!(
-            "running {} payments ({:.1}% faults, {}), seed {}...",
-            report::thousands(plan.len() as u64),
-            config.fault_share * 100.0,
-            match config.rate {
-                Some(rate) => format!("{}/s open loop", report::thousands(rate as u64)),
-                None => format!("closed loop, {} in flight", config.in_flight),
-            },
-            config.seed
-        ),
-    );
-    let options = RunOptions {
-        pace: match config.rate {
-            Some(_) => Pace::Open,
-            None => Pace::Closed {
-                in_flight: config.in_flight,
-            },
-        },
-        stop_after: config.duration,
-        in_flight_max: config.in_flight,
-        progress: config.progress,
-        stall_timeout: stall_timeout(swarm, config.step_timeout),
-    };
-    let started = tokio::time::Instant::now();
-    let killing = match (embedded, config.kill_leader_after) {
-        (Some(cluster), Some(after)) if cluster.size() > 1 => Some(tokio::spawn(kill_leader(
-            cluster.clone(),
-            swarm.clone(),
-            after,
-            config.restart_after,
-        ))),
-        _ => None,
-    };
-    let tally = run::run_plan(swarm, &plan, &options).await;
-    let killed = match killing {
-        Some(task) => {
-            if task.is_finished() {
-                Some(task.await??)
-            } else {
-                task.abort();
-                notes.push(format!(
-                    "the run ended before the leader was to be killed ({:?} in): no failover",
-                    config.kill_leader_after.unwrap_or_default()
-                ));
-                None
-            }
-        }
-        None => None,
-    };
-    let tally = tally?;
-    let ran = &plan[..tally.dispatched as usize];
+/// What the checks after a run found.
+#[derive(Default)]
+struct Checks {
+    balances_checked: u64,
+    balance_mismatches: u64,
+    balance_mismatch_examples: Vec<String>,
+    audit: Option<AuditSummary>,
+    failover: Option<FailoverReport>,
+    /// Checks that could not run.
+    errors: Vec<String>,
+}
 
+/// Checks every balance over the wire, and on an embedded cluster every
+/// replica's audit and (after a leader kill) every outcome told.
+async fn check_after(
+    config: &SwarmConfig,
+    swarm: &Arc<Swarm>,
+    embedded: Option<&Arc<EmbeddedCluster>>,
+    opening: &[u64],
+    ran: &[Payment],
+    killed: Option<Killed>,
+    started: tokio::time::Instant,
+) -> Checks {
     phase(config, "checking every balance over the wire...");
     let expected = workload::balances_after(opening, ran);
     let (balances_checked, balance_mismatches, balance_mismatch_examples) =
         check_balances(swarm, &expected).await;
-
+    let mut errors = Vec::new();
     let audit = match embedded {
         Some(embedded) => {
             phase(config, "auditing every replica's books...");
-            Some(audit(embedded, ran, swarm.phones.len()).await?)
+            match audit(embedded, ran, swarm.phones.len()).await {
+                Ok(audit) => Some(audit),
+                Err(error) => {
+                    errors.push(format!("audit: {error:#}"));
+                    None
+                }
+            }
         }
         None => None,
     };
@@ -263,40 +334,63 @@ async fn exercise(
         }
         _ => None,
     };
+    Checks {
+        balances_checked,
+        balance_mismatches,
+        balance_mismatch_examples,
+        audit,
+        failover,
+        errors,
+    }
+}
 
-    let report = SwarmReport {
+/// The report of a run: the tally, the checks, and every outcome told.
+fn report_of(
+    config: &SwarmConfig,
+    swarm: &Swarm,
+    plan: &[Payment],
+    tally: run::Tally,
+    checks: Checks,
+) -> SwarmReport {
+    let mut told = std::mem::take(&mut *swarm.failover.told_by_account.lock().expect("told lock"));
+    told.sort_by_key(|told| (told.tx_key, told.account));
+    told.dedup();
+    SwarmReport {
         target: String::new(),
         seed: config.seed,
         phones: swarm.phones.len(),
         endpoints: config.endpoints,
         payments_planned: plan.len() as u64,
         payments_run: tally.dispatched,
+        payments_finished: tally.finished,
         fault_share: config.fault_share,
         rate: config.rate,
-        half_ttl_ms,
+        half_ttl_ms: swarm.session.half_ttl_ms,
         open_accounts_seconds: 0.0,
         connect_seconds: 0.0,
         seconds: tally.seconds,
         settling_seconds: tally.settling_seconds,
         settled: tally.settled,
-        kinds: tally.kinds.clone(),
-        outcomes: tally.outcomes.clone(),
-        observations: tally.observations,
-        mismatches: tally.mismatches,
-        mismatch_examples: tally.mismatch_examples.clone(),
         latency: LatencySummary::of(&tally.latency),
         second_half: LatencySummary::of(&tally.second_half),
         timeline: report::timeline(&tally.timeline),
         cpu: tally.cpu,
-        balances_checked,
-        balance_mismatches,
-        balance_mismatch_examples,
-        audit,
-        replicas: embedded.map_or(0, |cluster| cluster.size()),
-        failover,
+        kinds: tally.kinds,
+        outcomes: tally.outcomes,
+        observations: tally.observations,
+        mismatches: tally.mismatches,
+        mismatch_examples: tally.mismatch_examples,
+        balances_checked: checks.balances_checked,
+        balance_mismatches: checks.balance_mismatches,
+        balance_mismatch_examples: checks.balance_mismatch_examples,
+        audit: checks.audit,
+        replicas: 0,
+        failover: checks.failover,
+        stopped: tally.stopped,
+        told,
+        errors: Vec::new(),
         notes: Vec::new(),
-    };
-    Ok((report, notes))
+    }
 }
 
 /// What the leader kill did, for the report.

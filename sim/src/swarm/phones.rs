@@ -21,10 +21,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tapledger_node::client::Session;
 use tapledger_node::{ClientError, HalfAnswer, Phone, Submitted};
-use tapledger_protocol::{Half, OutcomeReport, OutcomeStatus, ReceiveHalf, SendHalf, TxKey};
+use tapledger_protocol::{
+    AccountId, Half, OutcomeReport, OutcomeStatus, ReceiveHalf, SendHalf, TxKey,
+};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use super::liveness::Liveness;
+use super::report::ToldOutcome;
 use super::target::{Account, Connector, close_bounded};
 use super::workload::{Expect, Kind, Payment};
 
@@ -131,13 +135,25 @@ pub struct FailoverLog {
     pub reconnects: AtomicU64,
     /// Every final outcome a phone was told, to look for afterwards.
     pub told: Mutex<HashMap<TxKey, OutcomeReport>>,
+    /// Every outcome each phone was told, as told (one entry per telling),
+    /// for the report: what to check against the node's ledger afterwards.
+    pub told_by_account: Mutex<Vec<ToldOutcome>>,
     /// Outcomes told twice for one key with different contents.
     pub contradictions: AtomicUsize,
 }
 
 impl FailoverLog {
-    /// Notes an outcome a phone was told over a connection to `replica`.
-    fn told(&self, report: &OutcomeReport, replica: usize) {
+    /// Notes an outcome the phone of `account` was told, over its long-lived
+    /// connection to `replica` (`None`: over a connection of its own, which
+    /// the failover figures leave out).
+    pub(super) fn told(&self, account: AccountId, report: &OutcomeReport, replica: Option<usize>) {
+        self.told_by_account
+            .lock()
+            .expect("failover lock")
+            .push(ToldOutcome::of(account, report));
+        let Some(replica) = replica else {
+            return;
+        };
         if let Some((killed_at, killed)) = *self.killed.lock().expect("failover lock")
             && replica != killed
         {
@@ -238,6 +254,8 @@ pub struct Swarm {
     /// When set, every step is written here for people to read (`scenario`).
     pub transcript: Option<Mutex<Vec<String>>>,
     pub failover: FailoverLog,
+    /// Whether the node still answers (see `liveness`).
+    pub liveness: Liveness,
 }
 
 impl Swarm {
@@ -408,13 +426,20 @@ impl Swarm {
         amount: u64,
         limit: Duration,
     ) -> Answer {
+        let _waiting = self.liveness.waiting();
         let deadline = Instant::now() + limit;
         let tx_key = half.tx_key();
         let mut waited = false;
         let mut connection = phone.connection().await;
         let result = loop {
-            let (result, accepted) =
-                submit_on(&connection.phone, half.clone(), deadline, limit).await;
+            let (result, accepted) = submit_on(
+                &connection.phone,
+                half.clone(),
+                deadline,
+                limit,
+                &self.liveness,
+            )
+            .await;
             waited |= accepted;
             match result {
                 Err(error) if error.is_failover() && Instant::now() < deadline => {
@@ -425,7 +450,10 @@ impl Swarm {
                     )
                     .await
                     {
-                        Ok(Ok(fresh)) => connection = fresh,
+                        Ok(Ok(fresh)) => {
+                            self.liveness.answered();
+                            connection = fresh;
+                        }
                         Ok(Err(why)) => break Err(ClientError::Connect(why.to_string())),
                         Err(_) => break Err(ClientError::Timeout(limit)),
                     }
@@ -435,7 +463,8 @@ impl Swarm {
         };
         let at = Instant::now();
         if let Ok(HalfAnswer::Decided(report)) = &result {
-            self.failover.told(report, connection.replica);
+            self.failover
+                .told(phone.account.id, report, Some(connection.replica));
         }
         let (got, report) = classify(result, tx_key, amount);
         Answer {
@@ -446,18 +475,24 @@ impl Swarm {
         }
     }
 
-    /// Submits `half` on a connection of its own (no reconnection) and waits
-    /// for its final answer within `limit`.
+    /// Submits `half` on a connection of its own (no reconnection),
+    /// authenticated as `account`, and waits for its final answer within
+    /// `limit`.
     pub(super) async fn submit_once(
         &self,
         phone: &Phone,
+        account: AccountId,
         half: Half,
         amount: u64,
         limit: Duration,
     ) -> Answer {
+        let _waiting = self.liveness.waiting();
         let deadline = Instant::now() + limit;
         let tx_key = half.tx_key();
-        let (result, waited) = submit_on(phone, half, deadline, limit).await;
+        let (result, waited) = submit_on(phone, half, deadline, limit, &self.liveness).await;
+        if let Ok(HalfAnswer::Decided(report)) = &result {
+            self.failover.told(account, report, None);
+        }
         let at = Instant::now();
         let (got, report) = classify(result, tx_key, amount);
         Answer {
@@ -473,16 +508,22 @@ impl Swarm {
     /// `phone`'s committed balance, asked of the leader (reconnecting if its
     /// replica stopped leading).
     pub async fn balance(&self, phone: &SimPhone) -> Result<u64, ClientError> {
+        let _waiting = self.liveness.waiting();
         let limit = self.step_timeout();
         let mut connection = phone.connection().await;
         for _ in 0..4 {
-            match tokio::time::timeout(limit, connection.phone.balance()).await {
+            let answer = tokio::time::timeout(limit, connection.phone.balance()).await;
+            if let Ok(answer) = &answer {
+                self.liveness.heard(answer);
+            }
+            match answer {
                 Err(_) => return Err(ClientError::Timeout(limit)),
                 Ok(Err(error)) if error.is_failover() => {
                     connection = phone
                         .reconnect(&self.connector, &connection, &self.failover)
                         .await
                         .map_err(|why| ClientError::Connect(why.to_string()))?;
+                    self.liveness.answered();
                 }
                 Ok(answer) => return answer,
             }
@@ -492,27 +533,33 @@ impl Swarm {
 }
 
 /// One submission on `phone` up to its final answer or `deadline`; and
-/// whether it was `accepted` first.
+/// whether it was `accepted` first. Notes every answer in `liveness`.
 async fn submit_on(
     phone: &Phone,
     half: Half,
     deadline: Instant,
     limit: Duration,
+    liveness: &Liveness,
 ) -> (Result<HalfAnswer, ClientError>, bool) {
-    match tokio::time::timeout_at(deadline, phone.submit(half)).await {
+    let submitted = tokio::time::timeout_at(deadline, phone.submit(half)).await;
+    if let Ok(submitted) = &submitted {
+        liveness.heard(submitted);
+    }
+    match submitted {
         Err(_) => (Err(ClientError::Timeout(limit)), false),
         Ok(Err(error)) => (Err(error), false),
         Ok(Ok(Submitted::Answered(answer))) => (Ok(answer), false),
         Ok(Ok(Submitted::Accepted(pending))) => {
             match tokio::time::timeout_at(deadline, pending.answer()).await {
                 Err(_) => (Err(ClientError::Timeout(limit)), true),
-                Ok(answer) => (answer, true),
+                Ok(answer) => {
+                    liveness.heard(&answer);
+                    (answer, true)
+                }
             }
         }
     }
 }
-
-impl Swarm {}
 
 /// Turns the node's answer into an observation, checking that an outcome
 /// names the right key (and, when settled, the right amount).

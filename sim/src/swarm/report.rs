@@ -6,13 +6,55 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use anyhow::Context as _;
 use hdrhistogram::Histogram;
 use serde_json::json;
 use tapledger_actors::AuditReport;
-use tapledger_protocol::{ErrorCode, RejectCode};
+use tapledger_protocol::{AccountId, ErrorCode, OutcomeReport, OutcomeStatus, RejectCode, TxKey};
 
+use super::liveness::Stop;
 use super::run::{Bucket, CpuSplit, OutcomeCounts, TIMELINE_BUCKET};
 use super::workload::Kind;
+
+/// One outcome as one phone was told it: what to look for in the node's
+/// ledger afterwards (`tapledger-node export`, `accounts --history`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ToldOutcome {
+    pub tx_key: TxKey,
+    /// The account whose phone was told.
+    pub account: AccountId,
+    pub status: OutcomeStatus,
+    pub code: Option<RejectCode>,
+    pub amount: Option<u64>,
+    pub balance_after: Option<u64>,
+}
+
+impl ToldOutcome {
+    pub fn of(account: AccountId, report: &OutcomeReport) -> ToldOutcome {
+        ToldOutcome {
+            tx_key: report.tx_key,
+            account,
+            status: report.status,
+            code: report.code,
+            amount: report.amount,
+            balance_after: report.balance_after,
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "tx_key": self.tx_key.to_string(),
+            "account": self.account,
+            "status": match self.status {
+                OutcomeStatus::Settled => "settled",
+                OutcomeStatus::Rejected => "rejected",
+            },
+            "code": self.code.map(RejectCode::code),
+            "amount": self.amount,
+            "balance_after": self.balance_after,
+        })
+    }
+}
 
 /// Percentiles of one latency histogram, in microseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -211,6 +253,8 @@ pub struct SwarmReport {
     pub endpoints: usize,
     pub payments_planned: u64,
     pub payments_run: u64,
+    /// Payments whose every step ended (the rest were cut off by a stop).
+    pub payments_finished: u64,
     pub fault_share: f64,
     /// Offered open-loop arrivals per second; `None` for closed loop.
     pub rate: Option<f64>,
@@ -242,6 +286,12 @@ pub struct SwarmReport {
     pub replicas: usize,
     /// The leader kill, when the run made one.
     pub failover: Option<FailoverReport>,
+    /// Why the run stopped before the end of its plan, if it did.
+    pub stopped: Option<Stop>,
+    /// Every outcome each phone was told, sorted by key and account.
+    pub told: Vec<ToldOutcome>,
+    /// Checks or steps that could not run (each one a failure).
+    pub errors: Vec<String>,
     pub notes: Vec<String>,
 }
 
@@ -257,6 +307,10 @@ impl SwarmReport {
     /// Every failed check; empty means the run passed.
     pub fn failures(&self) -> Vec<String> {
         let mut failures = Vec::new();
+        if let Some(stop) = &self.stopped {
+            failures.push(format!("stopped early: {}", stop.describe(&self.target)));
+        }
+        failures.extend(self.errors.iter().cloned());
         if self.mismatches > 0 {
             failures.push(format!(
                 "{} of {} answers differ from what the sim expected",
@@ -309,6 +363,30 @@ impl SwarmReport {
             self.endpoints,
             self.connect_seconds
         );
+        self.render_payments(&mut out);
+        self.render_answers(&mut out);
+        let _ = writeln!(out);
+        self.render_balances(&mut out);
+        self.render_audit(&mut out);
+        if let Some(failover) = &self.failover {
+            out.push_str(&failover.render());
+        }
+        for note in &self.notes {
+            let _ = writeln!(out, "note: {note}");
+        }
+        let failures = self.failures();
+        if failures.is_empty() {
+            let _ = writeln!(out, "result: PASS");
+        } else {
+            let _ = writeln!(out, "result: FAIL");
+            for failure in failures {
+                let _ = writeln!(out, "  {failure}");
+            }
+        }
+        out
+    }
+
+    fn render_payments(&self, out: &mut String) {
         let pace = match self.rate {
             Some(rate) => format!("offered {}/s open loop", thousands(rate as u64)),
             None => "closed loop".to_owned(),
@@ -321,6 +399,15 @@ impl SwarmReport {
             self.seconds,
             self.fault_share * 100.0
         );
+        if let Some(stop) = &self.stopped {
+            let _ = writeln!(out, "  STOPPED EARLY: {}", stop.describe(&self.target));
+            let _ = writeln!(
+                out,
+                "  {} of {} payments started had finished",
+                thousands(self.payments_finished),
+                thousands(self.payments_run)
+            );
+        }
         let _ = writeln!(
             out,
             "  settled {} · {} settlements/s (over {:.1} s to the last settlement)",
@@ -363,7 +450,9 @@ impl SwarmReport {
                     ))
             );
         }
+    }
 
+    fn render_answers(&self, out: &mut String) {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
@@ -401,9 +490,12 @@ impl SwarmReport {
                 let _ = writeln!(out, "    {example}");
             }
         }
+    }
 
-        let _ = writeln!(out);
-        if self.balance_mismatches == 0 {
+    fn render_balances(&self, out: &mut String) {
+        if self.stopped.is_some() {
+            let _ = writeln!(out, "balances: not asked (the run stopped early)");
+        } else if self.balance_mismatches == 0 {
             let _ = writeln!(
                 out,
                 "balances: {} accounts asked over the wire, every one as the sim expected",
@@ -420,6 +512,14 @@ impl SwarmReport {
                 let _ = writeln!(out, "    {example}");
             }
         }
+        let _ = writeln!(
+            out,
+            "told: {} outcomes, one per phone and payment (listed in --json under outcomes_told, to check against the node's ledger)",
+            thousands(self.told.len() as u64)
+        );
+    }
+
+    fn render_audit(&self, out: &mut String) {
         match &self.audit {
             Some(audit) => {
                 let report = &audit.report;
@@ -461,6 +561,12 @@ impl SwarmReport {
                     }
                 }
             }
+            None if self.stopped.is_some() && self.replicas > 0 => {
+                let _ = writeln!(out, "audit: not run (the run stopped early)");
+            }
+            None if self.replicas > 0 => {
+                let _ = writeln!(out, "audit: could not run (see the failures below)");
+            }
             None => {
                 let _ = writeln!(
                     out,
@@ -468,22 +574,6 @@ impl SwarmReport {
                 );
             }
         }
-        if let Some(failover) = &self.failover {
-            out.push_str(&failover.render());
-        }
-        for note in &self.notes {
-            let _ = writeln!(out, "note: {note}");
-        }
-        let failures = self.failures();
-        if failures.is_empty() {
-            let _ = writeln!(out, "result: PASS");
-        } else {
-            let _ = writeln!(out, "result: FAIL");
-            for failure in failures {
-                let _ = writeln!(out, "  {failure}");
-            }
-        }
-        out
     }
 
     /// Outcome rows in reading order: settled, then codes ascending, then
@@ -580,9 +670,20 @@ impl SwarmReport {
             "timeline_bucket_seconds": TIMELINE_BUCKET.as_secs_f64(),
             "timeline": timeline,
             "notes": self.notes,
+            "payments_finished": self.payments_finished,
+            "stopped": self.stopped.as_ref().map(|stop| stop.to_json(&self.target)),
+            "errors": self.errors,
+            "outcomes_told": self.told.iter().map(ToldOutcome::to_json).collect::<Vec<_>>(),
             "failures": self.failures(),
             "passed": self.failures().is_empty(),
         })
+    }
+
+    /// Writes [`SwarmReport::to_json`] to `path`, pretty-printed.
+    pub fn write_json(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        let json = serde_json::to_string_pretty(&self.to_json())?;
+        std::fs::write(path, json + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))
     }
 }
 

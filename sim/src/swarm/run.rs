@@ -7,19 +7,27 @@
 //! plus its planned jitter), not from when the sim got round to sending: a
 //! node (or a sim) that falls behind shows as latency, never as fewer
 //! measurements (no coordinated omission).
+//!
+//! A run stops early, cutting off the payments still running, when the
+//! target is found dead (`liveness::watch`) or payments stop finishing for
+//! the stall timeout; the tally then says why ([`Tally::stopped`]).
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail};
+use anyhow::anyhow;
 use hdrhistogram::Histogram;
-use tokio::sync::{Notify, Semaphore};
-use tokio::task::JoinSet;
+use indicatif::ProgressBar;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-use super::phones::{PaymentResult, Swarm};
+use super::liveness::{self, Stop};
+use super::phones::{PaymentResult, Swarm, sleep_until};
 use super::target::progress_bar;
 use super::workload::{Kind, Payment};
 use crate::bench::threads;
@@ -53,8 +61,12 @@ pub struct RunOptions {
     /// not a brake on the schedule, since latency still counts from the tap.
     pub in_flight_max: usize,
     pub progress: bool,
-    /// Abort if no payment finishes for this long.
+    /// Stop if no payment finishes for this long.
     pub stall_timeout: Duration,
+    /// Stop once the target has answered nothing for this long while
+    /// requests waited and no replica completes a handshake (see
+    /// `liveness::watch`); `None` never.
+    pub dead_after: Option<Duration>,
 }
 
 /// One timeline bucket.
@@ -105,6 +117,10 @@ pub struct Tally {
     last_settled: Option<Instant>,
     /// Where the CPU went while the payments ran.
     pub cpu: CpuSplit,
+    /// Why the run stopped before the end of the plan, if it did; payments
+    /// still running then were cut off (counted in `dispatched`, not in
+    /// `finished`).
+    pub stopped: Option<Stop>,
 }
 
 /// CPU time during a run, split between the embedded node (its runtime and
@@ -157,6 +173,7 @@ impl Tally {
             settling_seconds: 0.0,
             last_settled: None,
             cpu: CpuSplit::default(),
+            stopped: None,
         }
     }
 
@@ -294,113 +311,206 @@ fn micros(duration: Duration) -> u64 {
         .max(1)
 }
 
-/// Runs `plan` through `swarm` and returns the tally.
+/// The watchdog a run selects on: resolves once the target is found dead.
+type Watchdog<'a> = Pin<Box<dyn Future<Output = Stop> + Send + 'a>>;
+
+/// Awaits `work` unless the watchdog resolves first.
+async fn unless_stopped<T>(
+    watchdog: &mut Watchdog<'_>,
+    work: impl Future<Output = T>,
+) -> Result<T, Stop> {
+    tokio::select! {
+        biased;
+        stop = watchdog.as_mut() => Err(stop),
+        done = work => Ok(done),
+    }
+}
+
+/// Runs `plan` through `swarm` and returns the tally. A run that stops
+/// early (the target stopped answering, or payments stopped finishing)
+/// returns what it measured until then, with [`Tally::stopped`] saying why.
 pub async fn run_plan(
     swarm: &Arc<Swarm>,
     plan: &Arc<Vec<Payment>>,
     options: &RunOptions,
 ) -> anyhow::Result<Tally> {
-    let tally = Arc::new(Mutex::new(Tally::new()));
-    let finished = Arc::new(AtomicU64::new(0));
-    let settled = Arc::new(AtomicU64::new(0));
     let progress = progress_bar(plan.len() as u64, "payments", options.progress);
-    let ticker = {
-        let progress = progress.clone();
-        let finished = finished.clone();
-        let settled = settled.clone();
-        tokio::spawn(async move {
-            // Settled counts of the last second, to show the current rate.
-            let mut window = std::collections::VecDeque::new();
-            let mut interval = tokio::time::interval(PROGRESS_TICK);
-            loop {
-                interval.tick().await;
-                let now_settled = settled.load(Ordering::Relaxed);
-                window.push_back(now_settled);
-                if window.len() > (1_000 / PROGRESS_TICK.as_millis()) as usize + 1 {
-                    window.pop_front();
-                }
-                let span = (window.len() - 1) as f64 * PROGRESS_TICK.as_secs_f64();
-                let rate = if span > 0.0 {
-                    (now_settled - window.front().copied().unwrap_or(0)) as f64 / span
-                } else {
-                    0.0
-                };
-                progress.set_position(finished.load(Ordering::Relaxed));
-                progress.set_message(format!(
-                    "· {} settled, {}/s",
-                    super::report::thousands(now_settled),
-                    super::report::thousands(rate as u64)
-                ));
-            }
-        })
-    };
-
     let in_flight = match options.pace {
         Pace::Open => options.in_flight_max,
         Pace::Closed { in_flight } => in_flight,
     }
     .max(1);
-    let slots = Arc::new(Semaphore::new(in_flight));
-    let epochs = Arc::new(Epochs::of(plan));
     let cpu_before = threads::Snapshot::take();
-    // A short lead so the first taps are not already late.
-    let started = Instant::now() + Duration::from_millis(5);
-    let mut tasks = JoinSet::new();
-    let mut dispatched = 0u64;
-    let reap = |done: Result<(), tokio::task::JoinError>, tally: &Mutex<Tally>| {
-        if let Err(error) = done {
-            tally
-                .lock()
-                .expect("tally lock")
-                .failed_task(format!("a payment task failed: {error}"));
-        }
+    let mut run = Running {
+        swarm,
+        plan,
+        options,
+        tally: Arc::new(Mutex::new(Tally::new())),
+        finished: Arc::new(AtomicU64::new(0)),
+        settled: Arc::new(AtomicU64::new(0)),
+        slots: Arc::new(Semaphore::new(in_flight)),
+        epochs: Arc::new(Epochs::of(plan)),
+        // A short lead so the first taps are not already late.
+        started: Instant::now() + Duration::from_millis(5),
+        tasks: JoinSet::new(),
+        dispatched: 0,
     };
-    for (index, payment) in plan.iter().enumerate() {
-        let planned = Duration::from_micros(payment.at_us);
-        // Open loop stops at the planned time, closed loop at the wall clock.
-        let elapsed = match options.pace {
-            Pace::Open => planned,
-            Pace::Closed { .. } => started.elapsed(),
-        };
-        if options.stop_after.is_some_and(|stop| elapsed > stop) {
-            break;
-        }
-        if options.pace == Pace::Open {
-            let intended = started + planned;
-            if Instant::now() < intended {
-                tokio::time::sleep_until(intended).await;
+    let ticker = spawn_ticker(progress.clone(), run.finished.clone(), run.settled.clone());
+    let mut watchdog: Watchdog<'_> = match options.dead_after {
+        Some(limit) => Box::pin(liveness::watch(swarm, limit, run.started)),
+        None => Box::pin(std::future::pending()),
+    };
+    let mut stopped = run.dispatch(&mut watchdog).await;
+    if stopped.is_none() {
+        stopped = run.drain(&mut watchdog).await;
+    }
+    drop(watchdog);
+    if stopped.is_some() {
+        run.tasks.abort_all();
+        while let Some(done) = run.tasks.join_next().await {
+            match done {
+                Err(error) if error.is_cancelled() => {}
+                done => run.reap(done),
             }
         }
-        if payment.epoch >= 2
-            && !epochs
-                .wait_finished(payment.epoch - 2, options.stall_timeout)
-                .await
-        {
-            tasks.abort_all();
-            ticker.abort();
-            progress.finish_and_clear();
-            bail!(
-                "payments of epoch {} did not finish within {:?}: the node stopped answering",
-                payment.epoch - 2,
-                options.stall_timeout
-            );
+    }
+    let cpu = CpuSplit::of(&cpu_before.usage_until(&threads::Snapshot::take()));
+    ticker.abort();
+    progress.set_position(run.finished.load(Ordering::Relaxed));
+    progress.finish_and_clear();
+    let mut tally = Arc::try_unwrap(run.tally)
+        .map_err(|_| anyhow!("the tally is still shared after every payment ended"))?
+        .into_inner()
+        .expect("tally lock");
+    tally.dispatched = run.dispatched;
+    tally.cpu = cpu;
+    tally.seconds = run.started.elapsed().as_secs_f64();
+    tally.settling_seconds = tally.last_settled.map_or(0.0, |last| {
+        last.saturating_duration_since(run.started).as_secs_f64()
+    });
+    tally.stopped = stopped;
+    Ok(tally)
+}
+
+/// Refreshes the progress bar: payments finished, settled, and the rate
+/// over the last second.
+fn spawn_ticker(
+    progress: ProgressBar,
+    finished: Arc<AtomicU64>,
+    settled: Arc<AtomicU64>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        // Settled counts of the last second, to show the current rate.
+        let mut window = std::collections::VecDeque::new();
+        let mut interval = tokio::time::interval(PROGRESS_TICK);
+        loop {
+            interval.tick().await;
+            let now_settled = settled.load(Ordering::Relaxed);
+            window.push_back(now_settled);
+            if window.len() > (1_000 / PROGRESS_TICK.as_millis()) as usize + 1 {
+                window.pop_front();
+            }
+            let span = (window.len() - 1) as f64 * PROGRESS_TICK.as_secs_f64();
+            let rate = if span > 0.0 {
+                (now_settled - window.front().copied().unwrap_or(0)) as f64 / span
+            } else {
+                0.0
+            };
+            progress.set_position(finished.load(Ordering::Relaxed));
+            progress.set_message(format!(
+                "· {} settled, {}/s",
+                super::report::thousands(now_settled),
+                super::report::thousands(rate as u64)
+            ));
         }
-        let permit = slots.clone().acquire_owned().await.expect("never closed");
-        let tap = match options.pace {
-            Pace::Open => started + planned,
-            Pace::Closed { .. } => Instant::now(),
-        };
-        dispatched += 1;
-        let swarm = swarm.clone();
-        let plan = plan.clone();
-        let task_tally = tally.clone();
-        let finished = finished.clone();
-        let settled = settled.clone();
+    })
+}
+
+/// A plan being run: what the dispatcher shares with the payment tasks.
+struct Running<'a> {
+    swarm: &'a Arc<Swarm>,
+    plan: &'a Arc<Vec<Payment>>,
+    options: &'a RunOptions,
+    tally: Arc<Mutex<Tally>>,
+    finished: Arc<AtomicU64>,
+    settled: Arc<AtomicU64>,
+    /// Payments in flight at most.
+    slots: Arc<Semaphore>,
+    epochs: Arc<Epochs>,
+    /// The first planned tap.
+    started: Instant,
+    tasks: JoinSet<()>,
+    dispatched: u64,
+}
+
+impl Running<'_> {
+    /// Starts the payments of the plan in order, each at its time (open
+    /// loop) or when a slot frees up (closed loop), up to `stop_after`.
+    /// Returns why it stopped early, if it did.
+    async fn dispatch(&mut self, watchdog: &mut Watchdog<'_>) -> Option<Stop> {
+        let options = self.options;
+        let plan = self.plan.clone();
+        for (index, payment) in plan.iter().enumerate() {
+            let planned = Duration::from_micros(payment.at_us);
+            // Open loop stops at the planned time, closed loop at the wall clock.
+            let elapsed = match options.pace {
+                Pace::Open => planned,
+                Pace::Closed { .. } => self.started.elapsed(),
+            };
+            if options.stop_after.is_some_and(|stop| elapsed > stop) {
+                break;
+            }
+            if options.pace == Pace::Open
+                && let Err(stop) =
+                    unless_stopped(watchdog, sleep_until(self.started + planned)).await
+            {
+                return Some(stop);
+            }
+            if payment.epoch >= 2 {
+                let epoch = payment.epoch - 2;
+                let waiting = self.epochs.wait_finished(epoch, options.stall_timeout);
+                match unless_stopped(watchdog, waiting).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return Some(Stop::Stalled(format!(
+                            "payments of epoch {epoch} did not finish within {:?}: the node stopped answering",
+                            options.stall_timeout
+                        )));
+                    }
+                    Err(stop) => return Some(stop),
+                }
+            }
+            let permit = match unless_stopped(watchdog, self.slots.clone().acquire_owned()).await {
+                Ok(permit) => permit.expect("never closed"),
+                Err(stop) => return Some(stop),
+            };
+            let tap = match options.pace {
+                Pace::Open => self.started + planned,
+                Pace::Closed { .. } => Instant::now(),
+            };
+            self.spawn_payment(index, permit, tap);
+            while let Some(done) = self.tasks.try_join_next() {
+                self.reap(done);
+            }
+        }
+        None
+    }
+
+    /// Runs payment `index` of the plan as a task of its own.
+    fn spawn_payment(&mut self, index: usize, permit: OwnedSemaphorePermit, tap: Instant) {
+        self.dispatched += 1;
+        let payment = &self.plan[index];
         let epoch_guard = payment.is_barrier().then(|| EpochGuard {
-            epochs: epochs.clone(),
+            epochs: self.epochs.clone(),
             epoch: payment.epoch,
         });
-        tasks.spawn(async move {
+        let swarm = self.swarm.clone();
+        let plan = self.plan.clone();
+        let tally = self.tally.clone();
+        let finished = self.finished.clone();
+        let settled = self.settled.clone();
+        let started = self.started;
+        self.tasks.spawn(async move {
             let _permit = permit;
             let _epoch_guard = epoch_guard;
             let payment = &plan[index];
@@ -415,45 +525,41 @@ pub async fn run_plan(
             if result.settled {
                 settled.fetch_add(1, Ordering::Relaxed);
             }
-            task_tally
+            tally
                 .lock()
                 .expect("tally lock")
                 .record(payment, &result, tap, started);
             finished.fetch_add(1, Ordering::Relaxed);
         });
-        while let Some(done) = tasks.try_join_next() {
-            reap(done, &tally);
-        }
     }
-    loop {
-        match tokio::time::timeout(options.stall_timeout, tasks.join_next()).await {
-            Ok(Some(done)) => reap(done, &tally),
-            Ok(None) => break,
-            Err(_) => {
-                tasks.abort_all();
-                ticker.abort();
-                progress.finish_and_clear();
-                bail!(
-                    "no payment finished for {:?} with {} still running: the node stopped answering",
-                    options.stall_timeout,
-                    tasks.len()
-                );
+
+    /// Waits for every payment started to finish; returns why it stopped
+    /// waiting early, if it did.
+    async fn drain(&mut self, watchdog: &mut Watchdog<'_>) -> Option<Stop> {
+        let stall = self.options.stall_timeout;
+        loop {
+            let next = tokio::time::timeout(stall, self.tasks.join_next());
+            match unless_stopped(watchdog, next).await {
+                Err(stop) => return Some(stop),
+                Ok(Ok(Some(done))) => self.reap(done),
+                Ok(Ok(None)) => return None,
+                Ok(Err(_)) => {
+                    return Some(Stop::Stalled(format!(
+                        "no payment finished for {stall:?} with {} still running: the node stopped answering",
+                        self.tasks.len()
+                    )));
+                }
             }
         }
     }
-    let cpu = CpuSplit::of(&cpu_before.usage_until(&threads::Snapshot::take()));
-    ticker.abort();
-    progress.set_position(finished.load(Ordering::Relaxed));
-    progress.finish_and_clear();
-    let mut tally = Arc::try_unwrap(tally)
-        .map_err(|_| anyhow!("the tally is still shared after every payment ended"))?
-        .into_inner()
-        .expect("tally lock");
-    tally.dispatched = dispatched;
-    tally.cpu = cpu;
-    tally.seconds = started.elapsed().as_secs_f64();
-    tally.settling_seconds = tally.last_settled.map_or(0.0, |last| {
-        last.saturating_duration_since(started).as_secs_f64()
-    });
-    Ok(tally)
+
+    /// Counts a payment task that failed (panicked) as a mismatch.
+    fn reap(&self, done: Result<(), tokio::task::JoinError>) {
+        if let Err(error) = done {
+            self.tally
+                .lock()
+                .expect("tally lock")
+                .failed_task(format!("a payment task failed: {error}"));
+        }
+    }
 }

@@ -587,6 +587,39 @@ impl Connector {
         }
     }
 
+    /// Tries a QUIC handshake with every replica at once, each within
+    /// `limit`: the index of one that completed it (a replica is up, leading
+    /// or not), or what each replica did instead.
+    pub async fn probe(&self, limit: Duration) -> Result<usize, String> {
+        let endpoint = &self.endpoints[0];
+        let attempts = self
+            .replicas
+            .iter()
+            .enumerate()
+            .map(|(index, replica)| async move {
+                match tokio::time::timeout(limit, endpoint.connect_to(replica)).await {
+                    Ok(Ok(phone)) => {
+                        tokio::spawn(close_bounded(phone));
+                        Ok(index)
+                    }
+                    Ok(Err(error)) => Err(format!("{}: {error}", replica.addr)),
+                    Err(_) => Err(format!(
+                        "{}: no QUIC handshake within {limit:?}",
+                        replica.addr
+                    )),
+                }
+            })
+            .collect();
+        let mut errors = Vec::new();
+        for attempt in futures_join_all(attempts).await {
+            match attempt {
+                Ok(index) => return Ok(index),
+                Err(error) => errors.push(error),
+            }
+        }
+        Err(errors.join("; "))
+    }
+
     pub fn admin(&self) -> anyhow::Result<&Secret> {
         self.admin.as_ref().ok_or_else(|| {
             anyhow!(
@@ -595,11 +628,15 @@ impl Connector {
         })
     }
 
-    /// Waits (bounded) until every connection of every endpoint has closed.
+    /// Waits (bounded, 2 s in all) until every connection of every endpoint
+    /// has closed.
     pub async fn wait_idle(&self) {
-        for endpoint in &self.endpoints {
-            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-        }
+        let waits = self
+            .endpoints
+            .iter()
+            .map(|endpoint| tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()))
+            .collect();
+        futures_join_all(waits).await;
     }
 }
 
