@@ -319,16 +319,6 @@ impl PendingCounts {
             counts.remove(&party);
         }
     }
-
-    /// Lone halves `party` has waiting.
-    pub fn of(&self, party: AccountId) -> u32 {
-        self.0
-            .lock()
-            .expect("pending counts lock")
-            .get(&party)
-            .copied()
-            .unwrap_or(0)
-    }
 }
 
 /// The pairing state of one matcher shard.

@@ -311,23 +311,30 @@ async fn background_payer(
             continue;
         };
         let payment = workload.payment(next.fetch_add(1, Ordering::Relaxed));
-        let paid = tokio::time::timeout(
-            BACKGROUND_PAYMENT_LIMIT,
-            pay(&ledger, &payment, HalvesMode::Together),
-        )
-        .await;
+        let paid = settles_in_time(&ledger, &payment).await;
         drop(ledger);
-        match paid {
-            Ok(paid) if settled_both(&paid) => settled += 1,
-            _ => interrupted += 1,
+        if paid {
+            settled += 1;
+        } else {
+            interrupted += 1;
         }
     }
     (settled, interrupted)
 }
 
-fn settled_both(paid: &core::Paid) -> bool {
+/// Pays `payment` on `ledger`; true if both halves heard it settle within
+/// [`BACKGROUND_PAYMENT_LIMIT`] (its replica may be killed under it).
+async fn settles_in_time(ledger: &Ledger, payment: &core::Payment) -> bool {
     let settled = |result: &Result<Resolution, _>| matches!(result, Ok(Resolution::Final(outcome)) if matches!(**outcome, Outcome::Settled(_)));
-    settled(&paid.send) && settled(&paid.receive)
+    match tokio::time::timeout(
+        BACKGROUND_PAYMENT_LIMIT,
+        pay(ledger, payment, HalvesMode::Together),
+    )
+    .await
+    {
+        Ok(paid) => settled(&paid.send) && settled(&paid.receive),
+        Err(_) => false,
+    }
 }
 
 async fn leading_ledger(cluster: &EmbeddedCluster) -> Option<Arc<Ledger>> {
@@ -373,12 +380,7 @@ async fn kill_round(
         };
         let payment = workload.payment(*probe_index);
         *probe_index += 1;
-        let paid = tokio::time::timeout(
-            BACKGROUND_PAYMENT_LIMIT,
-            pay(&ledger, &payment, HalvesMode::Together),
-        )
-        .await;
-        if matches!(&paid, Ok(paid) if settled_both(paid)) {
+        if settles_in_time(&ledger, &payment).await {
             break ((index, serving_after), killed_at.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
