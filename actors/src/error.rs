@@ -22,6 +22,14 @@ pub enum StoreError {
     Poisoned,
     #[error("the ledger was opened read-only")]
     ReadOnly,
+    /// A record failed its checksum or the journal's hash chain: the file
+    /// changed under the ledger. Nothing read from it is trusted.
+    #[error("ledger record damaged: {table} {key}: {what}")]
+    Damaged {
+        table: String,
+        key: String,
+        what: String,
+    },
 }
 
 macro_rules! redb_error_from {

@@ -24,6 +24,7 @@ mod leader;
 mod ledger;
 pub mod matcher;
 pub mod raft;
+mod seal;
 pub mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};

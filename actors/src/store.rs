@@ -32,33 +32,42 @@ use tapledger_protocol::{
 
 use crate::core::matching::{Committed, Decision, PendingHalf};
 use crate::error::StoreError;
+use crate::seal;
 use crate::raft::{self, EntryResult, LedgerEntry, LogId, SnapshotMeta, StoredMembership};
 
 /// Version of the table layout below. Opening a file of another version fails.
 /// Version 2 added the `raft` table (a replicated ledger); a version 1 file
-/// has no Raft history to join a cluster with.
-pub const SCHEMA_VERSION: u64 = 2;
+/// has no Raft history to join a cluster with. Version 3 sealed every record
+/// with a checksum and chained the journal (`seal.rs`).
+pub const SCHEMA_VERSION: u64 = 3;
 
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Every value below is sealed: a checksum over table, key and payload, then
+/// the payload ([`seal`]). Payloads are little-endian integers or MessagePack.
+type Sealed = &'static [u8];
+
+/// Named counters (u64), and `journal_head` (u128, the journal chain's link
+/// of its newest entry).
+const META: TableDefinition<&str, Sealed> = TableDefinition::new("meta");
 /// Account id -> [`AccountRecord`] (MessagePack). Never changes after opening.
-const ACCOUNTS: TableDefinition<u64, &[u8]> = TableDefinition::new("accounts");
+const ACCOUNTS: TableDefinition<u64, Sealed> = TableDefinition::new("accounts");
 /// Account id -> (committed balance in minor units, journal sequence of the
-/// newest entry that moved it). The issuer is not here: its balance is
-/// `-issued`. The sequence heads the account's history: every journal entry
-/// links to the previous entry of each account it moves, so history costs no
-/// index writes per settlement.
-const BALANCES: TableDefinition<u64, (u64, u64)> = TableDefinition::new("balances");
-/// Journal sequence -> [`StoredEntry`] (MessagePack), in commit order.
-const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
-/// `tx_key` -> journal sequence of its one final outcome.
-const TX_KEYS: TableDefinition<u128, u64> = TableDefinition::new("tx_keys");
+/// newest entry that moved it), two u64. The issuer is not here: its balance
+/// is `-issued`. The sequence heads the account's history: every journal
+/// entry links to the previous entry of each account it moves, so history
+/// costs no index writes per settlement.
+const BALANCES: TableDefinition<u64, Sealed> = TableDefinition::new("balances");
+/// Journal sequence -> its chain link (u128, [`seal::chain_link`]) then the
+/// [`StoredEntry`] (MessagePack), in commit order.
+const JOURNAL: TableDefinition<u64, Sealed> = TableDefinition::new("journal");
+/// `tx_key` -> journal sequence (u64) of its one final outcome.
+const TX_KEYS: TableDefinition<u128, Sealed> = TableDefinition::new("tx_keys");
 /// `tx_key` -> the lone [`PendingHalf`] waiting for its partner (MessagePack).
-const PENDING: TableDefinition<u128, &[u8]> = TableDefinition::new("pending");
+const PENDING: TableDefinition<u128, Sealed> = TableDefinition::new("pending");
 /// Raft's view of this state machine, written in the same transaction as the
 /// entries it describes: `applied` (the last applied log id) and `membership`
 /// (the last applied membership), MessagePack. A snapshot file also holds
 /// `snapshot` (its [`SnapshotMeta`]).
-const RAFT: TableDefinition<&str, &[u8]> = TableDefinition::new("raft");
+const RAFT: TableDefinition<&str, Sealed> = TableDefinition::new("raft");
 const RAFT_APPLIED: &str = "applied";
 const RAFT_MEMBERSHIP: &str = "membership";
 const RAFT_SNAPSHOT: &str = "snapshot";
@@ -70,6 +79,8 @@ const META_JOURNAL_NEXT: &str = "journal_next";
 const META_ACCOUNT_NEXT: &str = "account_next";
 /// Total the issuer has paid out: sum of all user balances.
 const META_ISSUED: &str = "issued";
+/// The journal chain's link of its newest entry (0 while it is empty).
+const META_JOURNAL_HEAD: &str = "journal_head";
 
 /// Static facts about an account, fixed when it is opened.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -261,11 +272,27 @@ fn check_schema(read: &redb::ReadTransaction) -> Result<Option<()>, StoreError> 
     if !tables.iter().any(|name| name == "meta") {
         return Err(StoreError::NotALedger);
     }
-    let meta = read.open_table(META)?;
-    let found = meta
-        .get(META_SCHEMA_VERSION)?
-        .map(|guard| guard.value())
-        .ok_or(StoreError::NotALedger)?;
+    let meta = match read.open_table(META) {
+        Ok(meta) => meta,
+        // Versions 1 and 2 stored their counters as plain u64.
+        Err(redb::TableError::TableTypeMismatch { .. }) => {
+            let legacy: TableDefinition<&str, u64> = TableDefinition::new("meta");
+            let found = read
+                .open_table(legacy)?
+                .get(META_SCHEMA_VERSION)?
+                .map(|guard| guard.value())
+                .ok_or(StoreError::NotALedger)?;
+            return Err(StoreError::SchemaVersion {
+                found,
+                expected: SCHEMA_VERSION,
+            });
+        }
+        Err(error) => return Err(error.into()),
+    };
+    if meta.get(META_SCHEMA_VERSION)?.is_none() {
+        return Err(StoreError::NotALedger);
+    }
+    let found = meta_get(&meta, META_SCHEMA_VERSION)?;
     if found != SCHEMA_VERSION {
         return Err(StoreError::SchemaVersion {
             found,
@@ -284,15 +311,28 @@ fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, StoreError> {
 }
 
 impl Store {
-    /// Opens the ledger at `path`, creating the file and its tables if needed.
+    /// Opens the ledger at `path`, creating the file and its tables if
+    /// needed. A file that fails its integrity check is refused (an error
+    /// for which [`is_damage`] holds): redb verifies the checksum of every
+    /// page of its trees, which reads the whole file once, and
+    /// [`Store::verify_at_open`] checks the counters and the journal's tail.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = Database::builder().create(path)?;
+        let db = refuse_damage(|| {
+            Ok(Database::builder()
+                .set_check_integrity_on_open(true)
+                .create(path)?)
+        })?;
         Store::init(db)
     }
 
-    /// Opens a ledger on a custom storage backend (tests inject faults this way).
+    /// Opens a ledger on a custom storage backend (tests inject faults this
+    /// way), checked as [`Store::open`] checks it.
     pub fn open_with_backend(backend: impl redb::StorageBackend) -> Result<Store, StoreError> {
-        let db = Database::builder().create_with_backend(backend)?;
+        let db = refuse_damage(|| {
+            Ok(Database::builder()
+                .set_check_integrity_on_open(true)
+                .create_with_backend(backend)?)
+        })?;
         Store::init(db)
     }
 
@@ -313,18 +353,21 @@ impl Store {
 
     fn init(db: Database) -> Result<Store, StoreError> {
         if check_schema(&db.begin_read()?)?.is_some() {
-            return Ok(Store {
+            let store = Store {
                 db: Db::Writable(db),
-            });
+            };
+            store.verify_at_open()?;
+            return Ok(store);
         }
         let write = db.begin_write()?;
         {
             let mut meta = write.open_table(META)?;
-            meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION)?;
-            meta.insert(META_COMMIT_SEQ, 0)?;
-            meta.insert(META_JOURNAL_NEXT, 0)?;
-            meta.insert(META_ACCOUNT_NEXT, 1)?;
-            meta.insert(META_ISSUED, 0)?;
+            meta_put(&mut meta, META_SCHEMA_VERSION, SCHEMA_VERSION)?;
+            meta_put(&mut meta, META_COMMIT_SEQ, 0)?;
+            meta_put(&mut meta, META_JOURNAL_NEXT, 0)?;
+            meta_put(&mut meta, META_ACCOUNT_NEXT, 1)?;
+            meta_put(&mut meta, META_ISSUED, 0)?;
+            set_journal_head(&mut meta, 0)?;
             write.open_table(ACCOUNTS)?;
             write.open_table(BALANCES)?;
             write.open_table(JOURNAL)?;
@@ -336,6 +379,16 @@ impl Store {
         Ok(Store {
             db: Db::Writable(db),
         })
+    }
+
+    /// The quick integrity check a node runs before it serves: every counter
+    /// and Raft record passes its checksum, the journal holds as many entries
+    /// as were written and its newest entry is the one the chain's head
+    /// names, and there is one balance per account. Costs a few reads,
+    /// whatever the size of the ledger; [`Store::audit`] checks everything.
+    pub fn verify_at_open(&self) -> Result<(), StoreError> {
+        let read = self.db.begin_read()?;
+        refuse_damage(|| verify_tail(&read))
     }
 
     /// Applies committed Raft entries, in order, in one durable write
@@ -356,9 +409,7 @@ impl Store {
                     EntryPayload::Blank => EntryResult::default(),
                     EntryPayload::Membership(membership) => {
                         let stored = StoredMembership::new(Some(entry.log_id), membership.clone());
-                        tables
-                            .raft
-                            .insert(RAFT_MEMBERSHIP, raft::encode(&stored)?.as_slice())?;
+                        raft_put(&mut tables.raft, RAFT_MEMBERSHIP, &stored)?;
                         EntryResult::default()
                     }
                     EntryPayload::Normal(ledger_entry) => {
@@ -367,9 +418,7 @@ impl Store {
                 };
                 results.push(result);
             }
-            tables
-                .raft
-                .insert(RAFT_APPLIED, raft::encode(&last.log_id)?.as_slice())?;
+            raft_put(&mut tables.raft, RAFT_APPLIED, &last.log_id)?;
         }
         write.commit()?;
         Ok(results)
@@ -417,7 +466,7 @@ impl Store {
         let read = self.db.begin_read()?;
         let tx_keys = read.open_table(TX_KEYS)?;
         let journal = read.open_table(JOURNAL)?;
-        let Some(seq) = tx_keys.get(tx_key.as_u128())?.map(|guard| guard.value()) else {
+        let Some(seq) = tx_key_get(&tx_keys, tx_key.as_u128())? else {
             return Ok(None);
         };
         Ok(Some(outcome_at(&journal, seq)?))
@@ -427,17 +476,20 @@ impl Store {
     pub fn pending(&self, tx_key: TxKey) -> Result<Option<PendingHalf>, StoreError> {
         let read = self.db.begin_read()?;
         let pending = read.open_table(PENDING)?;
-        pending
-            .get(tx_key.as_u128())?
-            .map(|guard| decode(guard.value()))
-            .transpose()
+        pending_get(&pending, tx_key.as_u128())
     }
 
     /// Every lone half waiting for its partner.
     pub fn all_pending(&self) -> Result<Vec<PendingHalf>, StoreError> {
         let read = self.db.begin_read()?;
         let pending = read.open_table(PENDING)?;
-        pending.iter()?.map(|row| decode(row?.1.value())).collect()
+        pending
+            .iter()?
+            .map(|row| {
+                let (key, value) = row?;
+                decode(seal::unseal(PENDING.name(), key.value(), value.value())?)
+            })
+            .collect()
     }
 
     /// The committed balance of `account` and the commit sequence of the
@@ -446,7 +498,7 @@ impl Store {
         let read = self.db.begin_read()?;
         let meta = read.open_table(META)?;
         let balances = read.open_table(BALANCES)?;
-        let Some((balance, _)) = balances.get(account)?.map(|guard| guard.value()) else {
+        let Some((balance, _)) = balance_get(&balances, account)? else {
             return Ok(None);
         };
         Ok(Some((balance, meta_get(&meta, META_COMMIT_SEQ)?)))
@@ -459,10 +511,14 @@ impl Store {
     pub fn account(&self, account: AccountId) -> Result<Option<AccountRecord>, StoreError> {
         let read = self.db.begin_read()?;
         let accounts = read.open_table(ACCOUNTS)?;
-        accounts
-            .get(account)?
-            .map(|guard| decode(guard.value()))
-            .transpose()
+        match accounts.get(account)? {
+            Some(guard) => Ok(Some(decode(seal::unseal(
+                ACCOUNTS.name(),
+                account,
+                guard.value(),
+            )?)?)),
+            None => Ok(None),
+        }
     }
 
     /// Every account with its balance, in id order.
@@ -474,11 +530,12 @@ impl Store {
             .iter()?
             .map(|row| {
                 let (id, record) = row?;
-                let balance = balances
-                    .get(id.value())?
-                    .map(|guard| guard.value().0)
-                    .unwrap_or(0);
-                Ok((decode(record.value())?, balance))
+                let id = id.value();
+                let balance = balance_get(&balances, id)?.map_or(0, |(balance, _)| balance);
+                Ok((
+                    decode(seal::unseal(ACCOUNTS.name(), id, record.value())?)?,
+                    balance,
+                ))
             })
             .collect()
     }
@@ -489,7 +546,7 @@ impl Store {
         let balances = read.open_table(BALANCES)?;
         let journal = read.open_table(JOURNAL)?;
         let mut entries = Vec::new();
-        let mut next = balances.get(account)?.map(|guard| guard.value().1);
+        let mut next = balance_get(&balances, account)?.map(|(_, head)| head);
         while let Some(seq) = next {
             let stored = stored_at(&journal, seq)?;
             let position = stored
@@ -523,172 +580,23 @@ impl Store {
             .take(limit)
             .map(|row| {
                 let (seq, bytes) = row?;
-                Ok((seq.value(), decode::<StoredEntry>(bytes.value())?.entry))
+                let seq = seq.value();
+                let (_, entry) = unseal_journal(seq, bytes.value())?;
+                Ok((seq, decode::<StoredEntry>(entry)?.entry))
             })
             .collect()
     }
 
-    /// Checks the books on one consistent snapshot: every balance equals its
-    /// funding plus credits minus debits in journal order and never went below
-    /// zero; balances sum to what the issuer paid out; every `tx_key` has
-    /// exactly one outcome and no pending half shadows one.
+    /// Checks the books on one consistent snapshot: every record's checksum
+    /// and the journal's hash chain (any changed byte is named as damage);
+    /// every balance equals its funding plus credits minus debits in journal
+    /// order and never went below zero; balances sum to what the issuer paid
+    /// out; every `tx_key` has exactly one outcome and no pending half
+    /// shadows one. A file too damaged for redb to walk (it may even panic
+    /// inside) is reported as one problem, not an error or a panic.
     pub fn audit(&self) -> Result<AuditReport, StoreError> {
         let read = self.db.begin_read()?;
-        let meta = read.open_table(META)?;
-        let accounts = read.open_table(ACCOUNTS)?;
-        let balances = read.open_table(BALANCES)?;
-        let journal = read.open_table(JOURNAL)?;
-        let tx_keys = read.open_table(TX_KEYS)?;
-        let pending = read.open_table(PENDING)?;
-
-        let mut report = AuditReport {
-            issued: meta_get(&meta, META_ISSUED)?,
-            ..AuditReport::default()
-        };
-        let account_next: u64 = meta_get(&meta, META_ACCOUNT_NEXT)?;
-        let mut running: HashMap<AccountId, u64> = HashMap::new();
-        let mut funded_total: u128 = 0;
-        let mut outcome_keys: HashSet<u128> = HashSet::new();
-        // Each account's newest entry so far, to check the history links.
-        let mut last_seq: HashMap<AccountId, u64> = HashMap::new();
-
-        for row in journal.iter()? {
-            let (seq, bytes) = row?;
-            let seq = seq.value();
-            report.journal_entries += 1;
-            let StoredEntry { entry, previous } = decode(bytes.value())?;
-            let moved = entry.moved_accounts();
-            if previous.len() != moved.len() {
-                report.problems.push(format!(
-                    "journal {seq}: {} history links for {} accounts",
-                    previous.len(),
-                    moved.len()
-                ));
-            }
-            for (account, link) in moved.iter().zip(&previous) {
-                let expected = last_seq.insert(*account, seq);
-                if *link != expected {
-                    report.problems.push(format!(
-                        "journal {seq}: history of account {account} links to {link:?}, expected {expected:?}"
-                    ));
-                }
-            }
-            match entry {
-                JournalEntry::Funding(funding) => {
-                    report.fundings += 1;
-                    funded_total += u128::from(funding.amount);
-                    let balance = running.entry(funding.account).or_insert(0);
-                    if *balance != funding.balance_before {
-                        report.problems.push(format!(
-                            "journal {seq}: funding of account {} records balance before {} but history gives {}",
-                            funding.account, funding.balance_before, balance
-                        ));
-                    }
-                    match balance.checked_add(funding.amount) {
-                        Some(next) => *balance = next,
-                        None => report.problems.push(format!(
-                            "journal {seq}: account {} overflows",
-                            funding.account
-                        )),
-                    }
-                }
-                JournalEntry::Outcome(outcome) => {
-                    let key = outcome.tx_key().as_u128();
-                    if !outcome_keys.insert(key) {
-                        report.problems.push(format!(
-                            "journal {seq}: tx_key {} has a second outcome",
-                            outcome.tx_key()
-                        ));
-                    }
-                    match tx_keys.get(key)?.map(|guard| guard.value()) {
-                        Some(indexed) if indexed == seq => {}
-                        other => report.problems.push(format!(
-                            "journal {seq}: tx_key {} indexed at {other:?}",
-                            outcome.tx_key()
-                        )),
-                    }
-                    match outcome {
-                        Outcome::Settled(settlement) => {
-                            report.settlements += 1;
-                            audit_settlement(seq, &settlement, &mut running, &mut report.problems);
-                        }
-                        Outcome::Rejected(_) => report.rejections += 1,
-                    }
-                }
-            }
-        }
-
-        for row in accounts.iter()? {
-            let (id, _) = row?;
-            let id = id.value();
-            report.accounts += 1;
-            if id == ISSUER_ACCOUNT_ID || id >= account_next {
-                report.problems.push(format!(
-                    "account {id} is outside the assigned range 1..{account_next}"
-                ));
-            }
-            let stored = balances.get(id)?.map(|guard| guard.value());
-            if let Some((_, head)) = stored
-                && last_seq.get(&id) != Some(&head)
-            {
-                report.problems.push(format!(
-                    "account {id}: history starts at journal {head} but its newest entry is {:?}",
-                    last_seq.get(&id)
-                ));
-            }
-            let expected = running.get(&id).copied().unwrap_or(0);
-            match stored.map(|(balance, _)| balance) {
-                None => report.problems.push(format!("account {id} has no balance")),
-                Some(stored) if stored != expected => report.problems.push(format!(
-                    "account {id}: balance {stored} but its history gives {expected}"
-                )),
-                Some(stored) => report.user_balances_total += u128::from(stored),
-            }
-        }
-        if balances.len()? != report.accounts {
-            report.problems.push(format!(
-                "{} balances for {} accounts",
-                balances.len()?,
-                report.accounts
-            ));
-        }
-        if report.accounts + 1 != account_next {
-            report.problems.push(format!(
-                "{} accounts but ids run to {}",
-                report.accounts,
-                account_next - 1
-            ));
-        }
-        if report.user_balances_total != u128::from(report.issued) {
-            report.problems.push(format!(
-                "user balances sum to {} but the issuer paid out {} (books do not sum to zero)",
-                report.user_balances_total, report.issued
-            ));
-        }
-        if funded_total != u128::from(report.issued) {
-            report.problems.push(format!(
-                "fundings total {funded_total} but issued is {}",
-                report.issued
-            ));
-        }
-        if tx_keys.len()? != outcome_keys.len() as u64 {
-            report.problems.push(format!(
-                "{} tx_keys indexed for {} outcomes",
-                tx_keys.len()?,
-                outcome_keys.len()
-            ));
-        }
-        for row in pending.iter()? {
-            let (key, _) = row?;
-            report.pending_halves += 1;
-            if outcome_keys.contains(&key.value()) {
-                report.problems.push(format!(
-                    "tx_key {} is pending and final",
-                    TxKey::from_u128(key.value())
-                ));
-            }
-        }
-        Ok(report)
+        guard_damage(|| audit_books(&read), AuditReport::damaged)
     }
 
     /// Writes a consistent copy of the ledger, from one read snapshot, to a new
@@ -747,6 +655,15 @@ impl Store {
                 meta.snapshot_id, recorded.last_log_id, meta.last_log_id
             )));
         }
+        // A snapshot that does not audit clean (a damaged transfer or file)
+        // is refused before it replaces anything.
+        let report = guard_damage(|| audit_books(&read), AuditReport::damaged)?;
+        if let Some(problem) = report.problems.first() {
+            return Err(corrupted(format!(
+                "snapshot {} fails its audit: {problem}",
+                meta.snapshot_id
+            )));
+        }
         let mut write = self.db.begin_write()?;
         write.set_durability(redb::Durability::Immediate)?;
         {
@@ -780,7 +697,7 @@ impl Store {
             let mut table = write.open_table(RAFT)?;
             let (applied, _) = raft_state_of(&table)?;
             let stored = StoredMembership::new(applied, members);
-            table.insert(RAFT_MEMBERSHIP, raft::encode(&stored)?.as_slice())?;
+            raft_put(&mut table, RAFT_MEMBERSHIP, &stored)?;
         }
         write.commit()?;
         Ok(())
@@ -822,9 +739,7 @@ fn write_copy(
         copy_table(read, &write, PENDING)?;
         copy_table(read, &write, RAFT)?;
         if let Some(meta) = snapshot {
-            write
-                .open_table(RAFT)?
-                .insert(RAFT_SNAPSHOT, raft::encode(meta)?.as_slice())?;
+            raft_put(&mut write.open_table(RAFT)?, RAFT_SNAPSHOT, meta)?;
         }
     }
     write.commit()?;
@@ -849,10 +764,8 @@ where
 fn snapshot_meta_in(read: &redb::ReadTransaction) -> Result<SnapshotMeta, StoreError> {
     check_schema(read)?.ok_or(StoreError::NotALedger)?;
     let table = read.open_table(RAFT)?;
-    let bytes = table
-        .get(RAFT_SNAPSHOT)?
-        .ok_or_else(|| corrupted("the file records no snapshot metadata".into()))?;
-    Ok(raft::decode(bytes.value())?)
+    raft_get(&table, RAFT_SNAPSHOT)?
+        .ok_or_else(|| corrupted("the file records no snapshot metadata".into()))
 }
 
 fn digest_table<K, V>(
@@ -899,6 +812,383 @@ where
         target.insert(key.value(), value.value())?;
     }
     Ok(())
+}
+
+/// See [`Store::verify_at_open`].
+fn verify_tail(read: &redb::ReadTransaction) -> Result<(), StoreError> {
+    let meta = read.open_table(META)?;
+    for row in meta.iter()? {
+        let (key, value) = row?;
+        seal::unseal(META.name(), key.value(), value.value())?;
+    }
+    raft_state_of(&read.open_table(RAFT)?)?;
+    let journal = read.open_table(JOURNAL)?;
+    let journal_next = meta_get(&meta, META_JOURNAL_NEXT)?;
+    if journal.len()? != journal_next {
+        return Err(corrupted(format!(
+            "the journal holds {} entries but {journal_next} were written",
+            journal.len()?
+        )));
+    }
+    let head = journal_head(&meta)?;
+    if let Some(newest) = journal_next.checked_sub(1) {
+        let bytes = journal
+            .get(newest)?
+            .ok_or_else(|| corrupted(format!("missing journal entry {newest}")))?;
+        let (link, encoded) = unseal_journal(newest, bytes.value())?;
+        let previous = match newest.checked_sub(1) {
+            Some(before) => {
+                let bytes = journal
+                    .get(before)?
+                    .ok_or_else(|| corrupted(format!("missing journal entry {before}")))?;
+                unseal_journal(before, bytes.value())?.0
+            }
+            None => 0,
+        };
+        if link != head || seal::chain_link(previous, newest, encoded) != link {
+            return Err(corrupted(format!(
+                "journal {newest}: the hash chain does not end at the recorded head"
+            )));
+        }
+    } else if head != 0 {
+        return Err(corrupted("the journal is empty but its chain has a head".into()));
+    }
+    let accounts = read.open_table(ACCOUNTS)?.len()?;
+    let balances = read.open_table(BALANCES)?.len()?;
+    let account_next = meta_get(&meta, META_ACCOUNT_NEXT)?;
+    if accounts != balances || accounts.checked_add(1) != Some(account_next) {
+        return Err(corrupted(format!(
+            "{accounts} accounts, {balances} balances and ids up to {}",
+            account_next.wrapping_sub(1)
+        )));
+    }
+    Ok(())
+}
+
+/// Runs `check` on a file that may be damaged: a damage error, or a panic
+/// inside redb on a tree it cannot walk, becomes `damaged(description)`.
+/// Other errors (I/O, a closed file) pass through.
+fn guard_damage<T>(
+    check: impl FnOnce() -> Result<T, StoreError>,
+    damaged: impl FnOnce(String) -> T,
+) -> Result<T, StoreError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(check)) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) if is_damage(&error) => Ok(damaged(damage_problem(&error))),
+        Ok(Err(error)) => Err(error),
+        Err(panic) => Ok(damaged(structure_damaged(&*panic))),
+    }
+}
+
+/// Runs `check` on a file that may be damaged, turning a panic inside redb
+/// into a damage error.
+pub(crate) fn refuse_damage<T>(check: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(check))
+        .unwrap_or_else(|panic| Err(corrupted(structure_damaged(&*panic))))
+}
+
+fn structure_damaged(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|text| text.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    format!("the file's structure is damaged: redb failed while reading it ({text})")
+}
+
+/// Whether `error` says the file's content is damaged (rather than that it
+/// could not be read at all).
+pub fn is_damage(error: &StoreError) -> bool {
+    matches!(
+        error,
+        StoreError::Damaged { .. }
+            | StoreError::Decode(_)
+            | StoreError::Redb(redb::Error::Corrupted(_))
+    )
+}
+
+/// One audit problem naming what `error` found damaged. Accounts are named
+/// "account N" as every other audit problem names them.
+fn damage_problem(error: &StoreError) -> String {
+    match error {
+        StoreError::Damaged { table, key, what }
+            if table == ACCOUNTS.name() || table == BALANCES.name() =>
+        {
+            format!("account {key}: its {table} record is damaged ({what})")
+        }
+        StoreError::Damaged { table, key, what } if table == JOURNAL.name() => {
+            format!("journal {key}: the record is damaged ({what})")
+        }
+        StoreError::Damaged { table, key, what } => {
+            format!("{table} record {key} is damaged ({what})")
+        }
+        other => format!("the file is damaged: {other}"),
+    }
+}
+
+impl AuditReport {
+    /// The report on a file whose damage stopped the audit.
+    fn damaged(problem: String) -> AuditReport {
+        AuditReport {
+            problems: vec![problem],
+            ..AuditReport::default()
+        }
+    }
+}
+
+/// The audit of one read snapshot (see [`Store::audit`]). A damaged record
+/// is a problem and the audit goes on; damage redb itself trips over is an
+/// error ([`guard_damage`] reports it).
+fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> {
+    let meta = read.open_table(META)?;
+    let accounts = read.open_table(ACCOUNTS)?;
+    let balances = read.open_table(BALANCES)?;
+    let journal = read.open_table(JOURNAL)?;
+    let tx_keys = read.open_table(TX_KEYS)?;
+    let pending = read.open_table(PENDING)?;
+
+    let mut report = AuditReport::default();
+    for row in meta.iter()? {
+        let (key, value) = row?;
+        if let Err(error) = seal::unseal(META.name(), key.value(), value.value()) {
+            report.problems.push(damage_problem(&error));
+        }
+    }
+    if !report.problems.is_empty() {
+        // The counters every check below compares against are not to be trusted.
+        return Ok(report);
+    }
+    report.issued = meta_get(&meta, META_ISSUED)?;
+    let account_next: u64 = meta_get(&meta, META_ACCOUNT_NEXT)?;
+    let journal_next: u64 = meta_get(&meta, META_JOURNAL_NEXT)?;
+    if let Err(error) = raft_state_of(&read.open_table(RAFT)?) {
+        report.problems.push(damage_problem(&error));
+    }
+    let mut running: HashMap<AccountId, u64> = HashMap::new();
+    let mut funded_total: u128 = 0;
+    let mut outcome_keys: HashSet<u128> = HashSet::new();
+    // Each account's newest entry so far, to check the history links.
+    let mut last_seq: HashMap<AccountId, u64> = HashMap::new();
+    // The chain link of the entry before, `None` after a damaged one.
+    let mut link: Option<u128> = Some(0);
+    let mut expected_seq = 0u64;
+
+    for row in journal.iter()? {
+        let (seq, bytes) = row?;
+        let seq = seq.value();
+        report.journal_entries += 1;
+        if seq != expected_seq {
+            report.problems.push(format!(
+                "journal {seq}: follows entry {} (entries missing or renumbered)",
+                expected_seq.wrapping_sub(1) as i128
+            ));
+            link = None;
+        }
+        expected_seq = seq.wrapping_add(1);
+        let (stored_link, encoded) = match unseal_journal(seq, bytes.value()) {
+            Ok(record) => record,
+            Err(error) => {
+                report.problems.push(damage_problem(&error));
+                link = None;
+                continue;
+            }
+        };
+        if let Some(previous) = link
+            && seal::chain_link(previous, seq, encoded) != stored_link
+        {
+            report.problems.push(format!(
+                "journal {seq}: the hash chain breaks here (an entry before it was lost, replaced or reordered)"
+            ));
+        }
+        link = Some(stored_link);
+        let StoredEntry { entry, previous } = match decode(encoded) {
+            Ok(stored) => stored,
+            Err(error) => {
+                report
+                    .problems
+                    .push(format!("journal {seq}: the record cannot be decoded ({error})"));
+                continue;
+            }
+        };
+        let moved = entry.moved_accounts();
+        if previous.len() != moved.len() {
+            report.problems.push(format!(
+                "journal {seq}: {} history links for {} accounts",
+                previous.len(),
+                moved.len()
+            ));
+        }
+        for (account, link) in moved.iter().zip(&previous) {
+            let expected = last_seq.insert(*account, seq);
+            if *link != expected {
+                report.problems.push(format!(
+                    "journal {seq}: history of account {account} links to {link:?}, expected {expected:?}"
+                ));
+            }
+        }
+        match entry {
+            JournalEntry::Funding(funding) => {
+                report.fundings += 1;
+                funded_total += u128::from(funding.amount);
+                let balance = running.entry(funding.account).or_insert(0);
+                if *balance != funding.balance_before {
+                    report.problems.push(format!(
+                        "journal {seq}: funding of account {} records balance before {} but history gives {}",
+                        funding.account, funding.balance_before, balance
+                    ));
+                }
+                match balance.checked_add(funding.amount) {
+                    Some(next) => *balance = next,
+                    None => report.problems.push(format!(
+                        "journal {seq}: account {} overflows",
+                        funding.account
+                    )),
+                }
+            }
+            JournalEntry::Outcome(outcome) => {
+                let key = outcome.tx_key().as_u128();
+                if !outcome_keys.insert(key) {
+                    report.problems.push(format!(
+                        "journal {seq}: tx_key {} has a second outcome",
+                        outcome.tx_key()
+                    ));
+                }
+                match tx_key_get(&tx_keys, key) {
+                    Ok(Some(indexed)) if indexed == seq => {}
+                    Ok(other) => report.problems.push(format!(
+                        "journal {seq}: tx_key {} indexed at {other:?}",
+                        outcome.tx_key()
+                    )),
+                    Err(error) if is_damage(&error) => {
+                        report.problems.push(damage_problem(&error));
+                    }
+                    Err(error) => return Err(error),
+                }
+                match outcome {
+                    Outcome::Settled(settlement) => {
+                        report.settlements += 1;
+                        audit_settlement(seq, &settlement, &mut running, &mut report.problems);
+                    }
+                    Outcome::Rejected(_) => report.rejections += 1,
+                }
+            }
+        }
+    }
+    if journal_next != report.journal_entries {
+        report.problems.push(format!(
+            "the journal holds {} entries but {journal_next} were written",
+            report.journal_entries
+        ));
+    }
+    if let Some(link) = link
+        && link != journal_head(&meta)?
+    {
+        report.problems.push(
+            "journal: its newest entry is not the one last written (the newest entries were lost or replaced)"
+                .into(),
+        );
+    }
+
+    for row in accounts.iter()? {
+        let (id, record) = row?;
+        let id = id.value();
+        report.accounts += 1;
+        if let Err(error) = seal::unseal(ACCOUNTS.name(), id, record.value())
+            .and_then(|payload| decode::<AccountRecord>(payload))
+        {
+            report.problems.push(damage_problem(&error));
+        }
+        if id == ISSUER_ACCOUNT_ID || id >= account_next {
+            report.problems.push(format!(
+                "account {id} is outside the assigned range 1..{account_next}"
+            ));
+        }
+        let stored = match balance_get(&balances, id) {
+            Ok(stored) => stored,
+            Err(error) if is_damage(&error) => {
+                report.problems.push(damage_problem(&error));
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
+        if let Some((_, head)) = stored
+            && last_seq.get(&id) != Some(&head)
+        {
+            report.problems.push(format!(
+                "account {id}: history starts at journal {head} but its newest entry is {:?}",
+                last_seq.get(&id)
+            ));
+        }
+        let expected = running.get(&id).copied().unwrap_or(0);
+        match stored.map(|(balance, _)| balance) {
+            None => report.problems.push(format!("account {id} has no balance")),
+            Some(stored) if stored != expected => report.problems.push(format!(
+                "account {id}: balance {stored} but its history gives {expected}"
+            )),
+            Some(stored) => report.user_balances_total += u128::from(stored),
+        }
+    }
+    if balances.len()? != report.accounts {
+        report.problems.push(format!(
+            "{} balances for {} accounts",
+            balances.len()?,
+            report.accounts
+        ));
+    }
+    if report.accounts + 1 != account_next {
+        report.problems.push(format!(
+            "{} accounts but ids run to {}",
+            report.accounts,
+            account_next.wrapping_sub(1)
+        ));
+    }
+    if report.user_balances_total != u128::from(report.issued) {
+        report.problems.push(format!(
+            "user balances sum to {} but the issuer paid out {} (books do not sum to zero)",
+            report.user_balances_total, report.issued
+        ));
+    }
+    if funded_total != u128::from(report.issued) {
+        report.problems.push(format!(
+            "fundings total {funded_total} but issued is {}",
+            report.issued
+        ));
+    }
+    for row in tx_keys.iter()? {
+        let (key, value) = row?;
+        let key = key.value();
+        match seal::unseal_array::<8>(TX_KEYS.name(), key, value.value()) {
+            Ok(_) if !outcome_keys.contains(&key) => report.problems.push(format!(
+                "tx_key {} is indexed but has no outcome in the journal",
+                TxKey::from_u128(key)
+            )),
+            Ok(_) => {}
+            Err(error) => report.problems.push(damage_problem(&error)),
+        }
+    }
+    for row in pending.iter()? {
+        let (key, value) = row?;
+        let key = key.value();
+        report.pending_halves += 1;
+        let half = seal::unseal(PENDING.name(), key, value.value())
+            .and_then(|payload| decode::<PendingHalf>(payload));
+        match half {
+            Ok(half) if half.tx_key().as_u128() != key => report.problems.push(format!(
+                "tx_key {}: the pending half stored under it is for {}",
+                TxKey::from_u128(key),
+                half.tx_key()
+            )),
+            Ok(_) => {}
+            Err(error) => report.problems.push(damage_problem(&error)),
+        }
+        if outcome_keys.contains(&key) {
+            report.problems.push(format!(
+                "tx_key {} is pending and final",
+                TxKey::from_u128(key)
+            ));
+        }
+    }
+    Ok(report)
 }
 
 fn audit_settlement(
@@ -948,24 +1238,162 @@ fn corrupted(message: String) -> StoreError {
     StoreError::Redb(redb::Error::Corrupted(message))
 }
 
-fn meta_get(meta: &impl ReadableTable<&'static str, u64>, key: &str) -> Result<u64, StoreError> {
-    meta.get(key)?
-        .map(|guard| guard.value())
-        .ok_or_else(|| corrupted(format!("meta value {key} missing")))
+// Sealed records, one pair of functions per kind. Every read checks the
+// record's checksum.
+
+fn meta_get(meta: &impl ReadableTable<&'static str, Sealed>, key: &str) -> Result<u64, StoreError> {
+    let guard = meta
+        .get(key)?
+        .ok_or_else(|| corrupted(format!("meta value {key} missing")))?;
+    Ok(u64::from_le_bytes(seal::unseal_array(
+        META.name(),
+        key,
+        guard.value(),
+    )?))
 }
 
-fn stored_at(
-    journal: &impl ReadableTable<u64, &'static [u8]>,
-    seq: u64,
-) -> Result<StoredEntry, StoreError> {
+fn meta_put(
+    meta: &mut redb::Table<&'static str, Sealed>,
+    key: &str,
+    value: u64,
+) -> Result<(), StoreError> {
+    meta.insert(
+        key,
+        seal::seal(META.name(), key, &value.to_le_bytes()).as_slice(),
+    )?;
+    Ok(())
+}
+
+fn journal_head(meta: &impl ReadableTable<&'static str, Sealed>) -> Result<u128, StoreError> {
+    let guard = meta
+        .get(META_JOURNAL_HEAD)?
+        .ok_or_else(|| corrupted(format!("meta value {META_JOURNAL_HEAD} missing")))?;
+    Ok(u128::from_le_bytes(seal::unseal_array(
+        META.name(),
+        META_JOURNAL_HEAD,
+        guard.value(),
+    )?))
+}
+
+fn set_journal_head(
+    meta: &mut redb::Table<&'static str, Sealed>,
+    head: u128,
+) -> Result<(), StoreError> {
+    let sealed = seal::seal(META.name(), META_JOURNAL_HEAD, &head.to_le_bytes());
+    meta.insert(META_JOURNAL_HEAD, sealed.as_slice())?;
+    Ok(())
+}
+
+/// An account's (balance, newest journal entry).
+fn balance_get(
+    balances: &impl ReadableTable<u64, Sealed>,
+    account: AccountId,
+) -> Result<Option<(u64, u64)>, StoreError> {
+    match balances.get(account)? {
+        Some(guard) => Ok(Some(balance_from(account, guard.value())?)),
+        None => Ok(None),
+    }
+}
+
+fn balance_from(account: AccountId, sealed: &[u8]) -> Result<(u64, u64), StoreError> {
+    let bytes: [u8; 16] = seal::unseal_array(BALANCES.name(), account, sealed)?;
+    let (balance, head) = bytes.split_at(8);
+    Ok((
+        u64::from_le_bytes(balance.try_into().expect("8 bytes")),
+        u64::from_le_bytes(head.try_into().expect("8 bytes")),
+    ))
+}
+
+fn balance_put(
+    balances: &mut redb::Table<u64, Sealed>,
+    account: AccountId,
+    (balance, head): (u64, u64),
+) -> Result<(), StoreError> {
+    let mut payload = [0u8; 16];
+    payload[..8].copy_from_slice(&balance.to_le_bytes());
+    payload[8..].copy_from_slice(&head.to_le_bytes());
+    balances.insert(
+        account,
+        seal::seal(BALANCES.name(), account, &payload).as_slice(),
+    )?;
+    Ok(())
+}
+
+/// The journal sequence of `tx_key`'s outcome.
+fn tx_key_get(
+    tx_keys: &impl ReadableTable<u128, Sealed>,
+    tx_key: u128,
+) -> Result<Option<u64>, StoreError> {
+    match tx_keys.get(tx_key)? {
+        Some(guard) => Ok(Some(u64::from_le_bytes(seal::unseal_array(
+            TX_KEYS.name(),
+            tx_key,
+            guard.value(),
+        )?))),
+        None => Ok(None),
+    }
+}
+
+fn pending_get(
+    pending: &impl ReadableTable<u128, Sealed>,
+    tx_key: u128,
+) -> Result<Option<PendingHalf>, StoreError> {
+    match pending.get(tx_key)? {
+        Some(guard) => Ok(Some(decode(seal::unseal(
+            PENDING.name(),
+            tx_key,
+            guard.value(),
+        )?)?)),
+        None => Ok(None),
+    }
+}
+
+fn raft_get<T: serde::de::DeserializeOwned>(
+    table: &impl ReadableTable<&'static str, Sealed>,
+    key: &str,
+) -> Result<Option<T>, StoreError> {
+    match table.get(key)? {
+        Some(guard) => Ok(Some(raft::decode(seal::unseal(
+            RAFT.name(),
+            key,
+            guard.value(),
+        )?)?)),
+        None => Ok(None),
+    }
+}
+
+fn raft_put<T: Serialize>(
+    table: &mut redb::Table<&'static str, Sealed>,
+    key: &str,
+    value: &T,
+) -> Result<(), StoreError> {
+    let sealed = seal::seal(RAFT.name(), key, &raft::encode(value)?);
+    table.insert(key, sealed.as_slice())?;
+    Ok(())
+}
+
+/// A journal record's chain link and encoded [`StoredEntry`].
+fn unseal_journal(seq: u64, sealed: &[u8]) -> Result<(u128, &[u8]), StoreError> {
+    let payload = seal::unseal(JOURNAL.name(), seq, sealed)?;
+    let (link, entry) = payload
+        .split_first_chunk::<16>()
+        .ok_or_else(|| StoreError::Damaged {
+            table: JOURNAL.name().to_string(),
+            key: seq.to_string(),
+            what: "too short for its chain link".into(),
+        })?;
+    Ok((u128::from_le_bytes(*link), entry))
+}
+
+fn stored_at(journal: &impl ReadableTable<u64, Sealed>, seq: u64) -> Result<StoredEntry, StoreError> {
     let bytes = journal
         .get(seq)?
         .ok_or_else(|| corrupted(format!("missing journal entry {seq}")))?;
-    decode(bytes.value())
+    decode(unseal_journal(seq, bytes.value())?.1)
 }
 
 fn outcome_at(
-    journal: &impl ReadableTable<u64, &'static [u8]>,
+    journal: &impl ReadableTable<u64, Sealed>,
     seq: u64,
 ) -> Result<Outcome, StoreError> {
     match stored_at(journal, seq)?.entry {
@@ -988,13 +1416,13 @@ struct Touched {
 
 /// The open tables of one write transaction.
 struct Tables<'txn> {
-    meta: redb::Table<'txn, &'static str, u64>,
-    accounts: redb::Table<'txn, u64, &'static [u8]>,
-    balances: redb::Table<'txn, u64, (u64, u64)>,
-    journal: redb::Table<'txn, u64, &'static [u8]>,
-    tx_keys: redb::Table<'txn, u128, u64>,
-    pending: redb::Table<'txn, u128, &'static [u8]>,
-    raft: redb::Table<'txn, &'static str, &'static [u8]>,
+    meta: redb::Table<'txn, &'static str, Sealed>,
+    accounts: redb::Table<'txn, u64, Sealed>,
+    balances: redb::Table<'txn, u64, Sealed>,
+    journal: redb::Table<'txn, u64, Sealed>,
+    tx_keys: redb::Table<'txn, u128, Sealed>,
+    pending: redb::Table<'txn, u128, Sealed>,
+    raft: redb::Table<'txn, &'static str, Sealed>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -1041,6 +1469,7 @@ impl<'txn> Tables<'txn> {
         let mut batch = Batch {
             now,
             journal_next: meta_get(&self.meta, META_JOURNAL_NEXT)?,
+            journal_head: journal_head(&self.meta)?,
             account_next: meta_get(&self.meta, META_ACCOUNT_NEXT)?,
             issued: meta_get(&self.meta, META_ISSUED)?,
             tables: self,
@@ -1077,6 +1506,8 @@ struct Batch<'a, 'txn> {
     /// Lone halves of this batch not written because their key is decided in it.
     skipped_pending: HashSet<TxKey>,
     journal_next: u64,
+    /// The chain link of the newest journal entry.
+    journal_head: u128,
     account_next: AccountId,
     issued: u64,
 }
@@ -1086,12 +1517,7 @@ impl Batch<'_, '_> {
         if let Some(touched) = self.touched.get(&account) {
             return Ok(Some(touched.balance));
         }
-        let Some((balance, last_seq)) = self
-            .tables
-            .balances
-            .get(account)?
-            .map(|guard| guard.value())
-        else {
+        let Some((balance, last_seq)) = balance_get(&self.tables.balances, account)? else {
             return Ok(None);
         };
         self.touched.insert(
@@ -1129,9 +1555,15 @@ impl Batch<'_, '_> {
             entry,
             previous: &previous,
         };
+        let encoded = encode(&stored)?;
+        let link = seal::chain_link(self.journal_head, seq, &encoded);
+        self.journal_head = link;
+        let mut payload = Vec::with_capacity(16 + encoded.len());
+        payload.extend_from_slice(&link.to_le_bytes());
+        payload.extend_from_slice(&encoded);
         self.tables
             .journal
-            .insert(seq, encode(&stored)?.as_slice())?;
+            .insert(seq, seal::seal(JOURNAL.name(), seq, &payload).as_slice())?;
         Ok(seq)
     }
 
@@ -1146,12 +1578,7 @@ impl Batch<'_, '_> {
     }
 
     fn final_outcome(&self, tx_key: TxKey) -> Result<Option<Arc<Outcome>>, StoreError> {
-        match self
-            .tables
-            .tx_keys
-            .get(tx_key.as_u128())?
-            .map(|guard| guard.value())
-        {
+        match tx_key_get(&self.tables.tx_keys, tx_key.as_u128())? {
             Some(seq) => Ok(Some(Arc::new(outcome_at(&self.tables.journal, seq)?))),
             None => Ok(None),
         }
@@ -1171,9 +1598,9 @@ impl Batch<'_, '_> {
                 "tx_key {tx_key} already has a pending half"
             )));
         }
-        self.tables
-            .pending
-            .insert(tx_key.as_u128(), encode(half)?.as_slice())?;
+        let key = tx_key.as_u128();
+        let sealed = seal::seal(PENDING.name(), key, &encode(half)?);
+        self.tables.pending.insert(key, sealed.as_slice())?;
         Ok(Applied::Matched(Committed::PendingStored))
     }
 
@@ -1231,7 +1658,9 @@ impl Batch<'_, '_> {
         };
         let outcome = Arc::new(outcome);
         let seq = self.append(&JournalEntry::Outcome((*outcome).clone()))?;
-        let older = self.tables.tx_keys.insert(tx_key.as_u128(), seq)?;
+        let key = tx_key.as_u128();
+        let sealed = seal::seal(TX_KEYS.name(), key, &seq.to_le_bytes());
+        let older = self.tables.tx_keys.insert(key, sealed.as_slice())?;
         assert!(
             older.is_none(),
             "tx_key {tx_key} checked to have no outcome"
@@ -1301,9 +1730,8 @@ impl Batch<'_, '_> {
             salt: new_account.salt.clone(),
             key_hash: new_account.key_hash.clone(),
         };
-        self.tables
-            .accounts
-            .insert(id, encode(&record)?.as_slice())?;
+        let sealed = seal::seal(ACCOUNTS.name(), id, &encode(&record)?);
+        self.tables.accounts.insert(id, sealed.as_slice())?;
         self.touched.insert(
             id,
             Touched {
@@ -1358,9 +1786,11 @@ impl Batch<'_, '_> {
             let last_seq = touched.last_seq.unwrap_or_else(|| {
                 panic!("commit {commit_seq}: account {account} has no journal entry")
             });
-            self.tables
-                .balances
-                .insert(account, (touched.balance, last_seq))?;
+            balance_put(
+                &mut self.tables.balances,
+                account,
+                (touched.balance, last_seq),
+            )?;
             total_touched_before += u128::from(touched.balance_before_batch);
             total_touched_after += u128::from(touched.balance);
         }
@@ -1372,10 +1802,11 @@ impl Batch<'_, '_> {
             "commit {commit_seq}: balances moved by a different amount than the issuer paid out"
         );
         let meta = &mut self.tables.meta;
-        meta.insert(META_COMMIT_SEQ, commit_seq)?;
-        meta.insert(META_JOURNAL_NEXT, self.journal_next)?;
-        meta.insert(META_ACCOUNT_NEXT, self.account_next)?;
-        meta.insert(META_ISSUED, self.issued)?;
+        meta_put(meta, META_COMMIT_SEQ, commit_seq)?;
+        meta_put(meta, META_JOURNAL_NEXT, self.journal_next)?;
+        meta_put(meta, META_ACCOUNT_NEXT, self.account_next)?;
+        meta_put(meta, META_ISSUED, self.issued)?;
+        set_journal_head(meta, self.journal_head)?;
         Ok(())
     }
 }
@@ -1383,14 +1814,8 @@ impl Batch<'_, '_> {
 fn raft_state_of(
     table: &impl ReadableTable<&'static str, &'static [u8]>,
 ) -> Result<(Option<LogId>, StoredMembership), StoreError> {
-    let applied = match table.get(RAFT_APPLIED)? {
-        Some(bytes) => Some(raft::decode(bytes.value())?),
-        None => None,
-    };
-    let membership = match table.get(RAFT_MEMBERSHIP)? {
-        Some(bytes) => raft::decode(bytes.value())?,
-        None => StoredMembership::default(),
-    };
+    let applied = raft_get(table, RAFT_APPLIED)?;
+    let membership = raft_get(table, RAFT_MEMBERSHIP)?.unwrap_or_default();
     Ok((applied, membership))
 }
 

@@ -72,11 +72,12 @@ fn other_schema_version_is_a_clear_error() {
     {
         let db = Database::create(&path).unwrap();
         let write = db.begin_write().unwrap();
-        write
-            .open_table(META)
-            .unwrap()
-            .insert(META_SCHEMA_VERSION, SCHEMA_VERSION + 1)
-            .unwrap();
+        meta_put(
+            &mut write.open_table(META).unwrap(),
+            META_SCHEMA_VERSION,
+            SCHEMA_VERSION + 1,
+        )
+        .unwrap();
         write.commit().unwrap();
     }
     let error = Store::open(&path).unwrap_err();
@@ -296,8 +297,9 @@ fn audit_names_an_account_whose_balance_was_tampered_with() {
     {
         let write = store.db.begin_write().unwrap();
         let mut balances = write.open_table(BALANCES).unwrap();
-        let (_, head) = balances.get(2).unwrap().unwrap().value();
-        balances.insert(2, (51, head)).unwrap();
+        // A forgery with a valid checksum: the books themselves must catch it.
+        let (_, head) = balance_get(&balances, 2).unwrap().unwrap();
+        balance_put(&mut balances, 2, (51, head)).unwrap();
         drop(balances);
         write.commit().unwrap();
     }
@@ -418,9 +420,9 @@ fn audit_names_a_broken_history_head() {
     {
         let write = store.db.begin_write().unwrap();
         let mut balances = write.open_table(BALANCES).unwrap();
-        let (balance, _) = balances.get(2).unwrap().unwrap().value();
+        let (balance, _) = balance_get(&balances, 2).unwrap().unwrap();
         // Point account 2's history at its opening, skipping the settlement.
-        balances.insert(2, (balance, 1)).unwrap();
+        balance_put(&mut balances, 2, (balance, 1)).unwrap();
         drop(balances);
         write.commit().unwrap();
     }

@@ -17,14 +17,16 @@ use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, OptionalSend, RaftLogReader, StorageIOError};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{Entry, LogId, ReplicaId, ReplicaInfo, StorageError, StorageIo, TypeConfig, Vote};
 use crate::error::StoreError;
+use crate::seal;
 
-/// Log index -> [`Entry`] (MessagePack).
+/// Log index -> [`Entry`] (MessagePack). Every value is sealed with its
+/// checksum (`seal.rs`), as in the ledger.
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 /// Named records (MessagePack): see the `STATE_*` keys.
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
@@ -49,6 +51,11 @@ pub struct LogStore {
     committed: Arc<std::sync::Mutex<Option<LogId>>>,
 }
 
+/// A record of the `state` table, sealed with its checksum.
+fn sealed_state<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+    Ok(seal::seal(STATE.name(), key, &super::encode(value)?))
+}
+
 fn read_error(error: impl std::fmt::Display) -> StorageError {
     StorageIOError::read_logs(AnyError::error(error)).into()
 }
@@ -64,7 +71,12 @@ fn vote_error(error: impl std::fmt::Display) -> StorageError {
 impl LogStore {
     /// Opens the log file at `path`, creating it if needed.
     pub fn open(path: &Path, io: StorageIo) -> Result<LogStore, StoreError> {
-        LogStore::init(Database::builder().create(path)?, io)
+        let db = crate::store::refuse_damage(|| {
+            Ok(Database::builder()
+                .set_check_integrity_on_open(true)
+                .create(path)?)
+        })?;
+        LogStore::init(db, io)
     }
 
     /// Opens the log on a custom storage backend (tests inject faults and
@@ -73,7 +85,12 @@ impl LogStore {
         backend: impl redb::StorageBackend,
         io: StorageIo,
     ) -> Result<LogStore, StoreError> {
-        LogStore::init(Database::builder().create_with_backend(backend)?, io)
+        let db = crate::store::refuse_damage(|| {
+            Ok(Database::builder()
+                .set_check_integrity_on_open(true)
+                .create_with_backend(backend)?)
+        })?;
+        LogStore::init(db, io)
     }
 
     fn init(db: Database, io: StorageIo) -> Result<LogStore, StoreError> {
@@ -104,7 +121,11 @@ impl LogStore {
         let read = self.db.begin_read()?;
         let table = read.open_table(STATE)?;
         match table.get(key)? {
-            Some(bytes) => Ok(Some(super::decode(bytes.value())?)),
+            Some(bytes) => Ok(Some(super::decode(seal::unseal(
+                STATE.name(),
+                key,
+                bytes.value(),
+            )?)?)),
             None => Ok(None),
         }
     }
@@ -119,7 +140,7 @@ impl LogStore {
         write.set_durability(durability)?;
         write
             .open_table(STATE)?
-            .insert(key, super::encode(value)?.as_slice())?;
+            .insert(key, sealed_state(key, value)?.as_slice())?;
         write.commit()?;
         Ok(())
     }
@@ -193,9 +214,10 @@ impl LogStore {
             }
             if let Some((last, id)) = after {
                 let vote = Vote::new(last.leader_id.term, id);
-                state.insert(STATE_PURGED, super::encode(&last)?.as_slice())?;
-                state.insert(STATE_COMMITTED, super::encode(&Some(last))?.as_slice())?;
-                state.insert(STATE_VOTE, super::encode(&vote)?.as_slice())?;
+                state.insert(STATE_PURGED, sealed_state(STATE_PURGED, &last)?.as_slice())?;
+                let committed = sealed_state(STATE_COMMITTED, &Some(last))?;
+                state.insert(STATE_COMMITTED, committed.as_slice())?;
+                state.insert(STATE_VOTE, sealed_state(STATE_VOTE, &vote)?.as_slice())?;
             }
         }
         write.commit()?;
@@ -219,11 +241,11 @@ impl LogStore {
         let mut entries = Vec::new();
         for row in log.range::<u64>(range)? {
             let (index, bytes) = row?;
-            let entry: Entry = super::decode(bytes.value())?;
-            if entry.log_id.index != index.value() {
+            let index = index.value();
+            let entry: Entry = super::decode(seal::unseal(LOG.name(), index, bytes.value())?)?;
+            if entry.log_id.index != index {
                 return Err(StoreError::Redb(redb::Error::Corrupted(format!(
-                    "raft log entry at index {} records index {}",
-                    index.value(),
+                    "raft log entry at index {index} records index {}",
                     entry.log_id.index
                 ))));
             }
@@ -236,7 +258,10 @@ impl LogStore {
         let read = self.db.begin_read()?;
         let log = read.open_table(LOG)?;
         match log.last()? {
-            Some((_, bytes)) => Ok(Some(super::decode::<Entry>(bytes.value())?.log_id)),
+            Some((index, bytes)) => {
+                let payload = seal::unseal(LOG.name(), index.value(), bytes.value())?;
+                Ok(Some(super::decode::<Entry>(payload)?.log_id))
+            }
             None => Ok(None),
         }
     }
@@ -247,7 +272,9 @@ impl LogStore {
         {
             let mut log = write.open_table(LOG)?;
             for entry in &entries {
-                log.insert(entry.log_id.index, super::encode(entry)?.as_slice())?;
+                let index = entry.log_id.index;
+                let sealed = seal::seal(LOG.name(), index, &super::encode(entry)?);
+                log.insert(index, sealed.as_slice())?;
             }
         }
         write.commit()?;
@@ -270,7 +297,7 @@ impl LogStore {
             if let Some(purged) = purged {
                 write
                     .open_table(STATE)?
-                    .insert(STATE_PURGED, super::encode(purged)?.as_slice())?;
+                    .insert(STATE_PURGED, sealed_state(STATE_PURGED, purged)?.as_slice())?;
             }
         }
         write.commit()?;
