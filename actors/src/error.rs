@@ -78,6 +78,10 @@ pub enum LedgerError {
     /// it refuses writes until restarted.
     #[error("replication stopped: {0}")]
     Replication(String),
+    /// A file failed its integrity check at open: the replica will not
+    /// serve from it.
+    #[error("{file} failed its integrity check: {reason}")]
+    Damaged { file: String, reason: String },
 }
 
 fn not_leader_text(hint: &Option<LeaderHint>) -> String {

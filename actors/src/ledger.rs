@@ -662,19 +662,33 @@ impl Ledger {
 }
 
 /// Opens the ledger store and the Raft log of `config` (off the runtime).
-async fn open_files(config: &LedgerConfig) -> Result<(Arc<Store>, LogStore), LedgerError> {
+/// Opens the ledger and the Raft log files of `config`, each checked as
+/// [`Store::open`] checks it: a damaged file is [`LedgerError::Damaged`],
+/// naming it.
+pub async fn open_files(config: &LedgerConfig) -> Result<(Arc<Store>, LogStore), LedgerError> {
     let path = config.path.clone();
     let log_path = config.log_path.clone();
     let io = config.storage_io;
-    tokio::task::spawn_blocking(move || -> Result<(Arc<Store>, LogStore), StoreError> {
-        Ok((
-            Arc::new(Store::open(&path)?),
-            LogStore::open(&log_path, io)?,
-        ))
+    let damaged = |file: &std::path::Path| {
+        let file = file.display().to_string();
+        move |error: StoreError| {
+            if crate::store::is_damage(&error) {
+                LedgerError::Damaged {
+                    file,
+                    reason: error.to_string(),
+                }
+            } else {
+                LedgerError::from(error)
+            }
+        }
+    };
+    tokio::task::spawn_blocking(move || -> Result<(Arc<Store>, LogStore), LedgerError> {
+        let store = Store::open(&path).map_err(damaged(&path))?;
+        let log = LogStore::open(&log_path, io).map_err(damaged(&log_path))?;
+        Ok((Arc::new(store), log))
     })
     .await
     .map_err(|_| LedgerError::Closed)?
-    .map_err(LedgerError::from)
 }
 
 fn leading(metrics: &RaftMetrics) -> bool {

@@ -23,6 +23,7 @@ pub mod expiry;
 mod leader;
 mod ledger;
 pub mod matcher;
+mod overlay;
 pub mod raft;
 mod seal;
 pub mod store;
@@ -33,7 +34,7 @@ pub use error::{LeaderHint, LedgerError, StoreError};
 pub use ledger::{
     ACCOUNT_IDLE_DEFAULT, FollowerStatus, HALF_TTL_DEFAULT, Ledger, LedgerConfig, LedgerStats,
     MAX_AMOUNT_DEFAULT, PENDING_HALVES_PER_ACCOUNT_MAX_DEFAULT, ReplicaSetup, ReplicaStatus,
-    ReplicationConfig, Submission, Ticket,
+    ReplicationConfig, Submission, Ticket, open_files,
 };
 pub use raft::{LogStore, ReplicaId, ReplicaInfo, StorageIo};
 pub use store::{

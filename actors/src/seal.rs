@@ -149,7 +149,10 @@ mod tests {
         assert!(unseal("pending", 7u64, &sealed).is_err(), "another table");
         assert!(unseal("journal", 7u64, &sealed[..10]).is_err(), "truncated");
         let error = unseal("journal", 8u64, &sealed).unwrap_err().to_string();
-        assert!(error.contains("journal 8") && error.contains("checksum"), "{error}");
+        assert!(
+            error.contains("journal 8") && error.contains("checksum"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -32,8 +32,9 @@ use tapledger_protocol::{
 
 use crate::core::matching::{Committed, Decision, PendingHalf};
 use crate::error::StoreError;
-use crate::seal;
+use crate::overlay::Overlay;
 use crate::raft::{self, EntryResult, LedgerEntry, LogId, SnapshotMeta, StoredMembership};
+use crate::seal;
 
 /// Version of the table layout below. Opening a file of another version fails.
 /// Version 2 added the `raft` table (a replicated ledger); a version 1 file
@@ -231,14 +232,25 @@ pub struct Store {
 /// audit, export and accounts commands, which must not change a byte).
 enum Db {
     Writable(Database),
-    ReadOnly(redb::ReadOnlyDatabase),
+    /// Over an [`Overlay`] of the file; `lock` is a read-only handle on the
+    /// file itself, held so that no node opens it for writing meanwhile
+    /// (`None` when the file was not closed cleanly: its recovery ran in
+    /// the overlay).
+    ReadOnly {
+        db: Database,
+        lock: Option<redb::ReadOnlyDatabase>,
+    },
 }
 
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Db::Writable(db) => db.fmt(f),
-            Db::ReadOnly(_) => f.write_str("ReadOnlyDatabase"),
+            Db::ReadOnly { db, lock } => f
+                .debug_struct("ReadOnly")
+                .field("db", db)
+                .field("locked", &lock.is_some())
+                .finish(),
         }
     }
 }
@@ -246,15 +258,14 @@ impl std::fmt::Debug for Db {
 impl Db {
     fn begin_read(&self) -> Result<redb::ReadTransaction, redb::TransactionError> {
         match self {
-            Db::Writable(db) => db.begin_read(),
-            Db::ReadOnly(db) => db.begin_read(),
+            Db::Writable(db) | Db::ReadOnly { db, .. } => db.begin_read(),
         }
     }
 
     fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
         match self {
             Db::Writable(db) => Ok(db.begin_write()?),
-            Db::ReadOnly(_) => Err(StoreError::ReadOnly),
+            Db::ReadOnly { .. } => Err(StoreError::ReadOnly),
         }
     }
 }
@@ -337,17 +348,28 @@ impl Store {
     }
 
     /// Opens an existing ledger without writing to it, ever: every write
-    /// is refused with [`StoreError::ReadOnly`]. A file that was not closed
-    /// cleanly needs recovery, which writes, so it is refused
-    /// (`redb::DatabaseError::RepairAborted`).
+    /// is refused with [`StoreError::ReadOnly`], and the file is opened
+    /// read-only. redb still verifies every page's checksum, and recovers a
+    /// file that was not closed cleanly, both in memory ([`Overlay`]). A
+    /// file a node holds open is refused (`DatabaseAlreadyOpen`).
     pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
-        let db = redb::ReadOnlyDatabase::open(path)?;
-        {
-            let read = db.begin_read()?;
-            check_schema(&read)?.ok_or(StoreError::NotALedger)?;
-        }
+        let lock = match refuse_damage(|| Ok(redb::ReadOnlyDatabase::open(path)?)) {
+            Ok(lock) => Some(lock),
+            Err(StoreError::Redb(redb::Error::DatabaseAlreadyOpen)) => {
+                return Err(StoreError::Redb(redb::Error::DatabaseAlreadyOpen));
+            }
+            // Not closed cleanly, or damaged: the overlay's open decides.
+            Err(_) => None,
+        };
+        let overlay = Overlay::open(path).map_err(|error| StoreError::Redb(error.into()))?;
+        let db = refuse_damage(|| {
+            Ok(Database::builder()
+                .set_check_integrity_on_open(true)
+                .create_with_backend(overlay)?)
+        })?;
+        check_schema(&db.begin_read()?)?.ok_or(StoreError::NotALedger)?;
         Ok(Store {
-            db: Db::ReadOnly(db),
+            db: Db::ReadOnly { db, lock },
         })
     }
 
@@ -381,11 +403,12 @@ impl Store {
         })
     }
 
-    /// The quick integrity check a node runs before it serves: every counter
-    /// and Raft record passes its checksum, the journal holds as many entries
-    /// as were written and its newest entry is the one the chain's head
-    /// names, and there is one balance per account. Costs a few reads,
-    /// whatever the size of the ledger; [`Store::audit`] checks everything.
+    /// The integrity check a node runs before it serves, beyond redb's page
+    /// checksums: every counter, Raft record, balance and pending half
+    /// passes its checksum, the journal holds as many entries as were
+    /// written and its newest entry is the one the chain's head names, and
+    /// there is one balance per account. It reads the live state, not the
+    /// journal's history: [`Store::audit`] checks everything.
     pub fn verify_at_open(&self) -> Result<(), StoreError> {
         let read = self.db.begin_read()?;
         refuse_damage(|| verify_tail(&read))
@@ -851,10 +874,22 @@ fn verify_tail(read: &redb::ReadTransaction) -> Result<(), StoreError> {
             )));
         }
     } else if head != 0 {
-        return Err(corrupted("the journal is empty but its chain has a head".into()));
+        return Err(corrupted(
+            "the journal is empty but its chain has a head".into(),
+        ));
+    }
+    // The live state a leader is built from: every balance and lone half.
+    let balance_table = read.open_table(BALANCES)?;
+    for row in balance_table.iter()? {
+        let (account, value) = row?;
+        balance_from(account.value(), value.value())?;
+    }
+    for row in read.open_table(PENDING)?.iter()? {
+        let (key, value) = row?;
+        seal::unseal(PENDING.name(), key.value(), value.value())?;
     }
     let accounts = read.open_table(ACCOUNTS)?.len()?;
-    let balances = read.open_table(BALANCES)?.len()?;
+    let balances = balance_table.len()?;
     let account_next = meta_get(&meta, META_ACCOUNT_NEXT)?;
     if accounts != balances || accounts.checked_add(1) != Some(account_next) {
         return Err(corrupted(format!(
@@ -882,7 +917,9 @@ fn guard_damage<T>(
 
 /// Runs `check` on a file that may be damaged, turning a panic inside redb
 /// into a damage error.
-pub(crate) fn refuse_damage<T>(check: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+pub(crate) fn refuse_damage<T>(
+    check: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(check))
         .unwrap_or_else(|panic| Err(corrupted(structure_damaged(&*panic))))
 }
@@ -1004,9 +1041,9 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
         let StoredEntry { entry, previous } = match decode(encoded) {
             Ok(stored) => stored,
             Err(error) => {
-                report
-                    .problems
-                    .push(format!("journal {seq}: the record cannot be decoded ({error})"));
+                report.problems.push(format!(
+                    "journal {seq}: the record cannot be decoded ({error})"
+                ));
                 continue;
             }
         };
@@ -1385,17 +1422,17 @@ fn unseal_journal(seq: u64, sealed: &[u8]) -> Result<(u128, &[u8]), StoreError> 
     Ok((u128::from_le_bytes(*link), entry))
 }
 
-fn stored_at(journal: &impl ReadableTable<u64, Sealed>, seq: u64) -> Result<StoredEntry, StoreError> {
+fn stored_at(
+    journal: &impl ReadableTable<u64, Sealed>,
+    seq: u64,
+) -> Result<StoredEntry, StoreError> {
     let bytes = journal
         .get(seq)?
         .ok_or_else(|| corrupted(format!("missing journal entry {seq}")))?;
     decode(unseal_journal(seq, bytes.value())?.1)
 }
 
-fn outcome_at(
-    journal: &impl ReadableTable<u64, Sealed>,
-    seq: u64,
-) -> Result<Outcome, StoreError> {
+fn outcome_at(journal: &impl ReadableTable<u64, Sealed>, seq: u64) -> Result<Outcome, StoreError> {
     match stored_at(journal, seq)?.entry {
         JournalEntry::Outcome(outcome) => Ok(outcome),
         JournalEntry::Funding(_) => {

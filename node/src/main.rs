@@ -650,6 +650,12 @@ async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
                 ledger_path.display()
             )
         }
+        Err(NodeError::Ledger(tapledger_actors::LedgerError::Damaged { file, reason })) => bail!(
+            "{file} failed its integrity check ({reason}); the node does not serve from a damaged \
+             ledger. Inspect it read-only with `tapledger-node audit` or `export`, then restore a \
+             backup (`tapledger-node restore`) or, on a replica of a cluster, replace it: \
+             `cluster remove` it, `init` a new data directory and `cluster add` that"
+        ),
         Err(error) => return Err(error).context("starting the node"),
     };
     let admin_credential = load_admin_credential(&data_dir.admin())?;
@@ -982,7 +988,7 @@ async fn topup(settings: &Settings, account: AccountId, amount: u64) -> anyhow::
 
 fn reset(data_dir: &DataDir, yes: bool) -> anyhow::Result<ExitCode> {
     let path = data_dir.ledger();
-    let store = match ops::open_existing(&path) {
+    let store = match ops::open_to_replace(&path) {
         Ok(store) => store,
         Err(OpenError::Missing(_)) => {
             // A typo in --data must not look like success.
@@ -993,7 +999,8 @@ fn reset(data_dir: &DataDir, yes: bool) -> anyhow::Result<ExitCode> {
         }
         Err(error) => return Err(error.into()),
     };
-    let contents = ops::describe_for_reset(&store)?;
+    let contents =
+        ops::describe_for_reset(&store).unwrap_or_else(|error| format!("unreadable: {error}"));
     drop(store);
     if !yes {
         eprintln!(

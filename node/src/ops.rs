@@ -32,10 +32,6 @@ pub enum OpenError {
     NotALedger(String),
     #[error("{0}: locked by a running node (stop it, or use the commands that ask the node)")]
     Locked(String),
-    #[error(
-        "{0}: not closed cleanly (the node crashed or was killed); reading it needs a recovery that writes to it, so nothing was read or changed: start the node on it once, or read a backup"
-    )]
-    NeedsRecovery(String),
     #[error("{path}: {source}")]
     Store { path: String, source: StoreError },
     #[error("{path}: {source}")]
@@ -126,6 +122,18 @@ pub fn open_existing(path: &Path) -> Result<Store, OpenError> {
     }
 }
 
+/// Opens the ledger `restore` or `reset` is about to replace: for writing,
+/// or read-only when it fails its integrity check (a damaged ledger is
+/// exactly what these commands are for).
+pub fn open_to_replace(path: &Path) -> Result<Store, OpenError> {
+    match open_existing(path) {
+        Err(OpenError::Store { source, .. }) if tapledger_actors::store::is_damage(&source) => {
+            open_read_only(path)
+        }
+        other => other,
+    }
+}
+
 /// Opens an existing tapledger ledger read-only: nothing is ever written to
 /// the file, not even the marks an open for writing leaves, so a backup
 /// hashes the same before and after it is read (audit, export, accounts,
@@ -137,7 +145,6 @@ pub fn open_read_only(path: &Path) -> Result<Store, OpenError> {
         Ok(store) => Ok(store),
         Err(StoreError::NotALedger) => Err(OpenError::NotALedger(shown)),
         Err(StoreError::Redb(redb::Error::DatabaseAlreadyOpen)) => Err(OpenError::Locked(shown)),
-        Err(StoreError::Redb(redb::Error::RepairAborted)) => Err(OpenError::NeedsRecovery(shown)),
         Err(source) => Err(OpenError::Store {
             path: shown,
             source,
@@ -388,7 +395,7 @@ pub fn restore(backup: &Path, ledger: &Path) -> Result<Restored, RestoreError> {
     if !report.is_ok() {
         return Err(RestoreError::BackupFailsAudit(audit_text(&report)));
     }
-    let previous = match open_existing(ledger) {
+    let previous = match open_to_replace(ledger) {
         Ok(current) => {
             let (log, snapshots, _, _) = single_replica_log(ledger, &current)?;
             drop((current, log));
@@ -443,7 +450,7 @@ pub fn describe_for_reset(store: &Store) -> Result<String, StoreError> {
 /// deleting. Refuses a replica of a larger cluster: it would forget its
 /// votes, which Raft's safety rests on.
 pub fn reset(path: &Path) -> Result<(), RestoreError> {
-    let store = open_existing(path).map_err(RestoreError::Current)?;
+    let store = open_to_replace(path).map_err(RestoreError::Current)?;
     let (log, snapshots, _, _) = single_replica_log(path, &store)?;
     drop(store);
     std::fs::remove_file(path).map_err(|source| RestoreError::Io {

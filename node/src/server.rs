@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tapledger_actors::{Ledger, LogStore, ReplicaSetup, Store};
+use tapledger_actors::{Ledger, ReplicaSetup};
 use tapledger_certs::{Fingerprint, Identity};
 use tapledger_protocol::Secret;
 use tokio::sync::watch;
@@ -119,20 +119,7 @@ impl RunningNode {
         let identity = Identity::load(&config.data_dir.cert(), &config.data_dir.key())
             .map_err(crate::init::InitError::from)?;
         let admin_credential = crate::init::load_admin_credential(&config.data_dir.admin())?;
-        let (store, log) = {
-            let ledger_path = config.ledger.path.clone();
-            let log_path = config.ledger.log_path.clone();
-            let io = config.ledger.storage_io;
-            tokio::task::spawn_blocking(move || -> Result<_, tapledger_actors::StoreError> {
-                Ok((
-                    Arc::new(Store::open(&ledger_path)?),
-                    LogStore::open(&log_path, io)?,
-                ))
-            })
-            .await
-            .map_err(|_| tapledger_actors::LedgerError::Closed)?
-            .map_err(tapledger_actors::LedgerError::from)?
-        };
+        let (store, log) = tapledger_actors::open_files(&config.ledger).await?;
         let (ledger, replication) = match peers {
             None => {
                 let ledger = Ledger::start(config.ledger, store, log)

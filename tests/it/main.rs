@@ -5,6 +5,7 @@ mod concurrency;
 mod crash;
 mod fuzz;
 mod hostile;
+mod integrity;
 mod ledger_smoke;
 mod model;
 mod net_support;

@@ -653,6 +653,13 @@ async fn run_case(failing: Failing, fault: Fault, allowed: u64) -> CaseReport {
         matches!(&submitted, Err(error) if is_poisoned(error)),
         "{fault:?} after {allowed}: a half after the failure gave {submitted:?}"
     );
+    // Nobody is told it takes writes (`/readyz` and `tapledger_ready` read
+    // these): it once stayed "ready" while refusing every request.
+    assert!(
+        !ledger.is_serving() && ledger.status().failure.is_some(),
+        "{fault:?} after {allowed}: a ledger refusing writes says it serves: {:?}",
+        ledger.status()
+    );
     // Reads still work: the committed state is there to be asked about.
     let balance = ledger.balance(accounts[0]);
     assert!(
