@@ -225,7 +225,45 @@ impl AuditReport {
 /// The ledger's redb file.
 #[derive(Debug)]
 pub struct Store {
-    db: Db,
+    db: Handle<Db>,
+}
+
+/// A redb handle that is leaked rather than closed once a panic went
+/// through redb: its locks are poisoned then, and closing it would panic in
+/// turn (on whatever thread drops it). The process is about to stop.
+#[derive(Debug)]
+pub(crate) struct Handle<T> {
+    inner: Option<T>,
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl<T> Handle<T> {
+    pub(crate) fn new(inner: T) -> Handle<T> {
+        Handle {
+            inner: Some(inner),
+            broken: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// A panic went through this handle: never close it.
+    pub(crate) fn mark_broken(&self) {
+        self.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl<T> std::ops::Deref for Handle<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.inner.as_ref().expect("open until dropped")
+    }
+}
+
+impl<T> Drop for Handle<T> {
+    fn drop(&mut self) {
+        if *self.broken.get_mut() {
+            std::mem::forget(self.inner.take());
+        }
+    }
 }
 
 /// The file, open for writing (a node, tests) or read-only (the operator's
@@ -369,14 +407,14 @@ impl Store {
         })?;
         check_schema(&db.begin_read()?)?.ok_or(StoreError::NotALedger)?;
         Ok(Store {
-            db: Db::ReadOnly { db, lock },
+            db: Handle::new(Db::ReadOnly { db, lock }),
         })
     }
 
     fn init(db: Database) -> Result<Store, StoreError> {
         if check_schema(&db.begin_read()?)?.is_some() {
             let store = Store {
-                db: Db::Writable(db),
+                db: Handle::new(Db::Writable(db)),
             };
             store.verify_at_open()?;
             return Ok(store);
@@ -399,7 +437,7 @@ impl Store {
         }
         write.commit()?;
         Ok(Store {
-            db: Db::Writable(db),
+            db: Handle::new(Db::Writable(db)),
         })
     }
 
@@ -412,6 +450,12 @@ impl Store {
     pub fn verify_at_open(&self) -> Result<(), StoreError> {
         let read = self.db.begin_read()?;
         refuse_damage(|| verify_tail(&read))
+    }
+
+    /// Records that a panic went through this store's redb handle (see
+    /// [`Handle`]): it is leaked, not closed, when dropped.
+    pub(crate) fn mark_broken(&self) {
+        self.db.mark_broken();
     }
 
     /// Applies committed Raft entries, in order, in one durable write

@@ -36,6 +36,8 @@ pub enum Fault {
     TornWrite,
     /// The n-th `sync_data` fails; nothing since the last good sync is durable.
     Sync,
+    /// The n-th `write` panics (a bug in the commit path) and writes nothing.
+    Panic,
 }
 
 #[derive(Debug, Default)]
@@ -215,8 +217,13 @@ impl redb::StorageBackend for SimDisk {
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
         let mut state = self.state.lock().unwrap();
         let range = range_of(offset, data.len())?;
-        match SimDisk::trip(&mut state, &[Fault::Write, Fault::TornWrite]) {
+        match SimDisk::trip(&mut state, &[Fault::Write, Fault::TornWrite, Fault::Panic]) {
             None => {}
+            Some(Fault::Panic) if !self.fired() => {
+                drop(state);
+                self.die();
+                panic!("simulated bug: a panic in the middle of a commit");
+            }
             Some(Fault::TornWrite) if !self.fired() => {
                 let half = data.len() / 2;
                 if let Some(target) = state.current.get_mut(range.start..range.start + half) {
@@ -767,6 +774,22 @@ async fn torn_writes_never_report_a_false_outcome_and_poison_the_ledger() {
         (Failing::Ledger, Fault::TornWrite, 17),
         (Failing::Ledger, Fault::TornWrite, 150),
         (Failing::Log, Fault::TornWrite, 60),
+    ])
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_commit_path_never_reports_a_false_outcome_and_stops_the_replica() {
+    // Goal (issue 13): a panic while a commit is written (a bug, or redb
+    // tripping over a damaged page) stops the replica as a failed disk
+    // does: nobody is told an outcome that is not stored, it no longer
+    // says it serves (`/readyz` 503; the node exits so a supervisor
+    // restarts it), and a restart keeps every promise. It once left a
+    // process that answered every request "shutting down" and stayed ready.
+    run_cases(&[
+        (Failing::Ledger, Fault::Panic, 2),
+        (Failing::Ledger, Fault::Panic, 60),
+        (Failing::Log, Fault::Panic, 10),
     ])
     .await;
 }

@@ -45,7 +45,7 @@ const STATE_KNOWN: &str = "known";
 /// while it appends through another).
 #[derive(Clone)]
 pub struct LogStore {
-    db: Arc<Database>,
+    db: Arc<crate::store::Handle<Database>>,
     io: StorageIo,
     /// The committed log id openraft last reported, for status reports.
     committed: Arc<std::sync::Mutex<Option<LogId>>>,
@@ -101,7 +101,7 @@ impl LogStore {
         }
         write.commit()?;
         Ok(LogStore {
-            db: Arc::new(db),
+            db: Arc::new(crate::store::Handle::new(db)),
             io,
             committed: Arc::default(),
         })
@@ -313,7 +313,10 @@ impl LogStore {
         match self.io.run(move || work(store)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(store_error)) => Err(error(store_error.to_string())),
-            Err(panic) => Err(error(panic)),
+            Err(panic) => {
+                self.db.mark_broken();
+                Err(error(panic))
+            }
         }
     }
 }

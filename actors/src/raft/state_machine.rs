@@ -223,7 +223,10 @@ impl StateMachine {
         match self.io.run(move || work(machine)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(store_error)) => Err(error(store_error.to_string())),
-            Err(panic) => Err(error(panic)),
+            Err(panic) => {
+                self.store.mark_broken();
+                Err(error(panic))
+            }
         }
     }
 }
@@ -294,7 +297,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             Ok(Err(error)) => {
                 Err(StorageIOError::apply(last, AnyError::error(error.to_string())).into())
             }
-            Err(panic) => Err(StorageIOError::apply(last, AnyError::error(panic)).into()),
+            Err(panic) => {
+                self.store.mark_broken();
+                Err(StorageIOError::apply(last, AnyError::error(panic)).into())
+            }
         }
     }
 
