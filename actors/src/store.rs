@@ -1175,7 +1175,7 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
         let id = id.value();
         report.accounts += 1;
         if let Err(error) = seal::unseal(ACCOUNTS.name(), id, record.value())
-            .and_then(|payload| decode::<AccountRecord>(payload))
+            .and_then(decode::<AccountRecord>)
         {
             report.problems.push(damage_problem(&error));
         }
@@ -1252,7 +1252,7 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
         let key = key.value();
         report.pending_halves += 1;
         let half = seal::unseal(PENDING.name(), key, value.value())
-            .and_then(|payload| decode::<PendingHalf>(payload));
+            .and_then(decode::<PendingHalf>);
         match half {
             Ok(half) if half.tx_key().as_u128() != key => report.problems.push(format!(
                 "tx_key {}: the pending half stored under it is for {}",
