@@ -362,16 +362,23 @@ fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, StoreError> {
 impl Store {
     /// Opens the ledger at `path`, creating the file and its tables if
     /// needed. A file that fails its integrity check is refused (an error
-    /// for which [`is_damage`] holds): redb verifies the checksum of every
-    /// page of its trees, which reads the whole file once, and
-    /// [`Store::verify_at_open`] checks the counters and the journal's tail.
+    /// for which [`is_damage`] holds) before anything is written to it, so
+    /// the damage stays as it was found: redb verifies the checksum of
+    /// every page of its trees (reading the whole file once, over an
+    /// [`Overlay`]), and [`Store::verify_at_open`] checks the live state.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = refuse_damage(|| {
-            Ok(Database::builder()
-                .set_check_integrity_on_open(true)
-                .create(path)?)
-        })?;
-        Store::init(db)
+        let existing = std::fs::metadata(path).is_ok_and(|metadata| metadata.len() > 0);
+        if existing {
+            let (db, lock) = open_overlay(path)?;
+            if check_schema(&db.begin_read()?)?.is_some() {
+                let checked = Store {
+                    db: Handle::new(Db::ReadOnly { db, lock }),
+                };
+                checked.verify_at_open()?;
+            }
+        }
+        let db = refuse_damage(|| Ok(Database::builder().create(path)?))?;
+        Store::init(db, false)
     }
 
     /// Opens a ledger on a custom storage backend (tests inject faults this
@@ -382,7 +389,7 @@ impl Store {
                 .set_check_integrity_on_open(true)
                 .create_with_backend(backend)?)
         })?;
-        Store::init(db)
+        Store::init(db, true)
     }
 
     /// Opens an existing ledger without writing to it, ever: every write
@@ -391,32 +398,23 @@ impl Store {
     /// file that was not closed cleanly, both in memory ([`Overlay`]). A
     /// file a node holds open is refused (`DatabaseAlreadyOpen`).
     pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
-        let lock = match refuse_damage(|| Ok(redb::ReadOnlyDatabase::open(path)?)) {
-            Ok(lock) => Some(lock),
-            Err(StoreError::Redb(redb::Error::DatabaseAlreadyOpen)) => {
-                return Err(StoreError::Redb(redb::Error::DatabaseAlreadyOpen));
-            }
-            // Not closed cleanly, or damaged: the overlay's open decides.
-            Err(_) => None,
-        };
-        let overlay = Overlay::open(path).map_err(|error| StoreError::Redb(error.into()))?;
-        let db = refuse_damage(|| {
-            Ok(Database::builder()
-                .set_check_integrity_on_open(true)
-                .create_with_backend(overlay)?)
-        })?;
+        let (db, lock) = open_overlay(path)?;
         check_schema(&db.begin_read()?)?.ok_or(StoreError::NotALedger)?;
         Ok(Store {
             db: Handle::new(Db::ReadOnly { db, lock }),
         })
     }
 
-    fn init(db: Database) -> Result<Store, StoreError> {
+    /// A store on `db`, its tables created if it has none; `verify` runs
+    /// [`Store::verify_at_open`] on an existing ledger.
+    fn init(db: Database, verify: bool) -> Result<Store, StoreError> {
         if check_schema(&db.begin_read()?)?.is_some() {
             let store = Store {
                 db: Handle::new(Db::Writable(db)),
             };
-            store.verify_at_open()?;
+            if verify {
+                store.verify_at_open()?;
+            }
             return Ok(store);
         }
         let write = db.begin_write()?;
@@ -881,6 +879,32 @@ where
     Ok(())
 }
 
+/// Opens the redb file at `path` without ever writing it: over an
+/// [`Overlay`], with every page's checksum verified and any crash recovery
+/// done in memory. The second value is a read-only handle on the file that
+/// keeps a node from opening it for writing meanwhile (`None` for a file
+/// that was not closed cleanly). A file a node holds is refused
+/// (`DatabaseAlreadyOpen`).
+pub(crate) fn open_overlay(
+    path: &Path,
+) -> Result<(Database, Option<redb::ReadOnlyDatabase>), StoreError> {
+    let lock = match refuse_damage(|| Ok(redb::ReadOnlyDatabase::open(path)?)) {
+        Ok(lock) => Some(lock),
+        Err(StoreError::Redb(redb::Error::DatabaseAlreadyOpen)) => {
+            return Err(StoreError::Redb(redb::Error::DatabaseAlreadyOpen));
+        }
+        // Not closed cleanly, or damaged: the overlay's open decides.
+        Err(_) => None,
+    };
+    let overlay = Overlay::open(path).map_err(|error| StoreError::Redb(error.into()))?;
+    let db = refuse_damage(|| {
+        Ok(Database::builder()
+            .set_check_integrity_on_open(true)
+            .create_with_backend(overlay)?)
+    })?;
+    Ok((db, lock))
+}
+
 /// See [`Store::verify_at_open`].
 fn verify_tail(read: &redb::ReadTransaction) -> Result<(), StoreError> {
     let meta = read.open_table(META)?;
@@ -1174,8 +1198,8 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
         let (id, record) = row?;
         let id = id.value();
         report.accounts += 1;
-        if let Err(error) = seal::unseal(ACCOUNTS.name(), id, record.value())
-            .and_then(decode::<AccountRecord>)
+        if let Err(error) =
+            seal::unseal(ACCOUNTS.name(), id, record.value()).and_then(decode::<AccountRecord>)
         {
             report.problems.push(damage_problem(&error));
         }
@@ -1251,8 +1275,7 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
         let (key, value) = row?;
         let key = key.value();
         report.pending_halves += 1;
-        let half = seal::unseal(PENDING.name(), key, value.value())
-            .and_then(decode::<PendingHalf>);
+        let half = seal::unseal(PENDING.name(), key, value.value()).and_then(decode::<PendingHalf>);
         match half {
             Ok(half) if half.tx_key().as_u128() != key => report.problems.push(format!(
                 "tx_key {}: the pending half stored under it is for {}",

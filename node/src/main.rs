@@ -120,6 +120,12 @@ enum Command {
     Run {
         #[command(flatten)]
         run: RunLayer,
+        /// When the ledger or Raft log fails its integrity check, serve only
+        /// the HTTP endpoints, for inspection, instead of exiting: /readyz
+        /// answers 503 with the damage, the admin audit and backup read the
+        /// ledger read-only. No phone is served and nothing is written.
+        #[arg(long)]
+        inspect: bool,
     },
     /// Show this replica's place in its cluster: role, term, leader, last
     /// log, committed and applied indexes, snapshot, voters, and on the
@@ -358,7 +364,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         command,
     } = cli;
     let run_layer = match &command {
-        Command::Run { run } | Command::Config { run } => run.clone(),
+        Command::Run { run, .. } | Command::Config { run } => run.clone(),
         _ => run_layer_from_env()?,
     };
     let settings = load_settings(config.as_deref(), global, run_layer)?;
@@ -388,7 +394,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
-        Command::Run { .. } => run(&settings).await,
+        Command::Run { inspect, .. } => run(&settings, inspect).await,
         Command::Status => status(&settings).await,
         Command::Cluster { command } => cluster(&settings, command).await,
         Command::Config { .. } => {
@@ -589,7 +595,7 @@ fn init_local_cluster(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
+async fn run(settings: &Settings, inspect: bool) -> anyhow::Result<ExitCode> {
     let data_dir = DataDir::new(&settings.global.data);
     let ledger_path = data_dir.ledger();
     match ops::check_redb_file(&ledger_path) {
@@ -650,9 +656,16 @@ async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
                 ledger_path.display()
             )
         }
+        Err(NodeError::Ledger(tapledger_actors::LedgerError::Damaged { file, reason }))
+            if inspect =>
+        {
+            let damage = format!("{file}: {reason}");
+            return serve_inspection(settings, &data_dir, damage, recorder).await;
+        }
         Err(NodeError::Ledger(tapledger_actors::LedgerError::Damaged { file, reason })) => bail!(
             "{file} failed its integrity check ({reason}); the node does not serve from a damaged \
-             ledger. Inspect it read-only with `tapledger-node audit` or `export`, then restore a \
+             ledger. Inspect it read-only with `tapledger-node audit` or `export` (or `run \
+             --inspect`, which serves only /readyz and the admin audit), then restore a \
              backup (`tapledger-node restore`) or, on a replica of a cluster, replace it: \
              `cluster remove` it, `init` a new data directory and `cluster add` that"
         ),
@@ -724,6 +737,36 @@ async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
         None => ExitCode::SUCCESS,
         Some(_) => ExitCode::from(EXIT_ERROR),
     })
+}
+
+/// `run --inspect` on a damaged ledger: the HTTP endpoints over the ledger
+/// opened read-only, until SIGTERM or Ctrl-C.
+async fn serve_inspection(
+    settings: &Settings,
+    data_dir: &DataDir,
+    damage: String,
+    recorder: Option<metrics_exporter_prometheus::PrometheusHandle>,
+) -> anyhow::Result<ExitCode> {
+    let (Some(addr), Some(recorder)) = (settings.run.metrics_listen.addr(), recorder) else {
+        bail!("{damage}; --inspect serves the HTTP endpoints, but metrics_listen is off");
+    };
+    tracing::error!(%damage, "the ledger failed its integrity check; serving it read-only for inspection: no phones, no writes");
+    let store = Arc::new(ops::open_read_only(&data_dir.ledger())?);
+    let telemetry = Arc::new(Telemetry::inspecting(
+        recorder,
+        store,
+        damage.clone(),
+        load_admin_credential(&data_dir.admin())?,
+    ));
+    let server = HttpServer::start(addr, telemetry)
+        .await
+        .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    println!("inspecting a damaged ledger, read-only ({damage}); Ctrl-C to stop");
+    println!("metrics on http://{}/metrics", server.local_addr);
+    let _ = std::io::stdout().flush();
+    wait_for_signal().await;
+    server.stop().await;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Resolves when Raft stops on this replica (its log or ledger failed): the

@@ -242,6 +242,7 @@ fn describe() {
 }
 
 /// What the last scrape saw, so the next one counts only what is new.
+#[derive(Default)]
 struct Progress {
     /// Journal sequence of the next entry to count.
     journal_next: u64,
@@ -249,11 +250,20 @@ struct Progress {
     intents: u64,
 }
 
+/// A ledger served for inspection only (`run --inspect`).
+struct Inspection {
+    store: Arc<Store>,
+    damage: String,
+}
+
 /// The running node as the HTTP server sees it. Holds the ledger weakly so
 /// that it never keeps the ledger from closing at shutdown.
 pub struct Telemetry {
     handle: PrometheusHandle,
     ledger: Weak<Ledger>,
+    /// Set when `run --inspect` serves a ledger that failed its integrity
+    /// check: no ledger runs, only this read-only store.
+    inspecting: Option<Inspection>,
     counters: Arc<NodeCounters>,
     admin_credential: Secret,
     ready: AtomicBool,
@@ -273,6 +283,7 @@ impl Telemetry {
         Ok(Telemetry {
             handle,
             ledger: Arc::downgrade(ledger),
+            inspecting: None,
             counters,
             admin_credential,
             ready: AtomicBool::new(false),
@@ -282,6 +293,27 @@ impl Telemetry {
                 intents: stats.intents_committed,
             }),
         })
+    }
+
+    /// The endpoints of `run --inspect`: a ledger that failed its integrity
+    /// check (`damage` says how), open read-only. `/readyz` is 503 with the
+    /// damage, the admin audit and backup read `store`, nothing is written.
+    pub fn inspecting(
+        handle: PrometheusHandle,
+        store: Arc<Store>,
+        damage: String,
+        admin_credential: Secret,
+    ) -> Telemetry {
+        metrics::gauge!(names::READY).set(0.0);
+        Telemetry {
+            handle,
+            ledger: Weak::new(),
+            inspecting: Some(Inspection { store, damage }),
+            counters: Arc::default(),
+            admin_credential,
+            ready: AtomicBool::new(false),
+            progress: Mutex::new(Progress::default()),
+        }
     }
 
     /// Marks the node ready (serving) or not (starting, shutting down).
@@ -371,6 +403,12 @@ impl Telemetry {
 
     /// Why the node is not ready, or `None` when it is.
     async fn not_ready(&self) -> Option<String> {
+        if let Some(inspection) = &self.inspecting {
+            return Some(format!(
+                "inspecting a damaged ledger, read-only: {}",
+                inspection.damage
+            ));
+        }
         if !self.ready.load(Ordering::Acquire) {
             return Some("not serving (starting or shutting down)".into());
         }
@@ -619,6 +657,20 @@ async fn admin(
         Ok(collected) => collected.to_bytes(),
         Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"),
     };
+    if let Some(inspection) = &telemetry.inspecting {
+        return match path {
+            "/admin/backup" | "/admin/audit" => {
+                read_admin(inspection.store.clone(), path, &body).await
+            }
+            _ => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "inspecting a damaged ledger, read-only: {}\n",
+                    inspection.damage
+                ),
+            ),
+        };
+    }
     let Some(ledger) = telemetry.ledger.upgrade() else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "the ledger is closed\n");
     };
@@ -635,6 +687,11 @@ async fn admin(
     }
     let store = ledger.store().clone();
     drop(ledger);
+    read_admin(store, path, &body).await
+}
+
+/// The admin requests that only read the ledger: backup and audit.
+async fn read_admin(store: Arc<Store>, path: &str, body: &[u8]) -> Response<Full<Bytes>> {
     match path {
         "/admin/backup" => {
             let target = String::from_utf8_lossy(&body).trim().to_string();

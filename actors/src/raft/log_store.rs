@@ -71,11 +71,11 @@ fn vote_error(error: impl std::fmt::Display) -> StorageError {
 impl LogStore {
     /// Opens the log file at `path`, creating it if needed.
     pub fn open(path: &Path, io: StorageIo) -> Result<LogStore, StoreError> {
-        let db = crate::store::refuse_damage(|| {
-            Ok(Database::builder()
-                .set_check_integrity_on_open(true)
-                .create(path)?)
-        })?;
+        // Checked before anything is written to it (see `Store::open`).
+        if std::fs::metadata(path).is_ok_and(|metadata| metadata.len() > 0) {
+            drop(crate::store::open_overlay(path)?);
+        }
+        let db = crate::store::refuse_damage(|| Ok(Database::builder().create(path)?))?;
         LogStore::init(db, io)
     }
 

@@ -489,6 +489,78 @@ async fn audit_names_a_tampered_account_and_exits_one() {
         stderr.contains("failed its integrity check") && stderr.contains("balances"),
         "{stderr}"
     );
+    // Unless asked to serve it for inspection: HTTP only, never ready, the
+    // audit read from the damaged file, no phone served.
+    let before = std::fs::read(data.path().join("ledger.redb")).unwrap();
+    let inspected = inspect_process(&data);
+    let (status, body) = http_get(inspected.1, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("damaged") && body.contains("balances"),
+        "{body}"
+    );
+    let (status, body) = within(tapledger_node::telemetry::admin_request(
+        inspected.1,
+        "/admin/audit",
+        &data.admin(),
+        String::new(),
+    ))
+    .await
+    .expect("admin audit");
+    assert_eq!(status.as_u16(), 409, "{body}");
+    assert!(
+        body.contains(&format!("accounts involved: {}", bob.id)),
+        "{body}"
+    );
+    let (exit, log) = stop_process(inspected.0);
+    assert!(exit.success(), "{log}");
+    assert!(std::fs::read(data.path().join("ledger.redb")).unwrap() == before);
+}
+
+/// `run --inspect` on this data directory, once it printed its HTTP address.
+fn inspect_process(data: &DataDirectory) -> (std::process::Child, std::net::SocketAddr) {
+    use std::io::BufRead;
+    let mut child = command()
+        .arg("--data")
+        .arg(data.path())
+        .args(["run", "--inspect", "--listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn tapledger-node run --inspect");
+    let stdout = child.stdout.take().expect("stdout");
+    let (lines, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let Ok(line) = receiver.recv_timeout(left) else {
+            let _ = child.kill();
+            panic!("run --inspect did not print its HTTP address");
+        };
+        if let Some(rest) = line.strip_prefix("metrics on http://") {
+            let addr = rest.trim_end_matches("/metrics").parse().expect("address");
+            return (child, addr);
+        }
+    }
+}
+
+/// SIGTERM, then a bounded wait.
+fn stop_process(mut child: std::process::Child) -> (std::process::ExitStatus, String) {
+    // SAFETY: kill(2) on the child this test spawned and has not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    (wait_bounded(&mut child, WAIT), String::new())
 }
 
 /// Goal: `reset` asks first, and never touches what is not a ledger.

@@ -39,7 +39,7 @@ pub fn command() -> Command {
 }
 
 /// Waits for `child` at most `limit`, killing it if it overstays.
-fn wait_bounded(child: &mut Child, limit: Duration) -> ExitStatus {
+pub fn wait_bounded(child: &mut Child, limit: Duration) -> ExitStatus {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().expect("wait for child") {
