@@ -92,13 +92,17 @@ impl ConnectionTable {
 
     /// Counts a new connection.
     pub fn opened(&self) {
-        self.counters.connections_open.fetch_add(1, Ordering::AcqRel);
+        self.counters
+            .connections_open
+            .fetch_add(1, Ordering::AcqRel);
         self.update();
     }
 
     /// Counts a connection gone.
     pub fn closed(&self) {
-        self.counters.connections_open.fetch_sub(1, Ordering::AcqRel);
+        self.counters
+            .connections_open
+            .fetch_sub(1, Ordering::AcqRel);
         self.update();
     }
 
@@ -141,7 +145,10 @@ impl AccountConnections {
     /// `None` when it holds `max` already. The place is given back when
     /// the slot is dropped.
     pub fn hold(self: &Arc<Self>, account: AccountId) -> Option<AccountSlot> {
-        let mut held = self.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let count = held.entry(account).or_insert(0);
         if *count >= self.max {
             if *count == 0 {
@@ -158,7 +165,10 @@ impl AccountConnections {
 
     /// Authenticated connections `account` holds now.
     pub fn held(&self, account: AccountId) -> u32 {
-        let held = self.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let held = self
+            .held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         held.get(&account).copied().unwrap_or(0)
     }
 }
@@ -232,12 +242,18 @@ mod tests {
         let first = accounts.hold(7).expect("first");
         let second = accounts.hold(7).expect("second");
         assert!(accounts.hold(7).is_none());
-        assert!(accounts.hold(8).is_some(), "other accounts are not affected");
+        assert!(
+            accounts.hold(8).is_some(),
+            "other accounts are not affected"
+        );
         assert_eq!(accounts.held(7), 2);
         drop(first);
         let third = accounts.hold(7).expect("a place came back");
         drop((second, third));
         assert_eq!(accounts.held(7), 0);
-        assert!(accounts.held.lock().unwrap().is_empty(), "no entry left behind");
+        assert!(
+            accounts.held.lock().unwrap().is_empty(),
+            "no entry left behind"
+        );
     }
 }

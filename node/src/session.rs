@@ -77,7 +77,9 @@ pub async fn serve_connection(connecting: quinn::Connecting, shared: Arc<Shared>
     let counters = &shared.counters;
     let connection = match handshake.await {
         Ok(Ok(connection)) => {
-            counters.connections_accepted.fetch_add(1, Ordering::Relaxed);
+            counters
+                .connections_accepted
+                .fetch_add(1, Ordering::Relaxed);
             connection
         }
         Ok(Err(error)) => {
@@ -188,7 +190,9 @@ async fn first_request_watchdog(
         tracing::debug!("no request in time while the node is busy; closing");
         connection.close(CLOSE_NO_REQUEST, b"no request in time (node busy)");
     } else {
-        counters.auth_deadline_closes.fetch_add(1, Ordering::Relaxed);
+        counters
+            .auth_deadline_closes
+            .fetch_add(1, Ordering::Relaxed);
         connection.close(CLOSE_NO_REQUEST, b"no request in time");
     }
 }

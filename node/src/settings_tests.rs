@@ -163,9 +163,15 @@ fn flood_defenses_are_settings_that_reach_the_node() {
     assert_eq!(limits.retry_above_attempts_per_sec, 50);
     assert_eq!(limits.connections_per_account_max, 3, "the flag wins");
     assert_eq!(limits.busy_above_percent, 75);
-    assert_eq!(limits.busy_first_request_timeout, Duration::from_millis(500));
+    assert_eq!(
+        limits.busy_first_request_timeout,
+        Duration::from_millis(500)
+    );
     for (bad, name) in [
-        ("connections_per_account_max = 0", "connections_per_account_max"),
+        (
+            "connections_per_account_max = 0",
+            "connections_per_account_max",
+        ),
         ("busy_above_percent = 0", "busy_above_percent"),
         ("busy_above_percent = 101", "busy_above_percent"),
         (

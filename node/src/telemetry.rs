@@ -335,7 +335,8 @@ impl Telemetry {
         use names::*;
         let counters = &self.counters;
         gauge!(CONNECTIONS_OPEN).set(counters.connections_open.load(Ordering::Relaxed) as f64);
-        counter!(CONNECTION_ATTEMPTS).absolute(counters.connection_attempts.load(Ordering::Relaxed));
+        counter!(CONNECTION_ATTEMPTS)
+            .absolute(counters.connection_attempts.load(Ordering::Relaxed));
         counter!(CONNECTION_RETRIES).absolute(counters.connection_retries.load(Ordering::Relaxed));
         counter!(HANDSHAKES_FAILED).absolute(counters.handshakes_failed.load(Ordering::Relaxed));
         counter!(CONNECTIONS_ACCEPTED)

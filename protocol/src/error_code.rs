@@ -203,10 +203,20 @@ mod tests {
             .expect("section 11");
         for code in ErrorCode::ALL {
             let row = format!("\n| {} |", code.code());
-            assert!(section.contains(&row), "PROTOCOL.md section 11 lacks {code}");
+            assert!(
+                section.contains(&row),
+                "PROTOCOL.md section 11 lacks {code}"
+            );
         }
-        let rows = section.lines().filter(|line| line.starts_with("| 1")).count();
-        assert_eq!(rows, ErrorCode::ALL.len(), "rows for codes the node does not send");
+        let rows = section
+            .lines()
+            .filter(|line| line.starts_with("| 1"))
+            .count();
+        assert_eq!(
+            rows,
+            ErrorCode::ALL.len(),
+            "rows for codes the node does not send"
+        );
     }
 
     #[test]

@@ -31,10 +31,12 @@ use crate::support::*;
 const INITIAL_BYTES: usize = 1200;
 /// The longest a forged-Initial flood runs, whatever else happens.
 const FLOOD_LIMIT: Duration = Duration::from_secs(20);
-/// An honest phone must connect and authenticate within this during a flood.
-const RECONNECT_WITHIN: Duration = Duration::from_secs(5);
+/// An honest phone must connect and authenticate within this during a
+/// flood. Its first Initial may be lost in the flood (the socket's receive
+/// queue overflows) and QUIC resends it after 1 s, then 2 s more.
+const RECONNECT_WITHIN: Duration = Duration::from_secs(8);
 /// How long each measured phase of the flood tests lasts.
-const PHASE: Duration = Duration::from_millis(1_500);
+const PHASE: Duration = Duration::from_secs(2);
 
 // ---------------------------------------------------------------------------
 // Forged Initials.
@@ -127,6 +129,7 @@ struct Attempts {
     retries: u64,
     failed: u64,
     accepted: u64,
+    refused: u64,
 }
 
 impl Attempts {
@@ -137,6 +140,7 @@ impl Attempts {
             retries: counters.connection_retries.load(Ordering::Relaxed),
             failed: counters.handshakes_failed.load(Ordering::Relaxed),
             accepted: counters.connections_accepted.load(Ordering::Relaxed),
+            refused: counters.connections_refused.load(Ordering::Relaxed),
         }
     }
 
@@ -146,6 +150,7 @@ impl Attempts {
             retries: self.retries - earlier.retries,
             failed: self.failed - earlier.failed,
             accepted: self.accepted - earlier.accepted,
+            refused: self.refused - earlier.refused,
         }
     }
 }
@@ -246,7 +251,8 @@ async fn a_flood_of_forged_initials_leaves_honest_phones_paying_and_reconnecting
         "forged Initials counted as accepted connections: {counted:?}"
     );
     assert!(
-        counted.retries + counted.failed + counted.accepted >= counted.attempts - 5,
+        counted.retries + counted.failed + counted.accepted + counted.refused
+            >= counted.attempts - 5,
         "every attempt is accounted for: {counted:?}"
     );
     assert!(
@@ -283,7 +289,11 @@ async fn attempts_above_the_rate_must_validate_their_address_and_then_get_in() {
     // would be sent another: at least one each.)
     assert_eq!(counted.accepted, 3, "{counted:?}");
     assert!(counted.retries >= 3, "{counted:?}");
-    assert_eq!(counted.attempts, counted.retries + counted.accepted, "{counted:?}");
+    assert_eq!(
+        counted.attempts,
+        counted.retries + counted.accepted,
+        "{counted:?}"
+    );
     assert_eq!(counted.failed, 0, "{counted:?}");
     node.assert_still_settles().await;
     node.stop().await;
@@ -403,7 +413,10 @@ async fn idle_connections_are_closed_early_only_while_the_node_is_nearly_full() 
         );
     }
     let counters = node.node.counters();
-    assert_eq!(counters.auth_deadline_closes_busy.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        counters.auth_deadline_closes_busy.load(Ordering::Relaxed),
+        0
+    );
     honest.wait_for(3).await;
 
     // Three more fill the node: busy. Old idle ones are closed until it is
