@@ -70,24 +70,25 @@ impl ConnectionState {
 
 pub async fn serve_connection(connecting: quinn::Connecting, shared: Arc<Shared>) {
     let connected_at = tokio::time::Instant::now();
-    // The handshake counts against the authentication deadline: a client
-    // that starts one and goes silent would otherwise hold its place until
-    // the idle timeout.
-    let handshake = tokio::time::timeout(shared.limits.first_request_timeout, connecting);
+    // The handshake counts against the authentication deadline (the busy
+    // one included): a client that starts one and goes silent would
+    // otherwise hold its place until the idle timeout.
     let counters = &shared.counters;
-    let connection = match handshake.await {
-        Ok(Ok(connection)) => {
-            counters
-                .connections_accepted
-                .fetch_add(1, Ordering::Relaxed);
-            connection
-        }
-        Ok(Err(error)) => {
-            counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%error, "handshake failed");
-            return;
-        }
-        Err(_) => {
+    let connection = tokio::select! {
+        handshake = connecting => match handshake {
+            Ok(connection) => {
+                counters
+                    .connections_accepted
+                    .fetch_add(1, Ordering::Relaxed);
+                connection
+            }
+            Err(error) => {
+                counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%error, "handshake failed");
+                return;
+            }
+        },
+        _ = first_request_deadline(&shared, connected_at) => {
             counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
             tracing::debug!("handshake not completed before the authentication deadline");
             return;
@@ -145,17 +146,11 @@ pub async fn serve_connection(connecting: quinn::Connecting, shared: Arc<Shared>
     }
 }
 
-/// Closes `connection` with 1010 unless it has authenticated (or made an
-/// admin request) by its deadline: `first_request_timeout` after
-/// connecting, or `busy_first_request_timeout` after connecting while the
-/// node is busy (its table nearly full), so that connections holding a
-/// place without using it make way for phones that would.
-async fn first_request_watchdog(
-    connection: quinn::Connection,
-    state: Arc<ConnectionState>,
-    shared: Arc<Shared>,
-    connected_at: tokio::time::Instant,
-) {
+/// Resolves when a connection made at `connected_at` is past its deadline
+/// to authenticate: `first_request_timeout` after connecting (false), or
+/// `busy_first_request_timeout` after connecting while the node is busy
+/// (true).
+async fn first_request_deadline(shared: &Shared, connected_at: tokio::time::Instant) -> bool {
     let limits = &shared.limits;
     let deadline = connected_at + limits.first_request_timeout;
     let busy_deadline = connected_at
@@ -175,10 +170,24 @@ async fn first_request_watchdog(
             }
         }
     };
-    let was_busy = tokio::select! {
+    tokio::select! {
         _ = tokio::time::sleep_until(deadline) => false,
         _ = busy_and_past_its_deadline => true,
-    };
+    }
+}
+
+/// Closes `connection` with 1010 unless it has authenticated (or made an
+/// admin request) by its deadline: `first_request_timeout` after
+/// connecting, or `busy_first_request_timeout` after connecting while the
+/// node is busy (its table nearly full), so that connections holding a
+/// place without using it make way for phones that would.
+async fn first_request_watchdog(
+    connection: quinn::Connection,
+    state: Arc<ConnectionState>,
+    shared: Arc<Shared>,
+    connected_at: tokio::time::Instant,
+) {
+    let was_busy = first_request_deadline(&shared, connected_at).await;
     if state.active.load(Ordering::Acquire) {
         return;
     }
