@@ -208,10 +208,13 @@ mod tests {
         let mut budget = AttemptBudget::new(10, start);
         let taken = (0..25).filter(|_| budget.take(start)).count();
         assert_eq!(taken, 10, "a full bucket holds one second's worth");
+        // 50 ms refill half a token: not enough.
         assert!(!budget.take(start + Duration::from_millis(50)));
-        // 150 ms after the last look: 1.5 tokens more.
-        assert!(budget.take(start + Duration::from_millis(200)));
-        assert!(!budget.take(start + Duration::from_millis(200)));
+        // 150 ms more: 1.5 tokens more, 2 in all.
+        let later = start + Duration::from_millis(200);
+        assert!(budget.take(later));
+        assert!(budget.take(later));
+        assert!(!budget.take(later));
         // A long pause refills to the cap, not beyond.
         let later = start + Duration::from_secs(60);
         assert_eq!((0..25).filter(|_| budget.take(later)).count(), 10);
