@@ -17,12 +17,13 @@ use tapledger_protocol::{
     OutcomeReport, QueryStatus, RequestId, TxKey, bytes_equal, decode_frame, encode_frame,
     key_matches,
 };
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::admission::AccountSlot;
-use crate::server::Shared;
+use crate::config::Limits;
+use crate::server::{NodeCounters, Shared};
 use crate::telemetry::{HalfFate, record_half};
 
 /// QUIC application close codes: the protocol error numbers (PROTOCOL.md).
@@ -40,6 +41,15 @@ const OUTBOX_MESSAGES_MAX: usize = 1024;
 const STREAM_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Bytes read from a stream at a time.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// What a connection has proved.
 struct ConnectionState {
@@ -88,7 +98,7 @@ pub async fn serve_connection(connecting: quinn::Connecting, shared: Arc<Shared>
                 return;
             }
         },
-        _ = first_request_deadline(&shared, connected_at) => {
+        _ = first_request_deadline(&shared.limits, shared.table.watch_busy(), connected_at) => {
             counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
             tracing::debug!("handshake not completed before the authentication deadline");
             return;
@@ -107,15 +117,19 @@ pub async fn serve_connection(connecting: quinn::Connecting, shared: Arc<Shared>
         slot: std::sync::Mutex::new(None),
     });
 
-    let watchdog = tokio::spawn(
+    // Aborted when this function returns or its task is aborted (a kill):
+    // it must not outlive the connection.
+    let watchdog = AbortOnDrop(tokio::spawn(
         first_request_watchdog(
             connection.clone(),
             state.clone(),
-            shared.clone(),
+            shared.limits.clone(),
+            shared.table.watch_busy(),
+            shared.counters.clone(),
             connected_at,
         )
         .in_current_span(),
-    );
+    ));
 
     let mut streams = JoinSet::new();
     let mut shutdown = shared.shutdown.clone();
@@ -136,7 +150,7 @@ pub async fn serve_connection(connecting: quinn::Connecting, shared: Arc<Shared>
     }
     // Streams finish what is in flight: they watch the shutdown flag too.
     while streams.join_next().await.is_some() {}
-    watchdog.abort();
+    drop(watchdog);
     // The account's place comes back now, not when the last handle to the
     // state goes.
     let slot = state.slot.lock().ok().and_then(|mut slot| slot.take());
@@ -150,14 +164,16 @@ pub async fn serve_connection(connecting: quinn::Connecting, shared: Arc<Shared>
 /// to authenticate: `first_request_timeout` after connecting (false), or
 /// `busy_first_request_timeout` after connecting while the node is busy
 /// (true).
-async fn first_request_deadline(shared: &Shared, connected_at: tokio::time::Instant) -> bool {
-    let limits = &shared.limits;
+async fn first_request_deadline(
+    limits: &Limits,
+    mut busy: watch::Receiver<bool>,
+    connected_at: tokio::time::Instant,
+) -> bool {
     let deadline = connected_at + limits.first_request_timeout;
     let busy_deadline = connected_at
         + limits
             .busy_first_request_timeout
             .min(limits.first_request_timeout);
-    let mut busy = shared.table.watch_busy();
     let busy_and_past_its_deadline = async {
         loop {
             if busy.wait_for(|busy| *busy).await.is_err() {
@@ -184,14 +200,15 @@ async fn first_request_deadline(shared: &Shared, connected_at: tokio::time::Inst
 async fn first_request_watchdog(
     connection: quinn::Connection,
     state: Arc<ConnectionState>,
-    shared: Arc<Shared>,
+    limits: Limits,
+    busy: watch::Receiver<bool>,
+    counters: Arc<NodeCounters>,
     connected_at: tokio::time::Instant,
 ) {
-    let was_busy = first_request_deadline(&shared, connected_at).await;
+    let was_busy = first_request_deadline(&limits, busy, connected_at).await;
     if state.active.load(Ordering::Acquire) {
         return;
     }
-    let counters = &shared.counters;
     if was_busy {
         counters
             .auth_deadline_closes_busy
