@@ -67,6 +67,20 @@ pub struct Limits {
     /// Above this many open connections, new clients must prove their address
     /// (QUIC retry) before the node spends a handshake on them.
     pub retry_above_connections: usize,
+    /// Connection attempts (QUIC Initials that could start a handshake) per
+    /// second the node takes without address validation; beyond this rate
+    /// (a token bucket holding one second's worth) attempts from addresses
+    /// not yet validated get a QUIC Retry. 0 validates every attempt.
+    pub retry_above_attempts_per_sec: u32,
+    /// Authenticated connections one account may hold at once; its next
+    /// `authenticate` is answered 1015 and the connection closed.
+    pub connections_per_account_max: u32,
+    /// Above this share of `connections_max` (percent) the node is busy:
+    /// connections that have not authenticated get `busy_first_request_timeout`
+    /// instead of `first_request_timeout`, so idle slot-holders make way.
+    pub busy_above_percent: u8,
+    /// The authentication deadline while the node is busy.
+    pub busy_first_request_timeout: Duration,
     /// Bidirectional streams a connection may have open at once.
     pub streams_per_connection_max: u32,
     /// Requests a stream may have in flight (including halves waiting for
@@ -92,6 +106,10 @@ impl Default for Limits {
         Limits {
             connections_max: 20_000,
             retry_above_connections: 10_000,
+            retry_above_attempts_per_sec: RETRY_ABOVE_ATTEMPTS_PER_SEC_DEFAULT,
+            connections_per_account_max: CONNECTIONS_PER_ACCOUNT_MAX_DEFAULT,
+            busy_above_percent: BUSY_ABOVE_PERCENT_DEFAULT,
+            busy_first_request_timeout: Duration::from_secs(1),
             streams_per_connection_max: STREAMS_PER_CONNECTION_MAX_DEFAULT,
             requests_in_flight_max: REQUESTS_IN_FLIGHT_MAX_DEFAULT,
             auth_failures_max: AUTH_FAILURES_PER_CONNECTION_MAX_DEFAULT,
@@ -106,6 +124,14 @@ impl Default for Limits {
 
 /// Default for [`Limits::bad_frames_max`].
 pub const BAD_FRAMES_PER_CONNECTION_MAX_DEFAULT: u32 = 64;
+/// Default for [`Limits::retry_above_attempts_per_sec`]: well above the
+/// rate at which phones reconnect after a failover of a node of this size
+/// (they are validated then, which costs them one round trip, not a refusal).
+pub const RETRY_ABOVE_ATTEMPTS_PER_SEC_DEFAULT: u32 = 2_000;
+/// Default for [`Limits::connections_per_account_max`].
+pub const CONNECTIONS_PER_ACCOUNT_MAX_DEFAULT: u32 = 16;
+/// Default for [`Limits::busy_above_percent`].
+pub const BUSY_ABOVE_PERCENT_DEFAULT: u8 = 90;
 
 /// Interval at which clients send QUIC keep-alives (below the idle timeout).
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_millis(KEEP_ALIVE_INTERVAL_MS_DEFAULT);

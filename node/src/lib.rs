@@ -2,6 +2,8 @@
 //! TLS 1.3, ring), and the Rust phone client that talks to it.
 //!
 //! * [`server`] — endpoint, accept loop, limits, shutdown.
+//! * [`admission`] — the attempt rate above which clients are validated,
+//!   the connection table (and when it is nearly full), connections per account.
 //! * [`peer`] — replication between replicas: Raft over QUIC, mutual TLS.
 //! * [`session`] — per connection and stream: frames in, ledger calls, answers out.
 //! * [`client`] — `ClientEndpoint` and `Phone`, used by `tapledger-sim` and tests.
@@ -12,6 +14,7 @@
 //!
 //! Business rules live in `tapledger-actors`; this crate only translates.
 
+pub mod admission;
 pub mod client;
 pub mod config;
 pub mod export;

@@ -1,6 +1,7 @@
 //! The QUIC service: a quinn endpoint configured for untrusted clients, an
 //! accept loop that caps connections and asks for address validation under
-//! load, a task per connection, and a clean shutdown. Beside it, when the
+//! load (too many open connections, or new attempts above a rate), a task
+//! per connection, and a clean shutdown. Beside it, when the
 //! node is one replica of a cluster, the replication endpoint
 //! ([`crate::peer`]) that carries Raft between replicas.
 //!
@@ -18,6 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::admission::{AccountConnections, AttemptBudget, ConnectionTable};
 use crate::config::{Limits, NodeConfig};
 use crate::peer::{self, PeerEndpoint};
 use crate::session;
@@ -52,9 +54,28 @@ pub enum NodeError {
 /// Counters the node keeps about its clients.
 #[derive(Debug, Default)]
 pub struct NodeCounters {
+    /// Connections holding a place: handshaking or established.
     pub connections_open: AtomicUsize,
+    /// New connection attempts: Initial packets for no known connection
+    /// that quinn could parse, whatever became of them (forged ones included).
+    pub connection_attempts: AtomicU64,
+    /// Attempts answered with a QUIC Retry (address validation).
+    pub connection_retries: AtomicU64,
+    /// Handshakes started that did not complete: an Initial that cannot be
+    /// decrypted, a TLS failure, a client that went silent.
+    pub handshakes_failed: AtomicU64,
+    /// Handshakes completed: connections a client can use.
     pub connections_accepted: AtomicU64,
+    /// Attempts refused at `connections_max`.
     pub connections_refused: AtomicU64,
+    /// Authentications refused because the account held
+    /// `connections_per_account_max` connections (1015).
+    pub account_connections_refused: AtomicU64,
+    /// Connections closed with 1010 for not authenticating within
+    /// `first_request_timeout`, and within `busy_first_request_timeout`
+    /// while the node was busy.
+    pub auth_deadline_closes: AtomicU64,
+    pub auth_deadline_closes_busy: AtomicU64,
     pub auth_failures: AtomicU64,
     pub halves_received: AtomicU64,
     pub protocol_errors: AtomicU64,
@@ -67,6 +88,10 @@ pub struct Shared {
     pub limits: Limits,
     /// Shared with the metrics server, which reads it at each scrape.
     pub counters: Arc<NodeCounters>,
+    /// Open connections and whether the node is busy.
+    pub table: ConnectionTable,
+    /// Authenticated connections per account.
+    pub accounts: Arc<AccountConnections>,
     /// Flips to true when the node starts shutting down.
     pub shutdown: watch::Receiver<bool>,
     /// Failed requests' errors, logged once per window with a count.
@@ -223,11 +248,18 @@ impl RunningNode {
             source,
         })?;
         let (shutdown, shutdown_receiver) = watch::channel(false);
+        let counters = Arc::new(NodeCounters::default());
         let shared = Arc::new(Shared {
             ledger,
             admin_credential,
+            table: ConnectionTable::new(
+                counters.clone(),
+                limits.connections_max,
+                limits.busy_above_percent,
+            ),
+            accounts: AccountConnections::new(limits.connections_per_account_max),
             limits,
-            counters: Arc::default(),
+            counters,
             shutdown: shutdown_receiver,
             request_errors: crate::logging::Repeats::new(REPEATED_ERROR_WINDOW),
         });
@@ -378,6 +410,10 @@ fn server_config(identity: &Identity, limits: &Limits) -> Result<quinn::ServerCo
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     let mut connections = JoinSet::new();
     let mut shutdown = shared.shutdown.clone();
+    let mut budget = AttemptBudget::new(
+        shared.limits.retry_above_attempts_per_sec,
+        std::time::Instant::now(),
+    );
     loop {
         let incoming = tokio::select! {
             incoming = endpoint.accept() => incoming,
@@ -385,46 +421,55 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         let Some(incoming) = incoming else { break };
-        let open = shared.counters.connections_open.load(Ordering::Relaxed);
+        let counters = &shared.counters;
+        counters.connection_attempts.fetch_add(1, Ordering::Relaxed);
+        let open = shared.table.open();
+        // An Initial is cheap to forge and costs the node a handshake (and,
+        // for a forged one, a place until it fails). Under load, and above
+        // the attempt rate, make the client prove its address first: a
+        // Retry costs one packet and no state; an honest client comes back
+        // at once with the token and is let through. Validated attempts take
+        // no token, so a flood of unvalidated ones never locks them out.
+        if !incoming.remote_address_validated()
+            && incoming.may_retry()
+            && (open >= shared.limits.retry_above_connections
+                || !budget.take(std::time::Instant::now()))
+        {
+            counters.connection_retries.fetch_add(1, Ordering::Relaxed);
+            if let Err(error) = incoming.retry() {
+                error.into_incoming().ignore();
+            }
+            continue;
+        }
         if open >= shared.limits.connections_max {
-            shared
-                .counters
-                .connections_refused
-                .fetch_add(1, Ordering::Relaxed);
+            counters.connections_refused.fetch_add(1, Ordering::Relaxed);
             incoming.refuse();
             continue;
         }
-        if open >= shared.limits.retry_above_connections
-            && !incoming.remote_address_validated()
-            && incoming.may_retry()
-        {
-            // Under load, make the client prove its address before the handshake.
-            let _ = incoming.retry();
-            continue;
-        }
-        shared
-            .counters
-            .connections_accepted
-            .fetch_add(1, Ordering::Relaxed);
-        shared
-            .counters
-            .connections_open
-            .fetch_add(1, Ordering::Relaxed);
+        let remote = incoming.remote_address();
+        // Accepting decrypts the Initial first: a forged one fails here, at
+        // the cost of one decryption, before it holds a place or a task.
+        let connecting = match incoming.accept() {
+            Ok(connecting) => connecting,
+            Err(error) => {
+                counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::trace!(%remote, %error, "connection attempt failed at once");
+                continue;
+            }
+        };
+        shared.table.opened();
         let shared = shared.clone();
         // One span per connection; the session records the account once
         // authenticated.
         let span = tracing::info_span!(
             "connection",
-            remote = %incoming.remote_address(),
+            %remote,
             account = tracing::field::Empty
         );
         connections.spawn(
             async move {
-                session::serve_connection(incoming, shared.clone()).await;
-                shared
-                    .counters
-                    .connections_open
-                    .fetch_sub(1, Ordering::Relaxed);
+                session::serve_connection(connecting, shared.clone()).await;
+                shared.table.closed();
             }
             .instrument(span),
         );

@@ -17,17 +17,21 @@ use tapledger_protocol::{
     OutcomeReport, QueryStatus, RequestId, TxKey, bytes_equal, decode_frame, encode_frame,
     key_matches,
 };
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::server::Shared;
+use crate::admission::AccountSlot;
+use crate::config::Limits;
+use crate::server::{NodeCounters, Shared};
 use crate::telemetry::{HalfFate, record_half};
 
 /// QUIC application close codes: the protocol error numbers (PROTOCOL.md).
 pub const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(ErrorCode::ShuttingDown.code() as u32);
 pub const CLOSE_AUTH_FAILURES: VarInt = VarInt::from_u32(ErrorCode::Throttled.code() as u32);
 pub const CLOSE_NO_REQUEST: VarInt = VarInt::from_u32(ErrorCode::NotAuthenticated.code() as u32);
+pub const CLOSE_TOO_MANY_CONNECTIONS: VarInt =
+    VarInt::from_u32(ErrorCode::TooManyConnections.code() as u32);
 const STOP_FRAME_TOO_LARGE: VarInt = VarInt::from_u32(ErrorCode::FrameTooLarge.code() as u32);
 
 /// Answers queued for one stream's writer before request tasks wait.
@@ -37,6 +41,15 @@ const OUTBOX_MESSAGES_MAX: usize = 1024;
 const STREAM_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Bytes read from a stream at a time.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// What a connection has proved.
 struct ConnectionState {
@@ -51,6 +64,9 @@ struct ConnectionState {
     active: AtomicBool,
     /// Requests awaiting their final answer, over all streams.
     in_flight: Arc<Semaphore>,
+    /// The authenticated account's place in its per-account count; set
+    /// with `account`, given back when the connection ends.
+    slot: std::sync::Mutex<Option<AccountSlot>>,
 }
 
 impl ConnectionState {
@@ -62,11 +78,29 @@ impl ConnectionState {
     }
 }
 
-pub async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
-    let connection = match incoming.await {
-        Ok(connection) => connection,
-        Err(error) => {
-            tracing::debug!(%error, "handshake failed");
+pub async fn serve_connection(connecting: quinn::Connecting, shared: Arc<Shared>) {
+    let connected_at = tokio::time::Instant::now();
+    // The handshake counts against the authentication deadline (the busy
+    // one included): a client that starts one and goes silent would
+    // otherwise hold its place until the idle timeout.
+    let counters = &shared.counters;
+    let connection = tokio::select! {
+        handshake = connecting => match handshake {
+            Ok(connection) => {
+                counters
+                    .connections_accepted
+                    .fetch_add(1, Ordering::Relaxed);
+                connection
+            }
+            Err(error) => {
+                counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%error, "handshake failed");
+                return;
+            }
+        },
+        _ = first_request_deadline(&shared.limits, shared.table.watch_busy(), connected_at) => {
+            counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("handshake not completed before the authentication deadline");
             return;
         }
     };
@@ -80,21 +114,22 @@ pub async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         in_flight: Arc::new(Semaphore::new(
             shared.limits.requests_in_flight_max as usize,
         )),
+        slot: std::sync::Mutex::new(None),
     });
 
-    let watchdog = {
-        let (connection, state, timeout) = (
+    // Aborted when this function returns or its task is aborted (a kill):
+    // it must not outlive the connection.
+    let watchdog = AbortOnDrop(tokio::spawn(
+        first_request_watchdog(
             connection.clone(),
             state.clone(),
-            shared.limits.first_request_timeout,
-        );
-        tokio::spawn(async move {
-            tokio::time::sleep(timeout).await;
-            if !state.active.load(Ordering::Acquire) {
-                connection.close(CLOSE_NO_REQUEST, b"no request in time");
-            }
-        })
-    };
+            shared.limits.clone(),
+            shared.table.watch_busy(),
+            shared.counters.clone(),
+            connected_at,
+        )
+        .in_current_span(),
+    ));
 
     let mut streams = JoinSet::new();
     let mut shutdown = shared.shutdown.clone();
@@ -115,9 +150,76 @@ pub async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     }
     // Streams finish what is in flight: they watch the shutdown flag too.
     while streams.join_next().await.is_some() {}
-    watchdog.abort();
+    drop(watchdog);
+    // The account's place comes back now, not when the last handle to the
+    // state goes.
+    let slot = state.slot.lock().ok().and_then(|mut slot| slot.take());
+    drop(slot);
     if *shared.shutdown.borrow() {
         connection.close(CLOSE_SHUTDOWN, b"node shutting down");
+    }
+}
+
+/// Resolves when a connection made at `connected_at` is past its deadline
+/// to authenticate: `first_request_timeout` after connecting (false), or
+/// `busy_first_request_timeout` after connecting while the node is busy
+/// (true).
+async fn first_request_deadline(
+    limits: &Limits,
+    mut busy: watch::Receiver<bool>,
+    connected_at: tokio::time::Instant,
+) -> bool {
+    let deadline = connected_at + limits.first_request_timeout;
+    let busy_deadline = connected_at
+        + limits
+            .busy_first_request_timeout
+            .min(limits.first_request_timeout);
+    let busy_and_past_its_deadline = async {
+        loop {
+            if busy.wait_for(|busy| *busy).await.is_err() {
+                // The table is gone: only the normal deadline is left.
+                return std::future::pending().await;
+            }
+            tokio::time::sleep_until(busy_deadline).await;
+            if *busy.borrow_and_update() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::time::sleep_until(deadline) => false,
+        _ = busy_and_past_its_deadline => true,
+    }
+}
+
+/// Closes `connection` with 1010 unless it has authenticated (or made an
+/// admin request) by its deadline: `first_request_timeout` after
+/// connecting, or `busy_first_request_timeout` after connecting while the
+/// node is busy (its table nearly full), so that connections holding a
+/// place without using it make way for phones that would.
+async fn first_request_watchdog(
+    connection: quinn::Connection,
+    state: Arc<ConnectionState>,
+    limits: Limits,
+    busy: watch::Receiver<bool>,
+    counters: Arc<NodeCounters>,
+    connected_at: tokio::time::Instant,
+) {
+    let was_busy = first_request_deadline(&limits, busy, connected_at).await;
+    if state.active.load(Ordering::Acquire) {
+        return;
+    }
+    if was_busy {
+        counters
+            .auth_deadline_closes_busy
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!("no request in time while the node is busy; closing");
+        connection.close(CLOSE_NO_REQUEST, b"no request in time (node busy)");
+    } else {
+        counters
+            .auth_deadline_closes
+            .fetch_add(1, Ordering::Relaxed);
+        connection.close(CLOSE_NO_REQUEST, b"no request in time");
     }
 }
 
@@ -499,7 +601,28 @@ impl RequestContext {
             None => (&[0u8; 16][..], &[0u8; 64][..]),
         };
         if record.is_some() && key_matches(api_key, salt, expected) {
-            self.state.account.store(account_id, Ordering::Release);
+            let Some(slot) = self.shared.accounts.hold(account_id) else {
+                return self.too_many_connections(request_id, account_id).await;
+            };
+            // Two streams of one connection may race to authenticate: one wins.
+            if self
+                .state
+                .account
+                .compare_exchange(0, account_id, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                drop(slot);
+                self.fail(
+                    request_id,
+                    ErrorCode::AlreadyAuthenticated,
+                    "this connection is already authenticated",
+                )
+                .await;
+                return;
+            }
+            if let Ok(mut held) = self.state.slot.lock() {
+                *held = Some(slot);
+            }
             self.state.active.store(true, Ordering::Release);
             tracing::Span::current().record("account", account_id);
             tracing::info!(account_id, "authenticated");
@@ -518,6 +641,30 @@ impl RequestContext {
         tracing::warn!(account_id, "authentication failed");
         self.credential_failed(request_id, ErrorCode::BadCredentials)
             .await;
+    }
+
+    /// Answers 1015 to an authentication over the account's connection cap
+    /// and closes the connection: it would only hold a place otherwise.
+    async fn too_many_connections(&self, request_id: RequestId, account_id: AccountId) {
+        self.shared
+            .counters
+            .account_connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        let max = self.shared.limits.connections_per_account_max;
+        tracing::warn!(
+            account_id,
+            max,
+            "the account has too many connections; closing this one"
+        );
+        let detail = format!("at most {max} per account; close one first");
+        self.fail(request_id, ErrorCode::TooManyConnections, &detail)
+            .await;
+        // Give the writer a moment to send the answer before the close.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        self.connection.close(
+            CLOSE_TOO_MANY_CONNECTIONS,
+            b"too many connections for this account",
+        );
     }
 
     /// Counts a failed credential (API key or admin) and answers it; after

@@ -150,6 +150,25 @@ settings_layer! {
         /// their address (QUIC retry). [default: 10000]
         #[arg(long, env = "TAPLEDGER_RETRY_ABOVE_CONNECTIONS", value_name = "N", help_heading = "Limits")]
         retry_above_connections: usize = Limits::default().retry_above_connections;
+        /// New connection attempts per second taken without address
+        /// validation; beyond this rate (a bucket of one second's worth),
+        /// clients must first prove their address (QUIC retry). 0 validates
+        /// every client. [default: 2000]
+        #[arg(long, env = "TAPLEDGER_RETRY_ABOVE_ATTEMPTS_PER_SEC", value_name = "N", help_heading = "Limits")]
+        retry_above_attempts_per_sec: u32 = Limits::default().retry_above_attempts_per_sec;
+        /// Authenticated connections one account may hold at once; the next
+        /// authentication is refused (error 1015). [default: 16]
+        #[arg(long, env = "TAPLEDGER_CONNECTIONS_PER_ACCOUNT_MAX", value_name = "N", help_heading = "Limits")]
+        connections_per_account_max: u32 = Limits::default().connections_per_account_max;
+        /// Percent of connections_max above which the node is busy and gives
+        /// connections that have not authenticated only
+        /// busy_first_request_timeout_secs. [default: 90]
+        #[arg(long, env = "TAPLEDGER_BUSY_ABOVE_PERCENT", value_name = "PERCENT", help_heading = "Limits")]
+        busy_above_percent: u8 = Limits::default().busy_above_percent;
+        /// Seconds a new connection has to authenticate while the node is
+        /// busy (see busy_above_percent). [default: 1]
+        #[arg(long, env = "TAPLEDGER_BUSY_FIRST_REQUEST_TIMEOUT_SECS", value_name = "SECS", help_heading = "Limits")]
+        busy_first_request_timeout_secs: f64 = Limits::default().busy_first_request_timeout.as_secs_f64();
         /// Request streams a connection may have open at once. [default: 4]
         #[arg(long, env = "TAPLEDGER_STREAMS_PER_CONNECTION_MAX", value_name = "N", help_heading = "Limits")]
         streams_per_connection_max: u32 = STREAMS_PER_CONNECTION_MAX_DEFAULT;
@@ -418,6 +437,10 @@ impl Settings {
             ("account_idle_secs", run.account_idle_secs),
             ("idle_timeout_secs", run.idle_timeout_secs),
             ("first_request_timeout_secs", run.first_request_timeout_secs),
+            (
+                "busy_first_request_timeout_secs",
+                run.busy_first_request_timeout_secs,
+            ),
             ("grace_secs", run.grace_secs),
         ] {
             if !(value.is_finite() && value > 0.0 && value < 1e9) {
@@ -456,6 +479,17 @@ impl Settings {
                     .into(),
             ));
         }
+        if run.connections_per_account_max == 0 {
+            return Err(SettingsError::Invalid(
+                "connections_per_account_max must be at least 1".into(),
+            ));
+        }
+        if !(1..=100).contains(&run.busy_above_percent) {
+            return Err(SettingsError::Invalid(format!(
+                "busy_above_percent must be 1 ..= 100, not {}",
+                run.busy_above_percent
+            )));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.global.log)
             .map_err(|error| SettingsError::Invalid(format!("log filter: {error}")))?;
         Ok(())
@@ -484,6 +518,12 @@ impl Settings {
         config.limits = Limits {
             connections_max: run.connections_max,
             retry_above_connections: run.retry_above_connections,
+            retry_above_attempts_per_sec: run.retry_above_attempts_per_sec,
+            connections_per_account_max: run.connections_per_account_max,
+            busy_above_percent: run.busy_above_percent,
+            busy_first_request_timeout: Duration::from_secs_f64(
+                run.busy_first_request_timeout_secs,
+            ),
             streams_per_connection_max: run.streams_per_connection_max,
             requests_in_flight_max: run.requests_in_flight_max,
             auth_failures_max: run.auth_failures_max,

@@ -121,3 +121,69 @@ fn bad_frames_max_is_a_setting_that_reaches_the_node() {
     let error = Settings::resolve(GlobalLayer::default(), RunLayer::default(), zero).unwrap_err();
     assert!(error.to_string().contains("bad_frames_max"), "{error}");
 }
+
+#[test]
+fn flood_defenses_are_settings_that_reach_the_node() {
+    // Issue 13: the attempt rate above which clients are validated, the
+    // per-account connection cap and the busy deadline are settings like
+    // any other, printed by `config` and checked.
+    let defaults = Settings::resolve(
+        GlobalLayer::default(),
+        RunLayer::default(),
+        FileSettings::default(),
+    )
+    .unwrap();
+    let limits = defaults.node_config().limits;
+    assert_eq!(limits.retry_above_attempts_per_sec, 2_000);
+    assert_eq!(limits.connections_per_account_max, 16);
+    assert_eq!(limits.busy_above_percent, 90);
+    assert_eq!(limits.busy_first_request_timeout, Duration::from_secs(1));
+    let printed = defaults.to_toml();
+    for key in [
+        "retry_above_attempts_per_sec = 2000",
+        "connections_per_account_max = 16",
+        "busy_above_percent = 90",
+        "busy_first_request_timeout_secs = 1.0",
+    ] {
+        assert!(printed.contains(key), "{key} missing from:\n{printed}");
+    }
+    let file = FileSettings::parse(
+        "retry_above_attempts_per_sec = 50\nconnections_per_account_max = 2\nbusy_above_percent = 75\nbusy_first_request_timeout_secs = 0.5\n",
+        "node.toml",
+    )
+    .unwrap();
+    let flags = RunLayer {
+        connections_per_account_max: Some(3),
+        ..RunLayer::default()
+    };
+    let limits = Settings::resolve(GlobalLayer::default(), flags, file)
+        .unwrap()
+        .node_config()
+        .limits;
+    assert_eq!(limits.retry_above_attempts_per_sec, 50);
+    assert_eq!(limits.connections_per_account_max, 3, "the flag wins");
+    assert_eq!(limits.busy_above_percent, 75);
+    assert_eq!(
+        limits.busy_first_request_timeout,
+        Duration::from_millis(500)
+    );
+    for (bad, name) in [
+        (
+            "connections_per_account_max = 0",
+            "connections_per_account_max",
+        ),
+        ("busy_above_percent = 0", "busy_above_percent"),
+        ("busy_above_percent = 101", "busy_above_percent"),
+        (
+            "busy_first_request_timeout_secs = 0",
+            "busy_first_request_timeout_secs",
+        ),
+    ] {
+        let file = FileSettings::parse(bad, "node.toml").unwrap();
+        let error =
+            Settings::resolve(GlobalLayer::default(), RunLayer::default(), file).unwrap_err();
+        assert!(error.to_string().contains(name), "{bad}: {error}");
+    }
+    // A percent that does not fit its type is a parse error naming the file.
+    assert!(FileSettings::parse("busy_above_percent = 300", "node.toml").is_err());
+}

@@ -82,8 +82,13 @@ pub mod names {
     pub const COMMIT_INTENTS: &str = "tapledger_commit_intents_total";
     pub const COMMIT_BATCH_MEAN: &str = "tapledger_commit_batch_intents_mean";
     pub const CONNECTIONS_OPEN: &str = "tapledger_connections_open";
+    pub const CONNECTION_ATTEMPTS: &str = "tapledger_connection_attempts_total";
+    pub const CONNECTION_RETRIES: &str = "tapledger_connection_retries_total";
+    pub const HANDSHAKES_FAILED: &str = "tapledger_handshakes_failed_total";
     pub const CONNECTIONS_ACCEPTED: &str = "tapledger_connections_accepted_total";
     pub const CONNECTIONS_REFUSED: &str = "tapledger_connections_refused_total";
+    pub const ACCOUNT_CONNECTIONS_REFUSED: &str = "tapledger_account_connections_refused_total";
+    pub const AUTH_DEADLINE_CLOSES: &str = "tapledger_auth_deadline_closes_total";
     pub const AUTH_FAILURES: &str = "tapledger_auth_failures_total";
     pub const PROTOCOL_ERRORS: &str = "tapledger_protocol_errors_total";
     pub const READY: &str = "tapledger_ready";
@@ -174,11 +179,37 @@ fn describe() {
         COMMIT_BATCH_MEAN,
         "Mean intents per group commit since the previous scrape."
     );
-    describe_gauge!(CONNECTIONS_OPEN, "QUIC connections open.");
-    describe_counter!(CONNECTIONS_ACCEPTED, "QUIC connections accepted.");
+    describe_gauge!(
+        CONNECTIONS_OPEN,
+        "QUIC connections open (handshakes in progress included)."
+    );
+    describe_counter!(
+        CONNECTION_ATTEMPTS,
+        "New QUIC connection attempts (Initial packets for no known connection), whatever became of them; forged ones included."
+    );
+    describe_counter!(
+        CONNECTION_RETRIES,
+        "Connection attempts answered with a QUIC Retry (address validation: above retry_above_attempts_per_sec or retry_above_connections)."
+    );
+    describe_counter!(
+        HANDSHAKES_FAILED,
+        "QUIC handshakes started that did not complete (undecryptable Initials, TLS failures, clients gone silent)."
+    );
+    describe_counter!(
+        CONNECTIONS_ACCEPTED,
+        "QUIC handshakes completed (connections a client could use)."
+    );
     describe_counter!(
         CONNECTIONS_REFUSED,
-        "QUIC connections refused at connections_max."
+        "QUIC connection attempts refused at connections_max."
+    );
+    describe_counter!(
+        ACCOUNT_CONNECTIONS_REFUSED,
+        "Authentications refused with 1015: the account held connections_per_account_max connections."
+    );
+    describe_counter!(
+        AUTH_DEADLINE_CLOSES,
+        "Connections closed with 1010 for not authenticating in time, by deadline: normal (first_request_timeout) or busy (busy_first_request_timeout, the node nearly full)."
     );
     describe_counter!(
         AUTH_FAILURES,
@@ -336,10 +367,20 @@ impl Telemetry {
         use names::*;
         let counters = &self.counters;
         gauge!(CONNECTIONS_OPEN).set(counters.connections_open.load(Ordering::Relaxed) as f64);
+        counter!(CONNECTION_ATTEMPTS)
+            .absolute(counters.connection_attempts.load(Ordering::Relaxed));
+        counter!(CONNECTION_RETRIES).absolute(counters.connection_retries.load(Ordering::Relaxed));
+        counter!(HANDSHAKES_FAILED).absolute(counters.handshakes_failed.load(Ordering::Relaxed));
         counter!(CONNECTIONS_ACCEPTED)
             .absolute(counters.connections_accepted.load(Ordering::Relaxed));
         counter!(CONNECTIONS_REFUSED)
             .absolute(counters.connections_refused.load(Ordering::Relaxed));
+        counter!(ACCOUNT_CONNECTIONS_REFUSED)
+            .absolute(counters.account_connections_refused.load(Ordering::Relaxed));
+        counter!(AUTH_DEADLINE_CLOSES, "deadline" => "normal")
+            .absolute(counters.auth_deadline_closes.load(Ordering::Relaxed));
+        counter!(AUTH_DEADLINE_CLOSES, "deadline" => "busy")
+            .absolute(counters.auth_deadline_closes_busy.load(Ordering::Relaxed));
         counter!(AUTH_FAILURES).absolute(counters.auth_failures.load(Ordering::Relaxed));
         counter!(HALVES_RECEIVED).absolute(counters.halves_received.load(Ordering::Relaxed));
         counter!(PROTOCOL_ERRORS).absolute(counters.protocol_errors.load(Ordering::Relaxed));

@@ -48,6 +48,11 @@ pub enum ErrorCode {
     /// too many failed authentications). After repeated authentication
     /// failures the node closes the connection.
     Throttled,
+    /// 1015: the account already holds as many authenticated connections as
+    /// the node allows (`connections_per_account_max`). The node answers the
+    /// `authenticate` with this error and closes the connection with code
+    /// 1015; close another connection of the account first.
+    TooManyConnections,
     /// 1020: an admin request names an account the node does not have.
     UnknownAccount,
     /// 1021: an admin amount is unusable: a top-up of zero, or a balance that
@@ -67,7 +72,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::Malformed,
         ErrorCode::FrameTooLarge,
         ErrorCode::UnknownMessage,
@@ -77,6 +82,7 @@ impl ErrorCode {
         ErrorCode::BadCredentials,
         ErrorCode::BadAdminCredential,
         ErrorCode::Throttled,
+        ErrorCode::TooManyConnections,
         ErrorCode::UnknownAccount,
         ErrorCode::InvalidAmount,
         ErrorCode::Internal,
@@ -95,6 +101,7 @@ impl ErrorCode {
             ErrorCode::BadCredentials => 1012,
             ErrorCode::BadAdminCredential => 1013,
             ErrorCode::Throttled => 1014,
+            ErrorCode::TooManyConnections => 1015,
             ErrorCode::UnknownAccount => 1020,
             ErrorCode::InvalidAmount => 1021,
             ErrorCode::Internal => 1100,
@@ -121,6 +128,7 @@ impl ErrorCode {
             ErrorCode::BadCredentials => "the account id and API key do not match",
             ErrorCode::BadAdminCredential => "the admin credential is wrong",
             ErrorCode::Throttled => "a limit on this connection was reached",
+            ErrorCode::TooManyConnections => "this account has too many connections open",
             ErrorCode::UnknownAccount => "no account has this id",
             ErrorCode::InvalidAmount => "the amount is zero or would overflow a balance",
             ErrorCode::Internal => "the node failed internally; nothing was changed",
@@ -180,6 +188,35 @@ mod tests {
         for reject in RejectCode::ALL {
             assert!(reject.code() < 1000, "{reject} is in the error-code range");
         }
+    }
+
+    #[test]
+    fn protocol_md_lists_every_error_code() {
+        // PROTOCOL.md section 11's table has one row per code, by number.
+        let document =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../PROTOCOL.md"))
+                .expect("PROTOCOL.md at the repository root");
+        let section = document
+            .split("## 11. Protocol error codes")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## 12.").next())
+            .expect("section 11");
+        for code in ErrorCode::ALL {
+            let row = format!("\n| {} |", code.code());
+            assert!(
+                section.contains(&row),
+                "PROTOCOL.md section 11 lacks {code}"
+            );
+        }
+        let rows = section
+            .lines()
+            .filter(|line| line.starts_with("| 1"))
+            .count();
+        assert_eq!(
+            rows,
+            ErrorCode::ALL.len(),
+            "rows for codes the node does not send"
+        );
     }
 
     #[test]

@@ -33,7 +33,7 @@ const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_millis(2_500);
 // The honest client: pairs of phones paying 1 back and forth until stopped.
 
 /// Honest payments running in the background on their own connections.
-struct Honest {
+pub(crate) struct Honest {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<u64>>,
     settled: Arc<AtomicU64>,
@@ -42,7 +42,7 @@ struct Honest {
 impl Honest {
     /// Opens `pairs` pairs of funded accounts (before any attack starts, so
     /// their connections exist) and starts paying.
-    async fn start(node: &TestNode, pairs: usize) -> Honest {
+    pub(crate) async fn start(node: &TestNode, pairs: usize) -> Honest {
         let (stop, stopped) = watch::channel(false);
         let settled = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
@@ -75,12 +75,12 @@ impl Honest {
         }
     }
 
-    fn settled(&self) -> u64 {
+    pub(crate) fn settled(&self) -> u64 {
         self.settled.load(Ordering::Relaxed)
     }
 
     /// Waits until `more` further payments settled: the node is serving.
-    async fn wait_for(&self, more: u64) {
+    pub(crate) async fn wait_for(&self, more: u64) {
         let target = self.settled() + more;
         within(async {
             while self.settled() < target {
@@ -92,7 +92,7 @@ impl Honest {
 
     /// Stops paying; every payment settled and the balances agree. Returns
     /// how many settled.
-    async fn finish(self) -> u64 {
+    pub(crate) async fn finish(self) -> u64 {
         let _ = self.stop.send(true);
         let mut total = 0;
         for task in self.tasks {
@@ -115,7 +115,7 @@ async fn pay_one(alice_phone: &Phone, alice: AccountId, bob_phone: &Phone, bob: 
 // ---------------------------------------------------------------------------
 // Raw QUIC, for attackers the client library would not let misbehave.
 
-fn raw_endpoint(node: &TestNode) -> quinn::Endpoint {
+pub(crate) fn raw_endpoint(node: &TestNode) -> quinn::Endpoint {
     let crypto = tapledger_node::tls::client_crypto(node.node.fingerprint).expect("client TLS");
     let config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut endpoint =
@@ -124,7 +124,7 @@ fn raw_endpoint(node: &TestNode) -> quinn::Endpoint {
     endpoint
 }
 
-async fn raw_connect(endpoint: &quinn::Endpoint, node: &TestNode) -> quinn::Connection {
+pub(crate) async fn raw_connect(endpoint: &quinn::Endpoint, node: &TestNode) -> quinn::Connection {
     within(
         endpoint
             .connect(node.node.local_addr, "localhost")
@@ -840,14 +840,14 @@ async fn wrong_key_flooder(
 /// busy and total time from `/proc/stat`, and this process's own from
 /// `/proc/self/stat`. Zeros where those files do not exist.
 #[derive(Clone, Copy, Default)]
-struct CpuTicks {
+pub(crate) struct CpuTicks {
     machine_busy: u64,
     machine_total: u64,
     own: u64,
 }
 
 impl CpuTicks {
-    fn now() -> CpuTicks {
+    pub(crate) fn now() -> CpuTicks {
         let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
         let fields: Vec<u64> = stat
             .lines()
@@ -885,7 +885,7 @@ impl CpuTicks {
     }
 
     /// Cores this process used, and cores other processes used, since `earlier`.
-    fn cores_since(self, earlier: CpuTicks) -> (f64, f64) {
+    pub(crate) fn cores_since(self, earlier: CpuTicks) -> (f64, f64) {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let total = self
             .machine_total

@@ -3,6 +3,7 @@
 mod cluster;
 mod concurrency;
 mod crash;
+mod flood;
 mod fuzz;
 mod hostile;
 mod integrity;
