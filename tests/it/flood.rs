@@ -37,6 +37,11 @@ const FLOOD_LIMIT: Duration = Duration::from_secs(20);
 const RECONNECT_WITHIN: Duration = Duration::from_secs(8);
 /// How long each measured phase of the flood tests lasts.
 const PHASE: Duration = Duration::from_secs(2);
+/// Forged Initials a second in the test that asserts honest phones keep
+/// paying. At full speed one local socket sends millions a second and takes
+/// a core of this 2-core machine from the node; that case is measured (and
+/// reported in README) by `honest_throughput_during_connection_floods`.
+const PACED_FLOOD_PER_SEC: u64 = 50_000;
 
 // ---------------------------------------------------------------------------
 // Forged Initials.
@@ -79,7 +84,9 @@ struct InitialFlood {
 }
 
 impl InitialFlood {
-    fn start(target: SocketAddr) -> InitialFlood {
+    /// At most `rate` datagrams a second when given, else as fast as the
+    /// socket takes them.
+    fn start(target: SocketAddr, rate: Option<u64>) -> InitialFlood {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -104,6 +111,10 @@ impl InitialFlood {
                     if socket.send(&packet).is_ok() {
                         sent += 1;
                     }
+                }
+                if let Some(rate) = rate {
+                    let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
                 }
             }
             sent
@@ -206,9 +217,9 @@ async fn reconnect_time(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_forged_initials_leaves_honest_phones_paying_and_reconnecting() {
-    // Goal: one socket sending forged Initials as fast as it can (about
-    // 100k a second here) must not stop honest phones: payments on open
-    // connections keep settling (at least a tenth of the quiet rate measured
+    // Goal: one socket sending 50,000 forged Initials a second must not
+    // stop honest phones: payments on open
+    // connections keep settling (at least a quarter of the quiet rate measured
     // just before, a generous floor), a phone reconnects within a few
     // seconds, and the node counts the flood as attempts, answered with
     // Retries or failed at once, not as accepted connections.
@@ -220,7 +231,7 @@ async fn a_flood_of_forged_initials_leaves_honest_phones_paying_and_reconnecting
     let quiet = honest_rate(&honest, PHASE).await;
 
     let before = Attempts::of(&node);
-    let flood = InitialFlood::start(node.node.local_addr);
+    let flood = InitialFlood::start(node.node.local_addr, Some(PACED_FLOOD_PER_SEC));
     tokio::time::sleep(Duration::from_millis(200)).await;
     let during = honest_rate(&honest, PHASE).await;
     let reconnect = reconnect_time(&node, carol, &carol_credentials, RECONNECT_WITHIN).await;
@@ -237,7 +248,7 @@ async fn a_flood_of_forged_initials_leaves_honest_phones_paying_and_reconnecting
         "an honest phone could not reconnect within {RECONNECT_WITHIN:?} during the flood"
     );
     assert!(
-        during >= quiet * 0.10,
+        during >= quiet * 0.25,
         "honest payments fell to {during:.0}/s from {quiet:.0}/s during the flood"
     );
     assert!(
@@ -609,7 +620,7 @@ async fn measure(
     let mut tasks = JoinSet::new();
     let mut initials = None;
     match flood {
-        Flood::ForgedInitials => initials = Some(InitialFlood::start(node.node.local_addr)),
+        Flood::ForgedInitials => initials = Some(InitialFlood::start(node.node.local_addr, None)),
         Flood::IdleConnections => {
             let endpoint = raw_endpoint(node);
             for _ in 0..8 {

@@ -25,7 +25,8 @@
 //! first.
 //!
 //! The model does not use the ledger's own rule functions: it restates the
-//! rules from SPEC.md and the precedence documented on `RejectCode`.
+//! rules from README's "Rules in one screen" and PROTOCOL.md, and the
+//! precedence documented on `RejectCode`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

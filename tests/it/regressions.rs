@@ -1,5 +1,5 @@
-//! Regression tests: one named test per bug of the hackathon prototype (the
-//! list at the end of SPEC.md) that applies to the in-process ledger, each
+//! Regression tests: one named test per bug of the hackathon prototype that
+//! applies to the in-process ledger (each test's comment names the bug), each
 //! reject code end to end through the `Ledger` API, and the ledger bugs these
 //! tests found.
 //!
