@@ -735,7 +735,7 @@ async fn admin(
 async fn read_admin(store: Arc<Store>, path: &str, body: &[u8]) -> Response<Full<Bytes>> {
     match path {
         "/admin/backup" => {
-            let target = String::from_utf8_lossy(&body).trim().to_string();
+            let target = String::from_utf8_lossy(body).trim().to_string();
             let target = PathBuf::from(target);
             if !target.is_absolute() {
                 return text(

@@ -547,6 +547,7 @@ fn inspect_process(data: &DataDirectory) -> (std::process::Child, std::net::Sock
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         let Ok(line) = receiver.recv_timeout(left) else {
             let _ = child.kill();
+            let _ = child.wait();
             panic!("run --inspect did not print its HTTP address");
         };
         if let Some(rest) = line.strip_prefix("metrics on http://") {
