@@ -4,7 +4,7 @@
 //! node given with `--node`), see `tapledger_sim::swarm`. `open-account`,
 //! `pay` and `scenario` are single actions for people. `bench core` drives
 //! the ledger in process (`tapledger_sim::bench::core`); `bench e2e` measures
-//! the whole system over QUIC (`tapledger_sim::swarm::e2e`).
+//! the whole system over QUIC (`tapledger_sim::bench::e2e`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,9 +14,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tapledger_sim::bench::cluster::{self, ClusterBenchConfig};
 use tapledger_sim::bench::core::{self, CoreBenchConfig, HalvesMode};
+use tapledger_sim::bench::e2e::{self, E2eConfig};
 use tapledger_sim::swarm::actions::{self, GivenAccount, PayRequest};
 use tapledger_sim::swarm::config::{DEAD_AFTER_DEFAULT, EMBEDDED_HALF_TTL};
-use tapledger_sim::swarm::e2e::{self, E2eConfig};
 use tapledger_sim::swarm::target::Target;
 use tapledger_sim::swarm::workload::Kind;
 use tapledger_sim::swarm::{self, SwarmConfig};

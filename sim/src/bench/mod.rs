@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod core;
+pub mod e2e;
 pub mod hardware;
 pub mod memory;
 pub mod threads;

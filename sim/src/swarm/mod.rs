@@ -17,14 +17,13 @@
 //! * [`phones`] — the phones and the honest payment; `faults` — each fault;
 //! * [`run`] — dispatch and tally; [`liveness`] — noticing a dead target;
 //! * [`report`] and [`plot`] — the results;
-//! * [`actions`] — single actions for people; [`e2e`] — `bench e2e`.
+//! * [`actions`] — single actions for people (`bench e2e` is in `crate::bench::e2e`).
 //!
 //! It uses only the node's public client and, for the audit, the embedded
 //! node's ledger handle; it knows nothing of the ledger's internals.
 
 pub mod actions;
 pub mod config;
-pub mod e2e;
 mod faults;
 pub mod liveness;
 pub mod phones;

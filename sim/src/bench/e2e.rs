@@ -19,12 +19,12 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::json;
 
-use super::phones::{SimPhone, Swarm};
-use super::report::{LatencySummary, thousands};
-use super::run::{CpuSplit, Pace, RunOptions, run_plan};
-use super::target::{Connected, Target, connect_phones, open_accounts};
-use super::workload::{self, WorkloadConfig};
 use crate::bench::core::{self as core_bench, CoreBenchConfig};
+use crate::swarm::phones::{SimPhone, Swarm};
+use crate::swarm::report::{LatencySummary, thousands};
+use crate::swarm::run::{CpuSplit, Pace, RunOptions, run_plan};
+use crate::swarm::target::{Connected, Target, connect_phones, open_accounts};
+use crate::swarm::workload::{self, WorkloadConfig};
 
 /// Fractions of the probed capacity the first open-loop steps offer; after
 /// them the rate grows by [`STEP_GROWTH`] while steps are sustained.
@@ -135,9 +135,9 @@ impl E2eStep {
         format!(
             "{offered} → {:>8} settled/s · tap→told p50 {:>9} p99 {:>9} · second half p99 {:>9} · cpu µs/settlement node {node_us:.0} phones {phones_us:.0}{others}{}",
             thousands(self.settlements_per_sec.round() as u64),
-            super::report::duration_text(self.latency.p50_us),
-            super::report::duration_text(self.latency.p99_us),
-            super::report::duration_text(self.second_half.p99_us),
+            crate::swarm::report::duration_text(self.latency.p50_us),
+            crate::swarm::report::duration_text(self.latency.p99_us),
+            crate::swarm::report::duration_text(self.second_half.p99_us),
             match (self.offered, self.sustained) {
                 (None, _) => "",
                 (Some(_), true) => "  sustained",
@@ -288,7 +288,7 @@ impl E2eReport {
             out,
             "bench core (ledger alone, same machine): {} settlements/s, p99 second half → outcome {}, {:.0} µs CPU per settlement",
             thousands(self.core_settlements_per_sec.round() as u64),
-            super::report::duration_text(self.core_p99_us),
+            crate::swarm::report::duration_text(self.core_p99_us),
             self.core_cpu_us_per_settlement
         );
         if self.core_settlements_per_sec > 0.0 {
@@ -488,9 +488,9 @@ pub async fn run(config: &E2eConfig) -> anyhow::Result<E2eReport> {
     };
 
     phase("checking balances and the audit...");
-    let (_, balance_mismatches, _) = super::check_balances(&swarm, &balances).await;
+    let (_, balance_mismatches, _) = crate::swarm::check_balances(&swarm, &balances).await;
     let audit = embedded.audit().await?.leader;
-    super::close_swarm(swarm).await;
+    crate::swarm::close_swarm(swarm).await;
     connector.wait_idle().await;
     if let Some(embedded) = Arc::into_inner(embedded) {
         embedded.stop().await;
