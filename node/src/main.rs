@@ -282,6 +282,31 @@ enum AccountsCommand {
     },
 }
 
+/// A panic inside redb is how it meets a damaged file (a zeroed page, a
+/// flipped bit in a tree node): the ledger catches it and reports the damage
+/// (`audit` names it; a node refuses the file or stops replicating). It is
+/// logged as one ERROR line rather than the default multi-line panic text
+/// with a backtrace; every other panic keeps the default report.
+fn quiet_redb_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let in_redb = info
+            .location()
+            .is_some_and(|location| location.file().contains("redb-"));
+        if !in_redb {
+            return default(info);
+        }
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|text| text.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let location = info.location().map(ToString::to_string).unwrap_or_default();
+        tracing::error!(%location, %message, "redb panicked (a damaged file?)");
+    }));
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -291,6 +316,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_ERROR);
         }
     };
+    quiet_redb_panics();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -907,6 +933,18 @@ async fn audit(settings: &Settings, ledger: Option<PathBuf>) -> anyhow::Result<E
                 409 => Ok(ExitCode::from(EXIT_AUDIT_FAILED)),
                 _ => bail!("the node answered {status}"),
             }
+        }
+        // A file too damaged to open fails the audit: it says so, exit 1.
+        Err(OpenError::Store { source, .. }) if tapledger_actors::store::is_damage(&source) => {
+            let report = tapledger_actors::AuditReport {
+                problems: vec![format!(
+                    "the file is damaged: redb's page checksums or structure fail ({source})"
+                )],
+                ..Default::default()
+            };
+            println!("audit of {}", path.display());
+            print!("{}", ops::audit_text(&report));
+            Ok(ExitCode::from(EXIT_AUDIT_FAILED))
         }
         Err(error) => Err(error.into()),
     }

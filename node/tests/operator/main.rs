@@ -893,3 +893,39 @@ fn every_subcommand_has_help() {
         assert!(run.contains(needle), "run --help mentions {needle}");
     }
 }
+
+/// Goal (issue 13): `audit` of a file with a zeroed page fails with exit 1
+/// and a line naming the damage, or passes when the page held nothing in
+/// use; never another exit or a panic's backtrace (a zeroed page made it
+/// panic inside redb before).
+#[test]
+fn audit_of_a_zeroed_page_fails_with_one_line_or_passes() {
+    let data = DataDirectory::init();
+    let image = std::fs::read(data.path().join("ledger.redb")).unwrap();
+    let copy = data.file("zeroed.redb");
+    let mut failed = 0;
+    for page in 1..image.len() / 4096 {
+        let range = page * 4096..(page + 1) * 4096;
+        if image[range.clone()].iter().all(|byte| *byte == 0) {
+            continue;
+        }
+        let mut zeroed = image.clone();
+        zeroed[range].fill(0);
+        std::fs::write(&copy, &zeroed).unwrap();
+        let audit = cli(&data.path(), &["audit", "--ledger", copy.to_str().unwrap()]);
+        let (out, err) = (text(&audit.stdout), text(&audit.stderr));
+        assert!(!err.contains("panicked at"), "page {page}: {err}");
+        match audit.status.code() {
+            Some(0) => assert!(out.contains("OK: "), "page {page}: {out}"),
+            Some(1) => {
+                assert!(
+                    out.contains("FAILED") && out.contains("damaged"),
+                    "page {page}: {out}"
+                );
+                failed += 1;
+            }
+            other => panic!("page {page}: exit {other:?}\n{out}\n{err}"),
+        }
+    }
+    assert!(failed > 0, "no zeroed page was found");
+}
