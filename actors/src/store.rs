@@ -1346,14 +1346,18 @@ fn corrupted(message: String) -> StoreError {
 // record's checksum.
 
 fn meta_get(meta: &impl ReadableTable<&'static str, Sealed>, key: &str) -> Result<u64, StoreError> {
+    Ok(u64::from_le_bytes(meta_bytes(meta, key)?))
+}
+
+/// The fixed-size payload of the meta record `key`.
+fn meta_bytes<const N: usize>(
+    meta: &impl ReadableTable<&'static str, Sealed>,
+    key: &str,
+) -> Result<[u8; N], StoreError> {
     let guard = meta
         .get(key)?
         .ok_or_else(|| corrupted(format!("meta value {key} missing")))?;
-    Ok(u64::from_le_bytes(seal::unseal_array(
-        META.name(),
-        key,
-        guard.value(),
-    )?))
+    seal::unseal_array(META.name(), key, guard.value())
 }
 
 fn meta_put(
@@ -1369,14 +1373,7 @@ fn meta_put(
 }
 
 fn journal_head(meta: &impl ReadableTable<&'static str, Sealed>) -> Result<u128, StoreError> {
-    let guard = meta
-        .get(META_JOURNAL_HEAD)?
-        .ok_or_else(|| corrupted(format!("meta value {META_JOURNAL_HEAD} missing")))?;
-    Ok(u128::from_le_bytes(seal::unseal_array(
-        META.name(),
-        META_JOURNAL_HEAD,
-        guard.value(),
-    )?))
+    Ok(u128::from_le_bytes(meta_bytes(meta, META_JOURNAL_HEAD)?))
 }
 
 fn set_journal_head(

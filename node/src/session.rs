@@ -584,15 +584,18 @@ impl RequestContext {
         self.fail(request_id, code, &message).await;
     }
 
+    async fn already_authenticated(&self, request_id: RequestId) {
+        self.fail(
+            request_id,
+            ErrorCode::AlreadyAuthenticated,
+            "this connection is already authenticated",
+        )
+        .await;
+    }
+
     async fn authenticate(&self, request_id: RequestId, account_id: AccountId, api_key: &[u8]) {
         if self.state.account().is_some() {
-            self.fail(
-                request_id,
-                ErrorCode::AlreadyAuthenticated,
-                "this connection is already authenticated",
-            )
-            .await;
-            return;
+            return self.already_authenticated(request_id).await;
         }
         // An unknown account and a wrong key get the same answer and the same work.
         let record = self.shared.ledger.account(account_id).ok().flatten();
@@ -612,13 +615,7 @@ impl RequestContext {
                 .is_err()
             {
                 drop(slot);
-                self.fail(
-                    request_id,
-                    ErrorCode::AlreadyAuthenticated,
-                    "this connection is already authenticated",
-                )
-                .await;
-                return;
+                return self.already_authenticated(request_id).await;
             }
             if let Ok(mut held) = self.state.slot.lock() {
                 *held = Some(slot);
