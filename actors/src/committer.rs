@@ -288,11 +288,12 @@ fn deliver(
             ReplyTo::Caller(sender) => callers.push((sender, applied)),
         }
     }
+    // Every shard hears of every commit, with no results if none were its
+    // own: each then reads storage as of this commit from now on (and lets
+    // go of what it read before).
     for (shard, results) in per_shard.into_iter().enumerate() {
-        if !results.is_empty() {
-            // A matcher that is gone is shutting down; its waiters are told by their dropped channels.
-            let _ = matchers[shard].send_message(MatcherMsg::Committed { commit, results });
-        }
+        // A matcher that is gone is shutting down; its waiters are told by their dropped channels.
+        let _ = matchers[shard].send_message(MatcherMsg::Committed { commit, results });
     }
     // Callers hear last: when `flush` returns, every matcher already has this
     // commit's results queued ahead of anything the caller sends next.

@@ -18,7 +18,7 @@ use crate::core::matching::{
 };
 use crate::core::rules::HalfContext;
 use crate::error::LedgerError;
-use crate::store::{Intent, Store};
+use crate::store::{Intent, OutcomeView, Store};
 
 /// First answer to a submission.
 #[derive(Debug)]
@@ -124,6 +124,11 @@ pub struct MatcherState {
     commit_queue: mpsc::Sender<Job>,
     registry: Arc<Registry>,
     store: Arc<Store>,
+    /// Storage's outcomes as of the last commit this shard heard of (taken
+    /// again after each one), so that the core's lookups need no read
+    /// transaction each. Keys decided since are in the core's recent
+    /// outcomes, which hold more than two commits' worth.
+    outcomes: Option<OutcomeView>,
     clock: Arc<dyn Clock>,
 }
 
@@ -146,6 +151,7 @@ impl Actor for MatcherActor {
             core,
             commit_queue: args.commit_queue,
             registry: args.registry,
+            outcomes: args.store.outcome_view().ok(),
             store: args.store,
             clock: args.clock,
         })
@@ -164,8 +170,14 @@ impl Actor for MatcherActor {
                 waiter,
             } => {
                 let now = state.clock.now();
-                let store = state.store.clone();
-                let decided = move |tx_key| store.outcome(tx_key).ok().flatten().map(Arc::new);
+                let (store, outcomes) = (&state.store, &state.outcomes);
+                let decided = move |tx_key| {
+                    let found = match outcomes {
+                        Some(view) => view.outcome(tx_key),
+                        None => store.outcome(tx_key),
+                    };
+                    found.ok().flatten().map(Arc::new)
+                };
                 let effects = state.core.submit(now, &context, half, waiter, decided);
                 state.carry_out(&myself, effects).await;
             }
@@ -179,6 +191,7 @@ impl Actor for MatcherActor {
                 state.carry_out(&myself, effects).await;
             }
             MatcherMsg::Committed { commit, results } => {
+                state.outcomes = state.store.outcome_view().ok();
                 for (tx_key, persisted, result) in results {
                     let (effects, answers) =
                         state.core.on_committed(tx_key, persisted, commit, result);

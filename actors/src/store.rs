@@ -537,6 +537,17 @@ impl Store {
         Ok(Some(outcome_at(&journal, seq)?))
     }
 
+    /// A view of every outcome committed so far, for many lookups without a
+    /// read transaction each. It does not see later commits: take a new one
+    /// after each commit.
+    pub fn outcome_view(&self) -> Result<OutcomeView, StoreError> {
+        let read = self.db.begin_read()?;
+        Ok(OutcomeView {
+            tx_keys: read.open_table(TX_KEYS)?,
+            journal: read.open_table(JOURNAL)?,
+        })
+    }
+
     /// The lone half waiting under `tx_key`, if any.
     pub fn pending(&self, tx_key: TxKey) -> Result<Option<PendingHalf>, StoreError> {
         let read = self.db.begin_read()?;
@@ -1418,6 +1429,22 @@ fn balance_put(
         seal::seal(BALANCES.name(), account, &payload).as_slice(),
     )?;
     Ok(())
+}
+
+/// Outcomes as of one commit ([`Store::outcome_view`]).
+pub struct OutcomeView {
+    tx_keys: redb::ReadOnlyTable<u128, Sealed>,
+    journal: redb::ReadOnlyTable<u64, Sealed>,
+}
+
+impl OutcomeView {
+    /// The final outcome of `tx_key`, if it had one when the view was taken.
+    pub fn outcome(&self, tx_key: TxKey) -> Result<Option<Outcome>, StoreError> {
+        match tx_key_get(&self.tx_keys, tx_key.as_u128())? {
+            Some(seq) => Ok(Some(outcome_at(&self.journal, seq)?)),
+            None => Ok(None),
+        }
+    }
 }
 
 /// The journal sequence of `tx_key`'s outcome.

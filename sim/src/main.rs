@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tapledger_sim::bench::cluster::{self, ClusterBenchConfig};
-use tapledger_sim::bench::core::{self, CoreBenchConfig, HalvesMode};
+use tapledger_sim::bench::core::{self, CoreBenchConfig, HalvesMode, KeyOrder};
 use tapledger_sim::bench::e2e::{self, E2eConfig};
 use tapledger_sim::swarm::actions::{self, GivenAccount, PayRequest};
 use tapledger_sim::swarm::config::{DEAD_AFTER_DEFAULT, EMBEDDED_HALF_TTL};
@@ -290,9 +290,16 @@ struct CoreArgs {
     /// Matcher shards.
     #[arg(long, default_value_t = 2)]
     shards: usize,
-    /// Payments in flight at once.
-    #[arg(long, default_value_t = 4_096)]
-    concurrency: usize,
+    /// Payments in flight at once. A comma-separated list runs the bench
+    /// once per value, each on a fresh ledger, and ends with a table of
+    /// throughput and latency per value (e.g. 256,1024,4096,16384).
+    #[arg(
+        long,
+        alias = "in-flight",
+        value_delimiter = ',',
+        default_value = "4096"
+    )]
+    concurrency: Vec<usize>,
     /// Seed of the workload.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -303,6 +310,9 @@ struct CoreArgs {
     /// How the two halves of a payment arrive.
     #[arg(long, value_enum, default_value_t = HalvesMode::Together)]
     halves: HalvesMode,
+    /// How payments' keys are made: random (UUID v4) or time-ordered (UUID v7).
+    #[arg(long, value_enum, default_value_t = KeyOrder::Random)]
+    keys: KeyOrder,
     /// Opening balance of every account, in minor units.
     #[arg(long, default_value_t = 100_000)]
     opening_balance: u64,
@@ -393,10 +403,11 @@ fn bench_core(args: CoreArgs) -> anyhow::Result<ExitCode> {
         payments: args.payments,
         accounts: args.accounts,
         shards: args.shards,
-        concurrency: args.concurrency,
+        concurrency: args.concurrency.first().copied().unwrap_or(4_096),
         seed: args.seed,
         dir: args.dir,
         halves: args.halves,
+        keys: args.keys,
         opening_balance: args.opening_balance,
         amount_max: args.amount_max,
         probe: Duration::try_from_secs_f64(args.probe_seconds)
@@ -409,6 +420,12 @@ fn bench_core(args: CoreArgs) -> anyhow::Result<ExitCode> {
         runtime.worker_threads(workers);
     }
     let runtime = runtime.build().context("cannot start the tokio runtime")?;
+    if args.concurrency.len() > 1 {
+        if args.replicas > 1 {
+            anyhow::bail!("a list of --in-flight values runs the ledger alone: drop --replicas");
+        }
+        return bench_core_in_flight(&runtime, &config, &args.concurrency, args.json.as_deref());
+    }
     let (rendered, json, failures) = if args.replicas > 1 {
         let config = ClusterBenchConfig {
             core: config,
@@ -432,6 +449,39 @@ fn bench_core(args: CoreArgs) -> anyhow::Result<ExitCode> {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    })
+}
+
+/// `bench core` once per in-flight count, then the table that compares them.
+fn bench_core_in_flight(
+    runtime: &tokio::runtime::Runtime,
+    config: &CoreBenchConfig,
+    in_flight: &[usize],
+    json_path: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    let mut reports = Vec::with_capacity(in_flight.len());
+    for &concurrency in in_flight {
+        let config = CoreBenchConfig {
+            concurrency,
+            ..config.clone()
+        };
+        let report = runtime.block_on(core::run(&config))?;
+        print!("{}", report.render());
+        println!();
+        reports.push(report);
+    }
+    print!("{}", core::in_flight_table(&reports));
+    if let Some(path) = json_path {
+        let json: Vec<_> = reports.iter().map(|report| report.to_json()).collect();
+        let json = serde_json::to_string_pretty(&json)?;
+        std::fs::write(path, json + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let failed = reports.iter().any(|report| !report.failures().is_empty());
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     })
 }
 

@@ -31,8 +31,8 @@ use tapledger_protocol::Outcome;
 use tokio::task::JoinSet;
 
 use super::core::{
-    self, CoreBenchConfig, CoreBenchReport, HalvesMode, Workload, micros, open_accounts, pay, per,
-    phase,
+    self, CoreBenchConfig, CoreBenchReport, HalvesMode, KeyOrder, Workload, micros, open_accounts,
+    pay, per, phase,
 };
 use crate::swarm::target::{EmbeddedCluster, NODE_THREAD_PREFIX};
 
@@ -249,6 +249,7 @@ async fn failovers(
         accounts,
         amount_max: 100,
         halves: HalvesMode::Together,
+        keys: KeyOrder::Random,
     });
     let stop = Arc::new(AtomicBool::new(false));
     let next = Arc::new(AtomicU64::new(0));

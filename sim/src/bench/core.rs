@@ -69,6 +69,46 @@ impl HalvesMode {
     }
 }
 
+/// How payments' `tx_key`s are made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KeyOrder {
+    /// UUID v4: uniformly random, as most phones make them (TigerBeetle's
+    /// "random ids").
+    Random,
+    /// UUID v7: a millisecond timestamp first, so keys ascend with the
+    /// payment's index (TigerBeetle's "sequential ids").
+    TimeOrdered,
+}
+
+impl KeyOrder {
+    fn name(self) -> &'static str {
+        match self {
+            KeyOrder::Random => "random (UUID v4)",
+            KeyOrder::TimeOrdered => "time-ordered (UUID v7)",
+        }
+    }
+
+    /// The key of payment `index`, from the payment's random bits.
+    fn key(self, index: u64, random: u128) -> TxKey {
+        // Version nibble at bits 76..80, variant bits 10 at 62..64.
+        let version_and_variant = |bits: u128, version: u128| {
+            (bits & !(0xf << 76) & !(0x3 << 62)) | (version << 76) | (0x2 << 62)
+        };
+        match self {
+            KeyOrder::Random => TxKey::from_u128(version_and_variant(random, 4)),
+            KeyOrder::TimeOrdered => {
+                // 48 bits of milliseconds, then a 12-bit counter within the
+                // millisecond (RFC 9562's "rand_a" used as a counter), then
+                // random bits: strictly ascending with `index`.
+                let millis = u128::from(CLIENT_TIME_BASE_MS + index / 4096);
+                let counter = u128::from(index % 4096);
+                let bits = (millis << 80) | (counter << 64) | (random & u128::from(u64::MAX));
+                TxKey::from_u128(version_and_variant(bits, 7))
+            }
+        }
+    }
+}
+
 /// What to run. [`CoreBenchConfig::default`] is the documented default run.
 #[derive(Clone, Debug)]
 pub struct CoreBenchConfig {
@@ -86,6 +126,7 @@ pub struct CoreBenchConfig {
     /// file and the disk probes go there); the system temp dir if `None`.
     pub dir: Option<PathBuf>,
     pub halves: HalvesMode,
+    pub keys: KeyOrder,
     /// Every account's opening balance, in minor units.
     pub opening_balance: u64,
     /// Payment amounts are uniform in `1 ..= amount_max` minor units.
@@ -106,6 +147,7 @@ impl Default for CoreBenchConfig {
             seed: 1,
             dir: None,
             halves: HalvesMode::Together,
+            keys: KeyOrder::Random,
             opening_balance: 100_000,
             amount_max: 10_000,
             probe: Duration::from_secs(2),
@@ -147,6 +189,7 @@ pub struct CoreBenchReport {
     pub runtime_workers: usize,
     pub seed: u64,
     pub halves: HalvesMode,
+    pub keys: KeyOrder,
     /// Where the ledger file and the probes were written.
     pub dir: PathBuf,
     pub open_accounts_seconds: f64,
@@ -209,6 +252,16 @@ impl CoreBenchReport {
 
     pub fn settlements_per_sec(&self) -> f64 {
         per(self.settled as f64, self.seconds)
+    }
+
+    /// CPU of every thread of the process during the payments (the driver
+    /// included), per settlement, in microseconds; `None` where threads'
+    /// times cannot be read.
+    pub fn cpu_us_per_settlement(&self) -> Option<f64> {
+        if self.usage.by_name.is_empty() || self.settled == 0 {
+            return None;
+        }
+        Some(self.usage.run_ns() as f64 / 1e3 / self.settled as f64)
     }
 
     pub fn settlements_per_commit(&self) -> f64 {
@@ -303,6 +356,7 @@ impl CoreBenchReport {
             "runtime_workers": self.runtime_workers,
             "seed": self.seed,
             "halves": self.halves.name(),
+            "keys": self.keys.name(),
             "rejected": self.rejected_total(),
             "rejected_by_code": codes(&self.rejected),
             "refused": self.refused_total(),
@@ -346,6 +400,7 @@ impl CoreBenchReport {
             "disk_write_bytes": self.usage.write_bytes,
             "disk_write_bytes_per_settlement": write_bytes_per_settlement,
             "cpu_seconds_by_thread": cpu_by_thread,
+            "cpu_us_per_settlement": self.cpu_us_per_settlement(),
             "other_processes_cpu_seconds": others_cpu_seconds,
             "audit_ok": self.audit.is_ok(),
             "failures": self.failures(),
@@ -367,11 +422,12 @@ impl CoreBenchReport {
         let _ = writeln!(out, "tapledger bench core");
         let _ = writeln!(
             out,
-            "  workload      {} payments among {} accounts, seed {}, halves {}, {} in flight, {} matcher shard(s), {} runtime worker(s)",
+            "  workload      {} payments among {} accounts, seed {}, halves {}, keys {}, {} in flight, {} matcher shard(s), {} runtime worker(s)",
             thousands(self.payments),
             thousands(self.accounts),
             self.seed,
             self.halves.name(),
+            self.keys.name(),
             thousands(self.concurrency as u64),
             self.shards,
             self.runtime_workers
@@ -493,6 +549,13 @@ impl CoreBenchReport {
                     group.wait_ns as f64 / 1e9
                 );
             }
+            if let Some(cpu) = self.cpu_us_per_settlement() {
+                let _ = writeln!(
+                    out,
+                    "  {:<30}{:>8.1} µs of CPU (every thread above, the driver included)",
+                    "per settlement", cpu
+                );
+            }
             if let Some(others) = self.usage.others_busy_ns() {
                 let others = others as f64 / 1e9;
                 used += others;
@@ -559,6 +622,37 @@ impl CoreBenchReport {
         }
         out
     }
+}
+
+/// Throughput, CPU and latency of runs that differ in payments in flight.
+pub fn in_flight_table(reports: &[CoreBenchReport]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "by payments in flight");
+    let _ = writeln!(
+        out,
+        "  {:>9}  {:>14}  {:>13}  {:>10}  {:>10}  {:>6}",
+        "in flight", "settlements/s", "CPU/settlement", "p50", "p99", "audit"
+    );
+    for report in reports {
+        let cpu = report
+            .cpu_us_per_settlement()
+            .map_or_else(|| "-".to_owned(), |cpu| format!("{cpu:.1} µs"));
+        let _ = writeln!(
+            out,
+            "  {:>9}  {:>14.0}  {:>13}  {:>10}  {:>10}  {:>6}",
+            thousands(report.concurrency as u64),
+            report.settlements_per_sec(),
+            cpu,
+            micros(report.latency.p50_us),
+            micros(report.latency.p99_us),
+            if report.failures().is_empty() {
+                "ok"
+            } else {
+                "FAILED"
+            }
+        );
+    }
+    out
 }
 
 /// The raw rates of the run's directory, measured once per run so that
@@ -647,6 +741,7 @@ pub async fn measure(
         accounts,
         amount_max: config.amount_max,
         halves: config.halves,
+        keys: config.keys,
     });
     phase(&format!(
         "settling {} payments, {} in flight...",
@@ -669,6 +764,7 @@ pub async fn measure(
         on_named_thread("bench-audit", move || ledger.audit()).await??
     };
     let peak_rss_bytes = memory::peak_rss_bytes();
+    let latency = LatencySummary::of(&tally.latency_histogram());
 
     Ok(CoreBenchReport {
         payments: config.payments,
@@ -678,6 +774,7 @@ pub async fn measure(
         runtime_workers: tokio::runtime::Handle::current().metrics().num_workers(),
         seed: config.seed,
         halves: config.halves,
+        keys: config.keys,
         dir: dir.to_owned(),
         open_accounts_seconds,
         settled: tally.settled,
@@ -688,7 +785,7 @@ pub async fn measure(
         first_error: tally.first_error,
         first_stored_pending: tally.first_stored_pending,
         seconds,
-        latency: LatencySummary::of(&tally.latency_us),
+        latency,
         commits: stats_after.commits - stats_before.commits,
         intents_committed: stats_after.intents_committed - stats_before.intents_committed,
         fsync: disk.fsync,
@@ -840,6 +937,7 @@ pub(crate) struct Workload {
     pub(crate) accounts: Vec<AccountId>,
     pub(crate) amount_max: u64,
     pub(crate) halves: HalvesMode,
+    pub(crate) keys: KeyOrder,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -855,23 +953,27 @@ pub struct Payment {
 
 impl Workload {
     pub(crate) fn payment(&self, index: u64) -> Payment {
-        payment(self.seed, index, &self.accounts, self.amount_max)
+        payment(self.seed, index, &self.accounts, self.amount_max, self.keys)
     }
 }
 
 /// Payment `index` of the workload seeded with `seed`, between two distinct
 /// accounts of `accounts` (at least two).
-pub fn payment(seed: u64, index: u64, accounts: &[AccountId], amount_max: u64) -> Payment {
+pub fn payment(
+    seed: u64,
+    index: u64,
+    accounts: &[AccountId],
+    amount_max: u64,
+    keys: KeyOrder,
+) -> Payment {
     let mut rng =
         Xoshiro256PlusPlus::seed_from_u64(seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let count = accounts.len();
     let sender_slot = rng.random_range(0..count);
     let receiver_slot = (sender_slot + 1 + rng.random_range(0..count - 1)) % count;
-    // A UUID v4, as phones make them: version nibble 4, variant bits 10.
     let random: u128 = rng.random();
-    let uuid = (random & !(0xf << 76) & !(0x3 << 62)) | (0x4 << 76) | (0x2 << 62);
     Payment {
-        tx_key: TxKey::from_u128(uuid),
+        tx_key: keys.key(index, random),
         sender: accounts[sender_slot],
         receiver: accounts[receiver_slot],
         amount: rng.random_range(1..=amount_max),
@@ -912,7 +1014,11 @@ struct Tally {
     inconsistent: u64,
     first_stored_pending: u64,
     first_error: Option<String>,
-    latency_us: Histogram<u64>,
+    /// Second half to outcome, in microseconds, one per agreed payment. A
+    /// plain vector per task: thousands of tasks each with a histogram of
+    /// its own would cost hundreds of MiB and page faults in the measured
+    /// phase.
+    latencies_us: Vec<u32>,
 }
 
 impl Tally {
@@ -925,9 +1031,18 @@ impl Tally {
             inconsistent: 0,
             first_stored_pending: 0,
             first_error: None,
-            latency_us: Histogram::new_with_bounds(1, LATENCY_US_MAX, 3)
-                .expect("valid histogram bounds"),
+            latencies_us: Vec::new(),
         }
+    }
+
+    /// The latencies as a histogram.
+    fn latency_histogram(&self) -> Histogram<u64> {
+        let mut histogram =
+            Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid histogram bounds");
+        for &latency in &self.latencies_us {
+            histogram.saturating_record(u64::from(latency).clamp(1, LATENCY_US_MAX));
+        }
+        histogram
     }
 
     fn record(&mut self, payment: &Payment, paid: Paid) {
@@ -945,9 +1060,8 @@ impl Tally {
                     self.inconsistent += 1;
                     return;
                 }
-                let latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-                self.latency_us
-                    .saturating_record(latency_us.clamp(1, LATENCY_US_MAX));
+                self.latencies_us
+                    .push(u32::try_from(latency.as_micros()).unwrap_or(u32::MAX));
                 match &*send {
                     Outcome::Settled(_) => self.settled += 1,
                     Outcome::Rejected(rejection) => {
@@ -980,9 +1094,7 @@ impl Tally {
         if self.first_error.is_none() {
             self.first_error = other.first_error;
         }
-        self.latency_us
-            .add(&other.latency_us)
-            .expect("histograms share bounds");
+        self.latencies_us.extend_from_slice(&other.latencies_us);
     }
 }
 

@@ -94,11 +94,14 @@ async fn sequential_halves_settle_too() {
 #[test]
 fn the_workload_is_a_function_of_seed_and_index() {
     let accounts: Vec<AccountId> = (1..=10).collect();
-    let first = payment(7, 42, &accounts, 500);
-    assert_eq!(first, payment(7, 42, &accounts, 500));
-    assert_ne!(first.tx_key, payment(8, 42, &accounts, 500).tx_key);
+    let first = payment(7, 42, &accounts, 500, KeyOrder::Random);
+    assert_eq!(first, payment(7, 42, &accounts, 500, KeyOrder::Random));
+    assert_ne!(
+        first.tx_key,
+        payment(8, 42, &accounts, 500, KeyOrder::Random).tx_key
+    );
     for index in 0..1_000 {
-        let payment = payment(7, index, &accounts, 500);
+        let payment = payment(7, index, &accounts, 500, KeyOrder::Random);
         assert_ne!(payment.sender, payment.receiver);
         assert!((1..=500).contains(&payment.amount));
         assert!(accounts.contains(&payment.sender) && accounts.contains(&payment.receiver));
@@ -106,6 +109,24 @@ fn the_workload_is_a_function_of_seed_and_index() {
         assert_eq!(payment.tx_key.0[6] >> 4, 4);
         assert_eq!(payment.tx_key.0[8] >> 6, 0b10);
     }
+}
+
+#[test]
+fn time_ordered_keys_are_uuid_v7_and_ascend_with_the_index() {
+    let accounts: Vec<AccountId> = (1..=10).collect();
+    let mut previous: Option<TxKey> = None;
+    for index in 0..10_000 {
+        let key = payment(7, index, &accounts, 500, KeyOrder::TimeOrdered).tx_key;
+        assert_eq!(key.0[6] >> 4, 7, "version 7");
+        assert_eq!(key.0[8] >> 6, 0b10, "RFC 9562 variant");
+        if let Some(previous) = previous {
+            assert!(previous.as_u128() < key.as_u128(), "payment {index}");
+        }
+        previous = Some(key);
+    }
+    // The leading 48 bits are the milliseconds the keys claim.
+    let first = payment(7, 0, &accounts, 500, KeyOrder::TimeOrdered).tx_key;
+    assert_eq!((first.as_u128() >> 80) as u64, CLIENT_TIME_BASE_MS);
 }
 
 #[test]
