@@ -103,10 +103,7 @@ impl Actor for AccountActor {
             }
             AccountMsg::Retire => {
                 if state.book.reserved() == 0
-                    && state
-                        .registry
-                        .remove_if_idle(state.book.account, &myself)
-                        .await
+                    && state.registry.remove_if_idle(state.book.account, &myself)
                 {
                     myself.stop(None);
                 }
@@ -122,22 +119,49 @@ struct Entry {
     last_used: Instant,
 }
 
+/// The registry's map, under one lock.
+#[derive(Default)]
+struct Actors {
+    live: HashMap<AccountId, Entry>,
+    /// Accounts whose actor is being started, with credits sent meanwhile.
+    starting: HashMap<AccountId, Vec<AccountMsg>>,
+}
+
 /// The live account actors, by account id.
+///
+/// Sends to a live actor take a plain mutex for a map lookup and a counter
+/// increment, never across an await. Starting an actor (a storage read and a
+/// spawn) happens outside that lock, one start at a time.
 pub struct Registry {
     store: Arc<Store>,
-    entries: Mutex<HashMap<AccountId, Entry>>,
+    entries: std::sync::Mutex<Actors>,
+    /// Held while an actor is being started, so an account is started once.
+    starting: Mutex<()>,
     live: AtomicUsize,
     spawned: AtomicU64,
+}
+
+/// What a send to a live actor came to.
+enum Sent {
+    Done,
+    /// No live actor: the message comes back to be sent after starting one.
+    NotLive(AccountMsg),
 }
 
 impl Registry {
     pub fn new(store: Arc<Store>) -> Arc<Registry> {
         Arc::new(Registry {
             store,
-            entries: Mutex::new(HashMap::new()),
+            entries: std::sync::Mutex::new(Actors::default()),
+            starting: Mutex::new(()),
             live: AtomicUsize::new(0),
             spawned: AtomicU64::new(0),
         })
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, Actors> {
+        // Nothing panics while holding the lock (sends do not block).
+        self.entries.lock().expect("registry lock")
     }
 
     /// Account actors alive now.
@@ -156,45 +180,74 @@ impl Registry {
         account: AccountId,
         message: AccountMsg,
     ) -> Result<(), LedgerError> {
-        let mut entries = self.entries.lock().await;
-        let mut message = message;
+        let mut message = match self.send_to_live(account, message)? {
+            Sent::Done => return Ok(()),
+            Sent::NotLive(message) => message,
+        };
+        let _starting = self.starting.lock().await;
         for _attempt in 0..2 {
-            if let std::collections::hash_map::Entry::Vacant(vacant) = entries.entry(account) {
-                vacant.insert(self.spawn(account).await?);
-            }
-            let entry = entries.get_mut(&account).expect("just inserted");
-            entry.last_used = Instant::now();
-            entry.inflight.fetch_add(1, Ordering::AcqRel);
-            match entry.actor.send_message(message) {
-                Ok(()) => return Ok(()),
-                Err(ractor::MessagingErr::SendErr(returned)) => {
-                    // The actor died (only a broken invariant does that); start afresh.
-                    tracing::error!(account, "account actor died; restarting it from storage");
-                    entries.remove(&account);
-                    self.live.fetch_sub(1, Ordering::Relaxed);
-                    message = returned;
-                }
-                Err(other) => {
-                    return Err(LedgerError::Invalid(format!(
-                        "account {account} actor: {other}"
-                    )));
+            // Another sender may have started it while this one waited.
+            message = match self.send_to_live(account, message)? {
+                Sent::Done => return Ok(()),
+                Sent::NotLive(message) => message,
+            };
+            self.entries().starting.insert(account, Vec::new());
+            let started = self.spawn(account).await;
+            let mut entries = self.entries();
+            let buffered = entries.starting.remove(&account).unwrap_or_default();
+            let entry = started?;
+            // Credits that came while it started: each carries its commit,
+            // so the actor skips those its loaded balance already holds.
+            for message in buffered {
+                entry.inflight.fetch_add(1, Ordering::AcqRel);
+                if entry.actor.send_message(message).is_err() {
+                    entry.inflight.fetch_sub(1, Ordering::AcqRel);
                 }
             }
+            entries.live.insert(account, entry);
         }
         Err(LedgerError::Invalid(format!(
             "account {account} actor cannot be started"
         )))
     }
 
-    /// Sends `message` only if `account` has a live actor. Used for credits:
-    /// an account without a live actor will load the credit from storage.
-    pub async fn send_if_live(&self, account: AccountId, message: AccountMsg) {
-        let mut entries = self.entries.lock().await;
-        if let Some(entry) = entries.get_mut(&account) {
+    /// Sends `message` if `account` has a live actor (and counts it in
+    /// flight); gives it back if not.
+    fn send_to_live(&self, account: AccountId, message: AccountMsg) -> Result<Sent, LedgerError> {
+        let mut entries = self.entries();
+        let Some(entry) = entries.live.get_mut(&account) else {
+            return Ok(Sent::NotLive(message));
+        };
+        entry.last_used = Instant::now();
+        entry.inflight.fetch_add(1, Ordering::AcqRel);
+        match entry.actor.send_message(message) {
+            Ok(()) => Ok(Sent::Done),
+            Err(ractor::MessagingErr::SendErr(returned)) => {
+                // The actor died (only a broken invariant does that); start afresh.
+                tracing::error!(account, "account actor died; restarting it from storage");
+                entries.live.remove(&account);
+                self.live.fetch_sub(1, Ordering::Relaxed);
+                Ok(Sent::NotLive(returned))
+            }
+            Err(other) => Err(LedgerError::Invalid(format!(
+                "account {account} actor: {other}"
+            ))),
+        }
+    }
+
+    /// Sends `message` only if `account` has a live actor, or one starting
+    /// (it gets the message once started). Used for credits: an account
+    /// without an actor will load the credit from storage, and one starting
+    /// may have read its balance just before the credit was applied.
+    pub fn send_if_live(&self, account: AccountId, message: AccountMsg) {
+        let mut entries = self.entries();
+        if let Some(entry) = entries.live.get_mut(&account) {
             entry.inflight.fetch_add(1, Ordering::AcqRel);
             if entry.actor.send_message(message).is_err() {
                 entry.inflight.fetch_sub(1, Ordering::AcqRel);
             }
+        } else if let Some(buffered) = entries.starting.get_mut(&account) {
+            buffered.push(message);
         }
     }
 
@@ -224,10 +277,10 @@ impl Registry {
     }
 
     /// Asks every actor unused for `idle` to retire.
-    pub async fn sweep_idle(&self, idle: Duration) {
-        let entries = self.entries.lock().await;
+    pub fn sweep_idle(&self, idle: Duration) {
+        let entries = self.entries();
         let now = Instant::now();
-        for entry in entries.values() {
+        for entry in entries.live.values() {
             if now.duration_since(entry.last_used) >= idle {
                 let _ = entry.actor.send_message(AccountMsg::Retire);
             }
@@ -236,14 +289,14 @@ impl Registry {
 
     /// Called by an actor that wants to retire: removes it if no message is on
     /// its way to it. After this returns true no one can reach the actor.
-    async fn remove_if_idle(&self, account: AccountId, actor: &ActorRef<AccountMsg>) -> bool {
-        let mut entries = self.entries.lock().await;
-        match entries.get(&account) {
+    fn remove_if_idle(&self, account: AccountId, actor: &ActorRef<AccountMsg>) -> bool {
+        let mut entries = self.entries();
+        match entries.live.get(&account) {
             Some(entry)
                 if entry.actor.get_id() == actor.get_id()
                     && entry.inflight.load(Ordering::Acquire) == 0 =>
             {
-                entries.remove(&account);
+                entries.live.remove(&account);
                 self.live.fetch_sub(1, Ordering::Relaxed);
                 true
             }
@@ -262,9 +315,9 @@ impl Registry {
     /// Stops every actor and waits for each.
     pub async fn stop_all(&self) {
         let actors: Vec<ActorRef<AccountMsg>> = {
-            let mut entries = self.entries.lock().await;
+            let mut entries = self.entries();
             self.live.store(0, Ordering::Relaxed);
-            entries.drain().map(|(_, entry)| entry.actor).collect()
+            entries.live.drain().map(|(_, entry)| entry.actor).collect()
         };
         for actor in actors {
             let _ = actor.stop_and_wait(None, Some(ACTOR_STOP_TIMEOUT)).await;

@@ -17,8 +17,12 @@ use crate::core::matching::{MatcherConfig, PendingCounts, PendingHalf};
 use crate::core::rules::HalfContext;
 use crate::error::LedgerError;
 use crate::expiry::{self, ExpiryActor, ExpiryArgs, ExpiryMsg};
+use crate::ledger::BatchHalf;
 use crate::ledger::{LedgerConfig, LedgerStats, Submission, Ticket};
-use crate::matcher::{Ack, ChannelWaiter, MatcherActor, MatcherArgs, MatcherMsg};
+use crate::matcher::{
+    Ack, ChannelWaiter, MatcherActor, MatcherArgs, MatcherMsg, Reply, ReportSender, SinkWaiter,
+    Submit,
+};
 use crate::raft::Raft;
 use crate::store::{Applied, Intent, NewAccount, Store};
 
@@ -122,7 +126,7 @@ impl LeaderServices {
                 interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     interval.tick().await;
-                    registry.sweep_idle(idle).await;
+                    registry.sweep_idle(idle);
                 }
             })
         };
@@ -174,8 +178,7 @@ impl LeaderServices {
         match self.commit(Intent::TopUp { account, amount }).await? {
             (commit, Applied::ToppedUp { balance }) => {
                 self.registry
-                    .send_if_live(account, AccountMsg::Credit { amount, commit })
-                    .await;
+                    .send_if_live(account, AccountMsg::Credit { amount, commit });
                 Ok(balance)
             }
             (_, Applied::Invalid(reason)) => Err(LedgerError::Invalid(reason)),
@@ -201,11 +204,11 @@ impl LeaderServices {
         let (waiter, ack, resolution) = ChannelWaiter::new();
         let matcher = &self.matchers[shard_of(tx_key, self.matchers.len())];
         matcher
-            .send_message(MatcherMsg::Submit {
+            .send_message(MatcherMsg::Submit(Submit {
                 context,
                 half,
-                waiter,
-            })
+                waiter: Reply::Channels(waiter),
+            }))
             .map_err(|_| self.ended.error())?;
         match ack.await.unwrap_or_else(|_| Err(self.ended.error()))? {
             Ack::Done(resolution) => Ok(Submission::Done(resolution)),
@@ -214,6 +217,40 @@ impl LeaderServices {
                 resolution,
                 self.ended.clone(),
             ))),
+        }
+    }
+
+    /// Hands every half to its matcher shard, one message per shard; each
+    /// half's fate reaches `sink` under its tag.
+    pub(crate) fn submit_batch(&self, halves: Vec<BatchHalf>, sink: &ReportSender) {
+        let accounts_end = self.accounts_end.load(Ordering::Acquire);
+        let shards = self.matchers.len();
+        let mut per_shard: Vec<Vec<Submit>> = (0..shards).map(|_| Vec::new()).collect();
+        for BatchHalf {
+            tag,
+            submitter,
+            half,
+        } in halves
+        {
+            let context = HalfContext {
+                submitter,
+                accounts_end,
+                max_amount: self.max_amount,
+            };
+            let waiter = SinkWaiter::new(tag, sink.clone(), self.ended.clone());
+            per_shard[shard_of(half.tx_key(), shards)].push(Submit {
+                context,
+                half,
+                waiter: Reply::Sink(waiter),
+            });
+        }
+        for (matcher, submits) in self.matchers.iter().zip(per_shard) {
+            if submits.is_empty() {
+                continue;
+            }
+            // A matcher that is gone drops the message: each waiter then
+            // tells the sink why the leader ended.
+            let _ = matcher.send_message(MatcherMsg::SubmitMany(submits));
         }
     }
 

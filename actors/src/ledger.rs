@@ -27,6 +27,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::core::matching::{PendingHalf, Resolution};
 use crate::error::{LeaderHint, LedgerError, StoreError};
 use crate::leader::{Ended, LeaderServices};
+use crate::matcher::{Heard, Report, ReportSender};
 use crate::raft::{
     LogStore, NoNetwork, Raft, RaftMetrics, ReplicaId, ReplicaInfo, StateMachine, StorageIo,
     TypeConfig,
@@ -212,6 +213,15 @@ impl Ticket {
             .await
             .unwrap_or_else(|_| Err(self.ended.error()))
     }
+}
+
+/// One half of a [`Ledger::submit_batch`]: `submitter` is the account the
+/// half's phone authenticated as, `tag` is the caller's own name for it.
+#[derive(Debug)]
+pub struct BatchHalf {
+    pub tag: u64,
+    pub submitter: AccountId,
+    pub half: Half,
 }
 
 /// Live figures for metrics and benchmarks.
@@ -494,6 +504,28 @@ impl Ledger {
         half: Half,
     ) -> Result<Submission, LedgerError> {
         self.services()?.submit(submitter, half).await
+    }
+
+    /// Submits many halves at once, and returns without waiting: each
+    /// half's fate reaches `sink` under the half's tag, as
+    /// [`Heard::Pending`] when it is durably pending (if it waits for its
+    /// partner) and then exactly one [`Heard::Resolved`]. The halves reach
+    /// each matcher shard in the order given, one message per shard, so a
+    /// caller with many halves in flight pays per batch what
+    /// [`Ledger::submit`] pays per half. If this replica does not lead,
+    /// every half is resolved at once with that error.
+    pub fn submit_batch(&self, halves: Vec<BatchHalf>, sink: &ReportSender) {
+        match self.services() {
+            Ok(services) => services.submit_batch(halves, sink),
+            Err(error) => {
+                for half in halves {
+                    let _ = sink.send(Report {
+                        tag: half.tag,
+                        heard: Heard::Resolved(Err(error.clone())),
+                    });
+                }
+            }
+        }
     }
 
     /// The final outcome of `tx_key` if it has one (as applied here).

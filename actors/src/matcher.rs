@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tapledger_protocol::{AccountId, Half, TxKey};
+use tapledger_protocol::{AccountId, Half, Timestamp, TxKey};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::account::{AccountMsg, Registry};
@@ -18,6 +18,7 @@ use crate::core::matching::{
 };
 use crate::core::rules::HalfContext;
 use crate::error::LedgerError;
+use crate::leader::Ended;
 use crate::store::{Intent, OutcomeView, Store};
 
 /// First answer to a submission.
@@ -80,12 +81,116 @@ impl Waiter for ChannelWaiter {
     }
 }
 
+/// What a batch submitter ([`crate::Ledger::submit_batch`]) hears about one
+/// half, under the tag it gave the half.
+#[derive(Debug)]
+pub struct Report {
+    pub tag: u64,
+    pub heard: Heard,
+}
+
+#[derive(Debug)]
+pub enum Heard {
+    /// The half is durable and waits for its partner; `Resolved` follows.
+    Pending,
+    /// The submission is over: every half hears this exactly once.
+    Resolved(Result<Resolution, LedgerError>),
+}
+
+/// Where a batch submitter hears about its halves.
+pub type ReportSender = mpsc::UnboundedSender<Report>;
+
+/// A half of a batch: answers go to the submitter's one channel.
+pub struct SinkWaiter {
+    tag: u64,
+    sink: ReportSender,
+    /// Until the half is resolved: why the leader ended, for a waiter
+    /// dropped unanswered (the leader stopped with the half in flight).
+    ended: Option<Ended>,
+}
+
+impl SinkWaiter {
+    pub(crate) fn new(tag: u64, sink: ReportSender, ended: Ended) -> SinkWaiter {
+        SinkWaiter {
+            tag,
+            sink,
+            ended: Some(ended),
+        }
+    }
+
+    fn tell(&self, heard: Heard) {
+        // The submitter may have gone away; the half's fate is durable regardless.
+        let _ = self.sink.send(Report {
+            tag: self.tag,
+            heard,
+        });
+    }
+}
+
+impl Waiter for SinkWaiter {
+    fn accepted(&mut self) {
+        self.tell(Heard::Pending);
+    }
+
+    fn is_gone(&self) -> bool {
+        self.sink.is_closed()
+    }
+
+    fn finish(mut self, result: Result<Resolution, LedgerError>) {
+        self.ended = None;
+        self.tell(Heard::Resolved(result));
+    }
+}
+
+impl Drop for SinkWaiter {
+    fn drop(&mut self) {
+        if let Some(ended) = self.ended.take() {
+            self.tell(Heard::Resolved(Err(ended.error())));
+        }
+    }
+}
+
+/// Whoever waits on a half: a caller of [`crate::Ledger::submit`] (two
+/// channels of its own) or a batch submitter (one channel for all).
+pub enum Reply {
+    Channels(ChannelWaiter),
+    Sink(SinkWaiter),
+}
+
+impl Waiter for Reply {
+    fn accepted(&mut self) {
+        match self {
+            Reply::Channels(waiter) => waiter.accepted(),
+            Reply::Sink(waiter) => waiter.accepted(),
+        }
+    }
+
+    fn is_gone(&self) -> bool {
+        match self {
+            Reply::Channels(waiter) => waiter.is_gone(),
+            Reply::Sink(waiter) => waiter.is_gone(),
+        }
+    }
+
+    fn finish(self, result: Result<Resolution, LedgerError>) {
+        match self {
+            Reply::Channels(waiter) => waiter.finish(result),
+            Reply::Sink(waiter) => waiter.finish(result),
+        }
+    }
+}
+
+/// One half on its way to a matcher.
+pub struct Submit {
+    pub context: HalfContext,
+    pub half: Half,
+    pub waiter: Reply,
+}
+
 pub enum MatcherMsg {
-    Submit {
-        context: HalfContext,
-        half: Half,
-        waiter: ChannelWaiter,
-    },
+    Submit(Submit),
+    /// Several halves at once, handled in order.
+    SubmitMany(Vec<Submit>),
     Reserved {
         tx_key: TxKey,
         sender: AccountId,
@@ -120,7 +225,7 @@ pub struct MatcherArgs {
 
 pub struct MatcherState {
     shard: usize,
-    core: Matcher<ChannelWaiter>,
+    core: Matcher<Reply>,
     commit_queue: mpsc::Sender<Job>,
     registry: Arc<Registry>,
     store: Arc<Store>,
@@ -164,22 +269,15 @@ impl Actor for MatcherActor {
         state: &mut MatcherState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            MatcherMsg::Submit {
-                context,
-                half,
-                waiter,
-            } => {
+            MatcherMsg::Submit(submit) => {
                 let now = state.clock.now();
-                let (store, outcomes) = (&state.store, &state.outcomes);
-                let decided = move |tx_key| {
-                    let found = match outcomes {
-                        Some(view) => view.outcome(tx_key),
-                        None => store.outcome(tx_key),
-                    };
-                    found.ok().flatten().map(Arc::new)
-                };
-                let effects = state.core.submit(now, &context, half, waiter, decided);
-                state.carry_out(&myself, effects).await;
+                state.submit(&myself, now, submit).await;
+            }
+            MatcherMsg::SubmitMany(submits) => {
+                let now = state.clock.now();
+                for submit in submits {
+                    state.submit(&myself, now, submit).await;
+                }
             }
             MatcherMsg::Reserved {
                 tx_key,
@@ -218,6 +316,24 @@ impl Actor for MatcherActor {
 }
 
 impl MatcherState {
+    async fn submit(&mut self, myself: &ActorRef<MatcherMsg>, now: Timestamp, submit: Submit) {
+        let Submit {
+            context,
+            half,
+            waiter,
+        } = submit;
+        let (store, outcomes) = (&self.store, &self.outcomes);
+        let decided = move |tx_key| {
+            let found = match outcomes {
+                Some(view) => view.outcome(tx_key),
+                None => store.outcome(tx_key),
+            };
+            found.ok().flatten().map(Arc::new)
+        };
+        let effects = self.core.submit(now, &context, half, waiter, decided);
+        self.carry_out(myself, effects).await;
+    }
+
     async fn carry_out(&mut self, myself: &ActorRef<MatcherMsg>, effects: Vec<Effect>) {
         for effect in effects {
             match effect {
@@ -284,8 +400,7 @@ impl MatcherState {
                     commit,
                 } => {
                     self.registry
-                        .send_if_live(account, AccountMsg::Credit { amount, commit })
-                        .await;
+                        .send_if_live(account, AccountMsg::Credit { amount, commit });
                 }
             }
         }

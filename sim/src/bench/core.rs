@@ -27,7 +27,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 use tapledger_actors::{
-    AuditReport, Ledger, LedgerConfig, LedgerError, NewAccount, Resolution, Submission,
+    AuditReport, BatchHalf, Heard, Ledger, LedgerConfig, LedgerError, NewAccount, Report,
+    Resolution, Submission,
 };
 use tapledger_protocol::{AccountId, Half, Outcome, ReceiveHalf, SendHalf, TxKey};
 use tokio::task::JoinSet;
@@ -1079,23 +1080,6 @@ impl Tally {
             }
         }
     }
-
-    fn merge(&mut self, other: Tally) {
-        self.settled += other.settled;
-        for (code, count) in other.rejected {
-            *self.rejected.entry(code).or_insert(0) += count;
-        }
-        for (code, count) in other.refused {
-            *self.refused.entry(code).or_insert(0) += count;
-        }
-        self.errors += other.errors;
-        self.inconsistent += other.inconsistent;
-        self.first_stored_pending += other.first_stored_pending;
-        if self.first_error.is_none() {
-            self.first_error = other.first_error;
-        }
-        self.latencies_us.extend_from_slice(&other.latencies_us);
-    }
 }
 
 /// What the two phones of one payment heard.
@@ -1109,16 +1093,17 @@ pub(crate) struct Paid {
     first_stored_pending: bool,
 }
 
-/// Runs every payment of `workload` from `concurrency` tasks, each with one
-/// payment in flight, and aborts if the run stops making progress.
+/// Runs every payment of `workload` with `concurrency` payments in flight,
+/// from one driver task: it hands halves to the ledger in batches
+/// ([`Ledger::submit_batch`]) and hears every answer on one channel, so
+/// that the load generator costs little beside the ledger it measures. It
+/// aborts if the run stops making progress.
 async fn pay_all(
     ledger: &Arc<Ledger>,
     workload: &Arc<Workload>,
     concurrency: usize,
     show_progress: bool,
 ) -> anyhow::Result<Tally> {
-    let next = Arc::new(AtomicU64::new(0));
-    let completed = Arc::new(AtomicU64::new(0));
     let progress = if show_progress {
         ProgressBar::with_draw_target(Some(workload.payments), ProgressDrawTarget::stderr())
     } else {
@@ -1131,56 +1116,194 @@ async fn pay_all(
         .expect("valid progress template")
         .progress_chars("=> "),
     );
-    let mut tasks = JoinSet::new();
-    let task_count = concurrency.min(usize::try_from(workload.payments).unwrap_or(usize::MAX));
-    for _ in 0..task_count {
-        let ledger = ledger.clone();
-        let workload = workload.clone();
-        let next = next.clone();
-        let completed = completed.clone();
-        tasks.spawn(async move {
-            let mut tally = Tally::new();
-            loop {
-                let index = next.fetch_add(1, Ordering::Relaxed);
-                if index >= workload.payments {
-                    break;
-                }
-                let payment = workload.payment(index);
-                let paid = pay(&ledger, &payment, workload.halves).await;
-                tally.record(&payment, paid);
-                completed.fetch_add(1, Ordering::Relaxed);
-            }
-            tally
-        });
-    }
-
-    let mut total = Tally::new();
+    let mut driver = Driver::new(workload.clone(), concurrency);
+    let (sink, mut reports) = tokio::sync::mpsc::unbounded_channel();
+    let mut received = Vec::with_capacity(8_192);
     let mut ticker = tokio::time::interval(PROGRESS_TICK);
     let mut last_done = 0;
     let mut last_change = Instant::now();
     loop {
+        let batch = driver.next_halves();
+        if !batch.is_empty() {
+            ledger.submit_batch(batch, &sink);
+        }
+        if driver.finished() {
+            break;
+        }
         tokio::select! {
-            joined = tasks.join_next() => match joined {
-                Some(tally) => total.merge(tally.context("payment task")?),
-                None => break,
-            },
+            biased;
+            count = reports.recv_many(&mut received, 8_192) => {
+                // The driver holds a sender, so the channel cannot close.
+                debug_assert!(count > 0);
+                for report in received.drain(..) {
+                    driver.heard(report);
+                }
+            }
             _ = ticker.tick() => {
-                let done = completed.load(Ordering::Relaxed);
+                let done = driver.done;
                 progress.set_position(done);
                 if done != last_done {
                     last_done = done;
                     last_change = Instant::now();
                 } else if last_change.elapsed() > STALL_TIMEOUT {
-                    tasks.abort_all();
                     progress.abandon();
                     bail!("no payment finished for {STALL_TIMEOUT:?} ({done} of {} done); aborting", workload.payments);
                 }
             }
         }
     }
-    progress.set_position(completed.load(Ordering::Relaxed));
+    progress.set_position(driver.done);
     progress.finish_and_clear();
-    Ok(total)
+    Ok(driver.tally)
+}
+
+/// One payment in flight in the driver.
+struct Paying {
+    payment: Payment,
+    /// The halves in the order the phones submit them (index 0 first).
+    results: [Option<Result<Resolution, LedgerError>>; 2],
+    first_stored_pending: bool,
+    /// When the second half was handed over; `None` until then.
+    second_submitted: Option<Instant>,
+    /// When the second half heard its resolution.
+    second_resolved: Option<Instant>,
+}
+
+/// The driver's payments in flight, by workload index. Tags are
+/// `index * 2 + n`, where half `n` is the `n`th its payment submits.
+struct Driver {
+    workload: Arc<Workload>,
+    concurrency: usize,
+    next: u64,
+    done: u64,
+    paying: std::collections::HashMap<u64, Paying>,
+    /// Halves to hand over with the next batch.
+    queued: Vec<BatchHalf>,
+    tally: Tally,
+}
+
+impl Driver {
+    fn new(workload: Arc<Workload>, concurrency: usize) -> Driver {
+        Driver {
+            workload,
+            concurrency,
+            next: 0,
+            done: 0,
+            paying: std::collections::HashMap::with_capacity(concurrency),
+            queued: Vec::new(),
+            tally: Tally::new(),
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.done == self.workload.payments
+    }
+
+    /// Starts payments up to the in-flight count, and returns every half
+    /// due to be handed over.
+    fn next_halves(&mut self) -> Vec<BatchHalf> {
+        while self.paying.len() < self.concurrency && self.next < self.workload.payments {
+            let index = self.next;
+            self.next += 1;
+            let payment = self.workload.payment(index);
+            let [first, second] = phone_order(&payment);
+            self.queued.push(BatchHalf {
+                tag: index * 2,
+                submitter: first.0,
+                half: first.1,
+            });
+            let together = self.workload.halves == HalvesMode::Together;
+            if together {
+                self.queued.push(BatchHalf {
+                    tag: index * 2 + 1,
+                    submitter: second.0,
+                    half: second.1,
+                });
+            }
+            self.paying.insert(
+                index,
+                Paying {
+                    payment,
+                    results: [None, None],
+                    first_stored_pending: false,
+                    second_submitted: together.then(Instant::now),
+                    second_resolved: None,
+                },
+            );
+        }
+        std::mem::take(&mut self.queued)
+    }
+
+    fn heard(&mut self, report: Report) {
+        let (index, half) = (report.tag / 2, (report.tag % 2) as usize);
+        let paying = self
+            .paying
+            .get_mut(&index)
+            .expect("a report is for a payment in flight");
+        let first_answer = half == 0 && !paying.first_stored_pending && paying.results[0].is_none();
+        match report.heard {
+            Heard::Pending => {
+                // A second half waits too when its partner was refused.
+                if half == 0 {
+                    assert!(first_answer, "payment {index}: first half pending twice");
+                    paying.first_stored_pending = true;
+                }
+            }
+            Heard::Resolved(result) => {
+                assert!(
+                    paying.results[half].replace(result).is_none(),
+                    "payment {index} half {half}: resolved twice"
+                );
+                if half == 1 {
+                    paying.second_resolved = Some(Instant::now());
+                }
+            }
+        }
+        if first_answer && paying.second_submitted.is_none() {
+            // Sequential: the second phone taps once the first has its answer.
+            let [_, second] = phone_order(&paying.payment);
+            paying.second_submitted = Some(Instant::now());
+            self.queued.push(BatchHalf {
+                tag: index * 2 + 1,
+                submitter: second.0,
+                half: second.1,
+            });
+        }
+        if paying.results.iter().all(Option::is_some) {
+            let mut paying = self.paying.remove(&index).expect("in flight");
+            let [first, second] = [paying.results[0].take(), paying.results[1].take()]
+                .map(|result| result.expect("resolved"));
+            let latency = match (paying.second_submitted, paying.second_resolved) {
+                (Some(submitted), Some(resolved)) => resolved - submitted,
+                _ => unreachable!("the second half was submitted and resolved"),
+            };
+            let (send, receive) = if paying.payment.send_first {
+                (first, second)
+            } else {
+                (second, first)
+            };
+            let paid = Paid {
+                send,
+                receive,
+                latency,
+                first_stored_pending: paying.first_stored_pending,
+            };
+            self.tally.record(&paying.payment, paid);
+            self.done += 1;
+        }
+    }
+}
+
+/// A payment's two halves, each with the account that submits it, in the
+/// order its phones submit them.
+fn phone_order(payment: &Payment) -> [(AccountId, Half); 2] {
+    let send = (payment.sender, payment.send_half());
+    let receive = (payment.receiver, payment.receive_half());
+    if payment.send_first {
+        [send, receive]
+    } else {
+        [receive, send]
+    }
 }
 
 /// Both phones of one payment submit their halves, and each waits for its
