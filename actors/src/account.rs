@@ -4,11 +4,18 @@
 //! period, so a ledger with millions of accounts on disk runs only as many
 //! actors as are busy.
 //!
-//! A live balance has one writer, its actor. Retiring is safe because the
-//! registry counts messages on their way to each actor: an actor leaves only
-//! when none are in flight and it holds no reservation, so nothing it owned is
-//! lost, and its successor reloads a balance that already includes every
-//! commit it saw (credits carry their commit number to avoid double counting).
+//! A live balance has one writer, its actor. What a commit settles for an
+//! account (a debit or release of its reservation, a credit) is left in the
+//! actor's [`Settled`] inbox rather than sent as a message each: the actor
+//! takes everything in it before every decision it makes (a reservation, an
+//! inspection, retiring), so it never decides on a view older than what it
+//! was told, and a commit costs the actors no message at all.
+//!
+//! Retiring is safe because the registry counts messages on their way to
+//! each actor: an actor leaves only when none are in flight and it holds no
+//! reservation, so nothing it owned is lost, and its successor reloads a
+//! balance that already includes every commit it saw (credits carry their
+//! commit number to avoid double counting).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,22 +41,32 @@ pub enum AccountMsg {
         amount: u64,
         reply_to: ActorRef<MatcherMsg>,
     },
-    /// The reserved settlement committed in `commit`.
-    Debit { amount: u64, commit: u64 },
-    /// The reserved settlement did not commit.
-    Release { amount: u64 },
-    /// Money arrived in `commit`.
-    Credit { amount: u64, commit: u64 },
     /// Live (balance, reserved).
     Inspect(RpcReplyPort<(u64, u64)>),
     /// Sent by the idle sweep, outside the in-flight count: stop if idle.
     Retire,
 }
 
+/// What a commit settled for an account, left in its actor's inbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settled {
+    /// The reserved settlement committed in `commit`.
+    Debit { amount: u64, commit: u64 },
+    /// The reserved settlement did not commit.
+    Release { amount: u64 },
+    /// Money arrived in `commit`.
+    Credit { amount: u64, commit: u64 },
+}
+
+/// An actor's inbox of settled money, filled by the registry, emptied by
+/// the actor before each message it handles.
+type Inbox = Arc<std::sync::Mutex<Vec<Settled>>>;
+
 pub struct AccountActor;
 
 pub struct AccountState {
     book: AccountBook,
+    inbox: Inbox,
     /// Messages sent through the registry and not yet handled.
     inflight: Arc<AtomicU64>,
     registry: Arc<Registry>,
@@ -77,6 +94,7 @@ impl Actor for AccountActor {
         if !matches!(message, AccountMsg::Retire) {
             state.inflight.fetch_sub(1, Ordering::AcqRel);
         }
+        state.take_settled();
         match message {
             AccountMsg::Reserve {
                 tx_key,
@@ -93,11 +111,6 @@ impl Actor for AccountActor {
                     result,
                 });
             }
-            AccountMsg::Debit { amount, commit } => state.book.debit(amount, commit),
-            AccountMsg::Release { amount } => state.book.release(amount),
-            AccountMsg::Credit { amount, commit } => {
-                state.book.credit(amount, commit);
-            }
             AccountMsg::Inspect(reply) => {
                 let _ = reply.send((state.book.balance(), state.book.reserved()));
             }
@@ -113,9 +126,26 @@ impl Actor for AccountActor {
     }
 }
 
+impl AccountState {
+    /// Applies everything settled since the last message, in order.
+    fn take_settled(&mut self) {
+        let settled = std::mem::take(&mut *self.inbox.lock().expect("inbox lock"));
+        for settled in settled {
+            match settled {
+                Settled::Debit { amount, commit } => self.book.debit(amount, commit),
+                Settled::Release { amount } => self.book.release(amount),
+                Settled::Credit { amount, commit } => {
+                    self.book.credit(amount, commit);
+                }
+            }
+        }
+    }
+}
+
 struct Entry {
     actor: ActorRef<AccountMsg>,
     inflight: Arc<AtomicU64>,
+    inbox: Inbox,
     last_used: Instant,
 }
 
@@ -123,8 +153,8 @@ struct Entry {
 #[derive(Default)]
 struct Actors {
     live: HashMap<AccountId, Entry>,
-    /// Accounts whose actor is being started, with credits sent meanwhile.
-    starting: HashMap<AccountId, Vec<AccountMsg>>,
+    /// Accounts whose actor is being started, with credits settled meanwhile.
+    starting: HashMap<AccountId, Vec<Settled>>,
 }
 
 /// The live account actors, by account id.
@@ -196,14 +226,9 @@ impl Registry {
             let mut entries = self.entries();
             let buffered = entries.starting.remove(&account).unwrap_or_default();
             let entry = started?;
-            // Credits that came while it started: each carries its commit,
-            // so the actor skips those its loaded balance already holds.
-            for message in buffered {
-                entry.inflight.fetch_add(1, Ordering::AcqRel);
-                if entry.actor.send_message(message).is_err() {
-                    entry.inflight.fetch_sub(1, Ordering::AcqRel);
-                }
-            }
+            // Credits settled while it started: each carries its commit, so
+            // the actor skips those its loaded balance already holds.
+            entry.inbox.lock().expect("inbox lock").extend(buffered);
             entries.live.insert(account, entry);
         }
         Err(LedgerError::Invalid(format!(
@@ -235,19 +260,24 @@ impl Registry {
         }
     }
 
-    /// Sends `message` only if `account` has a live actor, or one starting
-    /// (it gets the message once started). Used for credits: an account
-    /// without an actor will load the credit from storage, and one starting
-    /// may have read its balance just before the credit was applied.
-    pub fn send_if_live(&self, account: AccountId, message: AccountMsg) {
+    /// Leaves what a commit settled for `account` in its actor's inbox.
+    /// Debits and releases are for an actor holding a reservation, so live;
+    /// a credit for an account with no actor is dropped (its next actor
+    /// loads it from storage), and one for an actor being started waits for
+    /// it (it may have read its balance just before the credit applied).
+    /// False if nobody took it.
+    pub fn settle(&self, account: AccountId, settled: Settled) -> bool {
         let mut entries = self.entries();
-        if let Some(entry) = entries.live.get_mut(&account) {
-            entry.inflight.fetch_add(1, Ordering::AcqRel);
-            if entry.actor.send_message(message).is_err() {
-                entry.inflight.fetch_sub(1, Ordering::AcqRel);
+        if let Some(entry) = entries.live.get(&account) {
+            entry.inbox.lock().expect("inbox lock").push(settled);
+            return true;
+        }
+        match (settled, entries.starting.get_mut(&account)) {
+            (Settled::Credit { .. }, Some(buffered)) => {
+                buffered.push(settled);
+                true
             }
-        } else if let Some(buffered) = entries.starting.get_mut(&account) {
-            buffered.push(message);
+            _ => false,
         }
     }
 
@@ -257,8 +287,10 @@ impl Registry {
             .balance_at_commit(account)?
             .ok_or(LedgerError::UnknownAccount(account))?;
         let inflight = Arc::new(AtomicU64::new(0));
+        let inbox = Inbox::default();
         let state = AccountState {
             book: AccountBook::new(account, balance, commit),
+            inbox: inbox.clone(),
             inflight: inflight.clone(),
             registry: self.clone(),
         };
@@ -272,6 +304,7 @@ impl Registry {
         Ok(Entry {
             actor,
             inflight,
+            inbox,
             last_used: Instant::now(),
         })
     }

@@ -203,7 +203,7 @@ async fn run(
                 let entry = LedgerEntry {
                     term,
                     at: clock.now(),
-                    intents,
+                    intents: intents.into(),
                 };
                 match raft.client_write_ff(entry).await {
                     Ok(answer) => in_flight.push_back(InFlight { replies, answer }),

@@ -11,7 +11,7 @@ use ractor::{Actor, ActorRef};
 use tapledger_protocol::{AccountId, Half, ISSUER_ACCOUNT_ID, TxKey};
 use tokio::sync::oneshot;
 
-use crate::account::{AccountMsg, Registry};
+use crate::account::{Registry, Settled};
 use crate::committer::{CommitStats, Committer, CommitterArgs, Job, ReplyTo, Stop};
 use crate::core::matching::{MatcherConfig, PendingCounts, PendingHalf};
 use crate::core::rules::HalfContext;
@@ -178,7 +178,7 @@ impl LeaderServices {
         match self.commit(Intent::TopUp { account, amount }).await? {
             (commit, Applied::ToppedUp { balance }) => {
                 self.registry
-                    .send_if_live(account, AccountMsg::Credit { amount, commit });
+                    .settle(account, Settled::Credit { amount, commit });
                 Ok(balance)
             }
             (_, Applied::Invalid(reason)) => Err(LedgerError::Invalid(reason)),

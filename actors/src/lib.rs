@@ -20,6 +20,7 @@ pub mod committer;
 pub mod core;
 pub mod error;
 pub mod expiry;
+mod key_index;
 mod leader;
 mod ledger;
 pub mod matcher;

@@ -10,7 +10,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tapledger_protocol::{AccountId, Half, Timestamp, TxKey};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::account::{AccountMsg, Registry};
+use crate::account::{AccountMsg, Registry, Settled};
 use crate::clock::Clock;
 use crate::committer::{Job, MatcherResults, ReplyTo};
 use crate::core::matching::{
@@ -386,13 +386,9 @@ impl MatcherState {
                     account,
                     amount,
                     commit,
-                } => {
-                    self.to_account(account, AccountMsg::Debit { amount, commit })
-                        .await
-                }
+                } => self.settle(account, Settled::Debit { amount, commit }),
                 Effect::Release { account, amount } => {
-                    self.to_account(account, AccountMsg::Release { amount })
-                        .await
+                    self.settle(account, Settled::Release { amount })
                 }
                 Effect::Credit {
                     account,
@@ -400,7 +396,7 @@ impl MatcherState {
                     commit,
                 } => {
                     self.registry
-                        .send_if_live(account, AccountMsg::Credit { amount, commit });
+                        .settle(account, Settled::Credit { amount, commit });
                 }
             }
         }
@@ -422,18 +418,18 @@ impl MatcherState {
                     .on_committed(tx_key, persisted, 0, Err(LedgerError::Closed));
             for effect in effects {
                 if let Effect::Release { account, amount } = effect {
-                    self.to_account(account, AccountMsg::Release { amount })
-                        .await;
+                    self.settle(account, Settled::Release { amount });
                 }
             }
             answers.deliver();
         }
     }
 
-    async fn to_account(&self, account: AccountId, message: AccountMsg) {
-        if let Err(error) = self.registry.send(account, message).await {
-            // Debits and releases go to an actor that holds a reservation, so it is live.
-            tracing::error!(%error, account, "account actor unreachable");
+    fn settle(&self, account: AccountId, settled: Settled) {
+        if !self.registry.settle(account, settled) {
+            // Debits and releases are for an actor that holds a reservation,
+            // so it is live: only a broken invariant gets here.
+            tracing::error!(account, ?settled, "account actor unreachable");
         }
     }
 }

@@ -32,6 +32,7 @@ use tapledger_protocol::{
 
 use crate::core::matching::{Committed, Decision, PendingHalf};
 use crate::error::StoreError;
+use crate::key_index;
 use crate::overlay::Overlay;
 use crate::raft::{self, EntryResult, LedgerEntry, LogId, SnapshotMeta, StoredMembership};
 use crate::seal;
@@ -39,8 +40,9 @@ use crate::seal;
 /// Version of the table layout below. Opening a file of another version fails.
 /// Version 2 added the `raft` table (a replicated ledger); a version 1 file
 /// has no Raft history to join a cluster with. Version 3 sealed every record
-/// with a checksum and chained the journal (`seal.rs`).
-pub const SCHEMA_VERSION: u64 = 3;
+/// with a checksum and chained the journal (`seal.rs`). Version 4 replaced
+/// the `tx_keys` B-tree by the sorted runs of [`crate::key_index`].
+pub const SCHEMA_VERSION: u64 = 4;
 
 /// Every value below is sealed: a checksum over table, key and payload, then
 /// the payload ([`seal`]). Payloads are little-endian integers or MessagePack.
@@ -60,8 +62,9 @@ const BALANCES: TableDefinition<u64, Sealed> = TableDefinition::new("balances");
 /// Journal sequence -> its chain link (u128, [`seal::chain_link`]) then the
 /// [`StoredEntry`] (MessagePack), in commit order.
 const JOURNAL: TableDefinition<u64, Sealed> = TableDefinition::new("journal");
-/// `tx_key` -> journal sequence (u64) of its one final outcome.
-const TX_KEYS: TableDefinition<u128, Sealed> = TableDefinition::new("tx_keys");
+/// `tx_key` -> journal sequence of its one final outcome: the tables
+/// `tx_key_runs` and `tx_key_chunks` of [`crate::key_index`].
+use crate::key_index::{CHUNKS as TX_KEY_CHUNKS, IndexTables, KeyIndex, RUNS as TX_KEY_RUNS};
 /// `tx_key` -> the lone [`PendingHalf`] waiting for its partner (MessagePack).
 const PENDING: TableDefinition<u128, Sealed> = TableDefinition::new("pending");
 /// Raft's view of this state machine, written in the same transaction as the
@@ -82,6 +85,8 @@ const META_ACCOUNT_NEXT: &str = "account_next";
 const META_ISSUED: &str = "issued";
 /// The journal chain's link of its newest entry (0 while it is empty).
 const META_JOURNAL_HEAD: &str = "journal_head";
+/// The id the `tx_key` index gives its next run.
+const META_TX_KEY_RUN_NEXT: &str = "tx_key_run_next";
 
 /// Static facts about an account, fixed when it is opened.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -226,6 +231,10 @@ impl AuditReport {
 #[derive(Debug)]
 pub struct Store {
     db: Handle<Db>,
+    /// The `tx_key` index as of the newest commit. Applying swaps it in
+    /// while holding the lock across the commit, and readers take it with
+    /// their read transaction under the lock, so the two always agree.
+    index: std::sync::RwLock<KeyIndex>,
 }
 
 /// A redb handle that is leaked rather than closed once a panic went
@@ -371,9 +380,7 @@ impl Store {
         if existing {
             let (db, lock) = open_overlay(path)?;
             if check_schema(&db.begin_read()?)?.is_some() {
-                let checked = Store {
-                    db: Handle::new(Db::ReadOnly { db, lock }),
-                };
+                let checked = Store::on(Db::ReadOnly { db, lock })?;
                 checked.verify_at_open()?;
             }
         }
@@ -400,18 +407,14 @@ impl Store {
     pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
         let (db, lock) = open_overlay(path)?;
         check_schema(&db.begin_read()?)?.ok_or(StoreError::NotALedger)?;
-        Ok(Store {
-            db: Handle::new(Db::ReadOnly { db, lock }),
-        })
+        Store::on(Db::ReadOnly { db, lock })
     }
 
     /// A store on `db`, its tables created if it has none; `verify` runs
     /// [`Store::verify_at_open`] on an existing ledger.
     fn init(db: Database, verify: bool) -> Result<Store, StoreError> {
         if check_schema(&db.begin_read()?)?.is_some() {
-            let store = Store {
-                db: Handle::new(Db::Writable(db)),
-            };
+            let store = Store::on(Db::Writable(db))?;
             if verify {
                 store.verify_at_open()?;
             }
@@ -426,17 +429,34 @@ impl Store {
             meta_put(&mut meta, META_ACCOUNT_NEXT, 1)?;
             meta_put(&mut meta, META_ISSUED, 0)?;
             set_journal_head(&mut meta, 0)?;
+            meta_put(&mut meta, META_TX_KEY_RUN_NEXT, 0)?;
             write.open_table(ACCOUNTS)?;
             write.open_table(BALANCES)?;
             write.open_table(JOURNAL)?;
-            write.open_table(TX_KEYS)?;
+            write.open_table(TX_KEY_RUNS)?;
+            write.open_table(TX_KEY_CHUNKS)?;
             write.open_table(PENDING)?;
             write.open_table(RAFT)?;
         }
         write.commit()?;
+        Store::on(Db::Writable(db))
+    }
+
+    /// A store on a ledger's database, its `tx_key` index loaded (every
+    /// chunk read and checked).
+    fn on(db: Db) -> Result<Store, StoreError> {
+        let index = refuse_damage(|| load_index(&db.begin_read()?))?;
         Ok(Store {
-            db: Handle::new(Db::Writable(db)),
+            db: Handle::new(db),
+            index: std::sync::RwLock::new(index),
         })
+    }
+
+    /// A read transaction and the `tx_key` index as of the same commit.
+    fn read_with_index(&self) -> Result<(redb::ReadTransaction, KeyIndex), StoreError> {
+        let index = self.index.read().expect("index lock");
+        let read = self.db.begin_read()?;
+        Ok((read, index.clone()))
     }
 
     /// The integrity check a node runs before it serves, beyond redb's page
@@ -467,8 +487,8 @@ impl Store {
         let mut write = self.db.begin_write()?;
         write.set_durability(redb::Durability::Immediate)?;
         let mut results = Vec::with_capacity(entries.len());
-        {
-            let mut tables = Tables::open(&write)?;
+        let index = {
+            let mut tables = Tables::open(&write, self.index.read().expect("index lock").clone())?;
             for entry in entries {
                 let result = match &entry.payload {
                     EntryPayload::Blank => EntryResult::default(),
@@ -484,9 +504,23 @@ impl Store {
                 results.push(result);
             }
             raft_put(&mut tables.raft, RAFT_APPLIED, &last.log_id)?;
-        }
-        write.commit()?;
+            tables.key_index
+        };
+        self.commit_with_index(write, index)?;
         Ok(results)
+    }
+
+    /// Commits `write`, and makes `index` (as that transaction left it)
+    /// the one readers see, at the same moment.
+    fn commit_with_index(
+        &self,
+        write: redb::WriteTransaction,
+        index: KeyIndex,
+    ) -> Result<(), StoreError> {
+        let mut current = self.index.write().expect("index lock");
+        write.commit()?;
+        *current = index;
+        Ok(())
     }
 
     /// Applies `intents` as one commit outside Raft (store unit tests only:
@@ -499,11 +533,12 @@ impl Store {
     ) -> Result<(u64, Vec<Applied>), StoreError> {
         let mut write = self.db.begin_write()?;
         write.set_durability(redb::Durability::Immediate)?;
-        let result = {
-            let mut tables = Tables::open(&write)?;
-            tables.apply_intents(now, intents)?
+        let (result, index) = {
+            let mut tables = Tables::open(&write, self.index.read().expect("index lock").clone())?;
+            let result = tables.apply_intents(now, intents)?;
+            (result, tables.key_index)
         };
-        write.commit()?;
+        self.commit_with_index(write, index)?;
         Ok((result.commit, result.applied))
     }
 
@@ -528,22 +563,17 @@ impl Store {
 
     /// The final outcome of `tx_key`, if it has one.
     pub fn outcome(&self, tx_key: TxKey) -> Result<Option<Outcome>, StoreError> {
-        let read = self.db.begin_read()?;
-        let tx_keys = read.open_table(TX_KEYS)?;
-        let journal = read.open_table(JOURNAL)?;
-        let Some(seq) = tx_key_get(&tx_keys, tx_key.as_u128())? else {
-            return Ok(None);
-        };
-        Ok(Some(outcome_at(&journal, seq)?))
+        self.outcome_view()?.outcome(tx_key)
     }
 
     /// A view of every outcome committed so far, for many lookups without a
     /// read transaction each. It does not see later commits: take a new one
     /// after each commit.
     pub fn outcome_view(&self) -> Result<OutcomeView, StoreError> {
-        let read = self.db.begin_read()?;
+        let (read, index) = self.read_with_index()?;
         Ok(OutcomeView {
-            tx_keys: read.open_table(TX_KEYS)?,
+            index,
+            chunks: read.open_table(TX_KEY_CHUNKS)?,
             journal: read.open_table(JOURNAL)?,
         })
     }
@@ -740,6 +770,7 @@ impl Store {
                 meta.snapshot_id
             )));
         }
+        let index = load_index(&read)?;
         let mut write = self.db.begin_write()?;
         write.set_durability(redb::Durability::Immediate)?;
         {
@@ -747,7 +778,8 @@ impl Store {
             replace_table(&read, &write, ACCOUNTS)?;
             replace_table(&read, &write, BALANCES)?;
             replace_table(&read, &write, JOURNAL)?;
-            replace_table(&read, &write, TX_KEYS)?;
+            replace_table(&read, &write, TX_KEY_RUNS)?;
+            replace_table(&read, &write, TX_KEY_CHUNKS)?;
             replace_table(&read, &write, PENDING)?;
             write.delete_table(RAFT)?;
             let source = read.open_table(RAFT)?;
@@ -759,8 +791,7 @@ impl Store {
                 }
             }
         }
-        write.commit()?;
-        Ok(())
+        self.commit_with_index(write, index)
     }
 
     /// Makes `members` this ledger's Raft membership, recorded at its applied
@@ -789,7 +820,8 @@ impl Store {
         digest_table(&read, ACCOUNTS, &mut hasher)?;
         digest_table(&read, BALANCES, &mut hasher)?;
         digest_table(&read, JOURNAL, &mut hasher)?;
-        digest_table(&read, TX_KEYS, &mut hasher)?;
+        digest_table(&read, TX_KEY_RUNS, &mut hasher)?;
+        digest_table(&read, TX_KEY_CHUNKS, &mut hasher)?;
         digest_table(&read, PENDING, &mut hasher)?;
         digest_table(&read, RAFT, &mut hasher)?;
         Ok(hasher.finalize().into())
@@ -811,7 +843,8 @@ fn write_copy(
         copy_table(read, &write, ACCOUNTS)?;
         copy_table(read, &write, BALANCES)?;
         copy_table(read, &write, JOURNAL)?;
-        copy_table(read, &write, TX_KEYS)?;
+        copy_table(read, &write, TX_KEY_RUNS)?;
+        copy_table(read, &write, TX_KEY_CHUNKS)?;
         copy_table(read, &write, PENDING)?;
         copy_table(read, &write, RAFT)?;
         if let Some(meta) = snapshot {
@@ -1060,10 +1093,22 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
     let accounts = read.open_table(ACCOUNTS)?;
     let balances = read.open_table(BALANCES)?;
     let journal = read.open_table(JOURNAL)?;
-    let tx_keys = read.open_table(TX_KEYS)?;
     let pending = read.open_table(PENDING)?;
 
     let mut report = AuditReport::default();
+    let (indexed, index_problems) = key_index::audit_entries(
+        &read.open_table(TX_KEY_RUNS)?,
+        &read.open_table(TX_KEY_CHUNKS)?,
+    )?;
+    report.problems.extend(index_problems);
+    let mut index: HashMap<u128, u64> = HashMap::with_capacity(indexed.len());
+    for (key, seq) in indexed {
+        if index.insert(key, seq).is_some() {
+            report
+                .problems
+                .push(format!("tx_key {} is indexed twice", TxKey::from_u128(key)));
+        }
+    }
     for row in meta.iter()? {
         let (key, value) = row?;
         if let Err(error) = seal::unseal(META.name(), key.value(), value.value()) {
@@ -1169,16 +1214,12 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
                         outcome.tx_key()
                     ));
                 }
-                match tx_key_get(&tx_keys, key) {
-                    Ok(Some(indexed)) if indexed == seq => {}
-                    Ok(other) => report.problems.push(format!(
+                match index.get(&key) {
+                    Some(indexed) if *indexed == seq => {}
+                    other => report.problems.push(format!(
                         "journal {seq}: tx_key {} indexed at {other:?}",
                         outcome.tx_key()
                     )),
-                    Err(error) if is_damage(&error) => {
-                        report.problems.push(damage_problem(&error));
-                    }
-                    Err(error) => return Err(error),
                 }
                 match outcome {
                     Outcome::Settled(settlement) => {
@@ -1270,16 +1311,12 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
             report.issued
         ));
     }
-    for row in tx_keys.iter()? {
-        let (key, value) = row?;
-        let key = key.value();
-        match seal::unseal_array::<8>(TX_KEYS.name(), key, value.value()) {
-            Ok(_) if !outcome_keys.contains(&key) => report.problems.push(format!(
+    for &key in index.keys() {
+        if !outcome_keys.contains(&key) {
+            report.problems.push(format!(
                 "tx_key {} is indexed but has no outcome in the journal",
                 TxKey::from_u128(key)
-            )),
-            Ok(_) => {}
-            Err(error) => report.problems.push(damage_problem(&error)),
+            ));
         }
     }
     for row in pending.iter()? {
@@ -1433,33 +1470,37 @@ fn balance_put(
 
 /// Outcomes as of one commit ([`Store::outcome_view`]).
 pub struct OutcomeView {
-    tx_keys: redb::ReadOnlyTable<u128, Sealed>,
+    index: KeyIndex,
+    chunks: redb::ReadOnlyTable<u128, Sealed>,
     journal: redb::ReadOnlyTable<u64, Sealed>,
 }
 
 impl OutcomeView {
     /// The final outcome of `tx_key`, if it had one when the view was taken.
     pub fn outcome(&self, tx_key: TxKey) -> Result<Option<Outcome>, StoreError> {
-        match tx_key_get(&self.tx_keys, tx_key.as_u128())? {
+        match self.index.get(&self.chunks, tx_key.as_u128())? {
             Some(seq) => Ok(Some(outcome_at(&self.journal, seq)?)),
             None => Ok(None),
         }
     }
 }
 
-/// The journal sequence of `tx_key`'s outcome.
-fn tx_key_get(
-    tx_keys: &impl ReadableTable<u128, Sealed>,
-    tx_key: u128,
-) -> Result<Option<u64>, StoreError> {
-    match tx_keys.get(tx_key)? {
-        Some(guard) => Ok(Some(u64::from_le_bytes(seal::unseal_array(
-            TX_KEYS.name(),
-            tx_key,
-            guard.value(),
-        )?))),
-        None => Ok(None),
-    }
+/// The `tx_key` index stored in `read`.
+fn load_index(read: &redb::ReadTransaction) -> Result<KeyIndex, StoreError> {
+    KeyIndex::load(
+        &read.open_table(TX_KEY_RUNS)?,
+        &read.open_table(TX_KEY_CHUNKS)?,
+        filter_secret(),
+    )
+}
+
+/// A fresh random seed for the index's filters, from the standard
+/// library's per-process random hasher keys.
+fn filter_secret() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(0x7a9_1ed6e5);
+    hasher.finish()
 }
 
 fn pending_get(
@@ -1548,19 +1589,28 @@ struct Tables<'txn> {
     accounts: redb::Table<'txn, u64, Sealed>,
     balances: redb::Table<'txn, u64, Sealed>,
     journal: redb::Table<'txn, u64, Sealed>,
-    tx_keys: redb::Table<'txn, u128, Sealed>,
+    index: IndexTables<'txn>,
+    /// The `tx_key` index as the transaction has left it so far.
+    key_index: KeyIndex,
     pending: redb::Table<'txn, u128, Sealed>,
     raft: redb::Table<'txn, &'static str, Sealed>,
 }
 
 impl<'txn> Tables<'txn> {
-    fn open(write: &'txn redb::WriteTransaction) -> Result<Tables<'txn>, StoreError> {
+    fn open(
+        write: &'txn redb::WriteTransaction,
+        key_index: KeyIndex,
+    ) -> Result<Tables<'txn>, StoreError> {
         Ok(Tables {
             meta: write.open_table(META)?,
             accounts: write.open_table(ACCOUNTS)?,
             balances: write.open_table(BALANCES)?,
             journal: write.open_table(JOURNAL)?,
-            tx_keys: write.open_table(TX_KEYS)?,
+            index: IndexTables {
+                runs: write.open_table(TX_KEY_RUNS)?,
+                chunks: write.open_table(TX_KEY_CHUNKS)?,
+            },
+            key_index,
             pending: write.open_table(PENDING)?,
             raft: write.open_table(RAFT)?,
         })
@@ -1604,6 +1654,7 @@ impl<'txn> Tables<'txn> {
             touched: HashMap::new(),
             decided_in_batch: HashSet::new(),
             skipped_pending: HashSet::new(),
+            decided: HashMap::new(),
         };
         let commit = meta_get(&batch.tables.meta, META_COMMIT_SEQ)? + 1;
         // Halves that meet their partner inside this batch need never be
@@ -1633,6 +1684,9 @@ struct Batch<'a, 'txn> {
     decided_in_batch: HashSet<TxKey>,
     /// Lone halves of this batch not written because their key is decided in it.
     skipped_pending: HashSet<TxKey>,
+    /// Keys this batch decided, with their journal entries: the index's
+    /// next run.
+    decided: HashMap<u128, u64>,
     journal_next: u64,
     /// The chain link of the newest journal entry.
     journal_head: u128,
@@ -1706,7 +1760,12 @@ impl Batch<'_, '_> {
     }
 
     fn final_outcome(&self, tx_key: TxKey) -> Result<Option<Arc<Outcome>>, StoreError> {
-        match tx_key_get(&self.tables.tx_keys, tx_key.as_u128())? {
+        let key = tx_key.as_u128();
+        let seq = match self.decided.get(&key) {
+            Some(seq) => Some(*seq),
+            None => self.tables.key_index.get(&self.tables.index.chunks, key)?,
+        };
+        match seq {
             Some(seq) => Ok(Some(Arc::new(outcome_at(&self.tables.journal, seq)?))),
             None => Ok(None),
         }
@@ -1787,8 +1846,7 @@ impl Batch<'_, '_> {
         let outcome = Arc::new(outcome);
         let seq = self.append(&JournalEntry::Outcome((*outcome).clone()))?;
         let key = tx_key.as_u128();
-        let sealed = seal::seal(TX_KEYS.name(), key, &seq.to_le_bytes());
-        let older = self.tables.tx_keys.insert(key, sealed.as_slice())?;
+        let older = self.decided.insert(key, seq);
         assert!(
             older.is_none(),
             "tx_key {tx_key} checked to have no outcome"
@@ -1929,7 +1987,14 @@ impl Batch<'_, '_> {
             i128::from(self.issued) - i128::from(issued_before),
             "commit {commit_seq}: balances moved by a different amount than the issuer paid out"
         );
+        let mut run_next = meta_get(&self.tables.meta, META_TX_KEY_RUN_NEXT)?;
+        let decided = self.decided.into_iter().collect();
+        self.tables.key_index =
+            self.tables
+                .key_index
+                .add(&mut self.tables.index, &mut run_next, decided)?;
         let meta = &mut self.tables.meta;
+        meta_put(meta, META_TX_KEY_RUN_NEXT, run_next)?;
         meta_put(meta, META_COMMIT_SEQ, commit_seq)?;
         meta_put(meta, META_JOURNAL_NEXT, self.journal_next)?;
         meta_put(meta, META_ACCOUNT_NEXT, self.account_next)?;

@@ -49,7 +49,14 @@ pub struct LogStore {
     io: StorageIo,
     /// The committed log id openraft last reported, for status reports.
     committed: Arc<std::sync::Mutex<Option<LogId>>>,
+    /// The newest entries appended by this process, exactly as stored: the
+    /// state machine and replication read them back from here instead of
+    /// decoding them again.
+    recent: Arc<std::sync::Mutex<BTreeMap<u64, Entry>>>,
 }
+
+/// Entries [`LogStore`] keeps in memory (a few seconds of commits).
+const RECENT_ENTRIES: usize = 256;
 
 /// A record of the `state` table, sealed with its checksum.
 fn sealed_state<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
@@ -104,6 +111,7 @@ impl LogStore {
             db: Arc::new(crate::store::Handle::new(db)),
             io,
             committed: Arc::default(),
+            recent: Arc::default(),
         })
     }
 
@@ -236,6 +244,24 @@ impl LogStore {
     }
 
     fn entries(&self, range: (Bound<u64>, Bound<u64>)) -> Result<Vec<Entry>, StoreError> {
+        {
+            // The cache holds a contiguous tail of the log: it answers any
+            // range that starts inside it.
+            let recent = self.recent.lock().expect("log cache lock");
+            let start = match range.0 {
+                Bound::Included(start) => Some(start),
+                Bound::Excluded(start) => start.checked_add(1),
+                Bound::Unbounded => Some(0),
+            };
+            if let (Some(start), Some((&first, _))) = (start, recent.first_key_value())
+                && first <= start
+            {
+                return Ok(recent
+                    .range(range)
+                    .map(|(_, entry)| entry.clone())
+                    .collect());
+            }
+        }
         let read = self.db.begin_read()?;
         let log = read.open_table(LOG)?;
         let mut entries = Vec::new();
@@ -278,6 +304,21 @@ impl LogStore {
             }
         }
         write.commit()?;
+        let mut recent = self.recent.lock().expect("log cache lock");
+        for entry in entries {
+            if recent
+                .last_key_value()
+                .is_some_and(|(&last, _)| last + 1 != entry.log_id.index)
+            {
+                // Not the next entry (appending after a gap, or rewriting
+                // one): start the cache afresh from here.
+                recent.clear();
+            }
+            recent.insert(entry.log_id.index, entry);
+        }
+        while recent.len() > RECENT_ENTRIES {
+            recent.pop_first();
+        }
         Ok(())
     }
 
@@ -301,6 +342,10 @@ impl LogStore {
             }
         }
         write.commit()?;
+        self.recent
+            .lock()
+            .expect("log cache lock")
+            .retain(|&index, _| index < from || index > to_inclusive);
         Ok(())
     }
 

@@ -17,6 +17,7 @@ pub mod network;
 pub mod state_machine;
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tapledger_protocol::Timestamp;
@@ -59,7 +60,9 @@ pub struct LedgerEntry {
     pub term: u64,
     /// The leader's clock for the whole batch.
     pub at: Timestamp,
-    pub intents: Vec<Intent>,
+    /// Shared: the log keeps recent entries in memory for applying and
+    /// replicating them, and a clone must not copy every intent.
+    pub intents: Arc<[Intent]>,
 }
 
 /// What applying one log entry did.

@@ -57,7 +57,7 @@ fn ledger_entry(term: u64, index: u64, proposed_in: u64, intents: Vec<Intent>) -
         payload: EntryPayload::Normal(LedgerEntry {
             term: proposed_in,
             at: Timestamp(1_000 + index),
-            intents,
+            intents: intents.into(),
         }),
     }
 }

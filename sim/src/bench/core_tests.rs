@@ -89,6 +89,39 @@ async fn sequential_halves_settle_too() {
         report.render()
     );
     assert_eq!(report.settled, 300, "{}", report.render());
+    // Each second half waited for its first to be durably pending.
+    assert_eq!(report.first_stored_pending, 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_ordered_keys_settle_and_the_table_reads_each_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CoreBenchConfig {
+        payments: 600,
+        accounts: 40,
+        concurrency: 128,
+        dir: Some(dir.path().to_owned()),
+        keys: KeyOrder::TimeOrdered,
+        probe: Duration::from_millis(20),
+        ..CoreBenchConfig::default()
+    };
+    let report = run(&config).await.unwrap();
+    assert_eq!(
+        report.failures(),
+        Vec::<String>::new(),
+        "{}",
+        report.render()
+    );
+    assert_eq!(report.settled, 600);
+    assert!(report.render().contains("keys time-ordered (UUID v7)"));
+    let cpu = report
+        .cpu_us_per_settlement()
+        .expect("thread times on Linux");
+    assert!(cpu > 0.0);
+    let table = in_flight_table(std::slice::from_ref(&report));
+    let row = table.lines().nth(2).expect("one row per run");
+    assert!(row.trim_start().starts_with("128 "), "{table}");
+    assert!(row.ends_with("ok"), "{table}");
 }
 
 #[test]
