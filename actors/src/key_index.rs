@@ -329,13 +329,20 @@ fn read_run(
     Ok(())
 }
 
-/// Every `(key, journal seq)` the stored index holds, for the audit, with
-/// the problems found reading it (a damaged run or chunk, a chunk no run
-/// owns). Reads the tables, not a loaded index.
+/// What the audit reads of the stored index.
+pub(crate) struct IndexAudit {
+    /// Every `(key, journal seq)` found.
+    pub(crate) entries: Vec<(u128, u64)>,
+    /// A damaged run or chunk, a chunk no run owns.
+    pub(crate) problems: Vec<String>,
+}
+
+/// Every entry the stored index holds, for the audit, with the problems
+/// found reading it. Reads the tables, not a loaded index.
 pub(crate) fn audit_entries(
     runs: &impl ReadableTable<u64, Sealed>,
     chunks: &impl ReadableTable<u128, Sealed>,
-) -> Result<(Vec<(u128, u64)>, Vec<String>), StoreError> {
+) -> Result<IndexAudit, StoreError> {
     let mut entries = Vec::new();
     let mut problems = Vec::new();
     let mut owned_chunks: std::collections::BTreeMap<u64, u64> = Default::default();
@@ -370,7 +377,7 @@ pub(crate) fn audit_entries(
             Err(error) => problems.push(error.to_string()),
         }
     }
-    Ok((entries, problems))
+    Ok(IndexAudit { entries, problems })
 }
 
 fn run_info(id: u64, sealed: &[u8]) -> Result<(u8, u64), StoreError> {

@@ -104,9 +104,9 @@ fn merging_keeps_fewer_than_fan_in_runs_per_level() {
     assert_eq!(runs.len().unwrap(), index.run_count() as u64);
     let expected_chunks: u64 = index.runs.iter().map(|run| run.chunks()).sum();
     assert_eq!(chunks.len().unwrap(), expected_chunks);
-    let (entries, problems) = audit_entries(&runs, &chunks).unwrap();
-    assert!(problems.is_empty(), "{problems:?}");
-    assert_eq!(entries.len(), all.len());
+    let audit = audit_entries(&runs, &chunks).unwrap();
+    assert!(audit.problems.is_empty(), "{:?}", audit.problems);
+    assert_eq!(audit.entries.len(), all.len());
 }
 
 #[test]
@@ -155,11 +155,9 @@ fn a_damaged_chunk_stops_the_load_and_a_stray_one_is_an_audit_problem() {
     let read = db.begin_read().unwrap();
     let runs = read.open_table(RUNS).unwrap();
     let chunks = read.open_table(CHUNKS).unwrap();
-    let error = KeyIndex::load(&runs, &chunks, 1)
-        .err()
-        .expect("damage found");
+    let error = KeyIndex::load(&runs, &chunks, 1).expect_err("damage found");
     assert!(matches!(error, StoreError::Damaged { .. }), "{error}");
-    let (_, problems) = audit_entries(&runs, &chunks).unwrap();
+    let problems = audit_entries(&runs, &chunks).unwrap().problems;
     assert_eq!(problems.len(), 2, "{problems:?}");
     assert!(
         problems.iter().any(|problem| problem.contains("checksum")),

@@ -1096,13 +1096,13 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
     let pending = read.open_table(PENDING)?;
 
     let mut report = AuditReport::default();
-    let (indexed, index_problems) = key_index::audit_entries(
+    let indexed = key_index::audit_entries(
         &read.open_table(TX_KEY_RUNS)?,
         &read.open_table(TX_KEY_CHUNKS)?,
     )?;
-    report.problems.extend(index_problems);
-    let mut index: HashMap<u128, u64> = HashMap::with_capacity(indexed.len());
-    for (key, seq) in indexed {
+    report.problems.extend(indexed.problems);
+    let mut index: HashMap<u128, u64> = HashMap::with_capacity(indexed.entries.len());
+    for (key, seq) in indexed.entries {
         if index.insert(key, seq).is_some() {
             report
                 .problems
