@@ -155,6 +155,9 @@ struct Actors {
     live: HashMap<AccountId, Entry>,
     /// Accounts whose actor is being started, with credits settled meanwhile.
     starting: HashMap<AccountId, Vec<Settled>>,
+    /// Set by [`Registry::stop_all`]: an actor started afterwards is stopped
+    /// at once instead of joining the map.
+    closed: bool,
 }
 
 /// The live account actors, by account id.
@@ -226,6 +229,11 @@ impl Registry {
             let mut entries = self.entries();
             let buffered = entries.starting.remove(&account).unwrap_or_default();
             let entry = started?;
+            if entries.closed {
+                entry.actor.stop(None);
+                self.live.fetch_sub(1, Ordering::Relaxed);
+                return Err(LedgerError::Closed);
+            }
             // Credits settled while it started: each carries its commit, so
             // the actor skips those its loaded balance already holds.
             entry.inbox.lock().expect("inbox lock").extend(buffered);
@@ -254,9 +262,12 @@ impl Registry {
                 self.live.fetch_sub(1, Ordering::Relaxed);
                 Ok(Sent::NotLive(returned))
             }
-            Err(other) => Err(LedgerError::Invalid(format!(
-                "account {account} actor: {other}"
-            ))),
+            Err(other) => {
+                entry.inflight.fetch_sub(1, Ordering::AcqRel);
+                Err(LedgerError::Invalid(format!(
+                    "account {account} actor: {other}"
+                )))
+            }
         }
     }
 
@@ -349,6 +360,7 @@ impl Registry {
     pub async fn stop_all(&self) {
         let actors: Vec<ActorRef<AccountMsg>> = {
             let mut entries = self.entries();
+            entries.closed = true;
             self.live.store(0, Ordering::Relaxed);
             entries.live.drain().map(|(_, entry)| entry.actor).collect()
         };

@@ -90,6 +90,12 @@ pub(crate) struct KeyIndex {
     /// Newest first.
     runs: Vec<Arc<Run>>,
     secret: u64,
+    /// The ledger commit (`commit_seq`) this is the index of.
+    pub(crate) commit: u64,
+    /// Why the stored index could not be loaded, on a ledger opened to be
+    /// inspected, audited or replaced despite damage: every lookup fails
+    /// with it.
+    damage: Option<Arc<(String, String, String)>>,
 }
 
 impl std::fmt::Debug for KeyIndex {
@@ -97,6 +103,8 @@ impl std::fmt::Debug for KeyIndex {
         f.debug_struct("KeyIndex")
             .field("keys", &self.len())
             .field("runs", &self.runs.len())
+            .field("commit", &self.commit)
+            .field("damaged", &self.damage.is_some())
             .finish()
     }
 }
@@ -106,14 +114,22 @@ impl KeyIndex {
     /// checked. `secret` seeds the filters.
     pub(crate) fn load(
         runs: &impl ReadableTable<u64, Sealed>,
-        chunks: &impl ReadableTable<u128, Sealed>,
+        chunks: &(impl ReadableTable<u128, Sealed> + redb::ReadableTableMetadata),
         secret: u64,
+        commit: u64,
     ) -> Result<KeyIndex, StoreError> {
         let mut loaded = Vec::new();
+        let stored_chunks = chunks.len()?;
         for row in runs.iter()? {
             let (id, value) = row?;
             let id = id.value();
             let (level, keys) = run_info(id, value.value())?;
+            if keys.div_ceil(CHUNK_KEYS as u64) > stored_chunks {
+                return Err(damaged(
+                    ChunkId { run: id, chunk: 0 },
+                    "more keys than chunks hold",
+                ));
+            }
             let mut filter = Filter::new(keys);
             let mut fences = Vec::new();
             let mut previous: Option<u128> = None;
@@ -150,7 +166,34 @@ impl KeyIndex {
         Ok(KeyIndex {
             runs: loaded,
             secret,
+            commit,
+            damage: None,
         })
+    }
+
+    /// An index that answers every lookup with `error` (a damage error).
+    pub(crate) fn damaged(error: &StoreError, commit: u64) -> KeyIndex {
+        let damage = match error {
+            StoreError::Damaged { table, key, what } => (table.clone(), key.clone(), what.clone()),
+            other => (CHUNKS.name().into(), "?".into(), other.to_string()),
+        };
+        KeyIndex {
+            runs: Vec::new(),
+            secret: 0,
+            commit,
+            damage: Some(Arc::new(damage)),
+        }
+    }
+
+    /// The damage found loading it, if any.
+    pub(crate) fn damage(&self) -> Option<StoreError> {
+        self.damage
+            .as_deref()
+            .map(|(table, key, what)| StoreError::Damaged {
+                table: table.clone(),
+                key: key.clone(),
+                what: what.clone(),
+            })
     }
 
     /// The journal entry of `key`'s outcome, if it has one.
@@ -159,6 +202,9 @@ impl KeyIndex {
         chunks: &impl ReadableTable<u128, Sealed>,
         key: u128,
     ) -> Result<Option<u64>, StoreError> {
+        if let Some(damage) = self.damage() {
+            return Err(damage);
+        }
         let hash = filter_hash(self.secret, key);
         for run in &self.runs {
             if !run.filter.may_contain(hash) {
@@ -213,11 +259,18 @@ impl KeyIndex {
         &self,
         tables: &mut IndexTables<'_>,
         next_run: &mut u64,
+        commit: u64,
         mut new: Vec<(u128, u64)>,
     ) -> Result<KeyIndex, StoreError> {
+        if let Some(damage) = self.damage() {
+            return Err(damage);
+        }
         let mut runs = self.runs.clone();
         if new.is_empty() {
-            return Ok(self.clone());
+            return Ok(KeyIndex {
+                commit,
+                ..self.clone()
+            });
         }
         new.sort_unstable_by_key(|(key, _)| *key);
         runs.insert(0, self.write_run(tables, next_run, 0, &new)?);
@@ -235,10 +288,13 @@ impl KeyIndex {
             // Each run is sorted: the sort merges them.
             entries.sort_unstable_by_key(|(key, _)| *key);
             if let Some(pair) = entries.windows(2).find(|pair| pair[0].0 == pair[1].0) {
-                panic!(
-                    "tx_key {} indexed twice",
-                    tapledger_protocol::TxKey::from_u128(pair[0].0)
-                );
+                // Storage checks a key has no outcome before adding it, so
+                // only a damaged index gets here.
+                return Err(StoreError::Damaged {
+                    table: CHUNKS.name().into(),
+                    key: tapledger_protocol::TxKey::from_u128(pair[0].0).to_string(),
+                    what: "indexed twice".into(),
+                });
             }
             runs = kept;
             runs.push(self.write_run(tables, next_run, level + 1, &entries)?);
@@ -247,6 +303,8 @@ impl KeyIndex {
         Ok(KeyIndex {
             runs,
             secret: self.secret,
+            commit,
+            damage: None,
         })
     }
 
@@ -264,9 +322,18 @@ impl KeyIndex {
         let mut info = [0u8; 9];
         info[0] = level;
         info[1..].copy_from_slice(&keys.to_le_bytes());
-        tables
+        let replaced = tables
             .runs
-            .insert(id, seal::seal(RUNS.name(), id, &info).as_slice())?;
+            .insert(id, seal::seal(RUNS.name(), id, &info).as_slice())?
+            .is_some();
+        if replaced {
+            // The run counter went backwards: the ledger's counters are damaged.
+            return Err(StoreError::Damaged {
+                table: RUNS.name().into(),
+                key: id.describe(),
+                what: "the next run id is already taken".into(),
+            });
+        }
         let mut filter = Filter::new(keys);
         let mut fences = Vec::with_capacity(entries.len().div_ceil(CHUNK_KEYS));
         let mut payload = Vec::with_capacity(CHUNK_KEYS * ENTRY_LEN);
@@ -342,20 +409,29 @@ pub(crate) struct IndexAudit {
 pub(crate) fn audit_entries(
     runs: &impl ReadableTable<u64, Sealed>,
     chunks: &impl ReadableTable<u128, Sealed>,
+    next_run: u64,
 ) -> Result<IndexAudit, StoreError> {
     let mut entries = Vec::new();
     let mut problems = Vec::new();
-    let mut owned_chunks: std::collections::BTreeMap<u64, u64> = Default::default();
+    // Run id -> (its keys, keys found in its chunks).
+    let mut owned: std::collections::BTreeMap<u64, (u64, u64)> = Default::default();
     for row in runs.iter()? {
         let (id, value) = row?;
         let id = id.value();
+        if id >= next_run {
+            problems.push(format!(
+                "tx_key index: run {id} is not below the next run id {next_run}"
+            ));
+        }
         match run_info(id, value.value()) {
             Ok((_, keys)) => {
-                owned_chunks.insert(id, keys.div_ceil(CHUNK_KEYS as u64));
+                owned.insert(id, (keys, 0));
             }
             Err(error) => problems.push(error.to_string()),
         }
     }
+    // Chunks come in key order: by run, then by chunk number.
+    let mut previous: Option<(u64, u128)> = None;
     for row in chunks.iter()? {
         let (key, value) = row?;
         let key = key.value();
@@ -363,18 +439,45 @@ pub(crate) fn audit_entries(
             run: (key >> 64) as u64,
             chunk: key as u64,
         };
-        if owned_chunks
-            .get(&id.run)
-            .is_none_or(|count| id.chunk >= *count)
-        {
+        let Some((keys, found)) = owned
+            .get_mut(&id.run)
+            .filter(|(keys, _)| id.chunk < keys.div_ceil(CHUNK_KEYS as u64))
+        else {
             problems.push(format!("tx_key index: {} belongs to no run", id.describe()));
             continue;
-        }
+        };
+        let expected = (*keys - id.chunk * CHUNK_KEYS as u64).min(CHUNK_KEYS as u64);
         match unseal_chunk(id, value.value()) {
             Ok(bytes) => {
-                entries.extend((0..bytes.len() / ENTRY_LEN).map(|position| entry(bytes, position)))
+                let count = bytes.len() / ENTRY_LEN;
+                if count as u64 != expected {
+                    problems.push(format!(
+                        "tx_key index: {} holds {count} keys where {expected} belong",
+                        id.describe()
+                    ));
+                }
+                *found += count as u64;
+                for position in 0..count {
+                    let (key, seq) = entry(bytes, position);
+                    if previous.is_some_and(|(run, before)| run == id.run && before >= key) {
+                        problems.push(format!("tx_key index: {} keys out of order", id.describe()));
+                    }
+                    previous = Some((id.run, key));
+                    entries.push((key, seq));
+                }
             }
-            Err(error) => problems.push(error.to_string()),
+            Err(error) => {
+                // Counted as whole: the damage is the one problem to name.
+                *found += expected;
+                problems.push(error.to_string());
+            }
+        }
+    }
+    for (run, (keys, found)) in owned {
+        if keys != found {
+            problems.push(format!(
+                "tx_key index: run {run} has {keys} keys but its chunks hold {found}"
+            ));
         }
     }
     Ok(IndexAudit { entries, problems })

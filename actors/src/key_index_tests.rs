@@ -35,11 +35,13 @@ fn fill(db: &Database, secret: u64, commits: usize, seed: u64) -> (KeyIndex, Has
     let mut index = KeyIndex {
         runs: Vec::new(),
         secret,
+        commit: 0,
+        damage: None,
     };
     let mut next_run = 0;
     let mut all = HashMap::new();
     let mut seq = 0;
-    for _ in 0..commits {
+    for commit in 1..=commits as u64 {
         let size = rng.next_u64() % 300;
         let new: Vec<(u128, u64)> = (0..size)
             .map(|_| {
@@ -54,7 +56,7 @@ fn fill(db: &Database, secret: u64, commits: usize, seed: u64) -> (KeyIndex, Has
                 runs: write.open_table(RUNS).unwrap(),
                 chunks: write.open_table(CHUNKS).unwrap(),
             };
-            index.add(&mut tables, &mut next_run, new).unwrap()
+            index.add(&mut tables, &mut next_run, commit, new).unwrap()
         };
         write.commit().unwrap();
     }
@@ -104,9 +106,12 @@ fn merging_keeps_fewer_than_fan_in_runs_per_level() {
     assert_eq!(runs.len().unwrap(), index.run_count() as u64);
     let expected_chunks: u64 = index.runs.iter().map(|run| run.chunks()).sum();
     assert_eq!(chunks.len().unwrap(), expected_chunks);
-    let audit = audit_entries(&runs, &chunks).unwrap();
+    let audit = audit_entries(&runs, &chunks, u64::MAX).unwrap();
     assert!(audit.problems.is_empty(), "{:?}", audit.problems);
     assert_eq!(audit.entries.len(), all.len());
+    // A run counter behind the runs it made is a problem for each run.
+    let behind = audit_entries(&runs, &chunks, 0).unwrap().problems;
+    assert_eq!(behind.len(), index.run_count(), "{behind:?}");
 }
 
 #[test]
@@ -118,8 +123,10 @@ fn an_index_loaded_with_another_secret_answers_the_same() {
         &read.open_table(RUNS).unwrap(),
         &read.open_table(CHUNKS).unwrap(),
         12_345,
+        120,
     )
     .unwrap();
+    assert_eq!(loaded.commit, 120);
     assert_eq!(loaded.len(), all.len() as u64);
     for (&key, &seq) in all.iter().take(5_000) {
         assert_eq!(lookup(&db, &loaded, key), Some(seq));
@@ -155,9 +162,9 @@ fn a_damaged_chunk_stops_the_load_and_a_stray_one_is_an_audit_problem() {
     let read = db.begin_read().unwrap();
     let runs = read.open_table(RUNS).unwrap();
     let chunks = read.open_table(CHUNKS).unwrap();
-    let error = KeyIndex::load(&runs, &chunks, 1).expect_err("damage found");
+    let error = KeyIndex::load(&runs, &chunks, 1, 20).expect_err("damage found");
     assert!(matches!(error, StoreError::Damaged { .. }), "{error}");
-    let problems = audit_entries(&runs, &chunks).unwrap().problems;
+    let problems = audit_entries(&runs, &chunks, u64::MAX).unwrap().problems;
     assert_eq!(problems.len(), 2, "{problems:?}");
     assert!(
         problems.iter().any(|problem| problem.contains("checksum")),

@@ -231,10 +231,11 @@ impl AuditReport {
 #[derive(Debug)]
 pub struct Store {
     db: Handle<Db>,
-    /// The `tx_key` index as of the newest commit. Applying swaps it in
-    /// while holding the lock across the commit, and readers take it with
-    /// their read transaction under the lock, so the two always agree.
-    index: std::sync::RwLock<KeyIndex>,
+    /// The `tx_key` index as of the newest commit, and as of the one
+    /// before: a reader picks the one of its read transaction's commit
+    /// ([`Store::read_with_index`]), so the lock is never held across a
+    /// commit.
+    index: std::sync::Mutex<Indexes>,
 }
 
 /// A redb handle that is leaked rather than closed once a panic went
@@ -444,19 +445,61 @@ impl Store {
 
     /// A store on a ledger's database, its `tx_key` index loaded (every
     /// chunk read and checked).
+    /// A damaged index refuses a writable store; a read-only one (opened
+    /// to be inspected, audited or replaced) opens with an index that
+    /// answers every lookup with the damage, and the audit names it.
     fn on(db: Db) -> Result<Store, StoreError> {
-        let index = refuse_damage(|| load_index(&db.begin_read()?))?;
+        let read_only = matches!(db, Db::ReadOnly { .. });
+        let index = match refuse_damage(|| load_index(&db.begin_read()?)) {
+            Ok(index) => index,
+            Err(error) if read_only && is_damage(&error) => {
+                let commit = db
+                    .begin_read()
+                    .ok()
+                    .and_then(|read| commit_seq_of(&read).ok())
+                    .unwrap_or(0);
+                KeyIndex::damaged(&error, commit)
+            }
+            Err(error) => return Err(error),
+        };
         Ok(Store {
             db: Handle::new(db),
-            index: std::sync::RwLock::new(index),
+            index: std::sync::Mutex::new(Indexes {
+                current: index,
+                previous: None,
+            }),
         })
+    }
+
+    fn indexes(&self) -> std::sync::MutexGuard<'_, Indexes> {
+        // Held only to clone or swap an index: nothing panics inside.
+        self.index
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A read transaction and the `tx_key` index as of the same commit.
     fn read_with_index(&self) -> Result<(redb::ReadTransaction, KeyIndex), StoreError> {
-        let index = self.index.read().expect("index lock");
-        let read = self.db.begin_read()?;
-        Ok((read, index.clone()))
+        for _attempt in 0..10_000 {
+            let read = self.db.begin_read()?;
+            let commit = commit_seq_of(&read)?;
+            let indexes = self.indexes();
+            let found = [Some(&indexes.current), indexes.previous.as_ref()]
+                .into_iter()
+                .flatten()
+                .find(|index| index.commit == commit)
+                .cloned();
+            drop(indexes);
+            match found {
+                Some(index) => return Ok((read, index)),
+                // Committed, not yet swapped in (or two commits went by):
+                // a moment later a new transaction matches.
+                None => std::thread::yield_now(),
+            }
+        }
+        Err(corrupted(
+            "the tx_key index never matched the committed state".into(),
+        ))
     }
 
     /// The integrity check a node runs before it serves, beyond redb's page
@@ -466,6 +509,9 @@ impl Store {
     /// there is one balance per account. It reads the live state, not the
     /// journal's history: [`Store::audit`] checks everything.
     pub fn verify_at_open(&self) -> Result<(), StoreError> {
+        if let Some(damage) = self.indexes().current.damage() {
+            return Err(damage);
+        }
         let read = self.db.begin_read()?;
         refuse_damage(|| verify_tail(&read))
     }
@@ -488,7 +534,7 @@ impl Store {
         write.set_durability(redb::Durability::Immediate)?;
         let mut results = Vec::with_capacity(entries.len());
         let index = {
-            let mut tables = Tables::open(&write, self.index.read().expect("index lock").clone())?;
+            let mut tables = Tables::open(&write, self.indexes().current.clone())?;
             for entry in entries {
                 let result = match &entry.payload {
                     EntryPayload::Blank => EntryResult::default(),
@@ -510,16 +556,17 @@ impl Store {
         Ok(results)
     }
 
-    /// Commits `write`, and makes `index` (as that transaction left it)
-    /// the one readers see, at the same moment.
+    /// Commits `write`, then makes `index` (as that transaction left it)
+    /// the current one.
     fn commit_with_index(
         &self,
         write: redb::WriteTransaction,
         index: KeyIndex,
     ) -> Result<(), StoreError> {
-        let mut current = self.index.write().expect("index lock");
         write.commit()?;
-        *current = index;
+        let mut indexes = self.indexes();
+        let previous = std::mem::replace(&mut indexes.current, index);
+        indexes.previous = Some(previous);
         Ok(())
     }
 
@@ -534,7 +581,7 @@ impl Store {
         let mut write = self.db.begin_write()?;
         write.set_durability(redb::Durability::Immediate)?;
         let (result, index) = {
-            let mut tables = Tables::open(&write, self.index.read().expect("index lock").clone())?;
+            let mut tables = Tables::open(&write, self.indexes().current.clone())?;
             let result = tables.apply_intents(now, intents)?;
             (result, tables.key_index)
         };
@@ -1096,19 +1143,6 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
     let pending = read.open_table(PENDING)?;
 
     let mut report = AuditReport::default();
-    let indexed = key_index::audit_entries(
-        &read.open_table(TX_KEY_RUNS)?,
-        &read.open_table(TX_KEY_CHUNKS)?,
-    )?;
-    report.problems.extend(indexed.problems);
-    let mut index: HashMap<u128, u64> = HashMap::with_capacity(indexed.entries.len());
-    for (key, seq) in indexed.entries {
-        if index.insert(key, seq).is_some() {
-            report
-                .problems
-                .push(format!("tx_key {} is indexed twice", TxKey::from_u128(key)));
-        }
-    }
     for row in meta.iter()? {
         let (key, value) = row?;
         if let Err(error) = seal::unseal(META.name(), key.value(), value.value()) {
@@ -1122,6 +1156,20 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
     report.issued = meta_get(&meta, META_ISSUED)?;
     let account_next: u64 = meta_get(&meta, META_ACCOUNT_NEXT)?;
     let journal_next: u64 = meta_get(&meta, META_JOURNAL_NEXT)?;
+    let indexed = key_index::audit_entries(
+        &read.open_table(TX_KEY_RUNS)?,
+        &read.open_table(TX_KEY_CHUNKS)?,
+        meta_get(&meta, META_TX_KEY_RUN_NEXT)?,
+    )?;
+    report.problems.extend(indexed.problems);
+    let mut index: HashMap<u128, u64> = HashMap::with_capacity(indexed.entries.len());
+    for (key, seq) in indexed.entries {
+        if index.insert(key, seq).is_some() {
+            report
+                .problems
+                .push(format!("tx_key {} is indexed twice", TxKey::from_u128(key)));
+        }
+    }
     if let Err(error) = raft_state_of(&read.open_table(RAFT)?) {
         report.problems.push(damage_problem(&error));
     }
@@ -1491,7 +1539,21 @@ fn load_index(read: &redb::ReadTransaction) -> Result<KeyIndex, StoreError> {
         &read.open_table(TX_KEY_RUNS)?,
         &read.open_table(TX_KEY_CHUNKS)?,
         filter_secret(),
+        commit_seq_of(read)?,
     )
+}
+
+/// The ledger commit `read` sees.
+fn commit_seq_of(read: &redb::ReadTransaction) -> Result<u64, StoreError> {
+    meta_get(&read.open_table(META)?, META_COMMIT_SEQ)
+}
+
+/// The `tx_key` index readers may need: the newest commit's, and the one
+/// before (for a read transaction begun just before the newest commit).
+#[derive(Debug)]
+struct Indexes {
+    current: KeyIndex,
+    previous: Option<KeyIndex>,
 }
 
 /// A fresh random seed for the index's filters, from the standard
@@ -1989,10 +2051,12 @@ impl Batch<'_, '_> {
         );
         let mut run_next = meta_get(&self.tables.meta, META_TX_KEY_RUN_NEXT)?;
         let decided = self.decided.into_iter().collect();
-        self.tables.key_index =
-            self.tables
-                .key_index
-                .add(&mut self.tables.index, &mut run_next, decided)?;
+        self.tables.key_index = self.tables.key_index.add(
+            &mut self.tables.index,
+            &mut run_next,
+            commit_seq,
+            decided,
+        )?;
         let meta = &mut self.tables.meta;
         meta_put(meta, META_TX_KEY_RUN_NEXT, run_next)?;
         meta_put(meta, META_COMMIT_SEQ, commit_seq)?;

@@ -436,3 +436,97 @@ fn audit_names_a_broken_history_head() {
         report.problems
     );
 }
+
+#[test]
+fn every_decided_key_is_found_after_merges_and_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_in(&dir);
+    store
+        .commit_batch(
+            Timestamp(1),
+            &[
+                Intent::OpenAccount(new_account(1_000_000)),
+                Intent::OpenAccount(new_account(0)),
+            ],
+        )
+        .unwrap();
+    // Enough commits for runs to merge two levels up.
+    let commits = (key_index::FAN_IN * key_index::FAN_IN + 3) as u128;
+    for commit in 0..commits {
+        let intents: Vec<Intent> = (0..5)
+            .map(|n| settle((commit * 977 + n) * 0x9e37_79b9_7f4a_7c15, 1, 2, 1))
+            .collect();
+        store.commit_batch(Timestamp(2), &intents).unwrap();
+    }
+    let decided = (commits * 5) as u64;
+    assert_eq!(store.indexes().current.len(), decided);
+    // A replay of a decided key is found already final, not settled twice.
+    let replay = settle(0x9e37_79b9_7f4a_7c15 * 977, 1, 2, 1);
+    let (_, applied) = store.commit_batch(Timestamp(3), &[replay]).unwrap();
+    assert!(matches!(
+        applied[0],
+        Applied::Matched(Committed::AlreadyFinal(_))
+    ));
+    drop(store);
+
+    let store = store_in(&dir);
+    for commit in 0..commits {
+        for n in 0..5 {
+            let key = TxKey::from_u128((commit * 977 + n) * 0x9e37_79b9_7f4a_7c15);
+            assert!(store.outcome(key).unwrap().is_some(), "{key}");
+        }
+    }
+    assert_eq!(store.outcome(TxKey::from_u128(7)).unwrap(), None);
+    let report = store.audit().unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_eq!(report.settlements, decided);
+}
+
+#[test]
+fn a_damaged_index_chunk_refuses_a_writable_open_and_is_named_by_the_audit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.redb");
+    {
+        let store = store_in(&dir);
+        store
+            .commit_batch(
+                Timestamp(1),
+                &[
+                    Intent::OpenAccount(new_account(100)),
+                    Intent::OpenAccount(new_account(0)),
+                ],
+            )
+            .unwrap();
+        store
+            .commit_batch(Timestamp(2), &[settle(42, 1, 2, 10)])
+            .unwrap();
+    }
+    {
+        let db = Database::builder().create(&path).unwrap();
+        let write = db.begin_write().unwrap();
+        {
+            let mut chunks = write.open_table(TX_KEY_CHUNKS).unwrap();
+            let (key, mut bytes) = {
+                let (key, value) = chunks.first().unwrap().unwrap();
+                (key.value(), value.value().to_vec())
+            };
+            let last = bytes.len() - 1;
+            bytes[last] ^= 1;
+            chunks.insert(key, bytes.as_slice()).unwrap();
+        }
+        write.commit().unwrap();
+    }
+    let error = Store::open(&path).expect_err("damage refuses the open");
+    assert!(is_damage(&error), "{error}");
+    let store = Store::open_read_only(&path).expect("inspecting a damaged ledger");
+    assert!(store.outcome(TxKey::from_u128(42)).is_err());
+    let report = store.audit().unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|problem| problem.contains("tx_key_chunks") && problem.contains("checksum")),
+        "{:?}",
+        report.problems
+    );
+}

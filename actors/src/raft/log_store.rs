@@ -55,8 +55,18 @@ pub struct LogStore {
     recent: Arc<std::sync::Mutex<BTreeMap<u64, Entry>>>,
 }
 
-/// Entries [`LogStore`] keeps in memory (a few seconds of commits).
+/// Entries [`LogStore`] keeps in memory (a few seconds of commits)...
 const RECENT_ENTRIES: usize = 256;
+/// ... and intents in them at most (a few full group commits).
+const RECENT_INTENTS: usize = 65_536;
+
+/// Intents an entry carries (its weight in the cache).
+fn intents_in(entry: &Entry) -> usize {
+    match &entry.payload {
+        openraft::EntryPayload::Normal(ledger_entry) => ledger_entry.intents.len(),
+        _ => 0,
+    }
+}
 
 /// A record of the `state` table, sealed with its checksum.
 fn sealed_state<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
@@ -253,13 +263,21 @@ impl LogStore {
                 Bound::Excluded(start) => start.checked_add(1),
                 Bound::Unbounded => Some(0),
             };
+            let end = match range.1 {
+                Bound::Included(end) => Some(end),
+                Bound::Excluded(end) => end.checked_sub(1),
+                Bound::Unbounded => Some(u64::MAX),
+            };
             if let (Some(start), Some((&first, _))) = (start, recent.first_key_value())
                 && first <= start
             {
-                return Ok(recent
-                    .range(range)
-                    .map(|(_, entry)| entry.clone())
-                    .collect());
+                return Ok(match end {
+                    Some(end) if start <= end => recent
+                        .range(start..=end)
+                        .map(|(_, entry)| entry.clone())
+                        .collect(),
+                    _ => Vec::new(),
+                });
             }
         }
         let read = self.db.begin_read()?;
@@ -306,18 +324,26 @@ impl LogStore {
         write.commit()?;
         let mut recent = self.recent.lock().expect("log cache lock");
         for entry in entries {
+            let index = entry.log_id.index;
+            // An entry rewritten in place replaced everything after it on
+            // disk only if openraft truncated first; drop what the cache
+            // holds from there on, in case.
+            drop(recent.split_off(&index));
             if recent
                 .last_key_value()
-                .is_some_and(|(&last, _)| last + 1 != entry.log_id.index)
+                .is_some_and(|(&last, _)| last + 1 != index)
             {
-                // Not the next entry (appending after a gap, or rewriting
-                // one): start the cache afresh from here.
+                // Appending after a gap: the cache must stay a contiguous
+                // tail of the log, so it starts afresh here.
                 recent.clear();
             }
-            recent.insert(entry.log_id.index, entry);
+            recent.insert(index, entry);
         }
-        while recent.len() > RECENT_ENTRIES {
-            recent.pop_first();
+        let mut intents: usize = recent.values().map(intents_in).sum();
+        while recent.len() > 1 && (recent.len() > RECENT_ENTRIES || intents > RECENT_INTENTS) {
+            if let Some((_, oldest)) = recent.pop_first() {
+                intents -= intents_in(&oldest);
+            }
         }
         Ok(())
     }

@@ -1131,7 +1131,6 @@ async fn pay_all(
             break;
         }
         tokio::select! {
-            biased;
             count = reports.recv_many(&mut received, 8_192) => {
                 // The driver holds a sender, so the channel cannot close.
                 debug_assert!(count > 0);
