@@ -114,7 +114,7 @@ impl KeyIndex {
     /// checked. `secret` seeds the filters.
     pub(crate) fn load(
         runs: &impl ReadableTable<u64, Sealed>,
-        chunks: &(impl ReadableTable<u128, Sealed> + redb::ReadableTableMetadata),
+        chunks: &impl ReadableTable<u128, Sealed>,
         secret: u64,
         commit: u64,
     ) -> Result<KeyIndex, StoreError> {
