@@ -378,15 +378,19 @@ impl Store {
     /// [`Overlay`]), and [`Store::verify_at_open`] checks the live state.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let existing = std::fs::metadata(path).is_ok_and(|metadata| metadata.len() > 0);
+        // The index the check loaded (every chunk read) serves the writable
+        // store too: the file is the same, and nothing wrote to it since.
+        let mut checked_index = None;
         if existing {
             let (db, lock) = open_overlay(path)?;
             if check_schema(&db.begin_read()?)?.is_some() {
-                let checked = Store::on(Db::ReadOnly { db, lock })?;
+                let checked = Store::on(Db::ReadOnly { db, lock }, None)?;
                 checked.verify_at_open()?;
+                checked_index = Some(checked.indexes().current.clone());
             }
         }
         let db = refuse_damage(|| Ok(Database::builder().create(path)?))?;
-        Store::init(db, false)
+        Store::init(db, false, checked_index)
     }
 
     /// Opens a ledger on a custom storage backend (tests inject faults this
@@ -397,7 +401,7 @@ impl Store {
                 .set_check_integrity_on_open(true)
                 .create_with_backend(backend)?)
         })?;
-        Store::init(db, true)
+        Store::init(db, true, None)
     }
 
     /// Opens an existing ledger without writing to it, ever: every write
@@ -408,14 +412,14 @@ impl Store {
     pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
         let (db, lock) = open_overlay(path)?;
         check_schema(&db.begin_read()?)?.ok_or(StoreError::NotALedger)?;
-        Store::on(Db::ReadOnly { db, lock })
+        Store::on(Db::ReadOnly { db, lock }, None)
     }
 
     /// A store on `db`, its tables created if it has none; `verify` runs
     /// [`Store::verify_at_open`] on an existing ledger.
-    fn init(db: Database, verify: bool) -> Result<Store, StoreError> {
+    fn init(db: Database, verify: bool, index: Option<KeyIndex>) -> Result<Store, StoreError> {
         if check_schema(&db.begin_read()?)?.is_some() {
-            let store = Store::on(Db::Writable(db))?;
+            let store = Store::on(Db::Writable(db), index)?;
             if verify {
                 store.verify_at_open()?;
             }
@@ -440,7 +444,7 @@ impl Store {
             write.open_table(RAFT)?;
         }
         write.commit()?;
-        Store::on(Db::Writable(db))
+        Store::on(Db::Writable(db), None)
     }
 
     /// A store on a ledger's database, its `tx_key` index loaded (every
@@ -448,9 +452,14 @@ impl Store {
     /// A damaged index refuses a writable store; a read-only one (opened
     /// to be inspected, audited or replaced) opens with an index that
     /// answers every lookup with the damage, and the audit names it.
-    fn on(db: Db) -> Result<Store, StoreError> {
+    /// `loaded` is the index of this very file, already loaded and checked.
+    fn on(db: Db, loaded: Option<KeyIndex>) -> Result<Store, StoreError> {
         let read_only = matches!(db, Db::ReadOnly { .. });
-        let index = match refuse_damage(|| load_index(&db.begin_read()?)) {
+        let loaded = match loaded {
+            Some(index) => Ok(index),
+            None => refuse_damage(|| load_index(&db.begin_read()?)),
+        };
+        let index = match loaded {
             Ok(index) => index,
             Err(error) if read_only && is_damage(&error) => {
                 let commit = db

@@ -42,6 +42,19 @@ fn settle(key: u128, sender: AccountId, receiver: AccountId, amount: u64) -> Int
     })
 }
 
+/// Opens two accounts with these opening balances in one commit (ids 1, 2).
+fn open_two(store: &Store, first: u64, second: u64) {
+    store
+        .commit_batch(
+            Timestamp(1),
+            &[
+                Intent::OpenAccount(new_account(first)),
+                Intent::OpenAccount(new_account(second)),
+            ],
+        )
+        .unwrap();
+}
+
 fn store_in(dir: &tempfile::TempDir) -> Store {
     Store::open(&dir.path().join("ledger.redb")).unwrap()
 }
@@ -176,15 +189,7 @@ fn a_batch_applies_in_order_and_balances_sum_to_issued() {
 fn pending_half_is_skipped_when_decided_in_the_same_batch() {
     let dir = tempfile::tempdir().unwrap();
     let store = store_in(&dir);
-    store
-        .commit_batch(
-            Timestamp(1),
-            &[
-                Intent::OpenAccount(new_account(10)),
-                Intent::OpenAccount(new_account(0)),
-            ],
-        )
-        .unwrap();
+    open_two(&store, 10, 0);
     let Intent::Decide(Decision::Settle { send, .. }) = settle(9, 1, 2, 10) else {
         unreachable!()
     };
@@ -285,15 +290,7 @@ fn invalid_top_ups_change_nothing() {
 fn audit_names_an_account_whose_balance_was_tampered_with() {
     let dir = tempfile::tempdir().unwrap();
     let store = store_in(&dir);
-    store
-        .commit_batch(
-            Timestamp(1),
-            &[
-                Intent::OpenAccount(new_account(50)),
-                Intent::OpenAccount(new_account(50)),
-            ],
-        )
-        .unwrap();
+    open_two(&store, 50, 50);
     {
         let write = store.db.begin_write().unwrap();
         let mut balances = write.open_table(BALANCES).unwrap();
@@ -441,15 +438,7 @@ fn audit_names_a_broken_history_head() {
 fn every_decided_key_is_found_after_merges_and_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let store = store_in(&dir);
-    store
-        .commit_batch(
-            Timestamp(1),
-            &[
-                Intent::OpenAccount(new_account(1_000_000)),
-                Intent::OpenAccount(new_account(0)),
-            ],
-        )
-        .unwrap();
+    open_two(&store, 1_000_000, 0);
     // Enough commits for runs to merge two levels up.
     let commits = (key_index::FAN_IN * key_index::FAN_IN + 3) as u128;
     for commit in 0..commits {
@@ -488,15 +477,7 @@ fn a_damaged_index_chunk_refuses_a_writable_open_and_is_named_by_the_audit() {
     let path = dir.path().join("ledger.redb");
     {
         let store = store_in(&dir);
-        store
-            .commit_batch(
-                Timestamp(1),
-                &[
-                    Intent::OpenAccount(new_account(100)),
-                    Intent::OpenAccount(new_account(0)),
-                ],
-            )
-            .unwrap();
+        open_two(&store, 100, 0);
         store
             .commit_batch(Timestamp(2), &[settle(42, 1, 2, 10)])
             .unwrap();

@@ -5,6 +5,18 @@ use std::time::Duration;
 
 use super::*;
 
+/// Runs the bench and checks it passed its own checks.
+async fn run_clean(config: &CoreBenchConfig) -> CoreBenchReport {
+    let report = run(config).await.unwrap();
+    assert_eq!(
+        report.failures(),
+        Vec::<String>::new(),
+        "{}",
+        report.render()
+    );
+    report
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_run_accounts_for_every_payment_and_passes_the_audit() {
     let dir = tempfile::tempdir().unwrap();
@@ -18,14 +30,7 @@ async fn tiny_run_accounts_for_every_payment_and_passes_the_audit() {
         probe: Duration::from_millis(100),
         ..CoreBenchConfig::default()
     };
-    let report = run(&config).await.unwrap();
-
-    assert_eq!(
-        report.failures(),
-        Vec::<String>::new(),
-        "{}",
-        report.render()
-    );
+    let report = run_clean(&config).await;
     assert!(report.audit.is_ok(), "{:?}", report.audit.problems);
     assert_eq!(report.outcomes_total(), 2_000);
     assert_eq!(
@@ -81,13 +86,7 @@ async fn sequential_halves_settle_too() {
         probe: Duration::from_millis(20),
         ..CoreBenchConfig::default()
     };
-    let report = run(&config).await.unwrap();
-    assert_eq!(
-        report.failures(),
-        Vec::<String>::new(),
-        "{}",
-        report.render()
-    );
+    let report = run_clean(&config).await;
     assert_eq!(report.settled, 300, "{}", report.render());
     // Each second half waited for its first to be durably pending.
     assert_eq!(report.first_stored_pending, 300);
@@ -105,13 +104,7 @@ async fn time_ordered_keys_settle_and_the_table_reads_each_run() {
         probe: Duration::from_millis(20),
         ..CoreBenchConfig::default()
     };
-    let report = run(&config).await.unwrap();
-    assert_eq!(
-        report.failures(),
-        Vec::<String>::new(),
-        "{}",
-        report.render()
-    );
+    let report = run_clean(&config).await;
     assert_eq!(report.settled, 600);
     assert!(report.render().contains("keys time-ordered (UUID v7)"));
     let cpu = report
