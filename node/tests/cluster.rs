@@ -46,6 +46,9 @@ const REPLICAS: usize = 3;
 const ROUNDS_DEFAULT: u64 = 2;
 /// Well above a failover, so that honest halves never expire across one.
 const HALF_TTL_SECS: u64 = 10;
+/// After the last half is sent, every lone half has expired by then: its TTL,
+/// the expiry actor's tick (at most 1 s) and a margin for the commit.
+const LONE_HALVES_EXPIRED: Duration = Duration::from_secs(HALF_TTL_SECS + 3);
 /// Payment loops running at once, each between two accounts of its own.
 const PAYERS: usize = 4;
 const ACCOUNTS: usize = PAYERS * 2;
@@ -797,10 +800,16 @@ async fn the_leader_killed_at_random_moments_loses_nothing_anyone_heard() {
     }
 
     let _ = stop.send(true);
+    let stopped_at = Instant::now();
     let mut phones = Vec::new();
     for payer in payers {
         phones.push(within(payer).await.expect("payer"));
     }
+    // A half whose partner was lost with a killed leader stays pending until
+    // it expires, and its expiry is a log entry the leader appends on its
+    // own: let every such half expire first, so that no entry is committed
+    // while the replicas are being stopped one by one.
+    tokio::time::sleep_until((stopped_at + LONE_HALVES_EXPIRED).into()).await;
     // Wait until every replica, the restarted ones included, has applied
     // what the leader has; then stop everything.
     wait_converged(&replicas, || logs(&replicas)).await;
