@@ -28,7 +28,7 @@ use tokio::sync::Mutex;
 
 use crate::core::book::AccountBook;
 use crate::error::LedgerError;
-use crate::matcher::MatcherMsg;
+use crate::matcher::{Reservation, ReservedInbox};
 use crate::store::Store;
 
 /// How long a retiring actor may take to stop before shutdown moves on.
@@ -39,7 +39,7 @@ pub enum AccountMsg {
     Reserve {
         tx_key: TxKey,
         amount: u64,
-        reply_to: ActorRef<MatcherMsg>,
+        reply_to: Arc<ReservedInbox>,
     },
     /// Live (balance, reserved).
     Inspect(RpcReplyPort<(u64, u64)>),
@@ -102,11 +102,9 @@ impl Actor for AccountActor {
                 reply_to,
             } => {
                 let result = state.book.reserve(amount);
-                let sender = state.book.account;
-                // A matcher that is gone is shutting down: the reservation dies with the process state.
-                let _ = reply_to.send_message(MatcherMsg::Reserved {
+                reply_to.answer(Reservation {
                     tx_key,
-                    sender,
+                    sender: state.book.account,
                     amount,
                     result,
                 });
@@ -278,7 +276,29 @@ impl Registry {
     /// it (it may have read its balance just before the credit applied).
     /// False if nobody took it.
     pub fn settle(&self, account: AccountId, settled: Settled) -> bool {
+        Self::settle_in(&mut self.entries(), account, settled)
+    }
+
+    /// [`Self::settle`] for each of `settled`, in order and under one lock;
+    /// empties `settled` and returns those nobody took but should have (a
+    /// debit or release for an account with no live actor).
+    pub fn settle_many(
+        &self,
+        settled: &mut Vec<(AccountId, Settled)>,
+    ) -> Vec<(AccountId, Settled)> {
         let mut entries = self.entries();
+        let mut lost = Vec::new();
+        for (account, settled) in settled.drain(..) {
+            if !Self::settle_in(&mut entries, account, settled)
+                && !matches!(settled, Settled::Credit { .. })
+            {
+                lost.push((account, settled));
+            }
+        }
+        lost
+    }
+
+    fn settle_in(entries: &mut Actors, account: AccountId, settled: Settled) -> bool {
         if let Some(entry) = entries.live.get(&account) {
             entry.inbox.lock().expect("inbox lock").push(settled);
             return true;

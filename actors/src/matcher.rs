@@ -191,12 +191,8 @@ pub enum MatcherMsg {
     Submit(Submit),
     /// Several halves at once, handled in order.
     SubmitMany(Vec<Submit>),
-    Reserved {
-        tx_key: TxKey,
-        sender: AccountId,
-        amount: u64,
-        result: Result<(), u64>,
-    },
+    /// Account actors left answers in the shard's [`ReservedInbox`].
+    Reserved,
     Committed {
         commit: u64,
         results: MatcherResults,
@@ -207,6 +203,60 @@ pub enum MatcherMsg {
     },
     /// (keys in flight, lone halves).
     Stats(oneshot::Sender<(usize, usize)>),
+}
+
+/// An account actor's answer to [`Effect::Reserve`].
+#[derive(Debug)]
+pub struct Reservation {
+    pub tx_key: TxKey,
+    pub sender: AccountId,
+    pub amount: u64,
+    /// `Err(balance)`: the sender cannot cover `amount`.
+    pub result: Result<(), u64>,
+}
+
+/// Reservation answers on their way to one matcher shard. Account actors
+/// answer into this queue rather than each sending a message: the answer
+/// that finds the queue empty wakes the matcher ([`MatcherMsg::Reserved`]),
+/// which then takes every answer queued by the time it runs, so a busy
+/// matcher handles one message per batch of answers, not one per answer.
+pub struct ReservedInbox {
+    queue: std::sync::Mutex<Vec<Reservation>>,
+    matcher: ActorRef<MatcherMsg>,
+}
+
+impl ReservedInbox {
+    fn new(matcher: ActorRef<MatcherMsg>) -> ReservedInbox {
+        ReservedInbox {
+            queue: std::sync::Mutex::new(Vec::new()),
+            matcher,
+        }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<Reservation>> {
+        // Nothing panics while holding the lock (a push or a swap).
+        self.queue.lock().expect("reserved inbox lock")
+    }
+
+    /// Queues `answer`, waking the matcher if nothing else was queued.
+    pub fn answer(&self, answer: Reservation) {
+        let wake = {
+            let mut queue = self.queue();
+            queue.push(answer);
+            queue.len() == 1
+        };
+        if wake {
+            // A matcher that is gone is shutting down: the reservation dies with the process state.
+            let _ = self.matcher.send_message(MatcherMsg::Reserved);
+        }
+    }
+
+    /// Every answer queued so far, in order; `empty` (cleared) takes their place.
+    fn take(&self, mut empty: Vec<Reservation>) -> Vec<Reservation> {
+        debug_assert!(empty.is_empty());
+        std::mem::swap(&mut *self.queue(), &mut empty);
+        empty
+    }
 }
 
 pub struct MatcherActor;
@@ -225,6 +275,12 @@ pub struct MatcherArgs {
 
 pub struct MatcherState {
     shard: usize,
+    /// Where account actors answer this shard's reservations.
+    reserved: Arc<ReservedInbox>,
+    /// The inbox's previous buffer, kept for its capacity.
+    spare: Vec<Reservation>,
+    /// Settled money not yet left in the account actors' inboxes.
+    settling: Vec<(AccountId, Settled)>,
     core: Matcher<Reply>,
     commit_queue: mpsc::Sender<Job>,
     registry: Arc<Registry>,
@@ -244,7 +300,7 @@ impl Actor for MatcherActor {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<MatcherMsg>,
+        myself: ActorRef<MatcherMsg>,
         args: MatcherArgs,
     ) -> Result<MatcherState, ActorProcessingErr> {
         let mut core = Matcher::sharing(args.config, args.pending_counts);
@@ -253,6 +309,9 @@ impl Actor for MatcherActor {
         }
         Ok(MatcherState {
             shard: args.shard,
+            reserved: Arc::new(ReservedInbox::new(myself)),
+            spare: Vec::new(),
+            settling: Vec::new(),
             core,
             commit_queue: args.commit_queue,
             registry: args.registry,
@@ -264,45 +323,55 @@ impl Actor for MatcherActor {
 
     async fn handle(
         &self,
-        myself: ActorRef<MatcherMsg>,
+        _myself: ActorRef<MatcherMsg>,
         message: MatcherMsg,
         state: &mut MatcherState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
             MatcherMsg::Submit(submit) => {
                 let now = state.clock.now();
-                state.submit(&myself, now, submit).await;
+                state.submit(now, submit).await;
             }
             MatcherMsg::SubmitMany(submits) => {
                 let now = state.clock.now();
                 for submit in submits {
-                    state.submit(&myself, now, submit).await;
+                    state.submit(now, submit).await;
                 }
             }
-            MatcherMsg::Reserved {
-                tx_key,
-                sender,
-                amount,
-                result,
-            } => {
-                let effects = state.core.on_reserved(tx_key, sender, amount, result);
-                state.carry_out(&myself, effects).await;
+            MatcherMsg::Reserved => {
+                let mut answers = state.reserved.take(std::mem::take(&mut state.spare));
+                for answer in answers.drain(..) {
+                    let Reservation {
+                        tx_key,
+                        sender,
+                        amount,
+                        result,
+                    } = answer;
+                    let effects = state.core.on_reserved(tx_key, sender, amount, result);
+                    state.carry_out(effects).await;
+                }
+                state.spare = answers;
             }
             MatcherMsg::Committed { commit, results } => {
                 state.outcomes = state.store.outcome_view().ok();
+                let mut told = Vec::with_capacity(results.len());
                 for (tx_key, persisted, result) in results {
                     let (effects, answers) =
                         state.core.on_committed(tx_key, persisted, commit, result);
-                    // Debits and credits reach the account actors before anyone hears
-                    // the outcome, so money just received is spendable at once.
-                    state.carry_out(&myself, effects).await;
+                    state.carry_out(effects).await;
+                    told.push(answers);
+                }
+                // Debits and credits reach the account actors before anyone hears
+                // the outcome, so money just received is spendable at once.
+                state.flush_settled();
+                for answers in told {
                     answers.deliver();
                 }
             }
             MatcherMsg::ExpireDue { done } => {
                 let effects = state.core.expire_due(state.clock.now());
                 let expired = effects.len();
-                state.carry_out(&myself, effects).await;
+                state.carry_out(effects).await;
                 if let Some(done) = done {
                     let _ = done.send(expired);
                 }
@@ -311,12 +380,13 @@ impl Actor for MatcherActor {
                 let _ = reply.send((state.core.keys_in_flight(), state.core.lone_halves()));
             }
         }
+        state.flush_settled();
         Ok(())
     }
 }
 
 impl MatcherState {
-    async fn submit(&mut self, myself: &ActorRef<MatcherMsg>, now: Timestamp, submit: Submit) {
+    async fn submit(&mut self, now: Timestamp, submit: Submit) {
         let Submit {
             context,
             half,
@@ -331,10 +401,10 @@ impl MatcherState {
             found.ok().flatten().map(Arc::new)
         };
         let effects = self.core.submit(now, &context, half, waiter, decided);
-        self.carry_out(myself, effects).await;
+        self.carry_out(effects).await;
     }
 
-    async fn carry_out(&mut self, myself: &ActorRef<MatcherMsg>, effects: Vec<Effect>) {
+    async fn carry_out(&mut self, effects: Vec<Effect>) {
         for effect in effects {
             match effect {
                 Effect::StorePending(pending) => {
@@ -364,10 +434,11 @@ impl MatcherState {
                     sender,
                     amount,
                 } => {
+                    self.flush_settled();
                     let message = AccountMsg::Reserve {
                         tx_key,
                         amount,
-                        reply_to: myself.clone(),
+                        reply_to: self.reserved.clone(),
                     };
                     if let Err(error) = self.registry.send(sender, message).await {
                         tracing::error!(%error, %tx_key, sender, "reservation could not be asked for");
@@ -386,18 +457,15 @@ impl MatcherState {
                     account,
                     amount,
                     commit,
-                } => self.settle(account, Settled::Debit { amount, commit }),
+                } => self.settled(account, Settled::Debit { amount, commit }),
                 Effect::Release { account, amount } => {
-                    self.settle(account, Settled::Release { amount })
+                    self.settled(account, Settled::Release { amount })
                 }
                 Effect::Credit {
                     account,
                     amount,
                     commit,
-                } => {
-                    self.registry
-                        .settle(account, Settled::Credit { amount, commit });
-                }
+                } => self.settled(account, Settled::Credit { amount, commit }),
             }
         }
     }
@@ -418,15 +486,28 @@ impl MatcherState {
                     .on_committed(tx_key, persisted, 0, Err(LedgerError::Closed));
             for effect in effects {
                 if let Effect::Release { account, amount } = effect {
-                    self.settle(account, Settled::Release { amount });
+                    self.settled(account, Settled::Release { amount });
                 }
             }
             answers.deliver();
         }
     }
 
-    fn settle(&self, account: AccountId, settled: Settled) {
-        if !self.registry.settle(account, settled) {
+    /// Queues what a commit settled for `account`; [`Self::flush_settled`]
+    /// hands the queue to the account actors in one registry lock.
+    fn settled(&mut self, account: AccountId, settled: Settled) {
+        self.settling.push((account, settled));
+    }
+
+    /// Leaves every queued settlement in its account actor's inbox. Called
+    /// before a reservation is asked for (so the account decides on money
+    /// settled before it), before outcomes are told (so money just received
+    /// is spendable at once) and at the end of every message.
+    fn flush_settled(&mut self) {
+        if self.settling.is_empty() {
+            return;
+        }
+        for (account, settled) in self.registry.settle_many(&mut self.settling) {
             // Debits and releases are for an actor that holds a reservation,
             // so it is live: only a broken invariant gets here.
             tracing::error!(account, ?settled, "account actor unreachable");
