@@ -138,12 +138,33 @@ impl JournalEntry {
     /// The accounts whose money this entry moved, in a fixed order (funding:
     /// the account; settlement: sender, receiver; rejection: none).
     pub fn moved_accounts(&self) -> Vec<AccountId> {
+        let entry = match self {
+            JournalEntry::Funding(funding) => JournalEntryRef::Funding(funding),
+            JournalEntry::Outcome(outcome) => JournalEntryRef::Outcome(outcome),
+        };
+        let (accounts, count) = entry.moved_accounts();
+        accounts[..count].to_vec()
+    }
+}
+
+/// The borrowed form of [`JournalEntry`] for encoding (same MessagePack
+/// shape), so that appending an outcome copies nothing.
+#[derive(Clone, Copy, Serialize)]
+#[serde(rename = "JournalEntry")]
+enum JournalEntryRef<'a> {
+    Funding(&'a Funding),
+    Outcome(&'a Outcome),
+}
+
+impl JournalEntryRef<'_> {
+    /// [`JournalEntry::moved_accounts`]: the first `count` of the array.
+    fn moved_accounts(self) -> ([AccountId; 2], usize) {
         match self {
-            JournalEntry::Funding(funding) => vec![funding.account],
-            JournalEntry::Outcome(Outcome::Settled(settlement)) => {
-                vec![settlement.sender(), settlement.receiver()]
+            JournalEntryRef::Funding(funding) => ([funding.account, 0], 1),
+            JournalEntryRef::Outcome(Outcome::Settled(settlement)) => {
+                ([settlement.sender(), settlement.receiver()], 2)
             }
-            JournalEntry::Outcome(Outcome::Rejected(_)) => Vec::new(),
+            JournalEntryRef::Outcome(Outcome::Rejected(_)) => ([0, 0], 0),
         }
     }
 }
@@ -161,7 +182,7 @@ struct StoredEntry {
 /// The borrowed form of [`StoredEntry`] for encoding (same MessagePack shape).
 #[derive(Serialize)]
 struct StoredEntryRef<'a> {
-    entry: &'a JournalEntry,
+    entry: JournalEntryRef<'a>,
     previous: &'a [Option<u64>],
 }
 
@@ -1793,20 +1814,21 @@ impl Batch<'_, '_> {
     }
 
     /// Appends `entry`, linking it into the history of each account it moves.
-    fn append(&mut self, entry: &JournalEntry) -> Result<u64, StoreError> {
+    fn append(&mut self, entry: JournalEntryRef<'_>) -> Result<u64, StoreError> {
         let seq = self.journal_next;
         self.journal_next += 1;
-        let mut previous = Vec::with_capacity(2);
-        for account in entry.moved_accounts() {
+        let mut previous = [None; 2];
+        let (accounts, moved) = entry.moved_accounts();
+        for (account, previous) in accounts[..moved].iter().zip(&mut previous) {
             let touched = self
                 .touched
-                .get_mut(&account)
+                .get_mut(account)
                 .expect("moved accounts were read first");
-            previous.push(touched.last_seq.replace(seq));
+            *previous = touched.last_seq.replace(seq);
         }
         let stored = StoredEntryRef {
             entry,
-            previous: &previous,
+            previous: &previous[..moved],
         };
         let encoded = encode(&stored)?;
         let link = seal::chain_link(self.journal_head, seq, &encoded);
@@ -1915,7 +1937,7 @@ impl Batch<'_, '_> {
             }
         };
         let outcome = Arc::new(outcome);
-        let seq = self.append(&JournalEntry::Outcome((*outcome).clone()))?;
+        let seq = self.append(JournalEntryRef::Outcome(&outcome))?;
         let key = tx_key.as_u128();
         let older = self.decided.insert(key, seq);
         assert!(
@@ -2005,7 +2027,7 @@ impl Batch<'_, '_> {
             balance_before: 0,
             at: self.now,
         };
-        self.append(&JournalEntry::Funding(funding))?;
+        self.append(JournalEntryRef::Funding(&funding))?;
         Ok(Applied::AccountOpened(id))
     }
 
@@ -2032,7 +2054,7 @@ impl Batch<'_, '_> {
             balance_before: before,
             at: self.now,
         };
-        self.append(&JournalEntry::Funding(funding))?;
+        self.append(JournalEntryRef::Funding(&funding))?;
         Ok(Applied::ToppedUp { balance: after })
     }
 

@@ -6,6 +6,7 @@
 //! in `tapledger-actors`.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -136,7 +137,8 @@ pub struct SendHalf {
     pub sender_id: AccountId,
     /// Minor units; must be 1 ..= the node's `max_amount`.
     pub amount: u64,
-    pub device_os: String,
+    /// Shared, not copied, as the half travels through the ledger.
+    pub device_os: Arc<str>,
     /// The phone's own clock in milliseconds since the epoch; recorded, never trusted.
     pub client_time: u64,
 }
@@ -149,7 +151,8 @@ pub struct ReceiveHalf {
     pub receiver_id: AccountId,
     pub expected_sender_id: AccountId,
     pub expected_amount: u64,
-    pub device_os: String,
+    /// Shared, not copied, as the half travels through the ledger.
+    pub device_os: Arc<str>,
     /// The phone's own clock in milliseconds since the epoch; recorded, never trusted.
     pub client_time: u64,
 }

@@ -44,7 +44,7 @@ pub fn example_send_half() -> SendHalf {
         tx_key: EXAMPLE_TX_KEY,
         sender_id: EXAMPLE_SENDER,
         amount: EXAMPLE_AMOUNT,
-        device_os: "ios".to_owned(),
+        device_os: "ios".into(),
         client_time: 1_700_000_000_000,
     }
 }
@@ -55,7 +55,7 @@ pub fn example_receive_half() -> ReceiveHalf {
         receiver_id: EXAMPLE_RECEIVER,
         expected_sender_id: EXAMPLE_SENDER,
         expected_amount: EXAMPLE_AMOUNT,
-        device_os: "android".to_owned(),
+        device_os: "android".into(),
         client_time: 1_700_000_000_150,
     }
 }

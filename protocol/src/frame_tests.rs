@@ -252,7 +252,7 @@ fn unknown_type_is_told_apart_from_a_broken_known_type() {
 #[test]
 fn a_field_over_its_limit_is_invalid_and_keeps_the_request_id() {
     let mut half = example_send_half();
-    half.device_os = "x".repeat(crate::STRING_BYTES_MAX + 1);
+    half.device_os = "x".repeat(crate::STRING_BYTES_MAX + 1).into();
     let frame = encode_frame_to_vec(&ClientMessage::SubmitHalf {
         request_id: 41,
         half: Half::Send(half),
@@ -429,7 +429,7 @@ fn send_half() -> impl Strategy<Value = SendHalf> {
             tx_key,
             sender_id,
             amount,
-            device_os,
+            device_os: device_os.into(),
             client_time,
         },
     )
@@ -451,7 +451,7 @@ fn receive_half() -> impl Strategy<Value = ReceiveHalf> {
                     receiver_id,
                     expected_sender_id,
                     expected_amount,
-                    device_os,
+                    device_os: device_os.into(),
                     client_time,
                 }
             },

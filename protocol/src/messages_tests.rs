@@ -14,7 +14,7 @@ use crate::{Rejection, TxKey};
 
 fn submit_with_device_os(device_os: &str) -> ClientMessage {
     let mut half = crate::examples::example_send_half();
-    half.device_os = device_os.to_owned();
+    half.device_os = device_os.into();
     ClientMessage::SubmitHalf {
         request_id: 1,
         half: Half::Send(half),
@@ -362,8 +362,8 @@ fn the_largest_messages_fit_in_a_frame() {
 
     // An outcome report with the longest strings.
     let mut settlement = example_settlement();
-    settlement.send.half.device_os = "s".repeat(STRING_BYTES_MAX);
-    settlement.receive.half.device_os = "r".repeat(STRING_BYTES_MAX);
+    settlement.send.half.device_os = "s".repeat(STRING_BYTES_MAX).into();
+    settlement.receive.half.device_os = "r".repeat(STRING_BYTES_MAX).into();
     let mut report = OutcomeReport::for_party(&Outcome::Settled(settlement), 1);
     report.explanation = "x".repeat(EXPLANATION_BYTES_MAX);
     let outcome = NodeMessage::Outcome {

@@ -158,7 +158,7 @@ fn send_with_os(tx_key: TxKey, sender_id: AccountId, amount: u64, device_os: Str
         tx_key,
         sender_id,
         amount,
-        device_os,
+        device_os: device_os.into(),
         client_time: 0,
     })
 }
@@ -392,7 +392,7 @@ async fn over_long_strings_get_1003_or_1002_with_short_answers() {
                 receiver_id: mallory,
                 expected_sender_id: 1,
                 expected_amount: 5,
-                device_os: "x".repeat(65),
+                device_os: "x".repeat(65).into(),
                 client_time: 0,
             }),
         },

@@ -756,7 +756,9 @@ impl Harness {
                         let mut half = send.half.clone();
                         match alter {
                             Alter::Amount => half.amount += 1,
-                            Alter::DeviceOs => half.device_os.push_str(" beta"),
+                            Alter::DeviceOs => {
+                                half.device_os = format!("{} beta", half.device_os).into()
+                            }
                             Alter::ClientTime => half.client_time ^= 1,
                         }
                         Half::Send(half)
@@ -765,7 +767,9 @@ impl Harness {
                         let mut half = receive.half.clone();
                         match alter {
                             Alter::Amount => half.expected_amount += 1,
-                            Alter::DeviceOs => half.device_os.push_str(" beta"),
+                            Alter::DeviceOs => {
+                                half.device_os = format!("{} beta", half.device_os).into()
+                            }
                             Alter::ClientTime => half.client_time ^= 1,
                         }
                         Half::Receive(half)

@@ -150,7 +150,7 @@ async fn a_field_outside_its_limits_gets_1003_with_the_request_id() {
             tx_key: key,
             sender_id: alice,
             amount: 1,
-            device_os,
+            device_os: device_os.into(),
             client_time: 0,
         })
     };

@@ -291,7 +291,7 @@ impl Swarm {
             tx_key: payment.tx_key,
             sender_id: sender.account.id,
             amount: payment.amount,
-            device_os: sender.device_os.to_owned(),
+            device_os: sender.device_os.into(),
             client_time: client_time_ms(),
         })
     }
@@ -303,7 +303,7 @@ impl Swarm {
             receiver_id: receiver.account.id,
             expected_sender_id: self.phones[payment.expected_sender as usize].account.id,
             expected_amount: payment.expected_amount,
-            device_os: receiver.device_os.to_owned(),
+            device_os: receiver.device_os.into(),
             client_time: client_time_ms(),
         })
     }
