@@ -370,20 +370,13 @@ async fn expiry_uses_node_time_not_client_time() {
     let (alice, bob) = (ids[0], ids[1]);
     let past_key = TxKey::new_random();
     let past = Half::Send(SendHalf {
-        tx_key: past_key,
-        sender_id: alice,
-        amount: 10,
-        device_os: "ios 18".into(),
         client_time: 0,
+        ..send_half(past_key, alice, 10)
     });
     let future_key = TxKey::new_random();
     let future = Half::Receive(ReceiveHalf {
-        tx_key: future_key,
-        receiver_id: bob,
-        expected_sender_id: alice,
-        expected_amount: 10,
-        device_os: "android 15".into(),
         client_time: u64::MAX,
+        ..receive_half(future_key, bob, alice, 10)
     });
     let past_ticket = submit_pending(&ledger, alice, past).await;
     let future_ticket = submit_pending(&ledger, bob, future).await;
