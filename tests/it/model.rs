@@ -277,7 +277,8 @@ enum Expect {
     Refused(RejectCode),
 }
 
-/// Balances, keys and counters as the spec says they must be.
+/// Balances, keys and counters as the rules say they must be (README, "Rules
+/// in one screen").
 #[derive(Debug)]
 struct Model {
     now: Timestamp,
