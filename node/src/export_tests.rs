@@ -5,8 +5,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tapledger_actors::{Ledger, LedgerConfig, ManualClock, NewAccount, Resolution};
-use tapledger_protocol::{Half, ReceiveHalf, SendHalf, TxKey};
+use tapledger_actors::{Ledger, LedgerConfig, ManualClock, Resolution};
+use tapledger_protocol::{Half, TxKey};
+// The kit's protocol and actors layer only: its `wire` helpers name
+// `tapledger_node` types, which are not this crate's own types here.
+use tapledger_test_kit::{new_account_at, receive, send};
 
 use super::*;
 
@@ -21,42 +24,6 @@ pub(crate) struct Sample {
     pub mismatched: TxKey,
     pub overdrawn: TxKey,
     pub expired: TxKey,
-}
-
-fn account(bank: &str, opening_balance: u64) -> NewAccount {
-    NewAccount {
-        account_type: "checking".into(),
-        bank_name: bank.into(),
-        salt: vec![7; 16],
-        key_hash: vec![9; 64],
-        opening_balance,
-    }
-}
-
-fn send(tx_key: TxKey, sender_id: AccountId, amount: u64) -> Half {
-    Half::Send(SendHalf {
-        tx_key,
-        sender_id,
-        amount,
-        device_os: "ios 18".into(),
-        client_time: 1_700_000_000_000,
-    })
-}
-
-fn receive(
-    tx_key: TxKey,
-    receiver_id: AccountId,
-    expected_sender_id: AccountId,
-    expected_amount: u64,
-) -> Half {
-    Half::Receive(ReceiveHalf {
-        tx_key,
-        receiver_id,
-        expected_sender_id,
-        expected_amount,
-        device_os: "android 15".into(),
-        client_time: 1_700_000_000_001,
-    })
 }
 
 /// Submits both halves, each by its own party, and returns the outcome.
@@ -78,10 +45,13 @@ pub(crate) async fn sample_ledger(path: &Path) -> Sample {
     config.half_ttl = Duration::from_secs(30);
     let ledger = Ledger::open(config).await.expect("open ledger");
     let alice = ledger
-        .open_account(account("North Bank", 1_000))
+        .open_account(new_account_at("North Bank", 1_000))
         .await
         .unwrap();
-    let bob = ledger.open_account(account("South Bank", 0)).await.unwrap();
+    let bob = ledger
+        .open_account(new_account_at("South Bank", 0))
+        .await
+        .unwrap();
     let sample = Sample {
         alice,
         bob,

@@ -21,10 +21,9 @@
 //! `TAPLEDGER_SEED` repeats a run's random choices.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -33,11 +32,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tapledger_actors::Store;
 use tapledger_actors::raft::LogId;
-use tapledger_node::init::load_admin_credential;
 use tapledger_node::{
     ApiCredentials, ClientEndpoint, ClientError, HalfAnswer, Phone, ReplicaAddress, Submitted,
 };
-use tapledger_protocol::{AccountId, Half, OutcomeReport, ReceiveHalf, Secret, SendHalf, TxKey};
+use tapledger_protocol::{AccountId, Half, OutcomeReport, Secret, TxKey};
+use tapledger_test_kit::process::{self, NodeProcess};
+use tapledger_test_kit::{receive, send, wire, within_for};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tapledger-node");
 /// Upper bound on any one wait.
@@ -58,9 +58,7 @@ const OPENING_BALANCE: u64 = 1_000_000;
 const SMALL_SNAPSHOTS: &[&str] = &["--snapshot-after-entries", "16"];
 
 async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, future)
-        .await
-        .expect("timed out waiting")
+    within_for(WAIT, future).await
 }
 
 fn seed() -> u64 {
@@ -76,62 +74,15 @@ fn seed() -> u64 {
 }
 
 fn command(data: &Path) -> Command {
-    let mut command = Command::new(BIN);
-    for (name, _) in std::env::vars() {
-        if name.starts_with("TAPLEDGER_") || name == "RUST_LOG" {
-            command.env_remove(name);
-        }
-    }
+    let mut command = process::command(BIN);
     command.arg("--data").arg(data);
     command
 }
 
 /// Runs `command` to its end, or kills it after [`WAIT`]; `None` when it
 /// could not run or did not end in time.
-fn output_within(mut command: Command) -> Option<Output> {
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .ok()?;
-    let pid = child.id();
-    let (done, output) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = done.send(child.wait_with_output());
-    });
-    match output.recv_timeout(WAIT) {
-        Ok(output) => output.ok(),
-        Err(_) => {
-            // SAFETY: signalling our own child, not reaped yet (the thread
-            // waiting on it is still blocked), so the pid is still its own.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            None
-        }
-    }
-}
-
-fn run_ok(command: Command, what: &str) -> String {
-    let output = output_within(command)
-        .unwrap_or_else(|| panic!("{what}: did not run or did not end within {WAIT:?}"));
-    assert!(
-        output.status.success(),
-        "{what} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// Loopback addresses nobody listens on (a port the OS handed out and that
-/// was released again).
-fn free_addrs(count: usize) -> Vec<SocketAddr> {
-    let sockets: Vec<std::net::UdpSocket> = (0..count)
-        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    sockets
-        .iter()
-        .map(|socket| socket.local_addr().expect("address"))
-        .collect()
+fn output_within(command: Command) -> Option<Output> {
+    process::output_within(command, WAIT)
 }
 
 /// One replica's files and addresses.
@@ -145,7 +96,7 @@ struct Replica {
     http: Option<String>,
     /// Further options for `run`.
     run_args: Vec<String>,
-    process: Option<Child>,
+    process: Option<NodeProcess>,
 }
 
 /// What `tapledger-node status` says of a running replica.
@@ -207,7 +158,7 @@ impl Replica {
                 peer.cert().display()
             ));
         }
-        run_ok(init, &format!("init replica {}", self.id))
+        process::run_ok(init, WAIT, &format!("init replica {}", self.id))
     }
 
     fn cert(&self) -> PathBuf {
@@ -215,55 +166,17 @@ impl Replica {
     }
 
     fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        let mut child = command(&self.data)
-            .args(["run", "--metrics-listen", "127.0.0.1:0"])
+        let mut run = command(&self.data);
+        run.args(["run", "--metrics-listen", "127.0.0.1:0"])
             .arg("--listen")
             .arg(self.phones.to_string())
             .arg("--peer-listen")
             .arg(self.peers.to_string())
             .args(["--half-ttl-secs", &HALF_TTL_SECS.to_string()])
-            .args(&self.run_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("spawn tapledger-node run");
-        let stdout = child.stdout.take().expect("stdout");
-        let (lines, receiver) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if lines.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match receiver.recv_timeout(left) {
-                Ok(line) if line.starts_with("replicating on ") => break,
-                Ok(line) if line.starts_with("metrics on http://") => {
-                    let addr = line["metrics on http://".len()..].trim_end_matches("/metrics");
-                    self.http = Some(addr.to_string());
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!(
-                        "replica {} did not start; log:\n{}",
-                        self.data.display(),
-                        std::fs::read_to_string(&self.log).unwrap_or_default()
-                    );
-                }
-            }
-        }
-        self.process = Some(child);
+            .args(&self.run_args);
+        let process = NodeProcess::start(run, &self.log, WAIT, |announced| announced.replicating);
+        self.http = process.announced.metrics.map(|addr| addr.to_string());
+        self.process = Some(process);
     }
 
     /// A `tapledger-node` command run against this running replica: its data
@@ -332,22 +245,18 @@ impl Replica {
     }
 
     fn kill(&mut self) {
-        if let Some(mut child) = self.process.take() {
-            child.kill().expect("SIGKILL");
-            child.wait().expect("reap");
+        if let Some(process) = self.process.take() {
+            process.kill();
         }
     }
 
     fn terminate(&mut self) {
-        if let Some(mut child) = self.process.take() {
-            // SAFETY: signalling our own child process.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let status = child.wait().expect("reap");
+        if let Some(process) = self.process.take() {
+            let (status, log) = process.terminate(WAIT);
             assert!(
                 status.success(),
-                "replica {} did not stop cleanly: {status}; log:\n{}",
+                "replica {} did not stop cleanly: {status}; log:\n{log}",
                 self.data.display(),
-                std::fs::read_to_string(&self.log).unwrap_or_default()
             );
         }
     }
@@ -362,7 +271,7 @@ impl Drop for Replica {
 /// Initialises three replicas as an operator would on three machines, and
 /// starts them (`run` with `run_args` added).
 fn init_cluster(root: &Path, run_args: &[&str]) -> Vec<Replica> {
-    let addrs = free_addrs(REPLICAS * 2);
+    let addrs = process::free_addrs(REPLICAS * 2);
     let mut replicas: Vec<Replica> = (0..REPLICAS)
         .map(|index| {
             Replica::new(
@@ -401,15 +310,7 @@ fn logs<'a>(replicas: impl IntoIterator<Item = &'a Replica>) -> String {
 
 /// The last lines of each log file.
 fn log_tails<'a>(files: impl IntoIterator<Item = &'a Path>) -> String {
-    files
-        .into_iter()
-        .map(|file| {
-            let text = std::fs::read_to_string(file).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            let tail = lines[lines.len().saturating_sub(400)..].join("\n");
-            format!("--- {}\n{tail}\n", file.display())
-        })
-        .collect()
+    process::log_tails(files, 400)
 }
 
 fn addresses<'a>(replicas: impl IntoIterator<Item = &'a Replica>) -> Vec<ReplicaAddress> {
@@ -501,27 +402,6 @@ impl LeaderPhone {
         }
         panic!("{}: no leader answered after 20 attempts", half.tx_key())
     }
-}
-
-fn send(tx_key: TxKey, sender_id: AccountId, amount: u64) -> Half {
-    Half::Send(SendHalf {
-        tx_key,
-        sender_id,
-        amount,
-        device_os: "ios 18".into(),
-        client_time: 1_700_000_000_000,
-    })
-}
-
-fn receive(tx_key: TxKey, receiver_id: AccountId, sender: AccountId, amount: u64) -> Half {
-    Half::Receive(ReceiveHalf {
-        tx_key,
-        receiver_id,
-        expected_sender_id: sender,
-        expected_amount: amount,
-        device_os: "android 15".into(),
-        client_time: 1_700_000_000_001,
-    })
 }
 
 fn record(heard: &Heard, tx_key: TxKey, party: AccountId, answer: HalfAnswer) {
@@ -698,6 +578,32 @@ async fn wait_converged(replicas: &[Replica], logs: impl Fn() -> String) {
     }
 }
 
+/// Closes both phones of every payer.
+async fn close_phones(phones: Vec<(LeaderPhone, LeaderPhone)>) {
+    for (sender, receiver) in phones {
+        sender.phone.close().await;
+        receiver.phone.close().await;
+    }
+}
+
+/// Checks every replica's ledger against what phones were told
+/// ([`check_ledger`]); they must all have applied the same log to the same
+/// state. Returns that log position and digest.
+fn check_replicas_agree(
+    replicas: &[Replica],
+    told: &HashMap<(TxKey, AccountId), OutcomeReport>,
+) -> (Option<LogId>, [u8; 32]) {
+    let digests: Vec<_> = replicas
+        .iter()
+        .map(|replica| check_ledger(replica, told, &HashMap::new()))
+        .collect();
+    assert!(
+        digests.windows(2).all(|pair| pair[0] == pair[1]),
+        "replicas differ after the run: {digests:?}"
+    );
+    digests[0]
+}
+
 /// Opens a stopped replica's ledger file: the books pass the audit, every
 /// outcome in `told` is there exactly as told, and no outcome in `others`
 /// (told too, but perhaps after this replica left) is contradicted.
@@ -757,7 +663,7 @@ async fn the_leader_killed_at_random_moments_loses_nothing_anyone_heard() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut replicas = init_cluster(dir.path(), &[]);
     let addresses = addresses(&replicas);
-    let admin = load_admin_credential(&replicas[0].data.join("admin.key")).expect("admin");
+    let admin = wire::admin_credential(&replicas[0].data);
     let endpoint =
         ClientEndpoint::new(addresses[0].fingerprint, addresses[0].addr).expect("endpoint");
 
@@ -813,28 +719,18 @@ async fn the_leader_killed_at_random_moments_loses_nothing_anyone_heard() {
     // Wait until every replica, the restarted ones included, has applied
     // what the leader has; then stop everything.
     wait_converged(&replicas, || logs(&replicas)).await;
-    for (sender, receiver) in phones {
-        sender.phone.close().await;
-        receiver.phone.close().await;
-    }
+    close_phones(phones).await;
     for replica in &mut replicas {
         replica.terminate();
     }
 
     let heard = heard.lock().unwrap().clone();
-    let digests: Vec<_> = replicas
-        .iter()
-        .map(|replica| check_ledger(replica, &heard, &HashMap::new()))
-        .collect();
-    assert!(
-        digests.windows(2).all(|pair| pair[0] == pair[1]),
-        "replicas differ after the run: {digests:?}"
-    );
+    let (applied, _) = check_replicas_agree(&replicas, &heard);
     println!(
         "cluster: {rounds} leader kills; {} payments settled; {} outcomes heard, all on all {REPLICAS} replicas; applied {:?}",
         settled.load(Ordering::Relaxed),
         heard.len(),
-        digests[0].0.map(|log_id| log_id.index)
+        applied.map(|log_id| log_id.index)
     );
 }
 
@@ -940,7 +836,7 @@ async fn an_operator_adds_a_replica_and_removes_it_while_phones_pay() {
     let mut replicas = init_cluster(dir.path(), SMALL_SNAPSHOTS);
     // The new replica's identity: it joins no cluster yet, trusts the three
     // and takes the cluster's admin credential.
-    let [phones, peers] = free_addrs(2)[..] else {
+    let [phones, peers] = process::free_addrs(2)[..] else {
         unreachable!("two addresses")
     };
     let mut fourth = Replica::new(dir.path(), 4, phones, peers, SMALL_SNAPSHOTS);
@@ -959,7 +855,7 @@ async fn an_operator_adds_a_replica_and_removes_it_while_phones_pay() {
 
     // Phones are given every replica, the fourth included.
     let addresses = addresses(replicas.iter().chain([&fourth]));
-    let admin = load_admin_credential(&replicas[0].data.join("admin.key")).expect("admin");
+    let admin = wire::admin_credential(&replicas[0].data);
     let endpoint =
         ClientEndpoint::new(addresses[0].fingerprint, addresses[0].addr).expect("endpoint");
     let accounts = open_accounts(&endpoint, &addresses, &admin, 4).await;
@@ -990,7 +886,7 @@ async fn an_operator_adds_a_replica_and_removes_it_while_phones_pay() {
     // (a dead voter would leave a cluster of four that survives no further
     // loss); the command waits for it to catch up instead, and once given
     // up, `cluster remove` takes the learner out again.
-    let [phones, peers] = free_addrs(2)[..] else {
+    let [phones, peers] = process::free_addrs(2)[..] else {
         unreachable!("two addresses")
     };
     let fifth = Replica::new(dir.path(), 5, phones, peers, &[]);
@@ -1169,23 +1065,13 @@ async fn an_operator_adds_a_replica_and_removes_it_while_phones_pay() {
         phones.push(within(payer).await.expect("payer"));
     }
     wait_converged(&replicas, all_logs).await;
-    for (sender, receiver) in phones {
-        sender.phone.close().await;
-        receiver.phone.close().await;
-    }
+    close_phones(phones).await;
     for replica in replicas.iter_mut().chain([&mut fourth]) {
         replica.terminate();
     }
 
     let heard = heard.lock().unwrap().clone();
-    let digests: Vec<_> = replicas
-        .iter()
-        .map(|replica| check_ledger(replica, &heard, &HashMap::new()))
-        .collect();
-    assert!(
-        digests.windows(2).all(|pair| pair[0] == pair[1]),
-        "replicas differ after the run: {digests:?}"
-    );
+    let (applied, _) = check_replicas_agree(&replicas, &heard);
     let (fourth_applied, _) = check_ledger(&fourth, &told_to_four, &heard);
     println!(
         "cluster: replica 4 added in {:.0} ms and removed in {:.0} ms while paying; {} payments settled; {} outcomes heard, all on the 3 replicas (applied {:?}); the {} heard before 4 was removed all on 4 (applied {:?}); {:.1} s",
@@ -1193,7 +1079,7 @@ async fn an_operator_adds_a_replica_and_removes_it_while_phones_pay() {
         remove_took.as_secs_f64() * 1e3,
         settled.load(Ordering::Relaxed),
         heard.len(),
-        digests[0].0.map(|log_id| log_id.index),
+        applied.map(|log_id| log_id.index),
         told_to_four.len(),
         fourth_applied.map(|log_id| log_id.index),
         started.elapsed().as_secs_f64(),

@@ -17,28 +17,24 @@
 //! rounds (3 by default); `TAPLEDGER_SEED` repeats a run's random choices.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tapledger_actors::{JournalEntry, Store};
-use tapledger_certs::Fingerprint;
-use tapledger_node::init::load_admin_credential;
 use tapledger_node::{ApiCredentials, ClientEndpoint, HalfAnswer, Phone, Submitted};
 use tapledger_protocol::{
-    AccountId, Half, Outcome, OutcomeReport, QueryStatus, ReceiveHalf, RejectCode, Secret,
-    SendHalf, Timestamp, TxKey,
+    AccountId, Half, Outcome, OutcomeReport, QueryStatus, RejectCode, Secret, Timestamp, TxKey,
 };
+use tapledger_test_kit::process::{self, NodeProcess};
+use tapledger_test_kit::wire::{self, WireAccount};
+use tapledger_test_kit::{WAIT, receive, send, within};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tapledger-node");
-/// Upper bound on any one wait.
-const WAIT: Duration = Duration::from_secs(20);
 const ROUNDS_DEFAULT: u64 = 3;
 /// Short, so that lone halves expire across kills and restarts.
 const HALF_TTL: Duration = Duration::from_secs(3);
@@ -46,12 +42,6 @@ const ACCOUNTS: usize = 12;
 const OPENING_BALANCE: u64 = 1_000_000;
 /// Payment loops running at once: many payments in flight at every moment.
 const PAYERS: usize = 32;
-
-async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, future)
-        .await
-        .expect("timed out waiting")
-}
 
 fn now() -> Timestamp {
     let micros = SystemTime::now()
@@ -68,110 +58,34 @@ fn micros(duration: Duration) -> u64 {
 // ---------------------------------------------------------------------------
 // The node process.
 
-struct NodeProcess {
-    child: Child,
-    quic: SocketAddr,
-    fingerprint: Fingerprint,
-}
-
 fn command(data: &Path) -> Command {
-    let mut command = Command::new(BIN);
-    for (name, _) in std::env::vars() {
-        if name.starts_with("TAPLEDGER_") || name == "RUST_LOG" {
-            command.env_remove(name);
-        }
-    }
+    let mut command = process::command(BIN);
     command.arg("--data").arg(data);
     command
 }
 
 fn init(data: &Path) {
-    let output = command(data)
-        .arg("init")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run tapledger-node init");
-    assert!(
-        output.status.success(),
-        "init failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let mut init = command(data);
+    init.arg("init");
+    process::run_ok(init, WAIT, "tapledger-node init");
 }
 
-/// Spawns `run` on a port the OS picks; stderr goes to `log`.
+/// `run` on a port the OS picks, without metrics; stderr goes to the log.
+fn run(data: &Path) -> Command {
+    let mut run = command(data);
+    run.args(["run", "--listen", "127.0.0.1:0", "--metrics-listen", "off"])
+        .args(["--half-ttl-secs", &HALF_TTL.as_secs_f64().to_string()]);
+    run
+}
+
+/// Spawns `run` without waiting for it (to kill it while it starts).
 fn spawn(data: &Path, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("log file");
-    command(data)
-        .args(["run", "--listen", "127.0.0.1:0", "--metrics-listen", "off"])
-        .args(["--half-ttl-secs", &HALF_TTL.as_secs_f64().to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("spawn tapledger-node run")
+    process::spawn_node(run(data), log)
 }
 
-impl NodeProcess {
-    /// Starts `run` and waits until it prints where it listens.
-    fn start(data: &Path, log: &Path) -> NodeProcess {
-        let mut child = spawn(data, log);
-        let stdout = child.stdout.take().expect("stdout");
-        let (lines, receiver) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if lines.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(line) = receiver.recv_timeout(left) else {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "the node did not start; log:\n{}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            };
-            if let Some(rest) = line.strip_prefix("listening on ") {
-                let (addr, rest) = rest.split_once(' ').expect("address and fingerprint");
-                let hex = rest
-                    .trim_start_matches("(fingerprint ")
-                    .trim_end_matches(')');
-                return NodeProcess {
-                    child,
-                    quic: addr.parse().expect("QUIC address"),
-                    fingerprint: Fingerprint::parse(hex).expect("fingerprint"),
-                };
-            }
-        }
-    }
-
-    /// SIGKILL, and wait for the process to be gone.
-    fn kill(mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reap");
-    }
-
-    fn endpoint(&self) -> ClientEndpoint {
-        ClientEndpoint::new(self.fingerprint, self.quic).expect("client endpoint")
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// Starts `run` and waits until it prints where it listens.
+fn start(data: &Path, log: &Path) -> NodeProcess {
+    NodeProcess::start(run(data), log, WAIT, |announced| announced.listens())
 }
 
 // ---------------------------------------------------------------------------
@@ -195,32 +109,6 @@ struct Heard {
     opened: Vec<AccountId>,
     refused: u64,
     lost: u64,
-}
-
-struct Account {
-    id: AccountId,
-    credentials: ApiCredentials,
-}
-
-fn send(tx_key: TxKey, sender_id: AccountId, amount: u64) -> Half {
-    Half::Send(SendHalf {
-        tx_key,
-        sender_id,
-        amount,
-        device_os: "ios 18".into(),
-        client_time: 1_700_000_000_000,
-    })
-}
-
-fn receive(tx_key: TxKey, receiver_id: AccountId, sender: AccountId, amount: u64) -> Half {
-    Half::Receive(ReceiveHalf {
-        tx_key,
-        receiver_id,
-        expected_sender_id: sender,
-        expected_amount: amount,
-        device_os: "android 15".into(),
-        client_time: 1_700_000_000_001,
-    })
 }
 
 /// Submits `half` and records whatever the node says until the answer is
@@ -304,14 +192,15 @@ async fn payer(
     }
 }
 
-async fn connect(endpoint: &ClientEndpoint, node: &NodeProcess, account: &Account) -> Phone {
-    let mut phone = within(endpoint.connect(node.quic, "localhost"))
-        .await
-        .expect("connect");
-    within(phone.authenticate(account.id, &account.credentials.key))
-        .await
-        .expect("authenticate");
-    phone
+async fn connect(endpoint: &ClientEndpoint, node: &NodeProcess, account: &WireAccount) -> Phone {
+    within(wire::authenticated_phone(
+        endpoint,
+        node.quic(),
+        account.id,
+        &account.credentials,
+    ))
+    .await
+    .expect("connect and authenticate")
 }
 
 async fn open_account(
@@ -319,17 +208,16 @@ async fn open_account(
     node: &NodeProcess,
     admin: &Secret,
     balance: u64,
-) -> Result<Account, tapledger_node::ClientError> {
-    let operator = endpoint.connect(node.quic, "localhost").await?;
-    let credentials = ApiCredentials::generate();
-    let opened = operator
-        .open_account(admin, "checking", "Crash Bank", &credentials, balance)
-        .await;
-    operator.close().await;
-    Ok(Account {
-        id: opened?,
-        credentials,
-    })
+) -> Result<WireAccount, tapledger_node::ClientError> {
+    wire::open_account(
+        endpoint,
+        node.quic(),
+        admin,
+        "checking",
+        "Crash Bank",
+        balance,
+    )
+    .await
 }
 
 // ---------------------------------------------------------------------------
@@ -337,7 +225,7 @@ async fn open_account(
 
 /// Opens the ledger file of the killed node directly and checks everything
 /// phones heard against it. Returns (outcomes, pending halves) in the file.
-fn check_file(ledger: &Path, heard: &Heard, accounts: &[Account]) -> (u64, u64) {
+fn check_file(ledger: &Path, heard: &Heard, accounts: &[WireAccount]) -> (u64, u64) {
     let store = Store::open(ledger).expect("the killed node's ledger opens");
     let audit = store.audit().expect("audit");
     assert!(audit.is_ok(), "audit problems: {:#?}", audit.problems);
@@ -478,7 +366,7 @@ fn queries(heard: &Heard, latest: &Heard, rng: &mut StdRng) -> Vec<Query> {
 /// than a deadline reset by the restart would allow.
 async fn check_over_quic(
     node: &NodeProcess,
-    accounts: &[Account],
+    accounts: &[WireAccount],
     queries: Vec<Query>,
     restarted_at: Timestamp,
 ) -> (usize, usize) {
@@ -550,9 +438,9 @@ async fn sigkill_at_random_moments_loses_nothing_anyone_heard() {
     let log = dir.path().join("node.log");
     let ledger = data.join("ledger.redb");
     init(&data);
-    let admin = load_admin_credential(&data.join("admin.key")).expect("admin credential");
+    let admin = wire::admin_credential(&data);
 
-    let mut node = NodeProcess::start(&data, &log);
+    let mut node = start(&data, &log);
     let mut accounts = Vec::new();
     {
         let endpoint = node.endpoint();
@@ -596,7 +484,7 @@ async fn sigkill_at_random_moments_loses_nothing_anyone_heard() {
         let operator = {
             let (endpoint, quic, admin, heard) = (
                 endpoint.clone(),
-                node.quic,
+                node.quic(),
                 admin.clone(),
                 round_heard.clone(),
             );
@@ -667,7 +555,7 @@ async fn sigkill_at_random_moments_loses_nothing_anyone_heard() {
         };
 
         let restarted_at = now();
-        node = NodeProcess::start(&data, &log);
+        node = start(&data, &log);
         let (queried, still_pending) =
             check_over_quic(&node, &accounts, round_queries, restarted_at).await;
         println!(

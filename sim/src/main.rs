@@ -541,8 +541,8 @@ fn run_swarm(args: SwarmArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.plot {
         let title = format!(
             "tapledger-sim: {} phones, {} payments, seed {}",
-            swarm::report::thousands(report.phones as u64),
-            swarm::report::thousands(report.payments_run),
+            tapledger_sim::text::thousands(report.phones as u64),
+            tapledger_sim::text::thousands(report.payments_run),
             report.seed
         );
         std::fs::write(path, swarm::plot::render_svg(&report.timeline, &title))

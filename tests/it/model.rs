@@ -42,7 +42,9 @@ use tapledger_protocol::{
     Settlement, Stamped, Timestamp, TxKey,
 };
 
-use crate::support::{CLOCK_START, new_account, open_after_close, ram_tempdir, within};
+use crate::support::{
+    CLOCK_START, new_account, open_after_close, ram_tempdir, receive_half, send_half, within,
+};
 
 /// Largest payment the ledger under test accepts.
 const MAX_AMOUNT: u64 = 1_000;
@@ -275,7 +277,8 @@ enum Expect {
     Refused(RejectCode),
 }
 
-/// Balances, keys and counters as the spec says they must be.
+/// Balances, keys and counters as the rules say they must be (README, "Rules
+/// in one screen").
 #[derive(Debug)]
 struct Model {
     now: Timestamp,
@@ -651,11 +654,8 @@ impl Harness {
                 let tx_key = self.model.key(*key);
                 let sender = self.model.who(*sender);
                 let half = Half::Send(SendHalf {
-                    tx_key,
-                    sender_id: sender,
-                    amount: self.model.amount(*amount, sender),
-                    device_os: "ios 18".into(),
                     client_time: *client_time,
+                    ..send_half(tx_key, sender, self.model.amount(*amount, sender))
                 });
                 let submitter = submitter.map_or(sender, |choice| self.model.who(choice));
                 self.submit(submitter, half).await;
@@ -672,12 +672,13 @@ impl Harness {
                 let receiver = self.model.who(*receiver);
                 let expected_sender = self.model.who_other(receiver, *expected_sender);
                 let half = Half::Receive(ReceiveHalf {
-                    tx_key,
-                    receiver_id: receiver,
-                    expected_sender_id: expected_sender,
-                    expected_amount: self.model.amount(*amount, expected_sender),
-                    device_os: "android 15".into(),
                     client_time: *client_time,
+                    ..receive_half(
+                        tx_key,
+                        receiver,
+                        expected_sender,
+                        self.model.amount(*amount, expected_sender),
+                    )
                 });
                 let submitter = submitter.map_or(receiver, |choice| self.model.who(choice));
                 self.submit(submitter, half).await;
@@ -714,12 +715,8 @@ impl Harness {
                             Tweak::SelfPay => (send.sender_id, send.sender_id, send.amount),
                         };
                         Half::Receive(ReceiveHalf {
-                            tx_key: send.tx_key,
-                            receiver_id: receiver,
-                            expected_sender_id: expected_sender,
-                            expected_amount: amount,
-                            device_os: "android 15".into(),
                             client_time: 1_750_000_000_000,
+                            ..receive_half(send.tx_key, receiver, expected_sender, amount)
                         })
                     }
                     PendingHalf::Receive(receive) => {
@@ -735,11 +732,8 @@ impl Harness {
                             Tweak::SelfPay => (receive.receiver_id, receive.expected_amount),
                         };
                         Half::Send(SendHalf {
-                            tx_key: receive.tx_key,
-                            sender_id: sender,
-                            amount,
-                            device_os: "ios 18".into(),
                             client_time: 1_750_000_000_000,
+                            ..send_half(receive.tx_key, sender, amount)
                         })
                     }
                 };

@@ -11,13 +11,14 @@ use std::time::Duration;
 
 use tapledger_actors::{Ledger, LedgerConfig};
 use tapledger_node::config::{DataDir, NodeConfig};
-use tapledger_node::init::{init_data_dir, load_admin_credential};
+use tapledger_node::init::init_data_dir;
 use tapledger_node::{
     ApiCredentials, ClientEndpoint, ClientError, HalfAnswer, Phone, RunningNode, Submitted,
 };
 use tapledger_protocol::{
     AccountId, ErrorCode, OutcomeReport, OutcomeStatus, RejectCode, Secret, TxKey,
 };
+use tapledger_test_kit::wire;
 
 use crate::support::{receive, send, within};
 
@@ -51,7 +52,7 @@ impl TestNode {
         init_data_dir(&data_dir, &["localhost".into(), "127.0.0.1".into()]).expect("init");
         let identity = tapledger_certs::Identity::load(&data_dir.cert(), &data_dir.key())
             .expect("load identity");
-        let admin = load_admin_credential(&data_dir.admin()).expect("admin credential");
+        let admin = wire::admin_credential(data_dir.path());
         let mut ledger_config = LedgerConfig::new(data_dir.ledger());
         configure_ledger(&mut ledger_config);
         let ledger = within(Ledger::open(ledger_config))
@@ -69,7 +70,7 @@ impl TestNode {
     }
 
     fn around(node: RunningNode, data_dir: &DataDir, dir: tempfile::TempDir) -> TestNode {
-        let admin = load_admin_credential(&data_dir.admin()).expect("admin credential");
+        let admin = wire::admin_credential(data_dir.path());
         let endpoint =
             ClientEndpoint::new(node.fingerprint, node.local_addr).expect("client endpoint");
         TestNode {
@@ -112,29 +113,30 @@ impl TestNode {
         &self,
         opening_balance: u64,
     ) -> (AccountId, Phone, ApiCredentials) {
-        let credentials = ApiCredentials::generate();
-        let admin_phone = self.connect().await;
-        let account = within(admin_phone.open_account(
+        let opened = within(wire::open_account(
+            &self.endpoint,
+            self.node.local_addr,
             &self.admin,
             "checking",
             "Test Bank",
-            &credentials,
             opening_balance,
         ))
         .await
         .expect("open account");
-        admin_phone.close().await;
-        let phone = self.reconnect(account, &credentials).await;
-        (account, phone, credentials)
+        let phone = self.reconnect(opened.id, &opened.credentials).await;
+        (opened.id, phone, opened.credentials)
     }
 
     /// A new connection authenticated as `account`: a phone coming back.
     pub async fn reconnect(&self, account: AccountId, credentials: &ApiCredentials) -> Phone {
-        let mut phone = self.connect().await;
-        within(phone.authenticate(account, &credentials.key))
-            .await
-            .expect("authenticate");
-        phone
+        within(wire::authenticated_phone(
+            &self.endpoint,
+            self.node.local_addr,
+            account,
+            credentials,
+        ))
+        .await
+        .expect("connect and authenticate")
     }
 
     pub fn ledger(&self) -> &Arc<Ledger> {

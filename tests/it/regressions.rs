@@ -1,20 +1,23 @@
 //! Regression tests: one named test per bug of the hackathon prototype that
-//! applies to the in-process ledger (each test's comment names the bug), each
-//! reject code end to end through the `Ledger` API, and the ledger bugs these
-//! tests found.
+//! applies to the in-process ledger (each test's comment names the bug; the
+//! list, with every bug's test, is README's "The prototype's bugs, each kept
+//! out by a test"), each reject code end to end through the `Ledger` API,
+//! and the ledger bugs these tests found.
 //!
 //! Prototype bugs covered elsewhere, not here:
 //! * "Floats for money, compared with `==`": money is `u64` minor units in
 //!   every type (`SendHalf::amount`, balances); the compiler holds this one.
 //! * "Account creation was unauthenticated": the admin credential is checked
-//!   by the node (network tests of the node issue). The ledger half of it,
-//!   that an opening balance is issued and never created, is
-//!   `opening_balance_and_top_up_come_from_the_issuer`.
+//!   by the node (`network_auth.rs`,
+//!   `admin_requests_with_a_wrong_credential_get_1013_and_count_as_failures`).
+//!   The ledger half of it, that an opening balance is issued and never
+//!   created, is `opening_balance_and_top_up_come_from_the_issuer`.
 //! * "Failed authentication returned success, and stored the attempted key in
-//!   clear": authentication is the node's (network tests of the node issue).
+//!   clear": authentication is the node's (`network_auth.rs`,
+//!   `wrong_api_key_gets_1012_is_counted_and_three_failures_close_the_connection`).
 //! * "A crash could move money one-sided": here only the in-process part,
 //!   `settlement_moves_both_sides_in_one_commit`; kill -9 and fault-injecting
-//!   storage belong with the node's crash tests.
+//!   storage are `crash.rs`, `storage_faults.rs` and `node/tests/crash.rs`.
 //! * Throughput ("about 10 settlements per second"): `tapledger-sim bench
 //!   core`. The "0 settled with 16 or 64 concurrent phones" part is
 //!   `sixty_four_concurrent_phones_all_settle` here and concurrency.rs.
@@ -370,20 +373,13 @@ async fn expiry_uses_node_time_not_client_time() {
     let (alice, bob) = (ids[0], ids[1]);
     let past_key = TxKey::new_random();
     let past = Half::Send(SendHalf {
-        tx_key: past_key,
-        sender_id: alice,
-        amount: 10,
-        device_os: "ios 18".into(),
         client_time: 0,
+        ..send_half(past_key, alice, 10)
     });
     let future_key = TxKey::new_random();
     let future = Half::Receive(ReceiveHalf {
-        tx_key: future_key,
-        receiver_id: bob,
-        expected_sender_id: alice,
-        expected_amount: 10,
-        device_os: "android 15".into(),
         client_time: u64::MAX,
+        ..receive_half(future_key, bob, alice, 10)
     });
     let past_ticket = submit_pending(&ledger, alice, past).await;
     let future_ticket = submit_pending(&ledger, bob, future).await;

@@ -4,54 +4,23 @@
 //! phone client and a minimal HTTP/1.1 GET.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use tapledger_node::init::load_admin_credential;
 use tapledger_node::{ApiCredentials, ClientEndpoint, HalfAnswer, Phone, Submitted};
-use tapledger_protocol::{AccountId, Half, OutcomeReport, ReceiveHalf, Secret, SendHalf, TxKey};
+use tapledger_protocol::{AccountId, Half, OutcomeReport, Secret, TxKey};
+pub use tapledger_test_kit::process::wait_bounded;
+pub use tapledger_test_kit::{WAIT, receive, send, within};
+use tapledger_test_kit::{process, wire};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tapledger-node");
 
-/// Upper bound on any one wait in these tests.
-pub const WAIT: Duration = Duration::from_secs(20);
-
-/// Runs `future` with the common time limit.
-pub async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, future)
-        .await
-        .expect("timed out waiting")
-}
-
 /// A command for the binary with no TAPLEDGER_* variables inherited.
 pub fn command() -> Command {
-    let mut command = Command::new(BIN);
-    for (name, _) in std::env::vars() {
-        if name.starts_with("TAPLEDGER_") || name == "RUST_LOG" {
-            command.env_remove(name);
-        }
-    }
-    command
-}
-
-/// Waits for `child` at most `limit`, killing it if it overstays.
-pub fn wait_bounded(child: &mut Child, limit: Duration) -> ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait for child") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("tapledger-node did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    process::command(BIN)
 }
 
 /// Runs a subcommand to completion (bounded), with `stdin` as its input.
@@ -141,26 +110,24 @@ impl DataDirectory {
     }
 
     pub fn admin(&self) -> Secret {
-        load_admin_credential(&self.path().join("admin.key")).expect("admin credential")
+        wire::admin_credential(&self.path())
     }
 }
 
-/// A running `tapledger-node run`.
+/// A running `tapledger-node run`, with a client endpoint pinned to it.
 pub struct NodeProcess {
-    child: Child,
+    process: process::NodeProcess,
     pub quic: SocketAddr,
     pub http: SocketAddr,
-    pub stderr_path: PathBuf,
     endpoint: ClientEndpoint,
 }
 
 impl NodeProcess {
     /// Starts `run` on ports the OS picks, with `extra` arguments after `run`.
     pub fn start(data: &DataDirectory, extra: &[&str]) -> NodeProcess {
-        let stderr_path = data.file(&format!("node-{}.log", rand_suffix()));
-        let stderr = std::fs::File::create(&stderr_path).expect("log file");
-        let mut child = command()
-            .arg("--data")
+        let log = data.file(&format!("node-{}.log", rand_suffix()));
+        let mut run = command();
+        run.arg("--data")
             .arg(data.path())
             .args([
                 "run",
@@ -169,75 +136,29 @@ impl NodeProcess {
                 "--metrics-listen",
                 "127.0.0.1:0",
             ])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn tapledger-node run");
-        let stdout = child.stdout.take().expect("stdout");
-        let (lines, receiver) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if lines.send(line).is_err() {
-                    break;
-                }
-            }
+            .args(extra);
+        let process = process::NodeProcess::start(run, &log, WAIT, |announced| {
+            announced.listens() && announced.metrics.is_some()
         });
-        let mut quic = None;
-        let mut http = None;
-        let mut fingerprint = None;
-        let deadline = Instant::now() + WAIT;
-        while quic.is_none() || http.is_none() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = match receiver.recv_timeout(left) {
-                Ok(line) => line,
-                Err(_) => {
-                    let _ = child.kill();
-                    let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-                    panic!("node did not print its addresses; log:\n{log}");
-                }
-            };
-            if let Some(rest) = line.strip_prefix("listening on ") {
-                let (addr, rest) = rest.split_once(' ').expect("address and fingerprint");
-                quic = Some(addr.parse::<SocketAddr>().expect("QUIC address"));
-                let hex = rest
-                    .trim_start_matches("(fingerprint ")
-                    .trim_end_matches(')');
-                fingerprint = Some(tapledger_certs::Fingerprint::parse(hex).expect("fingerprint"));
-            } else if let Some(rest) = line.strip_prefix("metrics on http://") {
-                let addr = rest.trim_end_matches("/metrics");
-                http = Some(addr.parse::<SocketAddr>().expect("HTTP address"));
-            }
-        }
-        let quic = quic.unwrap();
-        let endpoint = ClientEndpoint::new(fingerprint.unwrap(), quic).expect("client endpoint");
         NodeProcess {
-            child,
-            quic,
-            http: http.unwrap(),
-            stderr_path,
-            endpoint,
+            quic: process.quic(),
+            http: process.http(),
+            endpoint: process.endpoint(),
+            process,
         }
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
+        self.process.pid()
     }
 
     /// Sends SIGTERM and waits (bounded) for the process to exit.
-    pub fn terminate(mut self) -> (ExitStatus, String) {
-        // SAFETY: kill(2) with a pid we spawned and still own (not yet reaped).
-        let sent = unsafe { libc::kill(self.pid(), libc::SIGTERM) };
-        assert_eq!(sent, 0, "SIGTERM delivered");
-        let status = wait_bounded(&mut self.child, WAIT);
-        let log = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
-        (status, log)
+    pub fn terminate(self) -> (ExitStatus, String) {
+        self.process.terminate(WAIT)
     }
 
     pub async fn connect(&self) -> Phone {
-        within(self.endpoint.connect(self.quic, "localhost"))
+        within(self.endpoint.connect(self.quic, wire::SERVER_NAME))
             .await
             .expect("connect")
     }
@@ -245,37 +166,34 @@ impl NodeProcess {
     /// Opens an account over QUIC with the admin credential; returns it with
     /// a phone authenticated as it.
     pub async fn account(&self, admin: &Secret, bank: &str, opening_balance: u64) -> Account {
-        let credentials = ApiCredentials::generate();
-        let operator = self.connect().await;
-        let id =
-            within(operator.open_account(admin, "checking", bank, &credentials, opening_balance))
-                .await
-                .expect("open account");
-        operator.close().await;
-        let mut phone = self.connect().await;
-        within(phone.authenticate(id, &credentials.key))
-            .await
-            .expect("authenticate");
+        let opened = within(wire::open_account(
+            &self.endpoint,
+            self.quic,
+            admin,
+            "checking",
+            bank,
+            opening_balance,
+        ))
+        .await
+        .expect("open account");
+        let phone = within(wire::authenticated_phone(
+            &self.endpoint,
+            self.quic,
+            opened.id,
+            &opened.credentials,
+        ))
+        .await
+        .expect("authenticate");
         Account {
-            id,
+            id: opened.id,
             phone: Arc::new(phone),
-            credentials,
+            credentials: opened.credentials,
         }
     }
 
     /// A GET over plain HTTP/1.1; returns the status code and the body.
     pub async fn get(&self, path: &str) -> (u16, String) {
         http_get(self.http, path).await
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        // A test that panicked leaves no process behind.
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
@@ -289,32 +207,6 @@ pub struct Account {
     pub id: AccountId,
     pub phone: Arc<Phone>,
     pub credentials: ApiCredentials,
-}
-
-pub fn send(tx_key: TxKey, sender_id: AccountId, amount: u64) -> Half {
-    Half::Send(SendHalf {
-        tx_key,
-        sender_id,
-        amount,
-        device_os: "ios 18".into(),
-        client_time: 1_700_000_000_000,
-    })
-}
-
-pub fn receive(
-    tx_key: TxKey,
-    receiver_id: AccountId,
-    expected_sender_id: AccountId,
-    expected_amount: u64,
-) -> Half {
-    Half::Receive(ReceiveHalf {
-        tx_key,
-        receiver_id,
-        expected_sender_id,
-        expected_amount,
-        device_os: "android 15".into(),
-        client_time: 1_700_000_000_001,
-    })
 }
 
 /// Both halves of a payment, each from its own phone; the payer's answer.

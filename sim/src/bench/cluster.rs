@@ -31,10 +31,11 @@ use tapledger_protocol::Outcome;
 use tokio::task::JoinSet;
 
 use super::core::{
-    self, CoreBenchConfig, CoreBenchReport, HalvesMode, KeyOrder, Workload, micros, open_accounts,
-    pay, per, phase,
+    self, CoreBenchConfig, CoreBenchReport, HalvesMode, KeyOrder, Workload, open_accounts, pay,
+    per, phase,
 };
 use crate::swarm::target::{EmbeddedCluster, NODE_THREAD_PREFIX};
+use crate::text::{micros, millis};
 
 /// How long the cluster gets to start, and each replica to restart.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -442,10 +443,6 @@ fn percentile(values: &[Duration], quantile: f64) -> Option<Duration> {
     sorted.sort_unstable();
     let rank = ((quantile * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len().max(1));
     sorted.get(rank - 1).copied()
-}
-
-fn millis(value: Option<Duration>) -> String {
-    value.map_or("-".into(), |value| format!("{} ms", value.as_millis()))
 }
 
 impl ClusterBenchReport {

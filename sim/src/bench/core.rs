@@ -36,6 +36,7 @@ use tokio::task::JoinSet;
 use super::hardware::{self, Rate};
 use super::memory;
 use super::threads::{self, Usage};
+use crate::text::{MIB, mebibytes, micros, thousands};
 
 /// Account openings in flight at once while setting up (each is one intent
 /// for group commit, so they batch like payments do).
@@ -418,8 +419,18 @@ impl CoreBenchReport {
     /// The report people read.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let fsync_per_sec = self.fsync.per_sec();
-        let redb_per_sec = self.redb_commit.per_sec();
+        self.render_setup(&mut out);
+        self.render_outcomes(&mut out);
+        self.render_throughput(&mut out);
+        self.render_hardware(&mut out);
+        self.render_cpu(&mut out);
+        self.render_memory(&mut out);
+        self.render_checks(&mut out);
+        out
+    }
+
+    /// The workload, where it ran and how long setup took.
+    fn render_setup(&self, out: &mut String) {
         let _ = writeln!(out, "tapledger bench core");
         let _ = writeln!(
             out,
@@ -440,6 +451,10 @@ impl CoreBenchReport {
             thousands(self.accounts),
             self.open_accounts_seconds
         );
+    }
+
+    /// What the payments ended as.
+    fn render_outcomes(&self, out: &mut String) {
         let _ = writeln!(out, "outcomes");
         let _ = writeln!(out, "  settled       {}", thousands(self.settled));
         for (code, count) in &self.rejected {
@@ -455,6 +470,10 @@ impl CoreBenchReport {
                 self.errors, self.inconsistent
             );
         }
+    }
+
+    /// Durable throughput, commits, and latency.
+    fn render_throughput(&self, out: &mut String) {
         let _ = writeln!(out, "throughput (durable)");
         let _ = writeln!(
             out,
@@ -487,6 +506,12 @@ impl CoreBenchReport {
             micros(self.latency.max_us),
             micros(self.latency.mean_us as u64)
         );
+    }
+
+    /// The disk's raw rates, and the run read against them.
+    fn render_hardware(&self, out: &mut String) {
+        let fsync_per_sec = self.fsync.per_sec();
+        let redb_per_sec = self.redb_commit.per_sec();
         let _ = writeln!(out, "hardware, same directory");
         let _ = writeln!(
             out,
@@ -525,6 +550,10 @@ impl CoreBenchReport {
                     )
             );
         }
+    }
+
+    /// CPU per thread group, per settlement, and what else ran.
+    fn render_cpu(&self, out: &mut String) {
         if !self.usage.by_name.is_empty() {
             let _ = writeln!(
                 out,
@@ -579,6 +608,10 @@ impl CoreBenchReport {
                 (self.cpus as f64 * self.seconds - used).max(0.0)
             );
         }
+    }
+
+    /// RSS and actors.
+    fn render_memory(&self, out: &mut String) {
         let _ = writeln!(out, "memory");
         let _ = writeln!(
             out,
@@ -601,6 +634,10 @@ impl CoreBenchReport {
                 thousands(memory.actors)
             );
         }
+    }
+
+    /// The audit and the run's own checks.
+    fn render_checks(&self, out: &mut String) {
         let _ = writeln!(out, "checks");
         let _ = writeln!(
             out,
@@ -621,7 +658,6 @@ impl CoreBenchReport {
         for failure in failures {
             let _ = writeln!(out, "  FAILED        {failure}");
         }
-        out
     }
 }
 
@@ -1385,32 +1421,6 @@ pub(crate) fn per(numerator: f64, denominator: f64) -> f64 {
     } else {
         0.0
     }
-}
-
-fn thousands(value: u64) -> String {
-    let digits = value.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (index, digit) in digits.chars().enumerate() {
-        if index > 0 && (digits.len() - index).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(digit);
-    }
-    out
-}
-
-pub(crate) fn micros(value: u64) -> String {
-    if value >= 10_000 {
-        format!("{:.1} ms", value as f64 / 1_000.0)
-    } else {
-        format!("{value} µs")
-    }
-}
-
-const MIB: f64 = 1024.0 * 1024.0;
-
-fn mebibytes(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / MIB)
 }
 
 #[cfg(test)]

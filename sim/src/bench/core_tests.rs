@@ -154,11 +154,3 @@ fn time_ordered_keys_are_uuid_v7_and_ascend_with_the_index() {
     let first = payment(7, 0, &accounts, 500, KeyOrder::TimeOrdered).tx_key;
     assert_eq!((first.as_u128() >> 80) as u64, CLIENT_TIME_BASE_MS);
 }
-
-#[test]
-fn large_numbers_read_with_separators() {
-    assert_eq!(thousands(0), "0");
-    assert_eq!(thousands(999), "999");
-    assert_eq!(thousands(1_000), "1,000");
-    assert_eq!(thousands(1_000_000), "1,000,000");
-}

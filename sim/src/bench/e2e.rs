@@ -21,10 +21,13 @@ use serde_json::json;
 
 use crate::bench::core::{self as core_bench, CoreBenchConfig};
 use crate::swarm::phones::{SimPhone, Swarm};
-use crate::swarm::report::{LatencySummary, thousands};
+use crate::swarm::report::LatencySummary;
 use crate::swarm::run::{CpuSplit, Pace, RunOptions, run_plan};
-use crate::swarm::target::{Connected, Target, connect_phones, open_accounts};
+use crate::swarm::target::{
+    Connected, Connector, EmbeddedCluster, Target, connect_phones, open_accounts,
+};
 use crate::swarm::workload::{self, WorkloadConfig};
+use crate::text::{duration_text, thousands};
 
 /// Fractions of the probed capacity the first open-loop steps offer; after
 /// them the rate grows by [`STEP_GROWTH`] while steps are sustained.
@@ -135,9 +138,9 @@ impl E2eStep {
         format!(
             "{offered} → {:>8} settled/s · tap→told p50 {:>9} p99 {:>9} · second half p99 {:>9} · cpu µs/settlement node {node_us:.0} phones {phones_us:.0}{others}{}",
             thousands(self.settlements_per_sec.round() as u64),
-            crate::swarm::report::duration_text(self.latency.p50_us),
-            crate::swarm::report::duration_text(self.latency.p99_us),
-            crate::swarm::report::duration_text(self.second_half.p99_us),
+            duration_text(self.latency.p50_us),
+            duration_text(self.latency.p99_us),
+            duration_text(self.second_half.p99_us),
             match (self.offered, self.sustained) {
                 (None, _) => "",
                 (Some(_), true) => "  sustained",
@@ -288,7 +291,7 @@ impl E2eReport {
             out,
             "bench core (ledger alone, same machine): {} settlements/s, p99 second half → outcome {}, {:.0} µs CPU per settlement",
             thousands(self.core_settlements_per_sec.round() as u64),
-            crate::swarm::report::duration_text(self.core_p99_us),
+            duration_text(self.core_p99_us),
             self.core_cpu_us_per_settlement
         );
         if self.core_settlements_per_sec > 0.0 {
@@ -315,11 +318,79 @@ impl E2eReport {
 
 /// Runs the end-to-end benchmark, then the core benchmark.
 pub async fn run(config: &E2eConfig) -> anyhow::Result<E2eReport> {
-    let phase = |text: &str| {
-        if config.progress {
-            eprintln!("{text}");
-        }
-    };
+    let (mut stepper, connector, embedded) = start(config).await?;
+    let search = search_rate(config, &mut stepper).await?;
+
+    phase(config, "checking balances and the audit...");
+    let Stepper {
+        swarm, balances, ..
+    } = stepper;
+    let (_, balance_mismatches, _) = crate::swarm::check_balances(&swarm, &balances).await;
+    let audit = embedded.audit().await?.leader;
+    crate::swarm::close_swarm(swarm).await;
+    connector.wait_idle().await;
+    if let Some(embedded) = Arc::into_inner(embedded) {
+        embedded.stop().await;
+    }
+
+    phase(
+        config,
+        &format!(
+            "bench core with {} payments for comparison...",
+            thousands(config.core_payments)
+        ),
+    );
+    let core = core_bench::run(&CoreBenchConfig {
+        payments: config.core_payments,
+        accounts: config.core_accounts,
+        seed: config.seed,
+        probe: Duration::from_millis(500),
+        progress: config.progress,
+        ..CoreBenchConfig::default()
+    })
+    .await
+    .context("bench core")?;
+
+    Ok(E2eReport {
+        phones: config.phones,
+        endpoints: config.endpoints,
+        cpus: std::thread::available_parallelism().map_or(1, usize::from),
+        p99_bound: config.p99_bound,
+        probe: search.probe,
+        steps: search.steps,
+        best: search.best,
+        half_rate: search.half_rate,
+        core_settlements_per_sec: core.settlements_per_sec(),
+        core_p99_us: core.latency.p99_us,
+        core_cpu_us_per_settlement: core.usage.run_ns() as f64 / 1e3 / core.settled.max(1) as f64,
+        core_failures: core.failures(),
+        balance_mismatches,
+        audit_problems: audit.problems,
+    })
+}
+
+/// A line on stderr, when the run shows its progress.
+fn phase(config: &E2eConfig, text: &str) {
+    if config.progress {
+        eprintln!("{text}");
+    }
+}
+
+/// The swarm the steps run on, and what each step needs from the last.
+struct Stepper<'a> {
+    config: &'a E2eConfig,
+    swarm: Arc<Swarm>,
+    /// The next step's workload seed (one more per step).
+    seed: u64,
+    /// Every phone's balance after the steps so far.
+    balances: Vec<u64>,
+}
+
+/// Starts the embedded node, opens one funded account per phone and
+/// connects the phones.
+async fn start(
+    config: &E2eConfig,
+) -> anyhow::Result<(Stepper<'_>, Arc<Connector>, Arc<EmbeddedCluster>)> {
     // The node's default half_ttl: no expiry faults here, and an overloaded
     // probe must not expire halves whose partner is merely queued.
     let target = Target::Embedded {
@@ -336,16 +407,16 @@ pub async fn run(config: &E2eConfig) -> anyhow::Result<E2eReport> {
 
     // Enough money that tiny payments never run out over any number of steps.
     let opening_balance = 1_000_000_000u64;
-    phase(&format!(
-        "opening {} accounts...",
-        thousands(config.phones as u64)
-    ));
-    let mut balances = vec![opening_balance; config.phones];
+    phase(
+        config,
+        &format!("opening {} accounts...", thousands(config.phones as u64)),
+    );
+    let balances = vec![opening_balance; config.phones];
     let accounts = open_accounts(&connector, &balances, 4, config.progress).await?;
-    phase(&format!(
-        "connecting {} phones...",
-        thousands(config.phones as u64)
-    ));
+    phase(
+        config,
+        &format!("connecting {} phones...", thousands(config.phones as u64)),
+    );
     let (connections, session) = connect_phones(&connector, &accounts, config.progress).await?;
     let swarm = Arc::new(Swarm {
         connector: connector.clone(),
@@ -362,83 +433,108 @@ pub async fn run(config: &E2eConfig) -> anyhow::Result<E2eReport> {
         failover: Default::default(),
         liveness: Default::default(),
     });
+    let stepper = Stepper {
+        config,
+        swarm,
+        seed: config.seed,
+        balances,
+    };
+    Ok((stepper, connector, embedded))
+}
 
-    let mut seed = config.seed;
-    let mut run_step =
-        async |offered: Option<f64>, balances: &mut Vec<u64>| -> anyhow::Result<E2eStep> {
-            // Size the plan for the step: the offered rate, or a generous guess
-            // of what a closed loop can reach.
-            let payments = match offered {
-                Some(rate) => (rate * config.step.as_secs_f64()).ceil() as u64,
-                None => (200_000.0 * config.step.as_secs_f64()) as u64,
-            };
-            let plan = workload::plan(
-                &WorkloadConfig {
-                    seed,
-                    payments,
-                    fault_share: 0.0,
-                    faults: Vec::new(),
-                    amount_max: 100,
-                    max_amount: swarm.session.max_amount,
-                    rate: offered,
-                    jitter_us_max: 0,
-                    // Balances are large enough never to need credits.
-                    epoch_payments: None,
-                },
-                balances,
-            )?;
-            seed += 1;
-            let plan = Arc::new(plan.payments);
-            let options = RunOptions {
-                pace: match offered {
-                    Some(_) => Pace::Open,
-                    None => Pace::Closed {
-                        in_flight: config.probe_in_flight,
-                    },
-                },
-                stop_after: Some(config.step),
-                in_flight_max: 200_000,
-                progress: config.progress,
-                stall_timeout: Duration::from_secs(60),
-                dead_after: None,
-            };
-            let tally = run_plan(&swarm, &plan, &options).await?;
-            if let Some(stop) = &tally.stopped {
-                anyhow::bail!("{}", stop.describe("embedded node"));
-            }
-            *balances = workload::balances_after(balances, &plan[..tally.dispatched as usize]);
-            let latency = LatencySummary::of(&tally.latency);
-            let settlements_per_sec = tally.settled as f64 / tally.seconds.max(1e-9);
-            let sustained = match offered {
-                Some(rate) => {
-                    latency.p99_us <= config.p99_bound.as_micros() as u64
-                        && settlements_per_sec >= rate * ACHIEVED_SHARE_MIN
-                        && tally.mismatches == 0
-                }
-                None => false,
-            };
-            // Let the node's group commit and the phones' queues settle down.
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            Ok(E2eStep {
-                offered,
-                payments: tally.dispatched,
-                settled: tally.settled,
-                seconds: tally.seconds,
-                settlements_per_sec,
-                latency,
-                second_half: LatencySummary::of(&tally.second_half),
-                mismatches: tally.mismatches,
-                mismatch_examples: tally.mismatch_examples.iter().take(5).cloned().collect(),
-                sustained,
-                cpu: tally.cpu,
-            })
+impl Stepper<'_> {
+    /// One step: open loop at `offered` settlements a second, or (`None`)
+    /// the closed-loop probe.
+    async fn step(&mut self, offered: Option<f64>) -> anyhow::Result<E2eStep> {
+        let config = self.config;
+        // Size the plan for the step: the offered rate, or a generous guess
+        // of what a closed loop can reach.
+        let payments = match offered {
+            Some(rate) => (rate * config.step.as_secs_f64()).ceil() as u64,
+            None => (200_000.0 * config.step.as_secs_f64()) as u64,
         };
-
-    phase("closed-loop probe for the capacity...");
-    let probe = run_step(None, &mut balances).await?;
-    if config.progress {
-        eprintln!("  {}", probe.render());
+        let plan = workload::plan(
+            &WorkloadConfig {
+                seed: self.seed,
+                payments,
+                fault_share: 0.0,
+                faults: Vec::new(),
+                amount_max: 100,
+                max_amount: self.swarm.session.max_amount,
+                rate: offered,
+                jitter_us_max: 0,
+                // Balances are large enough never to need credits.
+                epoch_payments: None,
+            },
+            &self.balances,
+        )?;
+        self.seed += 1;
+        let plan = Arc::new(plan.payments);
+        let options = RunOptions {
+            pace: match offered {
+                Some(_) => Pace::Open,
+                None => Pace::Closed {
+                    in_flight: config.probe_in_flight,
+                },
+            },
+            stop_after: Some(config.step),
+            in_flight_max: 200_000,
+            progress: config.progress,
+            stall_timeout: Duration::from_secs(60),
+            dead_after: None,
+        };
+        let tally = run_plan(&self.swarm, &plan, &options).await?;
+        if let Some(stop) = &tally.stopped {
+            anyhow::bail!("{}", stop.describe("embedded node"));
+        }
+        self.balances =
+            workload::balances_after(&self.balances, &plan[..tally.dispatched as usize]);
+        let latency = LatencySummary::of(&tally.latency);
+        let settlements_per_sec = tally.settled as f64 / tally.seconds.max(1e-9);
+        let sustained = match offered {
+            Some(rate) => {
+                latency.p99_us <= config.p99_bound.as_micros() as u64
+                    && settlements_per_sec >= rate * ACHIEVED_SHARE_MIN
+                    && tally.mismatches == 0
+            }
+            None => false,
+        };
+        // Let the node's group commit and the phones' queues settle down.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let step = E2eStep {
+            offered,
+            payments: tally.dispatched,
+            settled: tally.settled,
+            seconds: tally.seconds,
+            settlements_per_sec,
+            latency,
+            second_half: LatencySummary::of(&tally.second_half),
+            mismatches: tally.mismatches,
+            mismatch_examples: tally.mismatch_examples.iter().take(5).cloned().collect(),
+            sustained,
+            cpu: tally.cpu,
+        };
+        if config.progress {
+            eprintln!("  {}", step.render());
+        }
+        Ok(step)
     }
+}
+
+/// The steps of the search for the highest sustained rate.
+struct RateSearch {
+    probe: E2eStep,
+    steps: Vec<E2eStep>,
+    /// Index in `steps` of the best sustained step.
+    best: Option<usize>,
+    half_rate: Option<E2eStep>,
+}
+
+/// The closed-loop probe, the open-loop steps upwards from a fraction of
+/// its capacity, and a step at half the best rate.
+async fn search_rate(config: &E2eConfig, stepper: &mut Stepper<'_>) -> anyhow::Result<RateSearch> {
+    phase(config, "closed-loop probe for the capacity...");
+    let probe = stepper.step(None).await?;
     let capacity = probe.settlements_per_sec.max(100.0);
     let mut steps = Vec::new();
     let mut best = None;
@@ -449,11 +545,11 @@ pub async fn run(config: &E2eConfig) -> anyhow::Result<E2eReport> {
     let mut fraction_index = 0;
     let mut retried = false;
     while steps.len() < STEPS_MAX {
-        phase(&format!("open loop at {}/s...", thousands(rate as u64)));
-        let step = run_step(Some(rate), &mut balances).await?;
-        if config.progress {
-            eprintln!("  {}", step.render());
-        }
+        phase(
+            config,
+            &format!("open loop at {}/s...", thousands(rate as u64)),
+        );
+        let step = stepper.step(Some(rate)).await?;
         let sustained = step.sustained;
         steps.push(step);
         if sustained {
@@ -474,57 +570,21 @@ pub async fn run(config: &E2eConfig) -> anyhow::Result<E2eReport> {
     let half_rate = match best {
         Some(index) => {
             let rate = (steps[index].settlements_per_sec / 2.0 / 100.0).round() * 100.0;
-            phase(&format!(
-                "open loop at half the best rate, {}/s...",
-                thousands(rate as u64)
-            ));
-            let step = run_step(Some(rate.max(100.0)), &mut balances).await?;
-            if config.progress {
-                eprintln!("  {}", step.render());
-            }
-            Some(step)
+            phase(
+                config,
+                &format!(
+                    "open loop at half the best rate, {}/s...",
+                    thousands(rate as u64)
+                ),
+            );
+            Some(stepper.step(Some(rate.max(100.0))).await?)
         }
         None => None,
     };
-
-    phase("checking balances and the audit...");
-    let (_, balance_mismatches, _) = crate::swarm::check_balances(&swarm, &balances).await;
-    let audit = embedded.audit().await?.leader;
-    crate::swarm::close_swarm(swarm).await;
-    connector.wait_idle().await;
-    if let Some(embedded) = Arc::into_inner(embedded) {
-        embedded.stop().await;
-    }
-
-    phase(&format!(
-        "bench core with {} payments for comparison...",
-        thousands(config.core_payments)
-    ));
-    let core = core_bench::run(&CoreBenchConfig {
-        payments: config.core_payments,
-        accounts: config.core_accounts,
-        seed: config.seed,
-        probe: Duration::from_millis(500),
-        progress: config.progress,
-        ..CoreBenchConfig::default()
-    })
-    .await
-    .context("bench core")?;
-
-    Ok(E2eReport {
-        phones: config.phones,
-        endpoints: config.endpoints,
-        cpus: std::thread::available_parallelism().map_or(1, usize::from),
-        p99_bound: config.p99_bound,
+    Ok(RateSearch {
         probe,
         steps,
         best,
         half_rate,
-        core_settlements_per_sec: core.settlements_per_sec(),
-        core_p99_us: core.latency.p99_us,
-        core_cpu_us_per_settlement: core.usage.run_ns() as f64 / 1e3 / core.settled.max(1) as f64,
-        core_failures: core.failures(),
-        balance_mismatches,
-        audit_problems: audit.problems,
     })
 }

@@ -239,6 +239,74 @@ impl Swarm {
                 describe_half(&send_half)
             )
         });
+        if let Err(why) = self.submit_and_drop(sender, &send_half, step_timeout).await {
+            return failed(why);
+        }
+
+        let receive_half = self.receive_half(payment);
+        self.note(|| {
+            format!(
+                "{} sends {}",
+                self.who(payment.receiver),
+                describe_half(&receive_half)
+            )
+        });
+        let receive = self
+            .submit(receiver, receive_half, payment.amount, step_timeout)
+            .await;
+        self.note_told(payment.receiver, &receive);
+
+        let again = match self.connect_as(sender).await {
+            Ok(phone) => phone,
+            Err(error) => return (receive.got, Got::Failed(error.to_string())),
+        };
+        let (sender_got, again) = if payment.by_query {
+            match self
+                .query_reconnected(payment, sender, again, step_timeout)
+                .await
+            {
+                Ok(answered) => answered,
+                Err(why) => return (receive.got, Got::Failed(why)),
+            }
+        } else {
+            self.note(|| {
+                format!(
+                    "{} reconnects and resubmits its identical half",
+                    self.who(payment.sender)
+                )
+            });
+            let got = self
+                .submit_once(
+                    &again,
+                    sender.account.id,
+                    send_half,
+                    payment.amount,
+                    step_timeout,
+                )
+                .await
+                .got;
+            (got, again)
+        };
+        self.note(|| {
+            format!(
+                "  {} is told: {}",
+                self.who(payment.sender),
+                sender_got.describe()
+            )
+        });
+        close_bounded(again).await;
+        (receive.got, sender_got)
+    }
+
+    /// The sender's half on a connection of its own, closed right after the
+    /// answer; after a change of leader, sent again on a new connection to
+    /// the new leader. `Err` says why it was not `accepted`.
+    async fn submit_and_drop(
+        &self,
+        sender: &SimPhone,
+        send_half: &Half,
+        step_timeout: Duration,
+    ) -> Result<(), String> {
         // A change of leader between connecting and the answer: connect to
         // the new leader and send the identical half again.
         let mut attempts = 0;
@@ -247,7 +315,7 @@ impl Swarm {
             attempts += 1;
             let temporary = match self.connect_as(sender).await {
                 Ok(phone) => phone,
-                Err(error) => return failed(error.to_string()),
+                Err(error) => return Err(error.to_string()),
             };
             let submitted =
                 tokio::time::timeout(step_timeout, temporary.submit(send_half.clone())).await;
@@ -268,104 +336,72 @@ impl Swarm {
                 self.note(|| {
                     "  it is accepted; the phone drops that connection at once".to_owned()
                 });
+                Ok(())
             }
-            Ok(Ok(Submitted::Answered(answer))) => {
-                return failed(format!(
-                    "expected accepted before the partner, got {answer:?}"
-                ));
-            }
-            Ok(Err(error)) => return failed(error.to_string()),
-            Err(_) => return failed(format!("no answer within {step_timeout:?}")),
+            Ok(Ok(Submitted::Answered(answer))) => Err(format!(
+                "expected accepted before the partner, got {answer:?}"
+            )),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("no answer within {step_timeout:?}")),
         }
+    }
 
-        let receive_half = self.receive_half(payment);
+    /// The sender, reconnected as `again`, asks for the outcome of its
+    /// payment (on a new connection to the new leader after a change of
+    /// leader). Returns what it was told and the connection it asked on;
+    /// `Err` when it could not reconnect.
+    async fn query_reconnected(
+        &self,
+        payment: &Payment,
+        sender: &SimPhone,
+        mut again: tapledger_node::Phone,
+        step_timeout: Duration,
+    ) -> Result<(Got, tapledger_node::Phone), String> {
         self.note(|| {
             format!(
-                "{} sends {}",
-                self.who(payment.receiver),
-                describe_half(&receive_half)
-            )
-        });
-        let receive = self
-            .submit(receiver, receive_half, payment.amount, step_timeout)
-            .await;
-        self.note_told(payment.receiver, &receive);
-
-        let mut again = match self.connect_as(sender).await {
-            Ok(phone) => phone,
-            Err(error) => return (receive.got, Got::Failed(error.to_string())),
-        };
-        let sender_got = if payment.by_query {
-            self.note(|| {
-                format!(
-                    "{} reconnects and asks for the outcome of {}",
-                    self.who(payment.sender),
-                    payment.tx_key
-                )
-            });
-            let mut asked = 0;
-            let waiting = self.liveness.waiting();
-            let queried = loop {
-                asked += 1;
-                let queried =
-                    tokio::time::timeout(step_timeout, again.query_outcome(payment.tx_key)).await;
-                if let Ok(queried) = &queried {
-                    self.liveness.heard(queried);
-                }
-                match queried {
-                    Ok(Err(error)) if error.is_failover() && asked < 4 => {
-                        close_bounded(again).await;
-                        again = match self.connect_as(sender).await {
-                            Ok(phone) => phone,
-                            Err(error) => return (receive.got, Got::Failed(error.to_string())),
-                        };
-                    }
-                    queried => break queried,
-                }
-            };
-            drop(waiting);
-            match queried {
-                Err(_) => Got::Failed(format!("no answer within {step_timeout:?}")),
-                Ok(Err(error)) => classify(Err(error), payment.tx_key, payment.amount).0,
-                Ok(Ok((QueryStatus::Decided, Some(report)))) => {
-                    self.failover.told(sender.account.id, &report, None);
-                    classify(
-                        Ok(HalfAnswer::Decided(report)),
-                        payment.tx_key,
-                        payment.amount,
-                    )
-                    .0
-                }
-                Ok(Ok((status, _))) => {
-                    Got::Failed(format!("query answered {status:?} after the outcome"))
-                }
-            }
-        } else {
-            self.note(|| {
-                format!(
-                    "{} reconnects and resubmits its identical half",
-                    self.who(payment.sender)
-                )
-            });
-            self.submit_once(
-                &again,
-                sender.account.id,
-                send_half,
-                payment.amount,
-                step_timeout,
-            )
-            .await
-            .got
-        };
-        self.note(|| {
-            format!(
-                "  {} is told: {}",
+                "{} reconnects and asks for the outcome of {}",
                 self.who(payment.sender),
-                sender_got.describe()
+                payment.tx_key
             )
         });
-        close_bounded(again).await;
-        (receive.got, sender_got)
+        let mut asked = 0;
+        let waiting = self.liveness.waiting();
+        let queried = loop {
+            asked += 1;
+            let queried =
+                tokio::time::timeout(step_timeout, again.query_outcome(payment.tx_key)).await;
+            if let Ok(queried) = &queried {
+                self.liveness.heard(queried);
+            }
+            match queried {
+                Ok(Err(error)) if error.is_failover() && asked < 4 => {
+                    close_bounded(again).await;
+                    again = match self.connect_as(sender).await {
+                        Ok(phone) => phone,
+                        Err(error) => return Err(error.to_string()),
+                    };
+                }
+                queried => break queried,
+            }
+        };
+        drop(waiting);
+        let got = match queried {
+            Err(_) => Got::Failed(format!("no answer within {step_timeout:?}")),
+            Ok(Err(error)) => classify(Err(error), payment.tx_key, payment.amount).0,
+            Ok(Ok((QueryStatus::Decided, Some(report)))) => {
+                self.failover.told(sender.account.id, &report, None);
+                classify(
+                    Ok(HalfAnswer::Decided(report)),
+                    payment.tx_key,
+                    payment.amount,
+                )
+                .0
+            }
+            Ok(Ok((status, _))) => {
+                Got::Failed(format!("query answered {status:?} after the outcome"))
+            }
+        };
+        Ok((got, again))
     }
 
     /// A connection of its own for `phone`'s account, counted as a request

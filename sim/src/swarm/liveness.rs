@@ -18,7 +18,7 @@ use tapledger_node::ClientError;
 use tokio::time::Instant;
 
 use super::phones::Swarm;
-use super::report::thousands;
+use crate::text::thousands;
 
 /// How long the watchdog gives each replica to complete a handshake.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);

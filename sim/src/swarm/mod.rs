@@ -105,7 +105,7 @@ async fn run_connected(
         config,
         &format!(
             "{label}: opening {} funded accounts...",
-            report::thousands(config.phones as u64)
+            crate::text::thousands(config.phones as u64)
         ),
     );
     let opening = vec![config.opening_balance; config.phones];
@@ -123,7 +123,7 @@ async fn run_connected(
         config,
         &format!(
             "connecting {} phones, one QUIC connection each...",
-            report::thousands(config.phones as u64)
+            crate::text::thousands(config.phones as u64)
         ),
     );
     let connect_started = Instant::now();
@@ -169,10 +169,10 @@ async fn exercise(
         config,
         &format!(
             "running {} payments ({:.1}% faults, {}), seed {}...",
-            report::thousands(plan.len() as u64),
+            crate::text::thousands(plan.len() as u64),
             config.fault_share * 100.0,
             match config.rate {
-                Some(rate) => format!("{}/s open loop", report::thousands(rate as u64)),
+                Some(rate) => format!("{}/s open loop", crate::text::thousands(rate as u64)),
                 None => format!("closed loop, {} in flight", config.in_flight),
             },
             config.seed
@@ -496,39 +496,7 @@ async fn failover_report(
         .cloned()
         .collect();
     report.told_outcomes = told.len() as u64;
-    let checked = tokio::task::spawn_blocking(move || {
-        let mut found = 0u64;
-        let mut problems = Vec::new();
-        for told in &told {
-            match ledger.outcome(told.tx_key) {
-                Ok(Some(outcome)) => {
-                    let party = outcome.parties()[0];
-                    let stored = tapledger_protocol::OutcomeReport::for_party(&outcome, party);
-                    if same_outcome(&stored, told) {
-                        found += 1;
-                    } else if problems.len() < 10 {
-                        problems.push(format!(
-                            "{} was told {:?} {:?} but the leader holds {:?} {:?}",
-                            told.tx_key, told.status, told.code, stored.status, stored.code
-                        ));
-                    }
-                }
-                Ok(None) if problems.len() < 10 => {
-                    problems.push(format!(
-                        "{} was told an outcome the leader does not hold",
-                        told.tx_key
-                    ));
-                }
-                Ok(None) => {}
-                Err(error) => {
-                    problems.push(format!("reading {}: {error}", told.tx_key));
-                    break;
-                }
-            }
-        }
-        (found, problems)
-    })
-    .await;
+    let checked = tokio::task::spawn_blocking(move || find_told(&ledger, &told)).await;
     match checked {
         Ok((found, problems)) => {
             report.told_found = found;
@@ -544,6 +512,44 @@ async fn failover_report(
         Err(error) => report.problems.push(format!("the check failed: {error}")),
     }
     report
+}
+
+/// Looks up every outcome phones were told on the leader's ledger: how many
+/// are there exactly as told, and (the first ten of) those that are not.
+fn find_told(
+    ledger: &tapledger_actors::Ledger,
+    told: &[tapledger_protocol::OutcomeReport],
+) -> (u64, Vec<String>) {
+    let mut found = 0u64;
+    let mut problems = Vec::new();
+    for told in told {
+        match ledger.outcome(told.tx_key) {
+            Ok(Some(outcome)) => {
+                let party = outcome.parties()[0];
+                let stored = tapledger_protocol::OutcomeReport::for_party(&outcome, party);
+                if same_outcome(&stored, told) {
+                    found += 1;
+                } else if problems.len() < 10 {
+                    problems.push(format!(
+                        "{} was told {:?} {:?} but the leader holds {:?} {:?}",
+                        told.tx_key, told.status, told.code, stored.status, stored.code
+                    ));
+                }
+            }
+            Ok(None) if problems.len() < 10 => {
+                problems.push(format!(
+                    "{} was told an outcome the leader does not hold",
+                    told.tx_key
+                ));
+            }
+            Ok(None) => {}
+            Err(error) => {
+                problems.push(format!("reading {}: {error}", told.tx_key));
+                break;
+            }
+        }
+    }
+    (found, problems)
 }
 
 /// How long the run may go without any payment finishing: longer than the

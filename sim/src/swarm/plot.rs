@@ -4,7 +4,8 @@
 
 use std::fmt::Write as _;
 
-use super::report::{TimelinePoint, duration_text, thousands};
+use super::report::TimelinePoint;
+use crate::text::{duration_text, escape, thousands, trim_number};
 
 const WIDTH: f64 = 900.0;
 const PANEL_HEIGHT: f64 = 260.0;
@@ -37,7 +38,25 @@ pub fn render_svg(points: &[TimelinePoint], title: &str) -> String {
         escape(title)
     );
 
-    // Panel 1: settlements per second, linear.
+    rate_panel(&mut svg, points, seconds_max, &x);
+    latency_panel(&mut svg, points, seconds_max, &x);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="middle">seconds since the first tap</text>"#,
+        MARGIN_LEFT + plot_width / 2.0,
+        height - 12.0
+    );
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// Panel 1: settlements per second, linear.
+fn rate_panel(
+    svg: &mut String,
+    points: &[TimelinePoint],
+    seconds_max: f64,
+    x: &dyn Fn(f64) -> f64,
+) {
     let top = MARGIN_TOP;
     let rate_max = nice_ceiling(
         points
@@ -46,19 +65,26 @@ pub fn render_svg(points: &[TimelinePoint], title: &str) -> String {
             .fold(0.0, f64::max),
     );
     let y_rate = |rate: f64| top + PANEL_HEIGHT - rate / rate_max * PANEL_HEIGHT;
-    frame(&mut svg, top, "settlements per second");
+    frame(svg, top, "settlements per second");
     for step in 0..=4 {
         let value = rate_max * f64::from(step) / 4.0;
-        grid_line(&mut svg, y_rate(value), &thousands(value.round() as u64));
+        grid_line(svg, y_rate(value), &thousands(value.round() as u64));
     }
     let line: Vec<(f64, f64)> = points
         .iter()
         .map(|point| (x(point.seconds), y_rate(point.settled_per_sec)))
         .collect();
-    polyline(&mut svg, &line, "#1f77b4");
-    time_axis(&mut svg, top + PANEL_HEIGHT, seconds_max, &x);
+    polyline(svg, &line, "#1f77b4");
+    time_axis(svg, top + PANEL_HEIGHT, seconds_max, x);
+}
 
-    // Panel 2: latency, log scale, p50 / p99 / max of honest payments.
+/// Panel 2: latency, log scale, p50 / p99 / max of honest payments.
+fn latency_panel(
+    svg: &mut String,
+    points: &[TimelinePoint],
+    seconds_max: f64,
+    x: &dyn Fn(f64) -> f64,
+) {
     let top = MARGIN_TOP + PANEL_HEIGHT + PANEL_GAP;
     let with_latency: Vec<&TimelinePoint> = points
         .iter()
@@ -81,18 +107,18 @@ pub fn render_svg(points: &[TimelinePoint], title: &str) -> String {
         top + PANEL_HEIGHT - position * PANEL_HEIGHT
     };
     frame(
-        &mut svg,
+        svg,
         top,
         "latency, later half's intended send → both phones told",
     );
     let mut decade = decade_low;
     while decade <= decade_high {
         let micros = 10f64.powf(decade) as u64;
-        grid_line(&mut svg, y_latency(micros), &duration_text(micros));
+        grid_line(svg, y_latency(micros), &duration_text(micros));
         if decade < decade_high {
             for factor in [2, 5] {
                 grid_line(
-                    &mut svg,
+                    svg,
                     y_latency(micros * factor),
                     &duration_text(micros * factor),
                 );
@@ -110,7 +136,7 @@ pub fn render_svg(points: &[TimelinePoint], title: &str) -> String {
             .iter()
             .map(|point| (x(point.seconds), y_latency(value(point))))
             .collect();
-        polyline(&mut svg, &line, colour);
+        polyline(svg, &line, colour);
         let legend_y = top + 16.0 + index as f64 * 18.0;
         let legend_x = WIDTH - MARGIN_RIGHT + 14.0;
         let _ = writeln!(
@@ -121,15 +147,7 @@ pub fn render_svg(points: &[TimelinePoint], title: &str) -> String {
             legend_y + 4.0
         );
     }
-    time_axis(&mut svg, top + PANEL_HEIGHT, seconds_max, &x);
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="{}" text-anchor="middle">seconds since the first tap</text>"#,
-        MARGIN_LEFT + plot_width / 2.0,
-        height - 12.0
-    );
-    svg.push_str("</svg>\n");
-    svg
+    time_axis(svg, top + PANEL_HEIGHT, seconds_max, x);
 }
 
 fn frame(svg: &mut String, top: f64, label: &str) {
@@ -200,17 +218,6 @@ fn nice_ceiling(value: f64) -> f64 {
         }
     }
     10.0 * magnitude
-}
-
-fn trim_number(value: f64) -> String {
-    let text = format!("{value:.1}");
-    text.strip_suffix(".0").map_or(text.clone(), str::to_owned)
-}
-
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
 }
 
 #[cfg(test)]

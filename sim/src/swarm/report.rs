@@ -15,6 +15,7 @@ use tapledger_protocol::{AccountId, ErrorCode, OutcomeReport, OutcomeStatus, Rej
 use super::liveness::Stop;
 use super::run::{Bucket, CpuSplit, OutcomeCounts, TIMELINE_BUCKET};
 use super::workload::Kind;
+use crate::text::{duration_text, thousands, thousands_u128};
 
 /// One outcome as one phone was told it: what to look for in the node's
 /// ledger afterwards (`tapledger-node export`, `accounts --history`).
@@ -741,33 +742,5 @@ pub fn meaning(label: &str) -> &'static str {
             .or_else(|| ErrorCode::from_code(code).map(ErrorCode::explanation))
             .unwrap_or("unknown code"),
         Err(_) => "unknown",
-    }
-}
-
-/// 1234567 → "1,234,567".
-pub fn thousands(value: u64) -> String {
-    thousands_u128(u128::from(value))
-}
-
-pub fn thousands_u128(value: u128) -> String {
-    let digits = value.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (index, digit) in digits.chars().enumerate() {
-        if index > 0 && (digits.len() - index).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(digit);
-    }
-    out
-}
-
-/// Microseconds for people: "850 µs", "1.25 ms", "2.10 s".
-pub fn duration_text(micros: u64) -> String {
-    if micros < 1_000 {
-        format!("{micros} µs")
-    } else if micros < 1_000_000 {
-        format!("{:.2} ms", micros as f64 / 1e3)
-    } else {
-        format!("{:.2} s", micros as f64 / 1e6)
     }
 }

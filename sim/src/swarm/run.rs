@@ -419,8 +419,8 @@ fn spawn_ticker(
             progress.set_position(finished.load(Ordering::Relaxed));
             progress.set_message(format!(
                 "· {} settled, {}/s",
-                super::report::thousands(now_settled),
-                super::report::thousands(rate as u64)
+                crate::text::thousands(now_settled),
+                crate::text::thousands(rate as u64)
             ));
         }
     })

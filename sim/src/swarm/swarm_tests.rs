@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use tapledger_test_kit::within_for;
 use tokio::time::Instant;
 
 use super::actions::{self, PayRequest};
@@ -16,13 +17,6 @@ use super::liveness::Stop;
 use super::target::Target;
 use super::workload::Kind;
 use super::*;
-
-/// Bounds a whole test so that a bug shows as a failure, not a hang.
-async fn within<T>(limit: Duration, future: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(limit, future)
-        .await
-        .expect("the test did not finish in time")
-}
 
 fn embedded(half_ttl: Duration) -> Target {
     Target::Embedded {
@@ -59,7 +53,7 @@ async fn a_leader_killed_mid_run_loses_no_outcome_and_the_cluster_goes_on() {
         restart_after: Some(Duration::from_secs(1)),
         ..SwarmConfig::default()
     };
-    let report = within(Duration::from_secs(120), run(&config))
+    let report = within_for(Duration::from_secs(120), run(&config))
         .await
         .expect("the swarm runs");
     assert_eq!(
@@ -110,7 +104,7 @@ async fn small_swarm_gets_every_planned_answer_and_passes_the_audit() {
         step_timeout: Duration::from_secs(10),
         ..SwarmConfig::default()
     };
-    let report = within(Duration::from_secs(60), run(&config))
+    let report = within_for(Duration::from_secs(60), run(&config))
         .await
         .expect("the swarm runs");
 
@@ -173,7 +167,7 @@ async fn closed_loop_run_without_faults_settles_everything() {
         jitter: Duration::ZERO,
         ..SwarmConfig::default()
     };
-    let report = within(Duration::from_secs(60), run(&config))
+    let report = within_for(Duration::from_secs(60), run(&config))
         .await
         .expect("the swarm runs");
     assert_eq!(
@@ -190,7 +184,7 @@ async fn closed_loop_run_without_faults_settles_everything() {
 async fn every_named_scenario_gets_the_answers_it_expects() {
     let target = embedded(Duration::from_secs(1));
     for kind in Kind::ALL {
-        let output = within(
+        let output = within_for(
             Duration::from_secs(30),
             actions::scenario(&target, kind, Duration::from_secs(10)),
         )
@@ -213,7 +207,7 @@ async fn pay_opens_two_accounts_and_moves_the_money() {
         amount: 1_234,
         opening_balance: 5_000,
     };
-    let output = within(
+    let output = within_for(
         Duration::from_secs(30),
         actions::pay(
             &embedded(Duration::from_secs(2)),
@@ -237,7 +231,7 @@ async fn an_overdrawn_manual_payment_is_reported_as_not_settled() {
         amount: 9_000,
         opening_balance: 5_000,
     };
-    let output = within(
+    let output = within_for(
         Duration::from_secs(30),
         actions::pay(
             &embedded(Duration::from_secs(2)),
@@ -315,7 +309,7 @@ async fn a_node_killed_mid_run_ends_the_run_within_seconds_as_failed() {
     // target stopped answering and when, and fails.
     let config = long_schedule();
     assert_eq!(config.dead_after, Some(Duration::from_secs(5)));
-    let (report, after_kill, cluster) = within(
+    let (report, after_kill, cluster) = within_for(
         Duration::from_secs(60),
         run_against_a_node_killed_after(&config, Duration::from_millis(2_500)),
     )
@@ -364,7 +358,7 @@ async fn a_failed_run_writes_its_json_with_every_outcome_told_and_the_node_holds
         dead_after: Some(Duration::from_secs(1)),
         ..long_schedule()
     };
-    let (report, after_kill, cluster) = within(
+    let (report, after_kill, cluster) = within_for(
         Duration::from_secs(60),
         run_against_a_node_killed_after(&config, Duration::from_millis(2_500)),
     )
@@ -400,7 +394,7 @@ async fn a_failed_run_writes_its_json_with_every_outcome_told_and_the_node_holds
     assert!(told.iter().any(|entry| entry["status"] == "settled"));
 
     // Checked against the node's ledger after a restart.
-    within(Duration::from_secs(30), cluster.restart(0))
+    within_for(Duration::from_secs(30), cluster.restart(0))
         .await
         .expect("the node starts again");
     let ledger = cluster.ledger(0).await.expect("the node runs");

@@ -396,45 +396,17 @@ pub fn plan(config: &WorkloadConfig, balances: &[u64]) -> Result<Plan, PlanError
         } else {
             Kind::Normal
         };
-        let mut amount = rng.random_range(1..=config.amount_max);
-        let mut sender = rng.random_range(0..phone_count);
-        if kind.settles() {
-            let mut draws = 0;
-            while spendable[sender as usize] == 0 {
-                draws += 1;
-                if draws > SENDER_DRAWS_MAX {
-                    match spendable.iter().position(|&left| left > 0) {
-                        Some(found) => sender = found as u32,
-                        None => return Err(PlanError::OutOfMoney(index)),
-                    }
-                    break;
-                }
-                sender = rng.random_range(0..phone_count);
-            }
-            amount = amount.min(spendable[sender as usize]);
-        }
+        let (sender, amount) =
+            draw_sender(&mut rng, config, &spendable, kind).ok_or(PlanError::OutOfMoney(index))?;
         let receiver = other_than(&mut rng, phone_count, &[sender]);
-        let mut expected_sender = sender;
-        let mut expected_amount = amount;
-        match kind {
-            Kind::SenderMismatch => {
-                expected_sender = other_than(&mut rng, phone_count, &[sender, receiver]);
-            }
-            Kind::AmountMismatch => {
-                expected_amount = if amount > 1 && rng.random_bool(0.5) {
-                    amount - rng.random_range(1..amount)
-                } else {
-                    amount + rng.random_range(1..=100u64)
-                };
-                if expected_amount > config.max_amount {
-                    expected_amount = amount - 1;
-                }
-                if expected_amount == 0 {
-                    expected_amount = amount + 1;
-                }
-            }
-            _ => {}
-        }
+        let (expected_sender, expected_amount) = expectations(
+            &mut rng,
+            config,
+            kind,
+            phone_count,
+            (sender, receiver),
+            amount,
+        );
         if kind.settles() {
             spendable[sender as usize] -= amount;
             credits
@@ -473,8 +445,79 @@ pub fn plan(config: &WorkloadConfig, balances: &[u64]) -> Result<Plan, PlanError
         });
     }
 
-    // An overdraw in epoch `k` asks for more than its sender could hold if
-    // every credit planned for it up to epoch `k + 1` had arrived.
+    size_overdraws(&mut rng, config, balances, &mut payments)?;
+    Ok(Plan { payments })
+}
+
+/// The amount and the sender of the next payment, in that order from
+/// `rng`. A payment that settles gets a sender that can afford it (redrawn
+/// up to [`SENDER_DRAWS_MAX`] times, then the first phone with money left)
+/// and an amount capped by what it may spend; `None` when no phone has
+/// money left.
+fn draw_sender(
+    rng: &mut Xoshiro256PlusPlus,
+    config: &WorkloadConfig,
+    spendable: &[u64],
+    kind: Kind,
+) -> Option<(u32, u64)> {
+    let phone_count = spendable.len() as u32;
+    let mut amount = rng.random_range(1..=config.amount_max);
+    let mut sender = rng.random_range(0..phone_count);
+    if kind.settles() {
+        let mut draws = 0;
+        while spendable[sender as usize] == 0 {
+            draws += 1;
+            if draws > SENDER_DRAWS_MAX {
+                sender = spendable.iter().position(|&left| left > 0)? as u32;
+                break;
+            }
+            sender = rng.random_range(0..phone_count);
+        }
+        amount = amount.min(spendable[sender as usize]);
+    }
+    Some((sender, amount))
+}
+
+/// The sender and amount the receive half expects: the true ones, but for a
+/// sender mismatch (another phone) and an amount mismatch (another amount,
+/// 1..=`max_amount`).
+fn expectations(
+    rng: &mut Xoshiro256PlusPlus,
+    config: &WorkloadConfig,
+    kind: Kind,
+    phone_count: u32,
+    (sender, receiver): (u32, u32),
+    amount: u64,
+) -> (u32, u64) {
+    match kind {
+        Kind::SenderMismatch => (other_than(rng, phone_count, &[sender, receiver]), amount),
+        Kind::AmountMismatch => {
+            let mut expected_amount = if amount > 1 && rng.random_bool(0.5) {
+                amount - rng.random_range(1..amount)
+            } else {
+                amount + rng.random_range(1..=100u64)
+            };
+            if expected_amount > config.max_amount {
+                expected_amount = amount - 1;
+            }
+            if expected_amount == 0 {
+                expected_amount = amount + 1;
+            }
+            (sender, expected_amount)
+        }
+        _ => (sender, amount),
+    }
+}
+
+/// Sets every overdraw's amount. An overdraw in epoch `k` asks for more
+/// than its sender could hold if every credit planned for it up to epoch
+/// `k + 1` had arrived.
+fn size_overdraws(
+    rng: &mut Xoshiro256PlusPlus,
+    config: &WorkloadConfig,
+    balances: &[u64],
+    payments: &mut [Payment],
+) -> Result<(), PlanError> {
     let mut ceiling: Vec<u64> = balances.to_vec();
     let mut counted = 0;
     for at in 0..payments.len() {
@@ -501,7 +544,7 @@ pub fn plan(config: &WorkloadConfig, balances: &[u64]) -> Result<Plan, PlanError
         payment.amount = amount;
         payment.expected_amount = amount;
     }
-    Ok(Plan { payments })
+    Ok(())
 }
 
 /// A phone index uniformly chosen among those not in `excluded`.
