@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use tapledger_certs::Fingerprint;
 use tapledger_protocol::{
-    API_KEY_BYTES_MIN, AccountId, ClientMessage, ErrorCode, Half, HistoryEntry, LeaderRef,
-    NodeMessage, OutcomeReport, QueryStatus, RejectCode, RequestId, SALT_BYTES_MIN, Secret, TxKey,
-    decode_frame, encode_frame_to_vec, key_hash,
+    API_KEY_BYTES_MIN, AccountId, ClientMessage, ErrorCode, FrameReader, Half, HistoryEntry,
+    LeaderRef, NodeMessage, OutcomeReport, QueryStatus, RejectCode, RequestId, SALT_BYTES_MIN,
+    Secret, TxKey, encode_frame_to_vec, key_hash,
 };
 use tokio::sync::mpsc;
 
@@ -622,29 +622,21 @@ async fn read_loop(
     routes: Routes,
     unrouted: mpsc::UnboundedSender<NodeMessage>,
 ) {
-    let mut buffer: Vec<u8> = Vec::new();
+    let mut reader = FrameReader::<NodeMessage>::new();
     let mut chunk = vec![0u8; 16 * 1024];
-    'reading: loop {
+    loop {
         match recv.read(&mut chunk).await {
-            Ok(Some(bytes)) => buffer.extend_from_slice(&chunk[..bytes]),
+            Ok(Some(bytes)) => reader.extend(&chunk[..bytes]),
             Ok(None) | Err(_) => break,
         }
-        let mut offset = 0;
-        loop {
-            match decode_frame::<NodeMessage>(&buffer[offset..]) {
-                Ok(None) => break,
-                Ok(Some((message, used))) => {
-                    offset += used;
-                    route(&routes, &unrouted, message);
-                }
-                Err(error) => match error.frame_bytes() {
-                    // A node sent something this client cannot read; skip it.
-                    Some(skip) => offset += skip,
-                    None => break 'reading,
-                },
-            }
+        // A node sent something this client cannot read: skip it, or stop
+        // reading when the stream cannot go on.
+        for message in reader.frames().flatten() {
+            route(&routes, &unrouted, message);
         }
-        buffer.drain(..offset);
+        if reader.is_stopped() {
+            break;
+        }
     }
     // Dropping the routes tells every waiting request the connection is gone.
     routes.lock().expect("routes lock").clear();

@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use quinn::VarInt;
 use tapledger_actors::{LedgerError, NewAccount, Resolution, Submission};
 use tapledger_protocol::{
-    AccountId, ClientMessage, ErrorCode, HistoryEntry, HistoryKind, LeaderRef, NodeMessage,
-    OutcomeReport, QueryStatus, RequestId, TxKey, bytes_equal, decode_frame, encode_frame,
-    key_matches,
+    AccountId, ClientMessage, DecodeError, ErrorCode, FrameReader, HistoryEntry, HistoryKind,
+    LeaderRef, NodeMessage, OutcomeReport, QueryStatus, RequestId, TxKey, bytes_equal,
+    encode_frame, key_matches,
 };
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
@@ -234,7 +234,7 @@ async fn serve_stream(
     let writer = tokio::spawn(write_loop(send, outbox_receiver).in_current_span());
     let mut requests = JoinSet::new();
     let mut shutdown = shared.shutdown.clone();
-    let mut buffer: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
+    let mut reader = FrameReader::<ClientMessage>::with_capacity(READ_CHUNK_BYTES);
     let mut chunk = vec![0u8; READ_CHUNK_BYTES];
 
     'reading: loop {
@@ -244,15 +244,12 @@ async fn serve_stream(
             Some(_) = requests.join_next(), if !requests.is_empty() => continue 'reading,
         };
         match read {
-            Ok(Some(bytes)) => buffer.extend_from_slice(&chunk[..bytes]),
+            Ok(Some(bytes)) => reader.extend(&chunk[..bytes]),
             Ok(None) | Err(_) => break 'reading,
         }
-        let mut offset = 0;
-        loop {
-            match decode_frame::<ClientMessage>(&buffer[offset..]) {
-                Ok(None) => break,
-                Ok(Some((message, used))) => {
-                    offset += used;
+        for decoded in reader.frames() {
+            match decoded {
+                Ok(message) => {
                     let context = RequestContext {
                         shared: shared.clone(),
                         state: state.clone(),
@@ -264,43 +261,17 @@ async fn serve_stream(
                     }
                 }
                 Err(error) => {
-                    shared
-                        .counters
-                        .protocol_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%error, "bad frame");
-                    let answer =
-                        NodeMessage::error(error.request_id(), error.code(), &error.to_string());
-                    let _ = outbox.send(answer).await;
-                    let bad_frames = state.bad_frames.fetch_add(1, Ordering::AcqRel) + 1;
-                    if bad_frames >= shared.limits.bad_frames_max {
-                        tracing::warn!(
-                            bad_frames,
-                            "too many unusable frames; closing the connection"
-                        );
-                        let closing = NodeMessage::error(
-                            None,
-                            ErrorCode::Throttled,
-                            "too many unusable frames; closing the connection",
-                        );
-                        let _ = outbox.send(closing).await;
-                        // Give the writer a moment to send the answers before the close.
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        connection.close(CLOSE_AUTH_FAILURES, b"too many unusable frames");
+                    if bad_frame(&error, &state, &shared, &outbox, &connection).await {
                         break 'reading;
                     }
-                    match error.frame_bytes() {
-                        Some(skip) => offset += skip,
-                        None => {
-                            // The length prefix itself is unusable: the stream cannot resynchronise.
-                            let _ = recv.stop(STOP_FRAME_TOO_LARGE);
-                            break 'reading;
-                        }
+                    if error.frame_bytes().is_none() {
+                        // The length prefix itself is unusable: the stream cannot resynchronise.
+                        let _ = recv.stop(STOP_FRAME_TOO_LARGE);
+                        break 'reading;
                     }
                 }
             }
         }
-        buffer.drain(..offset);
     }
     // The client finished sending, or the node is shutting down: let requests
     // in flight answer (pending halves answer at once on shutdown), then finish.
@@ -325,6 +296,42 @@ async fn serve_stream(
     }
     drop(outbox);
     let _ = writer.await;
+}
+
+/// Answers an unusable frame and counts it against the connection; true
+/// when that was one too many and the connection is now closed.
+async fn bad_frame(
+    error: &DecodeError,
+    state: &ConnectionState,
+    shared: &Shared,
+    outbox: &mpsc::Sender<NodeMessage>,
+    connection: &quinn::Connection,
+) -> bool {
+    shared
+        .counters
+        .protocol_errors
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(%error, "bad frame");
+    let answer = NodeMessage::error(error.request_id(), error.code(), &error.to_string());
+    let _ = outbox.send(answer).await;
+    let bad_frames = state.bad_frames.fetch_add(1, Ordering::AcqRel) + 1;
+    if bad_frames < shared.limits.bad_frames_max {
+        return false;
+    }
+    tracing::warn!(
+        bad_frames,
+        "too many unusable frames; closing the connection"
+    );
+    let closing = NodeMessage::error(
+        None,
+        ErrorCode::Throttled,
+        "too many unusable frames; closing the connection",
+    );
+    let _ = outbox.send(closing).await;
+    // Give the writer a moment to send the answers before the close.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    connection.close(CLOSE_AUTH_FAILURES, b"too many unusable frames");
+    true
 }
 
 async fn write_loop(mut send: quinn::SendStream, mut outbox: mpsc::Receiver<NodeMessage>) {
