@@ -5,7 +5,8 @@
 //! * [`admission`] — the attempt rate above which clients are validated,
 //!   the connection table (and when it is nearly full), connections per account.
 //! * [`peer`] — replication between replicas: Raft over QUIC, mutual TLS.
-//! * [`session`] — per connection and stream: frames in, ledger calls, answers out.
+//! * [`session`] — per connection and stream: frames in, answers out.
+//! * `handlers` — one handler per request kind; `dispatch` only routes.
 //! * [`client`] — `ClientEndpoint` and `Phone`, used by `tapledger-sim` and tests.
 //! * [`init`], [`config`], [`tls`] — data directory, settings, TLS configs.
 //! * [`settings`], [`logging`], [`telemetry`], [`ops`], [`export`] — the
@@ -18,6 +19,7 @@ pub mod admission;
 pub mod client;
 pub mod config;
 pub mod export;
+mod handlers;
 pub mod init;
 pub mod logging;
 pub mod ops;
