@@ -150,7 +150,10 @@ pub struct NodeConfig {
     /// no replication endpoint.
     pub peer_listen: Option<SocketAddr>,
     pub limits: Limits,
-    /// The whole ledger configuration, exactly as `run` builds it.
+    /// The whole ledger configuration, exactly as `run` builds it
+    /// (`Settings::node_config`): [`crate::RunningNode::start`] opens the
+    /// ledger with it, so the sim and the tests set any ledger setting
+    /// (pending halves per account, account idle time, ...) here.
     pub ledger: tapledger_actors::LedgerConfig,
 }
 
@@ -177,6 +180,12 @@ impl std::fmt::Debug for NodeConfig {
             .field("limits", &self.limits)
             .field("half_ttl", &self.ledger.half_ttl)
             .field("max_amount", &self.ledger.max_amount)
+            .field("matcher_shards", &self.ledger.matcher_shards)
+            .field(
+                "pending_halves_per_account_max",
+                &self.ledger.pending_halves_per_account_max,
+            )
+            .field("account_idle", &self.ledger.account_idle)
             .finish_non_exhaustive()
     }
 }
