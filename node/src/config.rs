@@ -12,9 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tapledger_protocol::{
-    AUTH_FAILURES_PER_CONNECTION_MAX_DEFAULT, CLIENT_IDLE_TIMEOUT_MS_DEFAULT,
-    IDLE_TIMEOUT_MS_DEFAULT, KEEP_ALIVE_INTERVAL_MS_DEFAULT, REQUESTS_IN_FLIGHT_MAX_DEFAULT,
-    STREAMS_PER_CONNECTION_MAX_DEFAULT,
+    AUTH_FAILURES_PER_CONNECTION_MAX_DEFAULT, IDLE_TIMEOUT_MS_DEFAULT,
+    REQUESTS_IN_FLIGHT_MAX_DEFAULT, STREAMS_PER_CONNECTION_MAX_DEFAULT,
 };
 
 pub const LEDGER_FILE: &str = "ledger.redb";
@@ -132,13 +131,6 @@ pub const RETRY_ABOVE_ATTEMPTS_PER_SEC_DEFAULT: u32 = 2_000;
 pub const CONNECTIONS_PER_ACCOUNT_MAX_DEFAULT: u32 = 16;
 /// Default for [`Limits::busy_above_percent`].
 pub const BUSY_ABOVE_PERCENT_DEFAULT: u8 = 90;
-
-/// Interval at which clients send QUIC keep-alives (below the idle timeout).
-pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_millis(KEEP_ALIVE_INTERVAL_MS_DEFAULT);
-
-/// The idle timeout the client asks for: how soon it gives up on a replica
-/// that went silent.
-pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_millis(CLIENT_IDLE_TIMEOUT_MS_DEFAULT);
 
 /// Everything `run` needs besides the data directory's files.
 #[derive(Clone)]
