@@ -12,9 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tapledger_protocol::{
-    AUTH_FAILURES_PER_CONNECTION_MAX_DEFAULT, CLIENT_IDLE_TIMEOUT_MS_DEFAULT,
-    IDLE_TIMEOUT_MS_DEFAULT, KEEP_ALIVE_INTERVAL_MS_DEFAULT, REQUESTS_IN_FLIGHT_MAX_DEFAULT,
-    STREAMS_PER_CONNECTION_MAX_DEFAULT,
+    AUTH_FAILURES_PER_CONNECTION_MAX_DEFAULT, IDLE_TIMEOUT_MS_DEFAULT,
+    REQUESTS_IN_FLIGHT_MAX_DEFAULT, STREAMS_PER_CONNECTION_MAX_DEFAULT,
 };
 
 pub const LEDGER_FILE: &str = "ledger.redb";
@@ -133,13 +132,6 @@ pub const CONNECTIONS_PER_ACCOUNT_MAX_DEFAULT: u32 = 16;
 /// Default for [`Limits::busy_above_percent`].
 pub const BUSY_ABOVE_PERCENT_DEFAULT: u8 = 90;
 
-/// Interval at which clients send QUIC keep-alives (below the idle timeout).
-pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_millis(KEEP_ALIVE_INTERVAL_MS_DEFAULT);
-
-/// The idle timeout the client asks for: how soon it gives up on a replica
-/// that went silent.
-pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_millis(CLIENT_IDLE_TIMEOUT_MS_DEFAULT);
-
 /// Everything `run` needs besides the data directory's files.
 #[derive(Clone)]
 pub struct NodeConfig {
@@ -150,7 +142,10 @@ pub struct NodeConfig {
     /// no replication endpoint.
     pub peer_listen: Option<SocketAddr>,
     pub limits: Limits,
-    /// The whole ledger configuration, exactly as `run` builds it.
+    /// The whole ledger configuration, exactly as `run` builds it
+    /// (`Settings::node_config`): [`crate::RunningNode::start`] opens the
+    /// ledger with it, so the sim and the tests set any ledger setting
+    /// (pending halves per account, account idle time, ...) here.
     pub ledger: tapledger_actors::LedgerConfig,
 }
 
@@ -177,6 +172,12 @@ impl std::fmt::Debug for NodeConfig {
             .field("limits", &self.limits)
             .field("half_ttl", &self.ledger.half_ttl)
             .field("max_amount", &self.ledger.max_amount)
+            .field("matcher_shards", &self.ledger.matcher_shards)
+            .field(
+                "pending_halves_per_account_max",
+                &self.ledger.pending_halves_per_account_max,
+            )
+            .field("account_idle", &self.ledger.account_idle)
             .finish_non_exhaustive()
     }
 }

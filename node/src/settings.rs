@@ -535,7 +535,8 @@ impl Settings {
         config
     }
 
-    /// The ledger's configuration (including what `NodeConfig` leaves out).
+    /// The ledger's configuration, as `run` opens the ledger (it is
+    /// [`NodeConfig::ledger`] too).
     pub fn ledger_config(&self) -> tapledger_actors::LedgerConfig {
         let run = &self.run;
         let mut config =

@@ -187,3 +187,32 @@ fn flood_defenses_are_settings_that_reach_the_node() {
     // A percent that does not fit its type is a parse error naming the file.
     assert!(FileSettings::parse("busy_above_percent = 300", "node.toml").is_err());
 }
+
+#[test]
+fn every_ledger_setting_reaches_the_node_config() {
+    // Issue 11: `RunningNode::start` (the sim, the tests) must build exactly
+    // the ledger `run` builds; the per-account pending cap and the account
+    // idle time used to be settable only on a ledger opened by hand.
+    let file = FileSettings::parse(
+        "data = \"/srv/ledger\"\nhalf_ttl_secs = 7\nmax_amount = 1234\nmatcher_shards = 3\n\
+         pending_halves_per_account_max = 5\naccount_idle_secs = 2.5\nheartbeat_ms = 70\n\
+         election_timeout_ms = 650\nsnapshot_after_entries = 400\n",
+        "node.toml",
+    )
+    .unwrap();
+    let settings = Settings::resolve(GlobalLayer::default(), RunLayer::default(), file).unwrap();
+    let ledger = settings.node_config().ledger;
+    assert_eq!(ledger.path, PathBuf::from("/srv/ledger/ledger.redb"));
+    assert_eq!(ledger.half_ttl, Duration::from_secs(7));
+    assert_eq!(ledger.max_amount, 1234);
+    assert_eq!(ledger.matcher_shards, 3);
+    assert_eq!(ledger.pending_halves_per_account_max, 5);
+    assert_eq!(ledger.account_idle, Duration::from_millis(2500));
+    assert_eq!(ledger.replication.heartbeat, Duration::from_millis(70));
+    assert_eq!(
+        ledger.replication.election_timeout,
+        (Duration::from_millis(650), Duration::from_millis(1000))
+    );
+    assert_eq!(ledger.replication.snapshot_after_entries, 400);
+    assert_eq!(ledger.replication.entries_kept_after_snapshot, 100);
+}

@@ -1,5 +1,6 @@
-//! TLS for QUIC: the node's rustls server config and the client's, which pins
-//! the node's certificate by its SHA-256 fingerprint. TLS 1.3 only, ring
+//! TLS for QUIC: the node's rustls server config (the client's, which pins
+//! the node's certificate by its SHA-256 fingerprint, is in
+//! `tapledger_client::tls` and re-exported here). TLS 1.3 only, ring
 //! provider only, no 0-RTT (early data would let a replayed packet move money).
 //!
 //! There is deliberately no "accept any certificate" mode: a client either
@@ -14,11 +15,13 @@ use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
 use rustls::DigitallySignedStruct;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tapledger_certs::Fingerprint;
+pub use tapledger_client::tls::client_crypto;
+use tapledger_client::tls::{PinnedCertificate, provider};
 use tapledger_protocol::ALPN;
 
 /// The ALPN of replication between replicas; phones never speak it.
@@ -81,10 +84,7 @@ pub fn peer_client_crypto(
     key: PrivateKeyDer<'static>,
 ) -> Result<quinn::crypto::rustls::QuicClientConfig, rustls::Error> {
     let provider = provider();
-    let verifier = PinnedCertificate {
-        pinned,
-        algorithms: provider.signature_verification_algorithms,
-    };
+    let verifier = PinnedCertificate::new(pinned, &provider);
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -153,10 +153,6 @@ impl ClientCertVerifier for TrustedPeers {
     }
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 /// The node's QUIC server crypto config.
 pub fn server_crypto(
     chain: Vec<CertificateDer<'static>>,
@@ -171,77 +167,4 @@ pub fn server_crypto(
     config.max_early_data_size = 0;
     quinn::crypto::rustls::QuicServerConfig::try_from(config)
         .map_err(|error| rustls::Error::General(error.to_string()))
-}
-
-/// A client crypto config that accepts exactly the certificate whose SHA-256
-/// is `pinned`.
-pub fn client_crypto(
-    pinned: Fingerprint,
-) -> Result<quinn::crypto::rustls::QuicClientConfig, rustls::Error> {
-    let provider = provider();
-    let verifier = PinnedCertificate {
-        pinned,
-        algorithms: provider.signature_verification_algorithms,
-    };
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    config.alpn_protocols = vec![ALPN.to_vec()];
-    config.enable_early_data = false;
-    quinn::crypto::rustls::QuicClientConfig::try_from(config)
-        .map_err(|error| rustls::Error::General(error.to_string()))
-}
-
-/// Accepts the one certificate with the pinned fingerprint, and checks that
-/// the handshake was signed by its key.
-#[derive(Debug)]
-struct PinnedCertificate {
-    pinned: Fingerprint,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for PinnedCertificate {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        // Comparing public fingerprints needs no constant time.
-        if self.pinned.matches(end_entity) {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
 }

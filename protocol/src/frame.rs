@@ -5,8 +5,8 @@
 //! apart from every kind of bad input (`Err`), so a caller can feed it
 //! whatever its socket delivered so far. It never panics, never reads past a
 //! frame, and never allocates from a declared length above `FRAME_BYTES_MAX`.
-//! This file does no IO and keeps no state between calls; buffering is the
-//! caller's.
+//! This file does no IO and keeps no state between calls; buffering a stream
+//! is [`crate::FrameReader`]'s (`reader.rs`).
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -274,4 +274,4 @@ pub fn encode_frame_to_vec<M: Serialize>(message: &M) -> Result<Vec<u8>, EncodeE
 
 #[cfg(test)]
 #[path = "frame_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -30,7 +30,7 @@ fn unhex(text: &str) -> Vec<u8> {
 }
 
 /// A frame around arbitrary body bytes.
-fn framed(body: &[u8]) -> Vec<u8> {
+pub(crate) fn framed(body: &[u8]) -> Vec<u8> {
     let mut frame = (body.len() as u32).to_be_bytes().to_vec();
     frame.extend_from_slice(body);
     frame
@@ -549,7 +549,7 @@ fn history_entry() -> impl Strategy<Value = HistoryEntry> {
         )
 }
 
-fn client_message() -> impl Strategy<Value = ClientMessage> {
+pub(crate) fn client_message() -> impl Strategy<Value = ClientMessage> {
     let admin =
         || bytes(ADMIN_CREDENTIAL_BYTES_MIN, ADMIN_CREDENTIAL_BYTES_MAX).prop_map(Secret::new);
     let name = || text(16).prop_filter("non-empty", |name| !name.is_empty());
@@ -622,7 +622,7 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
     ]
 }
 
-fn node_message() -> impl Strategy<Value = NodeMessage> {
+pub(crate) fn node_message() -> impl Strategy<Value = NodeMessage> {
     prop_oneof![
         (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
             |(request_id, account_id, max_amount, half_ttl_ms)| NodeMessage::Authenticated {

@@ -1,6 +1,7 @@
 //! tapledger's wire vocabulary: the domain types every other crate shares
 //! (accounts, halves, outcomes, rejection codes), the messages phones and the
-//! node exchange, and the length-prefixed frame codec with its named limits.
+//! node exchange, the length-prefixed frame codec with its named limits, and
+//! [`FrameReader`], which turns a byte stream into those messages.
 //!
 //! This crate deliberately does no IO: no sockets, no async, no clocks, no
 //! storage. Encoders write into buffers and decoders read byte slices, so the
@@ -14,6 +15,7 @@ pub mod examples;
 pub mod frame;
 pub mod limits;
 pub mod messages;
+pub mod reader;
 pub mod scan;
 pub mod validate;
 
@@ -29,4 +31,5 @@ pub use messages::{
     ClientMessage, HistoryEntry, HistoryKind, LeaderRef, NodeMessage, OutcomeReport, OutcomeStatus,
     QueryStatus, RequestId,
 };
+pub use reader::{FrameReader, Frames};
 pub use validate::{Problem, ValidationError};

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tapledger_actors::{Ledger, LedgerConfig};
+use tapledger_actors::Ledger;
 use tapledger_node::config::{DataDir, NodeConfig};
 use tapledger_node::init::init_data_dir;
 use tapledger_node::{
@@ -31,7 +31,8 @@ pub struct TestNode {
 }
 
 impl TestNode {
-    /// A node started the way `tapledger-node run` starts one, after `configure`.
+    /// A node started the way `tapledger-node run` starts one, after
+    /// `configure` (whose `ledger` is the whole ledger configuration).
     pub async fn start(configure: impl FnOnce(&mut NodeConfig)) -> TestNode {
         let dir = tempfile::tempdir().expect("temp dir");
         let data_dir = DataDir::new(dir.path().join("data"));
@@ -41,31 +42,6 @@ impl TestNode {
         let node = within(RunningNode::start(config))
             .await
             .expect("start node");
-        TestNode::around(node, &data_dir, dir)
-    }
-
-    /// A node serving a ledger opened with `configure_ledger`, for ledger
-    /// settings `NodeConfig` does not carry (pending halves per account).
-    pub async fn start_with_ledger(configure_ledger: impl FnOnce(&mut LedgerConfig)) -> TestNode {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let data_dir = DataDir::new(dir.path().join("data"));
-        init_data_dir(&data_dir, &["localhost".into(), "127.0.0.1".into()]).expect("init");
-        let identity = tapledger_certs::Identity::load(&data_dir.cert(), &data_dir.key())
-            .expect("load identity");
-        let admin = wire::admin_credential(data_dir.path());
-        let mut ledger_config = LedgerConfig::new(data_dir.ledger());
-        configure_ledger(&mut ledger_config);
-        let ledger = within(Ledger::open(ledger_config))
-            .await
-            .expect("open ledger");
-        let node = RunningNode::serve(
-            "127.0.0.1:0".parse().unwrap(),
-            &identity,
-            admin,
-            tapledger_node::Limits::default(),
-            Arc::new(ledger),
-        )
-        .expect("serve");
         TestNode::around(node, &data_dir, dir)
     }
 

@@ -375,13 +375,12 @@ async fn a_different_half_of_the_same_side_while_pending_is_refused_with_710() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_pending_halves_for_one_account_are_refused_with_800() {
-    // Goal: code 800 end to end. `NodeConfig` does not carry the per-account
-    // cap, so the node serves a ledger opened with a cap of 2 (one matcher
-    // shard, so the cap is per account overall). Once a half is decided the
-    // account may wait on another again.
-    let node = TestNode::start_with_ledger(|config| {
-        config.pending_halves_per_account_max = 2;
-        config.matcher_shards = 1;
+    // Goal: code 800 end to end, on a node started as `run` starts one with
+    // a cap of 2 (one matcher shard, so the cap is per account overall).
+    // Once a half is decided the account may wait on another again.
+    let node = TestNode::start(|config| {
+        config.ledger.pending_halves_per_account_max = 2;
+        config.ledger.matcher_shards = 1;
     })
     .await;
     let (alice, alice_phone, _) = node.phone_with_account(500).await;
@@ -422,9 +421,9 @@ async fn the_pending_cap_bounds_the_account_across_matcher_shards() {
     // on an account's lone halves bounds the account, however its keys fall
     // over the matcher shards: with 2 shards and a cap of 4, 3 halves on one
     // shard and 1 on the other fill it, and a fifth is refused on either.
-    let node = TestNode::start_with_ledger(|config| {
-        config.pending_halves_per_account_max = 4;
-        config.matcher_shards = 2;
+    let node = TestNode::start(|config| {
+        config.ledger.pending_halves_per_account_max = 4;
+        config.ledger.matcher_shards = 2;
     })
     .await;
     let (alice, alice_phone, _) = node.phone_with_account(500).await;

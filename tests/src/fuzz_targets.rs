@@ -9,8 +9,8 @@
 
 use tapledger_protocol::examples::example_frames;
 use tapledger_protocol::{
-    ClientMessage, DecodeError, FRAME_BYTES_MAX, FRAME_HEADER_BYTES, NodeMessage, WireMessage,
-    decode_frame, encode_frame, encode_frame_to_vec, split_frame,
+    ClientMessage, DecodeError, FRAME_BYTES_MAX, FRAME_HEADER_BYTES, FrameReader, NodeMessage,
+    WireMessage, decode_frame, encode_frame, encode_frame_to_vec, split_frame,
 };
 
 /// What decoding one position of a stream gave: comparable across runs.
@@ -21,35 +21,51 @@ pub enum Step<M> {
     Error(u16, Option<usize>),
 }
 
-/// Decodes `stream` as the node and the client do: frame after frame,
-/// skipping bad frames where the error allows it, stopping where it does
-/// not or where more bytes are needed. Checks the decoder's contract at
-/// every step and returns the steps and the bytes left undecoded.
+/// Decodes `stream` as the node and the client do, through
+/// [`FrameReader`]: frame after frame, skipping bad frames where the error
+/// allows it, stopping where it does not or where more bytes are needed.
+/// Checks the decoder's contract at every step and returns the steps and the
+/// bytes left undecoded.
 pub fn decode_stream<M>(stream: &[u8]) -> (Vec<Step<M>>, usize)
 where
     M: WireMessage + PartialEq + std::fmt::Debug,
 {
+    let mut reader = FrameReader::<M>::new();
+    reader.extend(stream);
+    decode_buffered(&mut reader)
+}
+
+/// Takes every whole frame out of `reader`, checking each step against the
+/// bytes it had buffered; returns the steps and the bytes left in it.
+fn decode_buffered<M>(reader: &mut FrameReader<M>) -> (Vec<Step<M>>, usize)
+where
+    M: WireMessage + PartialEq + std::fmt::Debug,
+{
     let mut steps = Vec::new();
-    let mut offset = 0;
-    loop {
-        let rest = &stream[offset..];
-        match decode_frame::<M>(rest) {
+    while !reader.is_stopped() {
+        let available = reader.buffered().len();
+        let declared = reader
+            .buffered()
+            .first_chunk::<FRAME_HEADER_BYTES>()
+            .map(|prefix| u32::from_be_bytes(*prefix) as usize);
+        let decoded = reader.next_frame();
+        let consumed = available - reader.buffered().len();
+        match decoded {
             Ok(None) => {
                 // Only an incomplete frame may ask for more bytes.
-                if let Some(prefix) = rest.first_chunk::<FRAME_HEADER_BYTES>() {
-                    let declared = u32::from_be_bytes(*prefix) as usize;
+                if let Some(declared) = declared {
                     assert!(
-                        rest.len() < FRAME_HEADER_BYTES + declared,
+                        available < FRAME_HEADER_BYTES + declared,
                         "a complete frame of {declared} bytes was not decoded"
                     );
                 }
-                return (steps, rest.len());
+                assert_eq!(consumed, 0, "waiting for more bytes dropped some");
+                break;
             }
-            Ok(Some((message, consumed))) => {
+            Ok(Some(message)) => {
                 assert!(
-                    consumed > FRAME_HEADER_BYTES && consumed <= rest.len(),
-                    "consumed {consumed} of {}",
-                    rest.len()
+                    consumed > FRAME_HEADER_BYTES && consumed <= available,
+                    "consumed {consumed} of {available}"
                 );
                 assert!(message.validate().is_ok(), "decoded an invalid {message:?}");
                 // A decoded message re-encodes to a frame that decodes to it
@@ -61,24 +77,23 @@ where
                 assert_eq!(back, message, "re-encoding changed the message");
                 assert_eq!(used, again.len());
                 steps.push(Step::Message(message, consumed));
-                offset += consumed;
             }
             Err(error) => {
-                check_error(&error, rest);
+                check_error(&error, declared, available);
                 let skip = error.frame_bytes();
+                assert_eq!(consumed, skip.unwrap_or(0), "{error:?}");
+                assert_eq!(reader.is_stopped(), skip.is_none(), "{error:?}");
                 steps.push(Step::Error(error.code().code(), skip));
-                match skip {
-                    Some(skip) => offset += skip,
-                    None => return (steps, rest.len()),
-                }
             }
         }
     }
+    (steps, reader.buffered().len())
 }
 
 /// Every error is a client's fault, carries a bounded text, and names a skip
-/// inside the bytes it was given.
-fn check_error(error: &DecodeError, input: &[u8]) {
+/// inside the `available` bytes it was given, whose prefix declared
+/// `declared` bytes.
+fn check_error(error: &DecodeError, declared: Option<usize>, available: usize) {
     assert!(error.code().is_client_error(), "{error:?}");
     // Error texts go back to the peer and into logs: they stay short.
     assert!(
@@ -86,16 +101,10 @@ fn check_error(error: &DecodeError, input: &[u8]) {
         "{} bytes of error text",
         error.to_string().len()
     );
-    let declared = input
-        .first_chunk::<FRAME_HEADER_BYTES>()
-        .map(|prefix| u32::from_be_bytes(*prefix) as usize)
-        .expect("an error needs at least a prefix");
+    let declared = declared.expect("an error needs at least a prefix");
     match error.frame_bytes() {
         Some(skip) => {
-            assert!(
-                skip >= FRAME_HEADER_BYTES && skip <= input.len(),
-                "{error:?}"
-            );
+            assert!(skip >= FRAME_HEADER_BYTES && skip <= available, "{error:?}");
             assert_eq!(skip, FRAME_HEADER_BYTES + declared, "{error:?}");
         }
         None => assert!(
@@ -129,22 +138,17 @@ pub fn node_frames(data: &[u8]) {
 }
 
 /// Decodes as a socket reader does when `stream` arrives as `..cut` then
-/// `cut..`: buffer, decode what is complete, keep the rest.
+/// `cut..`: one [`FrameReader`] fed both deliveries, every whole frame
+/// taken out after each.
 fn decode_in_two_deliveries<M>(stream: &[u8], cut: usize) -> Vec<Step<M>>
 where
     M: WireMessage + PartialEq + std::fmt::Debug,
 {
+    let mut reader = FrameReader::<M>::new();
     let mut steps = Vec::new();
-    let mut buffer = Vec::new();
     for delivery in [&stream[..cut], &stream[cut..]] {
-        buffer.extend_from_slice(delivery);
-        let (mut decoded, left) = decode_stream::<M>(&buffer);
-        let fatal = matches!(decoded.last(), Some(Step::Error(_, None)));
-        steps.append(&mut decoded);
-        if fatal {
-            return steps;
-        }
-        buffer.drain(..buffer.len() - left);
+        reader.extend(delivery);
+        steps.append(&mut decode_buffered(&mut reader).0);
     }
     steps
 }

@@ -2,8 +2,11 @@
 //! one long-lived stream, pipelines requests over it and routes each answer
 //! (and each pushed outcome) back to the request that caused it.
 //!
-//! It never accepts an unpinned certificate. `tapledger-sim` and the tests
-//! use it; it is also a reference for clients in other languages.
+//! It never accepts an unpinned certificate. This crate is what a phone app
+//! depends on: the wire protocol, certificate pins and QUIC, and nothing of
+//! the ledger (no redb, no actors). `tapledger-sim` and the tests use it
+//! too (`tapledger_node` re-exports it as `tapledger_node::client`); it is
+//! also a reference for clients in other languages.
 //!
 //! A cluster is a list of replicas, each with its own address and
 //! certificate ([`ReplicaAddress`]). Only the leader takes requests; the
@@ -19,14 +22,21 @@ use std::time::Duration;
 
 use tapledger_certs::Fingerprint;
 use tapledger_protocol::{
-    API_KEY_BYTES_MIN, AccountId, ClientMessage, ErrorCode, Half, HistoryEntry, LeaderRef,
-    NodeMessage, OutcomeReport, QueryStatus, RejectCode, RequestId, SALT_BYTES_MIN, Secret, TxKey,
-    decode_frame, encode_frame_to_vec, key_hash,
+    API_KEY_BYTES_MIN, AccountId, CLIENT_IDLE_TIMEOUT_MS_DEFAULT, ClientMessage, ErrorCode,
+    FrameReader, Half, HistoryEntry, KEEP_ALIVE_INTERVAL_MS_DEFAULT, LeaderRef, NodeMessage,
+    OutcomeReport, QueryStatus, RejectCode, RequestId, SALT_BYTES_MIN, Secret, TxKey,
+    encode_frame_to_vec, key_hash,
 };
 use tokio::sync::mpsc;
 
-use crate::config::{CLIENT_IDLE_TIMEOUT, KEEP_ALIVE_INTERVAL};
-use crate::tls;
+pub mod tls;
+
+/// Interval at which clients send QUIC keep-alives (below the idle timeout).
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_millis(KEEP_ALIVE_INTERVAL_MS_DEFAULT);
+
+/// The idle timeout the client asks for: how soon it gives up on a replica
+/// that went silent.
+pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_millis(CLIENT_IDLE_TIMEOUT_MS_DEFAULT);
 
 /// How long [`ClientEndpoint::connect_leader`] gives one replica to
 /// complete the handshake (and authentication) before trying the next.
@@ -622,29 +632,21 @@ async fn read_loop(
     routes: Routes,
     unrouted: mpsc::UnboundedSender<NodeMessage>,
 ) {
-    let mut buffer: Vec<u8> = Vec::new();
+    let mut reader = FrameReader::<NodeMessage>::new();
     let mut chunk = vec![0u8; 16 * 1024];
-    'reading: loop {
+    loop {
         match recv.read(&mut chunk).await {
-            Ok(Some(bytes)) => buffer.extend_from_slice(&chunk[..bytes]),
+            Ok(Some(bytes)) => reader.extend(&chunk[..bytes]),
             Ok(None) | Err(_) => break,
         }
-        let mut offset = 0;
-        loop {
-            match decode_frame::<NodeMessage>(&buffer[offset..]) {
-                Ok(None) => break,
-                Ok(Some((message, used))) => {
-                    offset += used;
-                    route(&routes, &unrouted, message);
-                }
-                Err(error) => match error.frame_bytes() {
-                    // A node sent something this client cannot read; skip it.
-                    Some(skip) => offset += skip,
-                    None => break 'reading,
-                },
-            }
+        // A node sent something this client cannot read: skip it, or stop
+        // reading when the stream cannot go on.
+        for message in reader.frames().flatten() {
+            route(&routes, &unrouted, message);
         }
-        buffer.drain(..offset);
+        if reader.is_stopped() {
+            break;
+        }
     }
     // Dropping the routes tells every waiting request the connection is gone.
     routes.lock().expect("routes lock").clear();
@@ -671,3 +673,6 @@ fn route(routes: &Routes, unrouted: &mpsc::UnboundedSender<NodeMessage>, message
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
