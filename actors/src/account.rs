@@ -340,12 +340,30 @@ impl Registry {
         })
     }
 
-    /// Asks every actor unused for `idle` to retire.
-    pub fn sweep_idle(&self, idle: Duration) {
+    /// Asks every actor unused for `idle` to retire, and while more than
+    /// `live_max` are live, the least recently used ones too: enough to come
+    /// down to 7/8 of `live_max`. Only an actor holding no reservation and
+    /// with no message on its way retires, so some may stay above the cap
+    /// until a later sweep.
+    pub fn sweep_idle(&self, idle: Duration, live_max: usize) {
         let entries = self.entries();
         let now = Instant::now();
+        let mut retire_before = now.checked_sub(idle);
+        let live = entries.live.len();
+        if live > live_max {
+            let retiring = live - live_max + live_max / 8;
+            let mut used: Vec<Instant> =
+                entries.live.values().map(|entry| entry.last_used).collect();
+            let (_, newest_retired, _) = used.select_nth_unstable(retiring.min(live) - 1);
+            let newest_retired = *newest_retired;
+            retire_before =
+                Some(retire_before.map_or(newest_retired, |idle| idle.max(newest_retired)));
+        }
+        let Some(retire_before) = retire_before else {
+            return;
+        };
         for entry in entries.live.values() {
-            if now.duration_since(entry.last_used) >= idle {
+            if entry.last_used <= retire_before {
                 let _ = entry.actor.send_message(AccountMsg::Retire);
             }
         }

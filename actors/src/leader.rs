@@ -120,13 +120,15 @@ impl LeaderServices {
         .map_err(|error| LedgerError::Invalid(format!("cannot start expiry actor: {error}")))?;
         let sweeper = {
             let registry = registry.clone();
-            let idle = config.account_idle;
+            let (idle, live_max) = (config.account_idle, config.live_accounts_max);
+            let every =
+                (idle / 2).clamp(Duration::from_millis(1), crate::ledger::SWEEP_INTERVAL_MAX);
             tokio::spawn(async move {
-                let mut interval = tokio::time::interval((idle / 2).max(Duration::from_millis(1)));
+                let mut interval = tokio::time::interval(every);
                 interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     interval.tick().await;
-                    registry.sweep_idle(idle);
+                    registry.sweep_idle(idle, live_max);
                 }
             })
         };

@@ -42,6 +42,10 @@ pub const MAX_AMOUNT_DEFAULT: u64 = 100_000_000;
 pub const PENDING_HALVES_PER_ACCOUNT_MAX_DEFAULT: u32 = 64;
 /// Default time an unused account actor stays alive.
 pub const ACCOUNT_IDLE_DEFAULT: Duration = Duration::from_secs(30);
+/// See [`LedgerConfig::live_accounts_max`].
+pub const LIVE_ACCOUNTS_MAX_DEFAULT: usize = 65_536;
+/// The idle sweep runs every `account_idle / 2`, and at least this often.
+pub const SWEEP_INTERVAL_MAX: Duration = Duration::from_millis(250);
 /// How long [`Ledger::open`] waits for a cluster of one to elect itself.
 const SERVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a new leader may take to apply its log before it serves.
@@ -124,7 +128,13 @@ pub struct LedgerConfig {
     /// matcher shards (at least one each), so the total never exceeds it
     /// when it is at least `matcher_shards`.
     pub pending_halves_per_account_max: u32,
+    /// An account actor unused this long retires.
     pub account_idle: Duration,
+    /// Account actors live at once, at most about: above it the least
+    /// recently used idle ones retire before `account_idle` (a sweep every
+    /// [`SWEEP_INTERVAL_MAX`] at most), so a ledger of millions of accounts
+    /// keeps only its busy ones in memory (~6.5 KB each).
+    pub live_accounts_max: usize,
     pub clock: Arc<dyn Clock>,
     pub replication: ReplicationConfig,
     /// Where storage work runs (the blocking pool unless a test says).
@@ -144,6 +154,7 @@ impl LedgerConfig {
             matcher_shards: 2,
             pending_halves_per_account_max: PENDING_HALVES_PER_ACCOUNT_MAX_DEFAULT,
             account_idle: ACCOUNT_IDLE_DEFAULT,
+            live_accounts_max: LIVE_ACCOUNTS_MAX_DEFAULT,
             clock: Arc::new(SystemClock),
             replication: ReplicationConfig::default(),
             storage_io: StorageIo::Blocking,

@@ -33,9 +33,9 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use core::matching::Resolution;
 pub use error::{LeaderHint, LedgerError, StoreError};
 pub use ledger::{
-    ACCOUNT_IDLE_DEFAULT, BatchHalf, FollowerStatus, HALF_TTL_DEFAULT, Ledger, LedgerConfig,
-    LedgerStats, MAX_AMOUNT_DEFAULT, PENDING_HALVES_PER_ACCOUNT_MAX_DEFAULT, ReplicaSetup,
-    ReplicaStatus, ReplicationConfig, Submission, Ticket, open_files,
+    ACCOUNT_IDLE_DEFAULT, BatchHalf, FollowerStatus, HALF_TTL_DEFAULT, LIVE_ACCOUNTS_MAX_DEFAULT,
+    Ledger, LedgerConfig, LedgerStats, MAX_AMOUNT_DEFAULT, PENDING_HALVES_PER_ACCOUNT_MAX_DEFAULT,
+    ReplicaSetup, ReplicaStatus, ReplicationConfig, Submission, Ticket, open_files,
 };
 pub use matcher::{Heard, Report, ReportSender};
 pub use raft::{LogStore, ReplicaId, ReplicaInfo, StorageIo};

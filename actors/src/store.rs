@@ -51,6 +51,14 @@ type Sealed = &'static [u8];
 /// Named counters (u64), and `journal_head` (u128, the journal chain's link
 /// of its newest entry).
 const META: TableDefinition<&str, Sealed> = TableDefinition::new("meta");
+
+/// Page cache of a ledger file open for writing. redb's default is 1 GiB per
+/// file; the hot pages of a ledger (balances, the `tx_key` index's fences
+/// and newest runs, the journal's tail) fit in far less, and a ledger with
+/// millions of accounts must not grow to the default in memory.
+pub const LEDGER_CACHE_BYTES: usize = 256 << 20;
+/// Page cache of a copy being written (a backup or a Raft snapshot).
+const COPY_CACHE_BYTES: usize = 32 << 20;
 /// Account id -> [`AccountRecord`] (MessagePack). Never changes after opening.
 const ACCOUNTS: TableDefinition<u64, Sealed> = TableDefinition::new("accounts");
 /// Account id -> (committed balance in minor units, journal sequence of the
@@ -410,7 +418,11 @@ impl Store {
                 checked_index = Some(checked.indexes().current.clone());
             }
         }
-        let db = refuse_damage(|| Ok(Database::builder().create(path)?))?;
+        let db = refuse_damage(|| {
+            Ok(Database::builder()
+                .set_cache_size(LEDGER_CACHE_BYTES)
+                .create(path)?)
+        })?;
         Store::init(db, false, checked_index)
     }
 
@@ -912,7 +924,12 @@ fn write_copy(
     to: &Path,
     snapshot: Option<&SnapshotMeta>,
 ) -> Result<(), StoreError> {
-    let copy = Database::builder().create(to)?;
+    // A small cache: redb keeps a write's dirty pages in it until they spill,
+    // and at its 1 GiB default a copy of a large ledger (every snapshot)
+    // held a gigabyte in memory.
+    let copy = Database::builder()
+        .set_cache_size(COPY_CACHE_BYTES)
+        .create(to)?;
     let mut write = copy.begin_write()?;
     write.set_durability(redb::Durability::Immediate)?;
     {

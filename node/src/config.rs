@@ -178,6 +178,7 @@ impl std::fmt::Debug for NodeConfig {
                 &self.ledger.pending_halves_per_account_max,
             )
             .field("account_idle", &self.ledger.account_idle)
+            .field("live_accounts_max", &self.ledger.live_accounts_max)
             .finish_non_exhaustive()
     }
 }

@@ -127,6 +127,10 @@ settings_layer! {
         /// Seconds an unused account actor stays in memory. [default: 30]
         #[arg(long, env = "TAPLEDGER_ACCOUNT_IDLE_SECS", value_name = "SECS", help_heading = "Ledger")]
         account_idle_secs: f64 = tapledger_actors::ACCOUNT_IDLE_DEFAULT.as_secs_f64();
+        /// Account actors in memory at once, about: beyond it the least
+        /// recently used idle ones leave early (~6.5 KB each). [default: 65536]
+        #[arg(long, env = "TAPLEDGER_LIVE_ACCOUNTS_MAX", value_name = "N", help_heading = "Ledger")]
+        live_accounts_max: usize = tapledger_actors::LIVE_ACCOUNTS_MAX_DEFAULT;
         /// Milliseconds between the leader's heartbeats; also how long a
         /// follower has to answer the leader (openraft): raise it on slow
         /// disks or busy machines. [default: 100]
@@ -447,9 +451,12 @@ impl Settings {
                 return Err(SettingsError::NotPositive { name, value });
             }
         }
-        if run.matcher_shards == 0 || run.pending_halves_per_account_max == 0 {
+        if run.matcher_shards == 0
+            || run.pending_halves_per_account_max == 0
+            || run.live_accounts_max == 0
+        {
             return Err(SettingsError::Invalid(
-                "matcher_shards and pending_halves_per_account_max must be at least 1".into(),
+                "matcher_shards, pending_halves_per_account_max and live_accounts_max must be at least 1".into(),
             ));
         }
         if run.max_amount == 0 {
@@ -546,6 +553,7 @@ impl Settings {
         config.matcher_shards = run.matcher_shards;
         config.pending_halves_per_account_max = run.pending_halves_per_account_max;
         config.account_idle = Duration::from_secs_f64(run.account_idle_secs);
+        config.live_accounts_max = run.live_accounts_max;
         config.replication = ReplicationConfig {
             heartbeat: Duration::from_millis(run.heartbeat_ms),
             election_timeout: (

@@ -444,3 +444,87 @@ async fn one_account_racing_for_its_balance_settles_at_most_balance_over_amount_
     assert_eq!(ledger.balance(payer).unwrap(), Some(BALANCE % AMOUNT));
     within(Arc::into_inner(ledger).expect("tasks done").close()).await;
 }
+
+/// Goal: the cap on live account actors, not their idle time, makes them
+/// retire: 40 accounts paying each other through a cap of 8 actors (idle
+/// time an hour) keep the books; once payments stop the sweep brings the
+/// live count under the cap; a second round restarts the retired actors
+/// from storage with the balances the first round left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_actor_cap_retires_the_least_recently_used_actors() {
+    const ACCOUNTS: usize = 40;
+    const CAP: usize = 8;
+    let mut rng = rng_for(seed());
+    let (_dir, ledger) = temp_ledger(|config| {
+        config.account_idle = Duration::from_secs(3600);
+        config.live_accounts_max = CAP;
+    })
+    .await;
+    let accounts = open_accounts(&ledger, &[100; ACCOUNTS]).await;
+    let opening: BTreeMap<AccountId, u64> = accounts.iter().map(|&id| (id, 100)).collect();
+    let ledger = Arc::new(ledger);
+    let wait_for_the_cap = async |round: &str| {
+        // The sweep (every 250 ms at most) retires down to the cap.
+        let deadline = std::time::Instant::now() + RUN_TIMEOUT;
+        while ledger.stats().await.live_account_actors > CAP {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{round}: still {:?} above a cap of {CAP}",
+                ledger.stats().await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+
+    // Round 1: each account pays the next one (in a ring) 1, ten times.
+    let payments: Vec<Payment> = (0..10 * ACCOUNTS)
+        .map(|index| {
+            let (from, to) = (accounts[index % ACCOUNTS], accounts[(index + 1) % ACCOUNTS]);
+            Payment::agreeing(TxKey::new_random(), from, to, 1)
+        })
+        .collect();
+    let heard = within_for(RUN_TIMEOUT, submit_all(&ledger, &payments, &mut rng)).await;
+    let settled = check_after(&ledger, &payments, &heard, &opening).await;
+    assert_eq!(settled.len(), payments.len(), "round 1: all payable");
+    wait_for_the_cap("round 1").await;
+    let started = ledger.stats().await.account_actors_started;
+
+    // Round 2: each account pays its whole balance, 100, to the next one:
+    // only actors that reload exactly 100 from storage can, and (in the
+    // ring's order of arrival) some find their balance already doubled.
+    let payments: Vec<Payment> = (0..ACCOUNTS)
+        .map(|index| {
+            let (from, to) = (accounts[index], accounts[(index + 1) % ACCOUNTS]);
+            Payment::agreeing(TxKey::new_random(), from, to, 100)
+        })
+        .collect();
+    within_for(RUN_TIMEOUT, submit_all(&ledger, &payments, &mut rng)).await;
+    let total: u64 = accounts
+        .iter()
+        .map(|&account| ledger.balance(account).unwrap().expect("account"))
+        .sum();
+    assert_eq!(total, 100 * ACCOUNTS as u64, "money created or lost");
+    let audit = ledger.store().audit().unwrap();
+    assert!(audit.is_ok(), "{:#?}", audit.problems);
+    let settlements = ledger
+        .store()
+        .journal(0, usize::MAX)
+        .unwrap()
+        .iter()
+        .filter(
+            |(_, entry)| matches!(entry, JournalEntry::Outcome(outcome) if outcome.is_settled()),
+        )
+        .count();
+    assert_eq!(
+        settlements,
+        10 * ACCOUNTS + ACCOUNTS,
+        "round 2: every account could pay 100"
+    );
+    wait_for_the_cap("round 2").await;
+    let stats = ledger.stats().await;
+    assert!(
+        stats.account_actors_started >= started + (ACCOUNTS - CAP) as u64,
+        "round 2 did not restart the actors the cap retired: {stats:?}"
+    );
+    within(Arc::into_inner(ledger).expect("tasks done").close()).await;
+}

@@ -85,6 +85,11 @@ fn vote_error(error: impl std::fmt::Display) -> StorageError {
     StorageIOError::write_vote(AnyError::error(error)).into()
 }
 
+/// Page cache of the log file. The log is appended at its tail and read
+/// there (its newest entries are kept decoded in memory as well), then
+/// purged behind snapshots: it needs little cache, not redb's 1 GiB default.
+pub const LOG_CACHE_BYTES: usize = 32 << 20;
+
 impl LogStore {
     /// Opens the log file at `path`, creating it if needed.
     pub fn open(path: &Path, io: StorageIo) -> Result<LogStore, StoreError> {
@@ -92,7 +97,11 @@ impl LogStore {
         if std::fs::metadata(path).is_ok_and(|metadata| metadata.len() > 0) {
             drop(crate::store::open_overlay(path)?);
         }
-        let db = crate::store::refuse_damage(|| Ok(Database::builder().create(path)?))?;
+        let db = crate::store::refuse_damage(|| {
+            Ok(Database::builder()
+                .set_cache_size(LOG_CACHE_BYTES)
+                .create(path)?)
+        })?;
         LogStore::init(db, io)
     }
 

@@ -223,7 +223,11 @@ pub struct CoreBenchReport {
     pub usage: Usage,
     /// CPUs the process may use.
     pub cpus: usize,
+    /// Peak RSS over the whole run, the audit included.
     pub peak_rss_bytes: Option<u64>,
+    /// Peak RSS by the end of the payments: what the ledger itself needed
+    /// to open the accounts and settle, before the audit's own maps.
+    pub peak_rss_settling_bytes: Option<u64>,
     pub live_account_actors: usize,
     pub account_actors_started: u64,
     pub actor_memory: Option<ActorMemory>,
@@ -372,6 +376,7 @@ impl CoreBenchReport {
             "mean_us": self.latency.mean_us,
             "open_accounts_seconds": self.open_accounts_seconds,
             "peak_rss_bytes": self.peak_rss_bytes,
+            "peak_rss_settling_bytes": self.peak_rss_settling_bytes,
             "live_account_actors": self.live_account_actors,
             "account_actors_started": self.account_actors_started,
             "rss_per_live_actor_bytes": rss_per_live_actor,
@@ -615,7 +620,9 @@ impl CoreBenchReport {
         let _ = writeln!(out, "memory");
         let _ = writeln!(
             out,
-            "  peak RSS      {}",
+            "  peak RSS      {} opening and settling; {} with the audit",
+            self.peak_rss_settling_bytes
+                .map_or("unknown".into(), mebibytes),
             self.peak_rss_bytes.map_or("unknown".into(), mebibytes)
         );
         let _ = writeln!(
@@ -802,6 +809,7 @@ pub async fn measure(
     let seconds = started.elapsed().as_secs_f64();
     let usage = threads_before.usage_until(&threads::Snapshot::take());
     let stats_after = ledger.stats().await;
+    let peak_rss_settling_bytes = memory::peak_rss_bytes();
 
     phase("auditing the books...");
     ledger.flush().await.context("final flush")?;
@@ -841,6 +849,7 @@ pub async fn measure(
         usage,
         cpus: std::thread::available_parallelism().map_or(1, usize::from),
         peak_rss_bytes,
+        peak_rss_settling_bytes,
         live_account_actors: stats_after.live_account_actors,
         account_actors_started: stats_after.account_actors_started,
         actor_memory,
