@@ -1,10 +1,14 @@
 //! One connection: authentication state shared by its streams, and per stream
-//! a reader that decodes frames into requests and a writer that sends answers
-//! and pushed outcomes back on the same stream.
+//! a reader that decodes frames into requests, a report task that turns the
+//! ledger's reports on the stream's halves into answers, and a writer that
+//! sends answers and pushed outcomes back on the same stream, as many as are
+//! queued in one write.
 //!
 //! Requests are pipelined: each decoded request goes to
-//! [`crate::handlers`], which answers quick ones inline and hands back a task
-//! for those that wait on a commit, bounded by `requests_in_flight_max` per
+//! [`crate::handlers`], which answers quick ones inline; the halves of one
+//! read go to the ledger as one batch with one report channel per stream
+//! (no task per half), and the operator requests that wait on a commit run
+//! as tasks. All of them are bounded by `requests_in_flight_max` per
 //! connection, so a half waiting minutes for its partner never blocks the
 //! stream. Every bad input gets an `error` frame with a code; only an
 //! unreadable frame length ends the stream.
@@ -13,16 +17,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use quinn::VarInt;
+use tapledger_actors::ReportSender;
 use tapledger_protocol::{
     AccountId, ClientMessage, DecodeError, ErrorCode, FrameReader, NodeMessage, encode_frame,
 };
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::admission::AccountSlot;
 use crate::config::Limits;
-use crate::handlers::RequestContext;
+use crate::handlers::submit_half::{self, HalvesInFlight};
+use crate::handlers::{Dispatched, RequestContext};
 use crate::server::{NodeCounters, Shared};
 
 /// QUIC application close codes: the protocol error numbers (PROTOCOL.md).
@@ -231,81 +237,141 @@ async fn serve_stream(
 ) {
     let (outbox, outbox_receiver) = mpsc::channel(OUTBOX_MESSAGES_MAX);
     let writer = tokio::spawn(write_loop(send, outbox_receiver).in_current_span());
+    let context = RequestContext {
+        shared,
+        state,
+        connection: connection.clone(),
+        outbox,
+    };
+    // Every half of this stream reports on one channel, which one task turns
+    // into answers: no task, channel or span per half.
+    let halves = Arc::new(HalvesInFlight::default());
+    let (sink, reports) = mpsc::unbounded_channel();
+    let (reader_done, reader_done_receiver) = oneshot::channel::<()>();
+    let answering = AbortOnDrop(tokio::spawn(
+        submit_half::answer_reports(
+            context.clone(),
+            halves.clone(),
+            reports,
+            reader_done_receiver,
+        )
+        .in_current_span(),
+    ));
     let mut requests = JoinSet::new();
-    let mut shutdown = shared.shutdown.clone();
-    let mut reader = FrameReader::<ClientMessage>::with_capacity(READ_CHUNK_BYTES);
-    let mut chunk = vec![0u8; READ_CHUNK_BYTES];
-
-    'reading: loop {
-        let read = tokio::select! {
-            read = recv.read(&mut chunk) => read,
-            _ = shutdown.changed() => break 'reading,
-            Some(_) = requests.join_next(), if !requests.is_empty() => continue 'reading,
-        };
-        match read {
-            Ok(Some(bytes)) => reader.extend(&chunk[..bytes]),
-            Ok(None) | Err(_) => break 'reading,
-        }
-        for decoded in reader.frames() {
-            match decoded {
-                Ok(message) => {
-                    let context = RequestContext {
-                        shared: shared.clone(),
-                        state: state.clone(),
-                        connection: connection.clone(),
-                        outbox: outbox.clone(),
-                    };
-                    if let Some(task) = context.dispatch(message).await {
-                        requests.spawn(task.in_current_span());
-                    }
-                }
-                Err(error) => {
-                    if bad_frame(&error, &state, &shared, &outbox, &connection).await {
-                        break 'reading;
-                    }
-                    if error.frame_bytes().is_none() {
-                        // The length prefix itself is unusable: the stream cannot resynchronise.
-                        let _ = recv.stop(STOP_FRAME_TOO_LARGE);
-                        break 'reading;
-                    }
-                }
-            }
-        }
-    }
+    read_requests(&mut recv, &context, &halves, &sink, &mut requests).await;
+    drop(sink);
+    drop(reader_done);
     // The client finished sending, or the node is shutting down: let requests
     // in flight answer (pending halves answer at once on shutdown), then finish.
     let _ = recv.stop(VarInt::from_u32(0));
-    // Once the connection itself is gone nobody can hear those answers: stop
-    // waiting rather than hold the connection's slot until a lone half's
-    // partner arrives or it expires. The half stays durable; the phone
-    // reconnects and asks.
-    let closed = connection.closed();
-    tokio::pin!(closed);
+    drain(requests, answering, &connection).await;
+    drop(context);
+    let _ = writer.await;
+}
+
+/// Reads and handles requests until the client finishes sending, the stream
+/// breaks or the node shuts down. The halves of each read go to the ledger
+/// as one batch once every frame of the read is handled.
+async fn read_requests(
+    recv: &mut quinn::RecvStream,
+    context: &RequestContext,
+    halves: &HalvesInFlight,
+    sink: &ReportSender,
+    requests: &mut JoinSet<()>,
+) {
+    let mut shutdown = context.shared.shutdown.clone();
+    let mut reader = FrameReader::<ClientMessage>::with_capacity(READ_CHUNK_BYTES);
+    let mut chunk = vec![0u8; READ_CHUNK_BYTES];
+    let mut queued = Vec::new();
     loop {
-        tokio::select! {
-            joined = requests.join_next() => if joined.is_none() { break },
-            _ = &mut closed => {
-                requests.abort_all();
-                // Aborting is asynchronous: wait until the tasks are gone, so
-                // none outlives its connection holding the node's state.
-                while requests.join_next().await.is_some() {}
-                break;
+        let read = tokio::select! {
+            read = recv.read(&mut chunk) => read,
+            _ = shutdown.changed() => return,
+            Some(_) = requests.join_next(), if !requests.is_empty() => continue,
+        };
+        match read {
+            Ok(Some(bytes)) => reader.extend(&chunk[..bytes]),
+            Ok(None) | Err(_) => return,
+        }
+        let started = std::time::Instant::now();
+        let go_on = handle_frames(&mut reader, recv, context, requests, &mut queued).await;
+        submit_half::submit(context, halves, std::mem::take(&mut queued), sink, started);
+        if !go_on {
+            return;
+        }
+    }
+}
+
+/// Handles every whole frame `reader` holds, queueing halves into `queued`;
+/// false when the stream must stop reading.
+async fn handle_frames(
+    reader: &mut FrameReader<ClientMessage>,
+    recv: &mut quinn::RecvStream,
+    context: &RequestContext,
+    requests: &mut JoinSet<()>,
+    queued: &mut Vec<submit_half::Queued>,
+) -> bool {
+    for decoded in reader.frames() {
+        match decoded {
+            Ok(message) => match context.dispatch(message).await {
+                Some(Dispatched::Half(half)) => queued.push(half),
+                Some(Dispatched::Task(task)) => {
+                    requests.spawn(task.in_current_span());
+                }
+                None => {}
+            },
+            Err(error) => {
+                if bad_frame(&error, context).await {
+                    return false;
+                }
+                if error.frame_bytes().is_none() {
+                    // The length prefix itself is unusable: the stream cannot resynchronise.
+                    let _ = recv.stop(STOP_FRAME_TOO_LARGE);
+                    return false;
+                }
             }
         }
     }
-    drop(outbox);
-    let _ = writer.await;
+    true
+}
+
+/// Waits until every request and half in flight is answered. Once the
+/// connection itself is gone nobody can hear those answers: stop waiting
+/// rather than hold the connection's slot until a lone half's partner
+/// arrives or it expires. The halves stay durable; the phone reconnects and
+/// asks.
+async fn drain(
+    mut requests: JoinSet<()>,
+    mut answering: AbortOnDrop,
+    connection: &quinn::Connection,
+) {
+    let closed = connection.closed();
+    tokio::pin!(closed);
+    let mut answered = false;
+    loop {
+        if answered && requests.is_empty() {
+            return;
+        }
+        tokio::select! {
+            Some(_) = requests.join_next(), if !requests.is_empty() => {}
+            _ = &mut answering.0, if !answered => answered = true,
+            _ = &mut closed => break,
+        }
+    }
+    requests.abort_all();
+    // Aborting is asynchronous: wait until the tasks are gone, so none
+    // outlives its connection holding the node's state.
+    while requests.join_next().await.is_some() {}
+    if !answered {
+        answering.0.abort();
+        let _ = (&mut answering.0).await;
+    }
 }
 
 /// Answers an unusable frame and counts it against the connection; true
 /// when that was one too many and the connection is now closed.
-async fn bad_frame(
-    error: &DecodeError,
-    state: &ConnectionState,
-    shared: &Shared,
-    outbox: &mpsc::Sender<NodeMessage>,
-    connection: &quinn::Connection,
-) -> bool {
+async fn bad_frame(error: &DecodeError, context: &RequestContext) -> bool {
+    let (state, shared, outbox) = (&context.state, &context.shared, &context.outbox);
     shared
         .counters
         .protocol_errors
@@ -329,7 +395,9 @@ async fn bad_frame(
     let _ = outbox.send(closing).await;
     // Give the writer a moment to send the answers before the close.
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    connection.close(CLOSE_AUTH_FAILURES, b"too many unusable frames");
+    context
+        .connection
+        .close(CLOSE_AUTH_FAILURES, b"too many unusable frames");
     true
 }
 

@@ -114,19 +114,45 @@ pub enum HalfFate {
     Refused(RejectCode),
 }
 
-/// Records a submission's latency from arrival to its first durable answer.
-/// A no-op unless a recorder is installed (`install_recorder`).
-pub fn record_half(started: Instant, fate: HalfFate) {
-    let result = match fate {
-        HalfFate::Pending => "pending",
-        HalfFate::Decided => "decided",
-        HalfFate::Refused(code) => {
-            metrics::counter!(names::HALF_REFUSALS, "code" => code.code().to_string()).increment(1);
-            "refused"
+/// The half-latency histograms, looked up once (per stream) rather than at
+/// every half: recording into a handle is a push, looking one up hashes its
+/// name and labels. No-ops unless a recorder is installed
+/// (`install_recorder`) when they are made.
+pub struct HalfHistograms {
+    pending: metrics::Histogram,
+    decided: metrics::Histogram,
+    refused: metrics::Histogram,
+}
+
+impl HalfHistograms {
+    pub fn new() -> HalfHistograms {
+        HalfHistograms {
+            pending: metrics::histogram!(names::HALF_DURABLE_SECONDS, "result" => "pending"),
+            decided: metrics::histogram!(names::HALF_DURABLE_SECONDS, "result" => "decided"),
+            refused: metrics::histogram!(names::HALF_DURABLE_SECONDS, "result" => "refused"),
         }
-    };
-    metrics::histogram!(names::HALF_DURABLE_SECONDS, "result" => result)
-        .record(started.elapsed().as_secs_f64());
+    }
+
+    /// Records a submission's latency from arrival to its first durable
+    /// answer; one sample per half, so the histogram's count stays exact.
+    pub fn record(&self, started: Instant, fate: HalfFate) {
+        let histogram = match fate {
+            HalfFate::Pending => &self.pending,
+            HalfFate::Decided => &self.decided,
+            HalfFate::Refused(code) => {
+                metrics::counter!(names::HALF_REFUSALS, "code" => code.code().to_string())
+                    .increment(1);
+                &self.refused
+            }
+        };
+        histogram.record(started.elapsed().as_secs_f64());
+    }
+}
+
+impl Default for HalfHistograms {
+    fn default() -> HalfHistograms {
+        HalfHistograms::new()
+    }
 }
 
 /// Installs the process-wide Prometheus recorder and describes every metric.

@@ -12,6 +12,7 @@ mod model;
 mod net_support;
 mod network;
 mod network_auth;
+mod network_batch;
 mod network_frames;
 mod network_outcomes;
 mod regressions;

@@ -7,16 +7,18 @@
 //!
 //! Quick requests are answered inline, before the stream's next frame is
 //! handled (so `authenticate` takes effect before what is pipelined behind
-//! it); those that wait on a commit (`submit_half`, `open_account`,
-//! `top_up`) come back as a [`RequestTask`] the stream runs beside the
-//! others. Frames, streams and connections are `session`'s business.
+//! it); `submit_half` comes back as a queued half the stream submits with
+//! the others of its read (see `submit_half`), and the operator requests
+//! that wait on a commit (`open_account`, `top_up`) as a [`RequestTask`]
+//! the stream runs beside the others. Frames, streams and connections are
+//! `session`'s business.
 
 mod authenticate;
 mod balance;
 mod history;
 mod open_account;
 mod query_outcome;
-mod submit_half;
+pub(crate) mod submit_half;
 mod top_up;
 
 use std::sync::Arc;
@@ -34,7 +36,8 @@ use crate::session::{CLOSE_AUTH_FAILURES, ConnectionState};
 pub(crate) type RequestTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// What one request may use: the node, its connection, and the outbox of
-/// the stream it arrived on.
+/// the stream it arrived on. One per stream; tasks take a clone.
+#[derive(Clone)]
 pub(crate) struct RequestContext {
     pub(crate) shared: Arc<Shared>,
     pub(crate) state: Arc<ConnectionState>,
@@ -42,10 +45,18 @@ pub(crate) struct RequestContext {
     pub(crate) outbox: mpsc::Sender<NodeMessage>,
 }
 
+/// A request `dispatch` did not finish inline.
+pub(crate) enum Dispatched {
+    /// An operator request waiting on its commit.
+    Task(RequestTask),
+    /// A half, to be submitted with the rest of its read.
+    Half(submit_half::Queued),
+}
+
 impl RequestContext {
-    /// Handles quick requests inline; returns a task for those that wait on
-    /// a commit.
-    pub(crate) async fn dispatch(self, message: ClientMessage) -> Option<RequestTask> {
+    /// Handles quick requests inline; returns the half to submit, or a task
+    /// for a request that waits on a commit.
+    pub(crate) async fn dispatch(&self, message: ClientMessage) -> Option<Dispatched> {
         let request_id = message.request_id();
         if !self.shared.ledger.is_serving() {
             // A follower (or a leader still catching up) takes no requests,
@@ -71,11 +82,11 @@ impl RequestContext {
     }
 
     async fn route(
-        self,
+        &self,
         message: ClientMessage,
         account: Option<AccountId>,
         permit: OwnedSemaphorePermit,
-    ) -> Option<RequestTask> {
+    ) -> Option<Dispatched> {
         match (message, account) {
             (
                 ClientMessage::Authenticate {
@@ -85,18 +96,18 @@ impl RequestContext {
                 },
                 _,
             ) => {
-                authenticate::handle(&self, request_id, account_id, &api_key).await;
+                authenticate::handle(self, request_id, account_id, &api_key).await;
                 None
             }
-            (ClientMessage::SubmitHalf { request_id, half }, Some(account)) => {
-                Some(submit_half::start(self, request_id, account, half, permit))
-            }
+            (ClientMessage::SubmitHalf { request_id, half }, Some(account)) => Some(
+                Dispatched::Half(submit_half::queue(request_id, account, half, permit)),
+            ),
             (ClientMessage::QueryOutcome { request_id, tx_key }, Some(account)) => {
-                query_outcome::handle(&self, request_id, account, tx_key).await;
+                query_outcome::handle(self, request_id, account, tx_key).await;
                 None
             }
             (ClientMessage::Balance { request_id }, Some(account)) => {
-                balance::handle(&self, request_id, account).await;
+                balance::handle(self, request_id, account).await;
                 None
             }
             (
@@ -107,7 +118,7 @@ impl RequestContext {
                 },
                 Some(account),
             ) => {
-                history::handle(&self, request_id, account, before_seq, limit).await;
+                history::handle(self, request_id, account, before_seq, limit).await;
                 None
             }
             (
@@ -129,7 +140,15 @@ impl RequestContext {
                     key_hash,
                     opening_balance,
                 };
-                open_account::start(self, request_id, &admin_credential, new_account, permit).await
+                open_account::start(
+                    self.clone(),
+                    request_id,
+                    &admin_credential,
+                    new_account,
+                    permit,
+                )
+                .await
+                .map(Dispatched::Task)
             }
             (
                 ClientMessage::TopUp {
@@ -139,17 +158,16 @@ impl RequestContext {
                     amount,
                 },
                 _,
-            ) => {
-                top_up::start(
-                    self,
-                    request_id,
-                    &admin_credential,
-                    account_id,
-                    amount,
-                    permit,
-                )
-                .await
-            }
+            ) => top_up::start(
+                self.clone(),
+                request_id,
+                &admin_credential,
+                account_id,
+                amount,
+                permit,
+            )
+            .await
+            .map(Dispatched::Task),
             // Only a kind `needs_authentication` forgot gets here: answer
             // as the check above would have.
             (message, None) => {
@@ -186,18 +204,24 @@ impl RequestContext {
         .await;
     }
 
-    /// Answers a request the ledger could not serve: 1102 when leadership
-    /// moved, 1101 at shutdown, 1100 otherwise (logged, repeats counted).
+    /// Answers a request the ledger could not serve (see
+    /// [`RequestContext::internal_answer`]).
     pub(crate) async fn internal(&self, request_id: RequestId, error: &LedgerError) {
+        self.answer(self.internal_answer(request_id, error)).await;
+    }
+
+    /// The answer to a request the ledger could not serve: 1102 when
+    /// leadership moved, 1101 at shutdown, 1100 otherwise (logged, repeats
+    /// counted).
+    pub(crate) fn internal_answer(
+        &self,
+        request_id: RequestId,
+        error: &LedgerError,
+    ) -> NodeMessage {
         let code = match error {
             LedgerError::NotLeader(hint) => {
                 tracing::info!(%error, request_id, "request ended by a change of leader");
-                return self
-                    .answer(NodeMessage::not_leader(
-                        Some(request_id),
-                        leader_ref(hint.clone()),
-                    ))
-                    .await;
+                return NodeMessage::not_leader(Some(request_id), leader_ref(hint.clone()));
             }
             LedgerError::Closed => ErrorCode::ShuttingDown,
             _ => ErrorCode::Internal,
@@ -212,7 +236,7 @@ impl RequestContext {
             // this error was last logged.
             tracing::error!(%error, request_id, not_logged_since = repeated, "request failed");
         }
-        self.fail(request_id, code, &message).await;
+        NodeMessage::error(Some(request_id), code, &message)
     }
 
     /// Counts a failed credential (API key or admin) and answers it; after

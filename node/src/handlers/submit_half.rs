@@ -1,81 +1,283 @@
 //! `submit_half`: one phone's half of a payment. The first answer is
 //! `accepted` (durable, waiting for the partner; the outcome is pushed
 //! later on the same stream), or at once the key's `outcome` or a
-//! `refused`. Runs as a task: a half may wait minutes for its partner.
+//! `refused`.
+//!
+//! A half is not a task: the stream's reader queues the halves of one read
+//! ([`Queued`]) and hands them to the ledger in one
+//! [`Ledger::submit_batch`](tapledger_actors::Ledger::submit_batch)
+//! ([`submit`]); every half's fate comes back on the stream's one report
+//! channel, and [`answer_reports`], one task per stream, turns the reports
+//! into answers on the stream's outbox. The halves still owed an answer
+//! ([`HalvesInFlight`]) hold their places among the connection's requests in
+//! flight. Spans and metric look-ups are per stream, not per half.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
-use tapledger_actors::{Resolution, Submission};
+use tapledger_actors::{BatchHalf, Heard, Report, ReportSender, Resolution};
 use tapledger_protocol::{
     AccountId, ErrorCode, Half, NodeMessage, OutcomeReport, RequestId, TxKey,
 };
-use tokio::sync::OwnedSemaphorePermit;
-use tracing::Instrument;
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
-use super::{RequestContext, RequestTask, stopping};
-use crate::telemetry::{HalfFate, record_half};
+use super::{RequestContext, stopping};
+use crate::telemetry::{HalfFate, HalfHistograms};
 
-pub(super) fn start(
-    context: RequestContext,
+/// Reports turned into answers per turn of [`answer_reports`], so that one
+/// busy stream's outbox is fed in bounded steps.
+const REPORTS_PER_TURN_MAX: usize = 256;
+
+const SHUTTING_DOWN_DETAIL: &str =
+    "node shutting down; the half is durable and pending: reconnect and query the outcome";
+
+/// A half that passed the checks every request needs, waiting for the end
+/// of its read to be submitted with the others.
+pub(crate) struct Queued {
     request_id: RequestId,
     account: AccountId,
     half: Half,
     permit: OwnedSemaphorePermit,
-) -> RequestTask {
+}
+
+/// A submitted half whose final answer is still owed.
+struct Waiting {
+    request_id: RequestId,
+    account: AccountId,
+    tx_key: TxKey,
+    /// When its read arrived: the start of its `half_durable_seconds`.
+    started: Instant,
+    /// `accepted` has been answered; the outcome follows.
+    accepted: bool,
+    /// Its place among the connection's requests in flight, given back with
+    /// the final answer.
+    _permit: OwnedSemaphorePermit,
+}
+
+#[derive(Default)]
+struct Table {
+    /// By the tag the half was submitted under; a tag is never reused.
+    waiting: HashMap<u64, Waiting>,
+    next_tag: u64,
+}
+
+/// One stream's submitted halves still owed a final answer.
+#[derive(Default)]
+pub(crate) struct HalvesInFlight {
+    table: Mutex<Table>,
+}
+
+impl HalvesInFlight {
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // The table holds no invariant a panicking holder could break halfway.
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().waiting.is_empty()
+    }
+}
+
+pub(super) fn queue(
+    request_id: RequestId,
+    account: AccountId,
+    half: Half,
+    permit: OwnedSemaphorePermit,
+) -> Queued {
+    Queued {
+        request_id,
+        account,
+        half,
+        permit,
+    }
+}
+
+/// Hands the halves of one read to the ledger in one batch; their fates
+/// reach `sink`, which [`answer_reports`] reads.
+pub(crate) fn submit(
+    context: &RequestContext,
+    in_flight: &HalvesInFlight,
+    queued: Vec<Queued>,
+    sink: &ReportSender,
+    started: Instant,
+) {
+    if queued.is_empty() {
+        return;
+    }
     context
         .shared
         .counters
         .halves_received
-        .fetch_add(1, Ordering::Relaxed);
-    // One span per half, named by its tx_key: every event of this
-    // submission, down to its outcome, carries the key.
-    let span = tracing::info_span!("half", tx_key = %half.tx_key(), side = ?half.side());
-    Box::pin(async move {
-        submit(&context, request_id, account, half)
-            .instrument(span)
-            .await;
-        drop(permit);
-    })
+        .fetch_add(queued.len() as u64, Ordering::Relaxed);
+    let mut batch = Vec::with_capacity(queued.len());
+    {
+        let mut table = in_flight.lock();
+        for queued in queued {
+            let tag = table.next_tag;
+            table.next_tag += 1;
+            let waiting = Waiting {
+                request_id: queued.request_id,
+                account: queued.account,
+                tx_key: queued.half.tx_key(),
+                started,
+                accepted: false,
+                _permit: queued.permit,
+            };
+            table.waiting.insert(tag, waiting);
+            batch.push(BatchHalf {
+                tag,
+                submitter: queued.account,
+                half: queued.half,
+            });
+        }
+    }
+    tracing::debug!(halves = batch.len(), "halves submitted");
+    context.shared.ledger.submit_batch(batch, sink);
 }
 
-async fn submit(context: &RequestContext, request_id: RequestId, account: AccountId, half: Half) {
-    let tx_key = half.tx_key();
-    let started = std::time::Instant::now();
-    let resolution = match context.shared.ledger.submit(account, half).await {
-        Err(error) => return context.internal(request_id, &error).await,
-        Ok(Submission::Done(resolution)) => {
-            record_half(started, fate_of(&resolution));
-            resolution
+/// One stream's report task: turns every half's reports into answers, in
+/// the order they arrive (so `accepted` precedes its `outcome`), until the
+/// reader is done and no half is owed an answer. At shutdown each accepted
+/// half is answered 1101 at once (it stays durable and pending).
+pub(crate) async fn answer_reports(
+    context: RequestContext,
+    in_flight: Arc<HalvesInFlight>,
+    mut reports: mpsc::UnboundedReceiver<Report>,
+    mut reader_done: oneshot::Receiver<()>,
+) {
+    let histograms = HalfHistograms::new();
+    let stop = stopping(context.shared.shutdown.clone());
+    tokio::pin!(stop);
+    let mut stopped = false;
+    let mut reading = true;
+    let mut turn = Vec::with_capacity(REPORTS_PER_TURN_MAX);
+    let mut answers = Vec::new();
+    loop {
+        if !reading && in_flight.is_empty() {
+            break;
         }
-        Ok(Submission::Pending(ticket)) => {
-            record_half(started, HalfFate::Pending);
-            tracing::debug!("half pending");
-            context
-                .answer(NodeMessage::Accepted { request_id, tx_key })
-                .await;
-            tokio::select! {
-                resolution = ticket.resolution() => match resolution {
-                    Ok(resolution) => resolution,
-                    Err(error) => return context.internal(request_id, &error).await,
-                },
-                _ = stopping(context.shared.shutdown.clone()) => {
-                    let message = "node shutting down; the half is durable and pending: reconnect and query the outcome";
-                    return context.fail(request_id, ErrorCode::ShuttingDown, message).await;
+        tokio::select! {
+            received = reports.recv_many(&mut turn, REPORTS_PER_TURN_MAX) => {
+                if received == 0 {
+                    break;
+                }
+                let mut table = in_flight.lock();
+                for report in turn.drain(..) {
+                    let answering = Answering { context: &context, histograms: &histograms, stopped };
+                    answering.report(&mut table, report, &mut answers);
                 }
             }
+            _ = &mut stop, if !stopped => {
+                stopped = true;
+                shut_down_accepted(&mut in_flight.lock(), &mut answers);
+            }
+            _ = &mut reader_done, if reading => reading = false,
         }
-    };
-    match &resolution {
-        Resolution::Final(outcome) => tracing::debug!(
-            settled = outcome.is_settled(),
-            code = outcome.code().map(|code| code.code()),
-            "half resolved"
-        ),
-        Resolution::Refused(code) => tracing::debug!(code = code.code(), "half refused"),
+        for answer in answers.drain(..) {
+            context.answer(answer).await;
+        }
     }
-    context
-        .answer(resolution_message(request_id, tx_key, account, &resolution))
-        .await;
+}
+
+/// Answers every accepted half 1101 and forgets it (its waiter in the
+/// ledger lingers until the ledger stops).
+fn shut_down_accepted(table: &mut Table, answers: &mut Vec<NodeMessage>) {
+    let mut accepted: Vec<(u64, RequestId)> = table
+        .waiting
+        .iter()
+        .filter(|(_, waiting)| waiting.accepted)
+        .map(|(tag, waiting)| (*tag, waiting.request_id))
+        .collect();
+    // In submission order, as the halves arrived.
+    accepted.sort_unstable();
+    for (tag, request_id) in accepted {
+        table.waiting.remove(&tag);
+        answers.push(shutting_down(request_id));
+    }
+}
+
+fn shutting_down(request_id: RequestId) -> NodeMessage {
+    NodeMessage::error(
+        Some(request_id),
+        ErrorCode::ShuttingDown,
+        SHUTTING_DOWN_DETAIL,
+    )
+}
+
+/// What turning one report into answers needs.
+struct Answering<'a> {
+    context: &'a RequestContext,
+    histograms: &'a HalfHistograms,
+    /// The node is shutting down: a half accepted now is answered 1101 too.
+    stopped: bool,
+}
+
+impl Answering<'_> {
+    fn report(&self, table: &mut Table, report: Report, answers: &mut Vec<NodeMessage>) {
+        let tag = report.tag;
+        // A half answered at shutdown may still hear from the ledger.
+        let Some(waiting) = table.waiting.get_mut(&tag) else {
+            return;
+        };
+        match report.heard {
+            Heard::Pending => {
+                if waiting.accepted {
+                    return;
+                }
+                waiting.accepted = true;
+                self.histograms.record(waiting.started, HalfFate::Pending);
+                tracing::debug!(tx_key = %waiting.tx_key, "half pending");
+                answers.push(NodeMessage::Accepted {
+                    request_id: waiting.request_id,
+                    tx_key: waiting.tx_key,
+                });
+                if self.stopped {
+                    answers.push(shutting_down(waiting.request_id));
+                    table.waiting.remove(&tag);
+                }
+            }
+            Heard::Resolved(result) => {
+                let Some(waiting) = table.waiting.remove(&tag) else {
+                    return;
+                };
+                answers.push(self.resolved(&waiting, result));
+            }
+        }
+    }
+
+    fn resolved(
+        &self,
+        waiting: &Waiting,
+        result: Result<Resolution, tapledger_actors::LedgerError>,
+    ) -> NodeMessage {
+        let resolution = match result {
+            Ok(resolution) => resolution,
+            Err(error) => return self.context.internal_answer(waiting.request_id, &error),
+        };
+        if !waiting.accepted {
+            self.histograms
+                .record(waiting.started, fate_of(&resolution));
+        }
+        match &resolution {
+            Resolution::Final(outcome) => tracing::debug!(
+                tx_key = %waiting.tx_key,
+                settled = outcome.is_settled(),
+                code = outcome.code().map(|code| code.code()),
+                "half resolved"
+            ),
+            Resolution::Refused(code) => {
+                tracing::debug!(tx_key = %waiting.tx_key, code = code.code(), "half refused")
+            }
+        }
+        resolution_message(
+            waiting.request_id,
+            waiting.tx_key,
+            waiting.account,
+            &resolution,
+        )
+    }
 }
 
 /// How a half's first answer counts in the metrics.
