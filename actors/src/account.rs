@@ -17,7 +17,6 @@
 //! balance that already includes every commit it saw (credits carry their
 //! commit number to avoid double counting).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -150,9 +149,9 @@ struct Entry {
 /// The registry's map, under one lock.
 #[derive(Default)]
 struct Actors {
-    live: HashMap<AccountId, Entry>,
+    live: foldhash::HashMap<AccountId, Entry>,
     /// Accounts whose actor is being started, with credits settled meanwhile.
-    starting: HashMap<AccountId, Vec<Settled>>,
+    starting: foldhash::HashMap<AccountId, Vec<Settled>>,
     /// Set by [`Registry::stop_all`]: an actor started afterwards is stopped
     /// at once instead of joining the map.
     closed: bool,

@@ -37,12 +37,16 @@ use crate::overlay::Overlay;
 use crate::raft::{self, EntryResult, LedgerEntry, LogId, SnapshotMeta, StoredMembership};
 use crate::seal;
 
+#[path = "store_balances.rs"]
+mod balances;
+use balances::{BalanceCache, BalancesView, CachedBalance};
+
 /// Version of the table layout below. Opening a file of another version fails.
 /// Version 2 added the `raft` table (a replicated ledger); a version 1 file
 /// has no Raft history to join a cluster with. Version 3 sealed every record
 /// with a checksum and chained the journal (`seal.rs`). Version 4 replaced
 /// the `tx_keys` B-tree by the sorted runs of [`crate::key_index`].
-pub const SCHEMA_VERSION: u64 = 4;
+pub const SCHEMA_VERSION: u64 = 5;
 
 /// Every value below is sealed: a checksum over table, key and payload, then
 /// the payload ([`seal`]). Payloads are little-endian integers or MessagePack.
@@ -95,6 +99,9 @@ const META_ISSUED: &str = "issued";
 const META_JOURNAL_HEAD: &str = "journal_head";
 /// The id the `tx_key` index gives its next run.
 const META_TX_KEY_RUN_NEXT: &str = "tx_key_run_next";
+/// Journal entries before this one are in `balances`; the entries from it
+/// on hold the balances not yet written there (see [`balances`]).
+const META_BALANCES_AT: &str = "balances_at";
 
 /// Static facts about an account, fixed when it is opened.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,6 +272,13 @@ pub struct Store {
     /// ([`Store::read_with_index`]), so the lock is never held across a
     /// commit.
     index: std::sync::Mutex<Indexes>,
+    /// The balances the newest commit left, as far as the table does not
+    /// hold them yet ([`balances`]); the writer's cache too.
+    balances: std::sync::Mutex<BalanceCache>,
+    /// Held by every write that changes balances, from its transaction's
+    /// start until its balances are published, so that a checkpoint never
+    /// writes a cache older than the journal it records as written.
+    writer: std::sync::Mutex<()>,
 }
 
 /// A redb handle that is leaked rather than closed once a panic went
@@ -468,6 +482,7 @@ impl Store {
             meta_put(&mut meta, META_ISSUED, 0)?;
             set_journal_head(&mut meta, 0)?;
             meta_put(&mut meta, META_TX_KEY_RUN_NEXT, 0)?;
+            meta_put(&mut meta, META_BALANCES_AT, 0)?;
             write.open_table(ACCOUNTS)?;
             write.open_table(BALANCES)?;
             write.open_table(JOURNAL)?;
@@ -504,13 +519,58 @@ impl Store {
             }
             Err(error) => return Err(error),
         };
+        // The journal tail's balances (see `balances`): a damaged tail
+        // refuses a writable store; a read-only one falls back on the
+        // table and its audit names the damage.
+        let cache = match refuse_damage(|| {
+            let read = db.begin_read()?;
+            BalanceCache::load(&read, commit_seq_of(&read)?)
+        }) {
+            Ok(cache) => cache,
+            Err(error) if read_only && is_damage(&error) => BalanceCache {
+                commit: index.commit,
+                ..BalanceCache::default()
+            },
+            Err(error) => return Err(error),
+        };
         Ok(Store {
             db: Handle::new(db),
             index: std::sync::Mutex::new(Indexes {
                 current: index,
                 previous: None,
             }),
+            balances: std::sync::Mutex::new(cache),
+            writer: std::sync::Mutex::new(()),
         })
+    }
+
+    fn writer(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn balance_cache(&self) -> std::sync::MutexGuard<'_, BalanceCache> {
+        // Held only to look up or merge balances: nothing panics inside.
+        self.balances
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Makes the balances a commit changed visible to
+    /// [`Store::balance_at_commit`] once that commit is.
+    fn publish_balances(&self, changed: BalanceChanges, commit: u64) {
+        self.balance_cache()
+            .publish(changed.changed, changed.checkpointed, commit);
+    }
+
+    /// Reloads the balance cache from the committed state (after a
+    /// snapshot replaced it).
+    fn reload_balances(&self) -> Result<(), StoreError> {
+        let read = self.db.begin_read()?;
+        let cache = BalanceCache::load(&read, commit_seq_of(&read)?)?;
+        *self.balance_cache() = cache;
+        Ok(())
     }
 
     fn indexes(&self) -> std::sync::MutexGuard<'_, Indexes> {
@@ -572,11 +632,12 @@ impl Store {
         let Some(last) = entries.last() else {
             return Ok(Vec::new());
         };
+        let _writer = self.writer();
         let mut write = self.db.begin_write()?;
         write.set_durability(redb::Durability::Immediate)?;
         let mut results = Vec::with_capacity(entries.len());
-        let index = {
-            let mut tables = Tables::open(&write, self.indexes().current.clone())?;
+        let (index, balances) = {
+            let mut tables = Tables::open(&write, self.indexes().current.clone(), &self.balances)?;
             for entry in entries {
                 let result = match &entry.payload {
                     EntryPayload::Blank => EntryResult::default(),
@@ -592,9 +653,11 @@ impl Store {
                 results.push(result);
             }
             raft_put(&mut tables.raft, RAFT_APPLIED, &last.log_id)?;
-            tables.key_index
+            (tables.key_index, tables.balance_changes)
         };
+        let commit = index.commit;
         self.commit_with_index(write, index)?;
+        self.publish_balances(balances, commit);
         Ok(results)
     }
 
@@ -620,15 +683,40 @@ impl Store {
         now: Timestamp,
         intents: &[Intent],
     ) -> Result<(u64, Vec<Applied>), StoreError> {
+        let _writer = self.writer();
         let mut write = self.db.begin_write()?;
         write.set_durability(redb::Durability::Immediate)?;
-        let (result, index) = {
-            let mut tables = Tables::open(&write, self.indexes().current.clone())?;
+        let (result, index, balances) = {
+            let mut tables = Tables::open(&write, self.indexes().current.clone(), &self.balances)?;
             let result = tables.apply_intents(now, intents)?;
-            (result, tables.key_index)
+            (result, tables.key_index, tables.balance_changes)
         };
         self.commit_with_index(write, index)?;
+        self.publish_balances(balances, result.commit);
         Ok((result.commit, result.applied))
+    }
+
+    /// Writes every balance the journal tail holds to the table now, so
+    /// that the file holds each balance in its table (a node closing does
+    /// this; otherwise checkpoints are decided as commits apply).
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        let _writer = self.writer();
+        if self.balance_cache().dirty.is_empty() {
+            return Ok(());
+        }
+        let mut write = self.db.begin_write()?;
+        write.set_durability(redb::Durability::Immediate)?;
+        let (index, balances) = {
+            let mut tables = Tables::open(&write, self.indexes().current.clone(), &self.balances)?;
+            tables.checkpoint()?;
+            let journal_next = meta_get(&tables.meta, META_JOURNAL_NEXT)?;
+            meta_put(&mut tables.meta, META_BALANCES_AT, journal_next)?;
+            (tables.key_index, tables.balance_changes)
+        };
+        let commit = index.commit;
+        self.commit_with_index(write, index)?;
+        self.publish_balances(balances, commit);
+        Ok(())
     }
 
     /// The last applied log id and membership, as Raft's state machine
@@ -690,13 +778,30 @@ impl Store {
     /// The committed balance of `account` and the commit sequence of the
     /// snapshot it was read from. The issuer (id 0) has no balance here.
     pub fn balance_at_commit(&self, account: AccountId) -> Result<Option<(u64, u64)>, StoreError> {
-        let read = self.db.begin_read()?;
-        let meta = read.open_table(META)?;
-        let balances = read.open_table(BALANCES)?;
-        let Some((balance, _)) = balance_get(&balances, account)? else {
-            return Ok(None);
-        };
-        Ok(Some((balance, meta_get(&meta, META_COMMIT_SEQ)?)))
+        for _attempt in 0..10_000 {
+            let read = self.db.begin_read()?;
+            let commit = commit_seq_of(&read)?;
+            let cached = {
+                let cache = self.balance_cache();
+                (cache.commit == commit).then(|| cache.entries.get(&account).copied())
+            };
+            match cached {
+                Some(Some((balance, _))) => return Ok(Some((balance, commit))),
+                // Not in the cache, so not changed since the table was
+                // written: the table as of `commit` has it.
+                Some(None) => {
+                    let balances = read.open_table(BALANCES)?;
+                    return Ok(
+                        balance_get(&balances, account)?.map(|(balance, _)| (balance, commit))
+                    );
+                }
+                // Committed, not yet published: a moment later they match.
+                None => std::thread::yield_now(),
+            }
+        }
+        Err(corrupted(
+            "the balance cache never matched the committed state".into(),
+        ))
     }
 
     pub fn balance(&self, account: AccountId) -> Result<Option<u64>, StoreError> {
@@ -720,13 +825,13 @@ impl Store {
     pub fn accounts(&self) -> Result<Vec<(AccountRecord, u64)>, StoreError> {
         let read = self.db.begin_read()?;
         let accounts = read.open_table(ACCOUNTS)?;
-        let balances = read.open_table(BALANCES)?;
+        let balances = BalancesView::open(&read)?;
         accounts
             .iter()?
             .map(|row| {
                 let (id, record) = row?;
                 let id = id.value();
-                let balance = balance_get(&balances, id)?.map_or(0, |(balance, _)| balance);
+                let balance = balances.get(id)?.map_or(0, |(balance, _)| balance);
                 Ok((
                     decode(seal::unseal(ACCOUNTS.name(), id, record.value())?)?,
                     balance,
@@ -738,10 +843,10 @@ impl Store {
     /// Every journal entry that moved `account`'s money, oldest first.
     pub fn history(&self, account: AccountId) -> Result<Vec<(u64, JournalEntry)>, StoreError> {
         let read = self.db.begin_read()?;
-        let balances = read.open_table(BALANCES)?;
+        let balances = BalancesView::open(&read)?;
         let journal = read.open_table(JOURNAL)?;
         let mut entries = Vec::new();
-        let mut next = balance_get(&balances, account)?.map(|(_, head)| head);
+        let mut next = balances.get(account)?.map(|(_, head)| head);
         while let Some(seq) = next {
             let stored = stored_at(&journal, seq)?;
             let position = stored
@@ -860,6 +965,7 @@ impl Store {
             )));
         }
         let index = load_index(&read)?;
+        let _writer = self.writer();
         let mut write = self.db.begin_write()?;
         write.set_durability(redb::Durability::Immediate)?;
         {
@@ -880,7 +986,8 @@ impl Store {
                 }
             }
         }
-        self.commit_with_index(write, index)
+        self.commit_with_index(write, index)?;
+        self.reload_balances()
     }
 
     /// Makes `members` this ledger's Raft membership, recorded at its applied
@@ -902,12 +1009,14 @@ impl Store {
     /// A SHA3-256 digest of everything the ledger holds, Raft's applied log
     /// id and membership included. Two replicas that applied the same log
     /// prefix have the same digest.
+    /// Balances are hashed as they are, not as far as a checkpoint wrote
+    /// them: a replica that checkpointed on closing digests the same.
     pub fn digest(&self) -> Result<[u8; 32], StoreError> {
         let read = self.db.begin_read()?;
         let mut hasher = Sha3_256::new();
-        digest_table(&read, META, &mut hasher)?;
+        digest_meta(&read, &mut hasher)?;
         digest_table(&read, ACCOUNTS, &mut hasher)?;
-        digest_table(&read, BALANCES, &mut hasher)?;
+        digest_balances(&read, &mut hasher)?;
         digest_table(&read, JOURNAL, &mut hasher)?;
         digest_table(&read, TX_KEY_RUNS, &mut hasher)?;
         digest_table(&read, TX_KEY_CHUNKS, &mut hasher)?;
@@ -969,6 +1078,39 @@ fn snapshot_meta_in(read: &redb::ReadTransaction) -> Result<SnapshotMeta, StoreE
     let table = read.open_table(RAFT)?;
     raft_get(&table, RAFT_SNAPSHOT)?
         .ok_or_else(|| corrupted("the file records no snapshot metadata".into()))
+}
+
+/// [`digest_table`] of `meta`, but for where the balances checkpoint is.
+fn digest_meta(read: &redb::ReadTransaction, hasher: &mut Sha3_256) -> Result<(), StoreError> {
+    let table = read.open_table(META)?;
+    hasher.update(META.name().as_bytes());
+    for row in table.iter()? {
+        let (key, value) = row?;
+        if key.value() == META_BALANCES_AT {
+            continue;
+        }
+        hasher.update((key.value().len() as u64).to_be_bytes());
+        hasher.update(key.value().as_bytes());
+        hasher.update((value.value().len() as u64).to_be_bytes());
+        hasher.update(value.value());
+    }
+    Ok(())
+}
+
+/// Every account's balance and history head, in id order.
+fn digest_balances(read: &redb::ReadTransaction, hasher: &mut Sha3_256) -> Result<(), StoreError> {
+    let balances = BalancesView::open(read)?;
+    hasher.update(BALANCES.name().as_bytes());
+    for row in read.open_table(ACCOUNTS)?.iter()? {
+        let id = row?.0.value();
+        let (balance, head) = balances
+            .get(id)?
+            .ok_or_else(|| corrupted(format!("account {id} has no balance")))?;
+        hasher.update(id.to_be_bytes());
+        hasher.update(balance.to_be_bytes());
+        hasher.update(head.to_be_bytes());
+    }
+    Ok(())
 }
 
 fn digest_table<K, V>(
@@ -1095,7 +1237,9 @@ fn verify_tail(read: &redb::ReadTransaction) -> Result<(), StoreError> {
         seal::unseal(PENDING.name(), key.value(), value.value())?;
     }
     let accounts = read.open_table(ACCOUNTS)?.len()?;
-    let balances = balance_table.len()?;
+    // Every journal entry since the checkpoint decodes, and gives the
+    // balances the table does not hold yet.
+    let balances = BalancesView::open(read)?.len()?;
     let account_next = meta_get(&meta, META_ACCOUNT_NEXT)?;
     if accounts != balances || accounts.checked_add(1) != Some(account_next) {
         return Err(corrupted(format!(
@@ -1203,6 +1347,7 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
     report.issued = meta_get(&meta, META_ISSUED)?;
     let account_next: u64 = meta_get(&meta, META_ACCOUNT_NEXT)?;
     let journal_next: u64 = meta_get(&meta, META_JOURNAL_NEXT)?;
+    let balances_at: u64 = meta_get(&meta, META_BALANCES_AT)?;
     let indexed = key_index::audit_entries(
         &read.open_table(TX_KEY_RUNS)?,
         &read.open_table(TX_KEY_CHUNKS)?,
@@ -1225,6 +1370,9 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
     let mut outcome_keys: HashSet<u128> = HashSet::new();
     // Each account's newest entry so far, to check the history links.
     let mut last_seq: HashMap<AccountId, u64> = HashMap::new();
+    // Accounts the journal moved after the balances checkpoint, with their
+    // balance and newest entry at the checkpoint: what the table must hold.
+    let mut before_tail: HashMap<AccountId, (Option<u64>, Option<u64>)> = HashMap::new();
     // The chain link of the entry before, `None` after a damaged one.
     let mut link: Option<u128> = Some(0);
     let mut expected_seq = 0u64;
@@ -1273,6 +1421,16 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
                 previous.len(),
                 moved.len()
             ));
+        }
+        if seq >= balances_at {
+            for account in &moved {
+                before_tail.entry(*account).or_insert_with(|| {
+                    (
+                        running.get(account).copied(),
+                        last_seq.get(account).copied(),
+                    )
+                });
+            }
         }
         for (account, link) in moved.iter().zip(&previous) {
             let expected = last_seq.insert(*account, seq);
@@ -1341,6 +1499,7 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
         );
     }
 
+    let mut opened_since_checkpoint = 0u64;
     for row in accounts.iter()? {
         let (id, record) = row?;
         let id = id.value();
@@ -1363,27 +1522,50 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
             }
             Err(error) => return Err(error),
         };
+        // The table holds each balance as the checkpoint left it; the
+        // journal after it moved those in `before_tail`.
+        let in_tail = before_tail.get(&id).copied();
+        let (expected, expected_head) =
+            in_tail.unwrap_or((running.get(&id).copied(), last_seq.get(&id).copied()));
         if let Some((_, head)) = stored
-            && last_seq.get(&id) != Some(&head)
+            && expected_head != Some(head)
         {
             report.problems.push(format!(
-                "account {id}: history starts at journal {head} but its newest entry is {:?}",
-                last_seq.get(&id)
+                "account {id}: history starts at journal {head} but its newest entry is {expected_head:?}"
             ));
         }
-        let expected = running.get(&id).copied().unwrap_or(0);
-        match stored.map(|(balance, _)| balance) {
-            None => report.problems.push(format!("account {id} has no balance")),
-            Some(stored) if stored != expected => report.problems.push(format!(
-                "account {id}: balance {stored} but its history gives {expected}"
-            )),
-            Some(stored) => report.user_balances_total += u128::from(stored),
+        let held = match (stored.map(|(balance, _)| balance), expected) {
+            // Opened after the checkpoint: no balance written yet.
+            (None, None) if in_tail.is_some() => {
+                opened_since_checkpoint += 1;
+                true
+            }
+            (None, _) => {
+                report.problems.push(format!("account {id} has no balance"));
+                false
+            }
+            (Some(stored), expected) if stored != expected.unwrap_or(0) => {
+                report.problems.push(format!(
+                    "account {id}: balance {stored} but its history gives {}",
+                    expected.unwrap_or(0)
+                ));
+                false
+            }
+            (Some(_), _) => true,
+        };
+        if held {
+            // The balance as of the newest entry (the table's, or the tail's).
+            let balance = match in_tail {
+                Some(_) => running.get(&id).copied(),
+                None => stored.map(|(balance, _)| balance),
+            };
+            report.user_balances_total += u128::from(balance.unwrap_or(0));
         }
     }
-    if balances.len()? != report.accounts {
+    let balances_held = balances.len()? + opened_since_checkpoint;
+    if balances_held != report.accounts {
         report.problems.push(format!(
-            "{} balances for {} accounts",
-            balances.len()?,
+            "{balances_held} balances for {} accounts",
             report.accounts
         ));
     }
@@ -1682,6 +1864,12 @@ fn outcome_at(journal: &impl ReadableTable<u64, Sealed>, seq: u64) -> Result<Out
     }
 }
 
+/// An empty map for `capacity` entries, hashed with foldhash: for keys the
+/// ledger assigns (account ids), never for keys clients choose.
+fn new_map<K, V>(capacity: usize) -> foldhash::HashMap<K, V> {
+    foldhash::HashMap::with_capacity_and_hasher(capacity, Default::default())
+}
+
 /// An account's balance and history head as a batch sees them.
 #[derive(Clone, Copy)]
 struct Touched {
@@ -1690,6 +1878,7 @@ struct Touched {
     balance_before_batch: u64,
     /// Newest journal entry that moved it; `None` only while it is being opened.
     last_seq: Option<u64>,
+    last_seq_before_batch: Option<u64>,
 }
 
 /// The open tables of one write transaction.
@@ -1703,12 +1892,26 @@ struct Tables<'txn> {
     key_index: KeyIndex,
     pending: redb::Table<'txn, u128, Sealed>,
     raft: redb::Table<'txn, &'static str, Sealed>,
+    /// The balances as the last commit left them (read only here).
+    cache: &'txn std::sync::Mutex<BalanceCache>,
+    /// What this transaction changed in them, published after it commits.
+    balance_changes: BalanceChanges,
+}
+
+/// The balances one write transaction changed or read, for the cache.
+#[derive(Default)]
+struct BalanceChanges {
+    changed: foldhash::HashMap<AccountId, CachedBalance>,
+    /// A checkpoint in this transaction wrote every balance dirty before
+    /// it: only those still marked dirty in `changed` are dirty now.
+    checkpointed: bool,
 }
 
 impl<'txn> Tables<'txn> {
     fn open(
         write: &'txn redb::WriteTransaction,
         key_index: KeyIndex,
+        cache: &'txn std::sync::Mutex<BalanceCache>,
     ) -> Result<Tables<'txn>, StoreError> {
         Ok(Tables {
             meta: write.open_table(META)?,
@@ -1722,7 +1925,91 @@ impl<'txn> Tables<'txn> {
             key_index,
             pending: write.open_table(PENDING)?,
             raft: write.open_table(RAFT)?,
+            cache,
+            balance_changes: BalanceChanges::default(),
         })
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, BalanceCache> {
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// An account's (balance, newest journal entry) as of the commits
+    /// before this batch: this transaction's, the cache's, the table's.
+    fn stored_balance(&mut self, account: AccountId) -> Result<Option<(u64, u64)>, StoreError> {
+        if let Some(changed) = self.balance_changes.changed.get(&account) {
+            return Ok(Some((changed.balance, changed.last_seq)));
+        }
+        let cached = {
+            let cache = self.cache();
+            cache.entries.get(&account).map(|&stored| {
+                // Dirty unless a checkpoint in this transaction wrote it.
+                let dirty = !self.balance_changes.checkpointed && cache.dirty.contains(&account);
+                (stored, dirty)
+            })
+        };
+        let (stored, dirty) = match cached {
+            Some((stored, dirty)) => (Some(stored), dirty),
+            None => (balance_get(&self.balances, account)?, false),
+        };
+        if let Some((balance, last_seq)) = stored {
+            // Remembered, so that the next commits need not read it again.
+            self.balance_changes.changed.insert(
+                account,
+                CachedBalance {
+                    balance,
+                    last_seq,
+                    dirty,
+                },
+            );
+        }
+        Ok(stored)
+    }
+
+    /// How many accounts have a balance the table does not hold yet.
+    fn dirty_accounts(&self) -> usize {
+        let cache = self.cache();
+        let checkpointed = self.balance_changes.checkpointed;
+        let before = if checkpointed { 0 } else { cache.dirty.len() };
+        before
+            + self
+                .balance_changes
+                .changed
+                .iter()
+                .filter(|(account, changed)| {
+                    changed.dirty && (checkpointed || !cache.dirty.contains(*account))
+                })
+                .count()
+    }
+
+    /// Writes every balance not in the table yet: the checkpoint.
+    fn checkpoint(&mut self) -> Result<(), StoreError> {
+        if !self.balance_changes.checkpointed {
+            let cache = self
+                .cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for account in &cache.dirty {
+                if !self.balance_changes.changed.contains_key(account) {
+                    let stored = cache.entries[account];
+                    balance_put(&mut self.balances, *account, stored)?;
+                }
+            }
+        }
+        for (account, changed) in &mut self.balance_changes.changed {
+            if changed.dirty {
+                balance_put(
+                    &mut self.balances,
+                    *account,
+                    (changed.balance, changed.last_seq),
+                )?;
+                changed.dirty = false;
+            }
+        }
+        self.balance_changes.checkpointed = true;
+        Ok(())
     }
 
     /// Applies one committed ledger batch. An entry proposed by actors of an
@@ -1760,10 +2047,10 @@ impl<'txn> Tables<'txn> {
             account_next: meta_get(&self.meta, META_ACCOUNT_NEXT)?,
             issued: meta_get(&self.meta, META_ISSUED)?,
             tables: self,
-            touched: HashMap::new(),
-            decided_in_batch: HashSet::new(),
+            touched: new_map(2 * intents.len()),
+            decided_in_batch: HashSet::with_capacity(intents.len()),
             skipped_pending: HashSet::new(),
-            decided: HashMap::new(),
+            decided: HashMap::with_capacity(intents.len()),
         };
         let commit = meta_get(&batch.tables.meta, META_COMMIT_SEQ)? + 1;
         // Halves that meet their partner inside this batch need never be
@@ -1788,8 +2075,9 @@ struct Batch<'a, 'txn> {
     tables: &'a mut Tables<'txn>,
     /// Balances read or changed in this batch, with each account's newest
     /// journal entry; written back once at the end.
-    touched: HashMap<AccountId, Touched>,
-    /// Keys that reach a decision somewhere in this batch.
+    touched: foldhash::HashMap<AccountId, Touched>,
+    /// Keys that reach a decision somewhere in this batch (keyed by what
+    /// clients chose: SipHash, not foldhash).
     decided_in_batch: HashSet<TxKey>,
     /// Lone halves of this batch not written because their key is decided in it.
     skipped_pending: HashSet<TxKey>,
@@ -1808,7 +2096,7 @@ impl Batch<'_, '_> {
         if let Some(touched) = self.touched.get(&account) {
             return Ok(Some(touched.balance));
         }
-        let Some((balance, last_seq)) = balance_get(&self.tables.balances, account)? else {
+        let Some((balance, last_seq)) = self.tables.stored_balance(account)? else {
             return Ok(None);
         };
         self.touched.insert(
@@ -1817,6 +2105,7 @@ impl Batch<'_, '_> {
                 balance,
                 balance_before_batch: balance,
                 last_seq: Some(last_seq),
+                last_seq_before_batch: Some(last_seq),
             },
         );
         Ok(Some(balance))
@@ -2034,6 +2323,7 @@ impl Batch<'_, '_> {
                 balance: new_account.opening_balance,
                 balance_before_batch: 0,
                 last_seq: None,
+                last_seq_before_batch: None,
             },
         );
         self.issued = issued;
@@ -2082,11 +2372,22 @@ impl Batch<'_, '_> {
             let last_seq = touched.last_seq.unwrap_or_else(|| {
                 panic!("commit {commit_seq}: account {account} has no journal entry")
             });
-            balance_put(
-                &mut self.tables.balances,
-                account,
-                (touched.balance, last_seq),
-            )?;
+            // Written behind (see `balances`): only the journal entry that
+            // moved it is written now.
+            let moved = touched.last_seq != touched.last_seq_before_batch;
+            let changed = self
+                .tables
+                .balance_changes
+                .changed
+                .entry(account)
+                .or_insert(CachedBalance {
+                    balance: touched.balance,
+                    last_seq,
+                    dirty: false,
+                });
+            changed.balance = touched.balance;
+            changed.last_seq = last_seq;
+            changed.dirty |= moved;
             total_touched_before += u128::from(touched.balance_before_batch);
             total_touched_after += u128::from(touched.balance);
         }
@@ -2105,6 +2406,13 @@ impl Batch<'_, '_> {
             commit_seq,
             decided,
         )?;
+        let balances_at = meta_get(&self.tables.meta, META_BALANCES_AT)?;
+        if self.journal_next - balances_at >= balances::TAIL_ENTRIES_MAX
+            || self.tables.dirty_accounts() >= balances::DIRTY_ACCOUNTS_MAX
+        {
+            self.tables.checkpoint()?;
+            meta_put(&mut self.tables.meta, META_BALANCES_AT, self.journal_next)?;
+        }
         let meta = &mut self.tables.meta;
         meta_put(meta, META_TX_KEY_RUN_NEXT, run_next)?;
         meta_put(meta, META_COMMIT_SEQ, commit_seq)?;

@@ -291,6 +291,7 @@ fn audit_names_an_account_whose_balance_was_tampered_with() {
     let dir = tempfile::tempdir().unwrap();
     let store = store_in(&dir);
     open_two(&store, 50, 50);
+    store.checkpoint().unwrap();
     {
         let write = store.db.begin_write().unwrap();
         let mut balances = write.open_table(BALANCES).unwrap();
@@ -414,6 +415,7 @@ fn audit_names_a_broken_history_head() {
             ],
         )
         .unwrap();
+    store.checkpoint().unwrap();
     {
         let write = store.db.begin_write().unwrap();
         let mut balances = write.open_table(BALANCES).unwrap();
@@ -507,6 +509,144 @@ fn a_damaged_index_chunk_refuses_a_writable_open_and_is_named_by_the_audit() {
             .problems
             .iter()
             .any(|problem| problem.contains("tx_key_chunks") && problem.contains("checksum")),
+        "{:?}",
+        report.problems
+    );
+}
+
+/// The balances `BALANCES` holds and the journal entry they are exact as of.
+fn checkpoint_of(store: &Store) -> (u64, u64) {
+    let read = store.db.begin_read().unwrap();
+    let meta = read.open_table(META).unwrap();
+    let rows = read.open_table(BALANCES).unwrap().len().unwrap();
+    (meta_get(&meta, META_BALANCES_AT).unwrap(), rows)
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(12))]
+
+    /// Balances are written behind (a checkpoint every few entries in unit
+    /// tests), so most commits leave the table behind the journal. Whatever
+    /// the moment a store is dropped without a checkpoint (every commit is
+    /// durable, so that is a crash), the reopened store, writable or
+    /// read-only, has every balance and history head the model has, and its
+    /// audit is clean.
+    #[test]
+    fn balances_written_behind_survive_a_reopen_after_any_commit(
+        commits in proptest::collection::vec(
+            (proptest::collection::vec((0u64..6, 0u64..6, 1u64..40), 1..8), proptest::bool::ANY),
+            4..24,
+        ),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = store_in(&dir);
+        let accounts = 6u64;
+        store
+            .commit_batch(
+                Timestamp(1),
+                &(0..accounts).map(|_| Intent::OpenAccount(new_account(100))).collect::<Vec<_>>(),
+            )
+            .unwrap();
+        let mut model: HashMap<AccountId, u64> = (1..=accounts).map(|id| (id, 100)).collect();
+        let mut key = 0u128;
+        let (mut tails_seen, mut checkpoints_seen) = (0, 0);
+        for (payments, reopen) in commits {
+            let mut intents = Vec::new();
+            let mut planned = model.clone();
+            for (from, to, amount) in payments {
+                let (sender, receiver) = (from + 1, to + 1);
+                key += 1;
+                if sender != receiver && planned[&sender] >= amount {
+                    *planned.get_mut(&sender).unwrap() -= amount;
+                    *planned.get_mut(&receiver).unwrap() += amount;
+                    intents.push(settle(key, sender, receiver, amount));
+                } else {
+                    intents.push(Intent::TopUp { account: sender, amount });
+                    *planned.get_mut(&sender).unwrap() += amount;
+                }
+            }
+            let (_, applied) = store.commit_batch(Timestamp(2), &intents).unwrap();
+            proptest::prop_assert!(
+                applied.iter().all(|applied| !matches!(applied, Applied::Invalid(_))),
+                "{applied:?}"
+            );
+            model = planned;
+            let (balances_at, _) = checkpoint_of(&store);
+            let journal_next = store.counters().unwrap().journal_entries;
+            if balances_at < journal_next {
+                tails_seen += 1;
+            }
+            if balances_at > 0 {
+                checkpoints_seen += 1;
+            }
+            if reopen {
+                drop(store);
+                let read_only = Store::open_read_only(&dir.path().join("ledger.redb")).unwrap();
+                for (&account, &balance) in &model {
+                    proptest::prop_assert_eq!(read_only.balance(account).unwrap(), Some(balance));
+                }
+                proptest::prop_assert!(read_only.audit().unwrap().is_ok());
+                drop(read_only);
+                store = store_in(&dir);
+            }
+            for (&account, &balance) in &model {
+                proptest::prop_assert_eq!(store.balance(account).unwrap(), Some(balance));
+                let history = store.history(account).unwrap();
+                let newest = history.last().map(|(seq, _)| *seq);
+                proptest::prop_assert_eq!(
+                    store.balance_at_commit(account).unwrap().map(|(balance, _)| balance),
+                    Some(balance)
+                );
+                proptest::prop_assert!(newest.is_some());
+            }
+            let listed: HashMap<AccountId, u64> = store
+                .accounts()
+                .unwrap()
+                .into_iter()
+                .map(|(record, balance)| (record.id, balance))
+                .collect();
+            proptest::prop_assert_eq!(&listed, &model);
+            let report = store.audit().unwrap();
+            proptest::prop_assert!(report.is_ok(), "{:?}", report.problems);
+        }
+        // The runs really wrote behind, and really checkpointed.
+        proptest::prop_assert!(tails_seen > 0 && checkpoints_seen > 0);
+    }
+}
+
+#[test]
+fn a_checkpoint_writes_every_balance_and_the_audit_checks_the_table_against_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_in(&dir);
+    open_two(&store, 50, 50);
+    // Two accounts opened: the table holds neither yet (the tail has them).
+    assert_eq!(checkpoint_of(&store), (0, 0));
+    store.checkpoint().unwrap();
+    assert_eq!(checkpoint_of(&store), (2, 2));
+    store
+        .commit_batch(Timestamp(2), &[settle(1, 1, 2, 5)])
+        .unwrap();
+    // The settlement is in the tail; the table still says 50 and 50.
+    assert_eq!(checkpoint_of(&store), (2, 2));
+    assert_eq!(store.balance(1).unwrap(), Some(45));
+    assert_eq!(store.balance(2).unwrap(), Some(55));
+    assert!(store.audit().unwrap().is_ok());
+    // A forged table row behind the tail is still caught: the table must
+    // hold what the journal gives at the checkpoint.
+    {
+        let write = store.db.begin_write().unwrap();
+        let mut balances = write.open_table(BALANCES).unwrap();
+        let (_, head) = balance_get(&balances, 1).unwrap().unwrap();
+        balance_put(&mut balances, 1, (45, head)).unwrap();
+        drop(balances);
+        write.commit().unwrap();
+    }
+    let report = store.audit().unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|problem| problem == "account 1: balance 45 but its history gives 50"),
         "{:?}",
         report.problems
     );
