@@ -33,6 +33,11 @@ pub const COMMIT_BATCH_MAX: usize = 16_384;
 /// Log entries proposed and not yet applied at most. Two lets the next batch
 /// be replicated while the previous one is applied.
 pub const COMMITS_IN_FLIGHT: usize = 2;
+/// A second entry is proposed while one is in flight only once this many
+/// intents wait; fewer wait for the one in flight instead, so that a
+/// lightly loaded ledger makes fewer, fuller commits (each costs two redb
+/// commits and fsyncs, whatever it holds).
+pub const PIPELINE_INTENTS_MIN: usize = 256;
 /// How long a closing ledger waits for its last entries to commit.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
@@ -176,7 +181,11 @@ async fn run(
                 }
                 deliver(&matchers, done.replies, result);
             }
-            first = receiver.recv(), if open && in_flight.len() < COMMITS_IN_FLIGHT => {
+            first = receiver.recv(), if open
+                && (in_flight.is_empty()
+                    || (in_flight.len() < COMMITS_IN_FLIGHT
+                        && receiver.len() >= PIPELINE_INTENTS_MIN)) =>
+            {
                 let Some(first) = first else {
                     open = false;
                     continue;

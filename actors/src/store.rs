@@ -11,7 +11,8 @@
 //! can be paid, so storage has the last word whatever the actors believed; an
 //! intent that breaks a rule is refused ([`Applied::Invalid`]) the same way
 //! on every replica, never a panic that would crash-loop them all. Reads use
-//! snapshots and never block the writer.
+//! snapshots and never block the writer. Balances are written behind, at
+//! checkpoints, with the journal tail holding the rest (`store_balances.rs`).
 //!
 //! This module knows nothing of actors or channels; `raft::state_machine`
 //! drives it.

@@ -106,6 +106,7 @@ async fn halves_in_one_write_are_all_answered_accepted_before_outcome() {
             .all(|(id, kinds)| *id == balance_id || kinds == &vec!["accepted"])
     );
 
+    let bob_before = bob_phone.datagrams();
     submit_in_one_write(
         &bob_phone,
         FIRST_RAW_ID,
@@ -113,6 +114,13 @@ async fn halves_in_one_write_are_all_answered_accepted_before_outcome() {
     )
     .await;
     let bob_answers = unrouted(&bob_phone, keys.len() + 1).await;
+    // The answers to one read share datagrams: fewer datagrams than answers.
+    let bob_received = bob_phone.datagrams().received - bob_before.received;
+    assert!(
+        (1..keys.len() as u64).contains(&bob_received),
+        "{bob_received} datagrams carried {} answers",
+        keys.len() + 1
+    );
     let bob_kinds = kinds_by_request(&bob_answers);
     assert!(
         bob_kinds

@@ -277,6 +277,23 @@ fn pinned_config(pinned: Fingerprint) -> Result<quinn::ClientConfig, ClientError
     Ok(config)
 }
 
+/// A connection's UDP datagram counts ([`Phone::datagrams`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Datagrams {
+    pub sent: u64,
+    pub received: u64,
+}
+
+impl std::ops::Add for Datagrams {
+    type Output = Datagrams;
+    fn add(self, other: Datagrams) -> Datagrams {
+        Datagrams {
+            sent: self.sent + other.sent,
+            received: self.received + other.received,
+        }
+    }
+}
+
 type Routes = Arc<Mutex<HashMap<RequestId, mpsc::UnboundedSender<NodeMessage>>>>;
 
 /// One phone's connection to a node.
@@ -378,6 +395,15 @@ impl Phone {
 
     pub fn remote_address(&self) -> SocketAddr {
         self.connection.remote_address()
+    }
+
+    /// UDP datagrams this connection has sent and received so far.
+    pub fn datagrams(&self) -> Datagrams {
+        let stats = self.connection.stats();
+        Datagrams {
+            sent: stats.udp_tx.datagrams,
+            received: stats.udp_rx.datagrams,
+        }
     }
 
     /// The reason the connection closed, once it has.

@@ -452,7 +452,7 @@ async fn audit_names_a_tampered_account_and_exits_one() {
         let database = redb::Database::create(data.path().join("ledger.redb")).unwrap();
         let write = database.begin_write().unwrap();
         {
-            // The store's layout (schema 4): account -> checksum (16 bytes),
+            // The store's layout (schema 5): account -> checksum (16 bytes),
             // balance, newest journal entry of its history. Change the
             // balance and leave the checksum: the damage a disk does.
             let balances: redb::TableDefinition<u64, &[u8]> =

@@ -28,6 +28,7 @@ use crate::swarm::target::{
 };
 use crate::swarm::workload::{self, WorkloadConfig};
 use crate::text::{duration_text, thousands};
+use tapledger_node::client::Datagrams;
 
 /// Fractions of the probed capacity the first open-loop steps offer; after
 /// them the rate grows by [`STEP_GROWTH`] while steps are sustained.
@@ -89,6 +90,11 @@ pub struct E2eStep {
     pub mismatch_examples: Vec<String>,
     pub sustained: bool,
     pub cpu: CpuSplit,
+    /// What the phones' connections sent (the node received) and received
+    /// during the step.
+    pub datagrams: Datagrams,
+    /// Ledger commits (Raft entries applied) during the step.
+    pub commits: u64,
 }
 
 impl E2eStep {
@@ -105,6 +111,9 @@ impl E2eStep {
             "mismatch_examples": self.mismatch_examples,
             "sustained": self.sustained,
             "cpu": self.cpu.to_json(self.settled),
+            "datagrams_to_node": self.datagrams.sent,
+            "datagrams_from_node": self.datagrams.received,
+            "commits": self.commits,
             "other_processes_cpu_share": self.others_share(),
         })
     }
@@ -135,12 +144,18 @@ impl E2eStep {
         let others = self.others_share().map_or(String::new(), |share| {
             format!(" · others {:.0}% CPU", share * 100.0)
         });
+        let settled = self.settled.max(1) as f64;
+        let (to_node, from_node) = (
+            self.datagrams.sent as f64 / settled,
+            self.datagrams.received as f64 / settled,
+        );
         format!(
-            "{offered} → {:>8} settled/s · tap→told p50 {:>9} p99 {:>9} · second half p99 {:>9} · cpu µs/settlement node {node_us:.0} phones {phones_us:.0}{others}{}",
+            "{offered} → {:>8} settled/s · tap→told p50 {:>9} p99 {:>9} · second half p99 {:>9} · cpu µs/settlement node {node_us:.0} phones {phones_us:.0} · datagrams/settlement in {to_node:.1} out {from_node:.1} · {:.0} commits/s{others}{}",
             thousands(self.settlements_per_sec.round() as u64),
             duration_text(self.latency.p50_us),
             duration_text(self.latency.p99_us),
             duration_text(self.second_half.p99_us),
+            self.commits as f64 / self.seconds.max(1e-9),
             match (self.offered, self.sustained) {
                 (None, _) => "",
                 (Some(_), true) => "  sustained",
@@ -384,6 +399,8 @@ struct Stepper<'a> {
     seed: u64,
     /// Every phone's balance after the steps so far.
     balances: Vec<u64>,
+    /// The embedded node's ledger, for its commit count.
+    ledger: Option<Arc<tapledger_actors::Ledger>>,
 }
 
 /// Starts the embedded node, opens one funded account per phone and
@@ -438,11 +455,20 @@ async fn start(
         swarm,
         seed: config.seed,
         balances,
+        ledger: embedded.ledger(0).await,
     };
     Ok((stepper, connector, embedded))
 }
 
 impl Stepper<'_> {
+    /// Commits the node's ledger made so far.
+    async fn commits(&self) -> u64 {
+        match &self.ledger {
+            Some(ledger) => ledger.stats().await.commits,
+            None => 0,
+        }
+    }
+
     /// One step: open loop at `offered` settlements a second, or (`None`)
     /// the closed-loop probe.
     async fn step(&mut self, offered: Option<f64>) -> anyhow::Result<E2eStep> {
@@ -483,7 +509,15 @@ impl Stepper<'_> {
             stall_timeout: Duration::from_secs(60),
             dead_after: None,
         };
+        let datagrams_before = self.swarm.datagrams().await;
+        let commits_before = self.commits().await;
         let tally = run_plan(&self.swarm, &plan, &options).await?;
+        let commits = self.commits().await - commits_before;
+        let datagrams = self.swarm.datagrams().await;
+        let datagrams = Datagrams {
+            sent: datagrams.sent - datagrams_before.sent,
+            received: datagrams.received - datagrams_before.received,
+        };
         if let Some(stop) = &tally.stopped {
             anyhow::bail!("{}", stop.describe("embedded node"));
         }
@@ -513,6 +547,8 @@ impl Stepper<'_> {
             mismatch_examples: tally.mismatch_examples.iter().take(5).cloned().collect(),
             sustained,
             cpu: tally.cpu,
+            datagrams,
+            commits,
         };
         if config.progress {
             eprintln!("  {}", step.render());

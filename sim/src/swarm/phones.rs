@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tapledger_node::client::Session;
+use tapledger_node::client::{Datagrams, Session};
 use tapledger_node::{ClientError, HalfAnswer, Phone, Submitted};
 use tapledger_protocol::{
     AccountId, Half, OutcomeReport, OutcomeStatus, ReceiveHalf, SendHalf, TxKey,
@@ -74,6 +74,11 @@ impl SimPhone {
             device_os: DEVICE_OS[index % DEVICE_OS.len()],
             slots: Arc::new(Semaphore::new(PAYMENTS_PER_PHONE_IN_FLIGHT)),
         }
+    }
+
+    /// Datagrams the current connection sent and received.
+    pub async fn datagrams(&self) -> Datagrams {
+        self.connection.read().await.phone.datagrams()
     }
 
     /// The connection to use now.
@@ -259,6 +264,15 @@ pub struct Swarm {
 }
 
 impl Swarm {
+    /// Datagrams every phone's current connection sent and received.
+    pub async fn datagrams(&self) -> Datagrams {
+        let mut total = Datagrams::default();
+        for phone in &self.phones {
+            total = total + phone.datagrams().await;
+        }
+        total
+    }
+
     pub(super) fn note(&self, line: impl FnOnce() -> String) {
         if let Some(transcript) = &self.transcript {
             transcript.lock().expect("transcript lock").push(line());
