@@ -14,7 +14,8 @@ use crate::account::{AccountMsg, Registry, Settled};
 use crate::clock::Clock;
 use crate::committer::{Job, MatcherResults, ReplyTo};
 use crate::core::matching::{
-    Effect, Matcher, MatcherConfig, PendingCounts, PendingHalf, Persisted, Resolution, Waiter,
+    Answers, Effect, Matcher, MatcherConfig, PendingCounts, PendingHalf, Persisted, Resolution,
+    Waiter,
 };
 use crate::core::rules::HalfContext;
 use crate::error::LedgerError;
@@ -354,19 +355,24 @@ impl Actor for MatcherActor {
             }
             MatcherMsg::Committed { commit, results } => {
                 state.outcomes = state.store.outcome_view().ok();
-                let mut told = Vec::with_capacity(results.len());
+                // One allocation of effects and answers per commit, not per key.
+                let mut effects = Vec::with_capacity(2 * results.len());
+                let mut answers = Answers::with_capacity(2 * results.len());
                 for (tx_key, persisted, result) in results {
-                    let (effects, answers) =
-                        state.core.on_committed(tx_key, persisted, commit, result);
-                    state.carry_out(effects).await;
-                    told.push(answers);
+                    state.core.on_committed_into(
+                        tx_key,
+                        persisted,
+                        commit,
+                        result,
+                        &mut effects,
+                        &mut answers,
+                    );
                 }
+                state.carry_out(effects).await;
                 // Debits and credits reach the account actors before anyone hears
                 // the outcome, so money just received is spendable at once.
                 state.flush_settled();
-                for answers in told {
-                    answers.deliver();
-                }
+                answers.deliver();
             }
             MatcherMsg::ExpireDue { done } => {
                 let effects = state.core.expire_due(state.clock.now());

@@ -41,8 +41,8 @@ pub(super) const TAIL_ENTRIES_MAX: u64 = 12;
 #[cfg(test)]
 pub(super) const DIRTY_ACCOUNTS_MAX: usize = 5;
 /// Balances the cache keeps at most after a checkpoint (all of them clean
-/// then, so it may drop them): about 40 MiB.
-const CACHED_ACCOUNTS_MAX: usize = 1 << 20;
+/// then, so it may drop them): about 12 MiB.
+const CACHED_ACCOUNTS_MAX: usize = 1 << 18;
 
 /// An account's balance and newest journal entry, as a commit left them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -55,6 +55,11 @@ impl<W: Waiter> Answers<W> {
         Answers(Vec::new())
     }
 
+    /// Room for `capacity` answers, to collect a whole commit's.
+    pub fn with_capacity(capacity: usize) -> Answers<W> {
+        Answers(Vec::with_capacity(capacity))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -658,6 +663,29 @@ impl<W: Waiter> Matcher<W> {
     ) -> (Vec<Effect>, Answers<W>) {
         let mut effects = Vec::new();
         let mut answers = Answers::new();
+        self.on_committed_into(
+            tx_key,
+            persisted,
+            commit,
+            result,
+            &mut effects,
+            &mut answers,
+        );
+        (effects, answers)
+    }
+
+    /// [`Matcher::on_committed`], adding to `effects` and `answers` (a
+    /// whole commit's results then allocate once). Its effects are only
+    /// debits, credits and releases.
+    pub fn on_committed_into(
+        &mut self,
+        tx_key: TxKey,
+        persisted: Persisted,
+        commit: u64,
+        result: Result<Committed, LedgerError>,
+        effects: &mut Vec<Effect>,
+        answers: &mut Answers<W>,
+    ) {
         match (persisted, result) {
             (Persisted::Pending(side), Ok(Committed::PendingStored)) => {
                 if let Some(entry) = self.entries.get_mut(&tx_key) {
@@ -678,7 +706,7 @@ impl<W: Waiter> Matcher<W> {
             }
             (Persisted::Pending(_), Ok(Committed::PendingSkipped)) => {}
             (Persisted::Pending(_), Ok(Committed::AlreadyFinal(outcome))) => {
-                self.resolve(tx_key, &outcome, &mut answers)
+                self.resolve(tx_key, &outcome, answers)
             }
             (Persisted::Decision { reserved }, Ok(Committed::Decided(outcome))) => {
                 if let Outcome::Settled(settlement) = &*outcome {
@@ -701,13 +729,13 @@ impl<W: Waiter> Matcher<W> {
                 } else if let Some((account, amount)) = reserved {
                     effects.push(Effect::Release { account, amount });
                 }
-                self.resolve(tx_key, &outcome, &mut answers);
+                self.resolve(tx_key, &outcome, answers);
             }
             (Persisted::Decision { reserved }, Ok(Committed::AlreadyFinal(outcome))) => {
                 if let Some((account, amount)) = reserved {
                     effects.push(Effect::Release { account, amount });
                 }
-                self.resolve(tx_key, &outcome, &mut answers);
+                self.resolve(tx_key, &outcome, answers);
             }
             (
                 Persisted::Decision { .. },
@@ -732,7 +760,6 @@ impl<W: Waiter> Matcher<W> {
                 }
             }
         }
-        (effects, answers)
     }
 
     /// Every lone half whose deadline is at or before `now` becomes a decision
