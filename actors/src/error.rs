@@ -32,6 +32,31 @@ pub enum StoreError {
     },
 }
 
+/// Damage found once and reported by every later read that depends on it
+/// (a read-only store opened despite it). Cheap to clone.
+#[derive(Clone, Debug)]
+pub(crate) struct Damage(Arc<(String, String, String)>);
+
+impl Damage {
+    /// The damage `error` describes; `table` names where, when `error`
+    /// does not.
+    pub(crate) fn of(error: &StoreError, table: &str) -> Damage {
+        Damage(Arc::new(match error {
+            StoreError::Damaged { table, key, what } => (table.clone(), key.clone(), what.clone()),
+            other => (table.into(), "?".into(), other.to_string()),
+        }))
+    }
+
+    pub(crate) fn error(&self) -> StoreError {
+        let (table, key, what) = &*self.0;
+        StoreError::Damaged {
+            table: table.clone(),
+            key: key.clone(),
+            what: what.clone(),
+        }
+    }
+}
+
 macro_rules! redb_error_from {
     ($($source:ty),*) => {$(
         impl From<$source> for StoreError {

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use redb::{ReadableTable, TableDefinition, TableHandle};
 use twox_hash::XxHash3_128;
 
-use crate::error::StoreError;
+use crate::error::{Damage, StoreError};
 use crate::seal::{self, RecordKey};
 
 type Sealed = &'static [u8];
@@ -95,7 +95,7 @@ pub(crate) struct KeyIndex {
     /// Why the stored index could not be loaded, on a ledger opened to be
     /// inspected, audited or replaced despite damage: every lookup fails
     /// with it.
-    damage: Option<Arc<(String, String, String)>>,
+    damage: Option<Damage>,
 }
 
 impl std::fmt::Debug for KeyIndex {
@@ -173,27 +173,17 @@ impl KeyIndex {
 
     /// An index that answers every lookup with `error` (a damage error).
     pub(crate) fn damaged(error: &StoreError, commit: u64) -> KeyIndex {
-        let damage = match error {
-            StoreError::Damaged { table, key, what } => (table.clone(), key.clone(), what.clone()),
-            other => (CHUNKS.name().into(), "?".into(), other.to_string()),
-        };
         KeyIndex {
             runs: Vec::new(),
             secret: 0,
             commit,
-            damage: Some(Arc::new(damage)),
+            damage: Some(Damage::of(error, CHUNKS.name())),
         }
     }
 
     /// The damage found loading it, if any.
     pub(crate) fn damage(&self) -> Option<StoreError> {
-        self.damage
-            .as_deref()
-            .map(|(table, key, what)| StoreError::Damaged {
-                table: table.clone(),
-                key: key.clone(),
-                what: what.clone(),
-            })
+        self.damage.as_ref().map(Damage::error)
     }
 
     /// The journal entry of `key`'s outcome, if it has one.

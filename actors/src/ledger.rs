@@ -663,16 +663,6 @@ impl Ledger {
             store, log, raft, ..
         } = self;
         drop(raft);
-        // Every balance into its table, so the closed file needs no journal
-        // replay (nothing is lost without it: the tail holds them).
-        let checkpointing = store.clone();
-        match tokio::task::spawn_blocking(move || checkpointing.checkpoint()).await {
-            Ok(Ok(())) => tracing::debug!("close: balances checkpointed"),
-            Ok(Err(error)) => {
-                tracing::warn!(%error, "close: no balances checkpoint; the journal keeps them")
-            }
-            Err(error) => tracing::warn!(%error, "close: the balances checkpoint panicked"),
-        }
         // openraft's tasks hold the stores until they have wound down.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while (Arc::strong_count(&store) > 1 || log.handles() > 1)

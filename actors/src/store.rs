@@ -521,17 +521,16 @@ impl Store {
             Err(error) => return Err(error),
         };
         // The journal tail's balances (see `balances`): a damaged tail
-        // refuses a writable store; a read-only one falls back on the
-        // table and its audit names the damage.
+        // refuses a writable store; a read-only one answers every balance
+        // read with the damage, and its audit names it.
         let cache = match refuse_damage(|| {
             let read = db.begin_read()?;
             BalanceCache::load(&read, commit_seq_of(&read)?)
         }) {
             Ok(cache) => cache,
-            Err(error) if read_only && is_damage(&error) => BalanceCache {
-                commit: index.commit,
-                ..BalanceCache::default()
-            },
+            Err(error) if read_only && is_damage(&error) => {
+                BalanceCache::damaged(&error, index.commit)
+            }
             Err(error) => return Err(error),
         };
         Ok(Store {
@@ -563,15 +562,6 @@ impl Store {
     fn publish_balances(&self, changed: BalanceChanges, commit: u64) {
         self.balance_cache()
             .publish(changed.changed, changed.checkpointed, commit);
-    }
-
-    /// Reloads the balance cache from the committed state (after a
-    /// snapshot replaced it).
-    fn reload_balances(&self) -> Result<(), StoreError> {
-        let read = self.db.begin_read()?;
-        let cache = BalanceCache::load(&read, commit_seq_of(&read)?)?;
-        *self.balance_cache() = cache;
-        Ok(())
     }
 
     fn indexes(&self) -> std::sync::MutexGuard<'_, Indexes> {
@@ -697,10 +687,11 @@ impl Store {
         Ok((result.commit, result.applied))
     }
 
-    /// Writes every balance the journal tail holds to the table now, so
-    /// that the file holds each balance in its table (a node closing does
-    /// this; otherwise checkpoints are decided as commits apply).
-    pub fn checkpoint(&self) -> Result<(), StoreError> {
+    /// Writes every balance the journal tail holds to the table now (store
+    /// unit tests only: a replica checkpoints only where its log says, so
+    /// that every replica writes the same tables).
+    #[cfg(test)]
+    pub(crate) fn checkpoint(&self) -> Result<(), StoreError> {
         let _writer = self.writer();
         if self.balance_cache().dirty.is_empty() {
             return Ok(());
@@ -779,24 +770,37 @@ impl Store {
     /// The committed balance of `account` and the commit sequence of the
     /// snapshot it was read from. The issuer (id 0) has no balance here.
     pub fn balance_at_commit(&self, account: AccountId) -> Result<Option<(u64, u64)>, StoreError> {
-        for _attempt in 0..10_000 {
+        let (read, stored) = self.read_with_balance(account)?;
+        let commit = commit_seq_of(&read)?;
+        Ok(stored.map(|(balance, _)| (balance, commit)))
+    }
+
+    /// A read transaction, and `account`'s (balance, newest journal entry)
+    /// as of the same commit: from the balance cache, or (not changed since
+    /// the last checkpoint) from that transaction's table. No journal tail
+    /// is replayed.
+    fn read_with_balance(
+        &self,
+        account: AccountId,
+    ) -> Result<(redb::ReadTransaction, Option<(u64, u64)>), StoreError> {
+        for _attempt in 0..100_000 {
             let read = self.db.begin_read()?;
             let commit = commit_seq_of(&read)?;
             let cached = {
                 let cache = self.balance_cache();
-                (cache.commit == commit).then(|| cache.entries.get(&account).copied())
+                if let Some(damage) = &cache.damage {
+                    return Err(damage.error());
+                }
+                (cache.commit == Some(commit)).then(|| cache.entries.get(&account).copied())
             };
             match cached {
-                Some(Some((balance, _))) => return Ok(Some((balance, commit))),
-                // Not in the cache, so not changed since the table was
-                // written: the table as of `commit` has it.
+                Some(Some(stored)) => return Ok((read, Some(stored))),
                 Some(None) => {
-                    let balances = read.open_table(BALANCES)?;
-                    return Ok(
-                        balance_get(&balances, account)?.map(|(balance, _)| (balance, commit))
-                    );
+                    let stored = balance_get(&read.open_table(BALANCES)?, account)?;
+                    return Ok((read, stored));
                 }
-                // Committed, not yet published: a moment later they match.
+                // Committed, not yet published (or a snapshot being
+                // installed): a moment later they match.
                 None => std::thread::yield_now(),
             }
         }
@@ -843,11 +847,10 @@ impl Store {
 
     /// Every journal entry that moved `account`'s money, oldest first.
     pub fn history(&self, account: AccountId) -> Result<Vec<(u64, JournalEntry)>, StoreError> {
-        let read = self.db.begin_read()?;
-        let balances = BalancesView::open(&read)?;
+        let (read, stored) = self.read_with_balance(account)?;
         let journal = read.open_table(JOURNAL)?;
         let mut entries = Vec::new();
-        let mut next = balances.get(account)?.map(|(_, head)| head);
+        let mut next = stored.map(|(_, head)| head);
         while let Some(seq) = next {
             let stored = stored_at(&journal, seq)?;
             let position = stored
@@ -966,6 +969,9 @@ impl Store {
             )));
         }
         let index = load_index(&read)?;
+        // The snapshot's balance cache, built before anything is replaced:
+        // readers wait for it only from the commit to the swap below.
+        let cache = BalanceCache::load(&read, commit_seq_of(&read)?)?;
         let _writer = self.writer();
         let mut write = self.db.begin_write()?;
         write.set_durability(redb::Durability::Immediate)?;
@@ -987,8 +993,25 @@ impl Store {
                 }
             }
         }
-        self.commit_with_index(write, index)?;
-        self.reload_balances()
+        // No reader may match the old cache against the new state (the two
+        // may share a commit number): it matches nothing until the swap.
+        let old = std::mem::replace(
+            &mut *self.balance_cache(),
+            BalanceCache {
+                commit: None,
+                ..BalanceCache::default()
+            },
+        );
+        match self.commit_with_index(write, index) {
+            Ok(()) => {
+                *self.balance_cache() = cache;
+                Ok(())
+            }
+            Err(error) => {
+                *self.balance_cache() = old;
+                Err(error)
+            }
+        }
     }
 
     /// Makes `members` this ledger's Raft membership, recorded at its applied
@@ -1011,7 +1034,7 @@ impl Store {
     /// id and membership included. Two replicas that applied the same log
     /// prefix have the same digest.
     /// Balances are hashed as they are, not as far as a checkpoint wrote
-    /// them: a replica that checkpointed on closing digests the same.
+    /// them: the digest speaks of the books, not of when they were written.
     pub fn digest(&self) -> Result<[u8; 32], StoreError> {
         let read = self.db.begin_read()?;
         let mut hasher = Sha3_256::new();
@@ -1914,8 +1937,26 @@ impl<'txn> Tables<'txn> {
         key_index: KeyIndex,
         cache: &'txn std::sync::Mutex<BalanceCache>,
     ) -> Result<Tables<'txn>, StoreError> {
+        let meta = write.open_table(META)?;
+        // The cache must be of the state this transaction writes on: a
+        // stale one would apply on stale balances.
+        let commit = meta_get(&meta, META_COMMIT_SEQ)?;
+        {
+            let cache = cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(damage) = &cache.damage {
+                return Err(damage.error());
+            }
+            if cache.commit != Some(commit) {
+                return Err(corrupted(format!(
+                    "the balance cache is of commit {:?}, the ledger of commit {commit}",
+                    cache.commit
+                )));
+            }
+        }
         Ok(Tables {
-            meta: write.open_table(META)?,
+            meta,
             accounts: write.open_table(ACCOUNTS)?,
             balances: write.open_table(BALANCES)?,
             journal: write.open_table(JOURNAL)?,
@@ -1988,15 +2029,19 @@ impl<'txn> Tables<'txn> {
     /// Writes every balance not in the table yet: the checkpoint.
     fn checkpoint(&mut self) -> Result<(), StoreError> {
         if !self.balance_changes.checkpointed {
-            let cache = self
-                .cache
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            for account in &cache.dirty {
-                if !self.balance_changes.changed.contains_key(account) {
-                    let stored = cache.entries[account];
-                    balance_put(&mut self.balances, *account, stored)?;
-                }
+            // Copied out first: readers need the cache while the table is
+            // written.
+            let earlier: Vec<(AccountId, (u64, u64))> = {
+                let cache = self.cache();
+                cache
+                    .dirty
+                    .iter()
+                    .filter(|account| !self.balance_changes.changed.contains_key(account))
+                    .map(|account| (*account, cache.entries[account]))
+                    .collect()
+            };
+            for (account, stored) in earlier {
+                balance_put(&mut self.balances, account, stored)?;
             }
         }
         for (account, changed) in &mut self.balance_changes.changed {

@@ -23,9 +23,9 @@ use super::{
     BALANCES, JOURNAL, META, META_BALANCES_AT, META_JOURNAL_NEXT, Sealed, StoredEntry, balance_get,
     corrupted, decode, meta_get, unseal_journal,
 };
-use crate::error::StoreError;
+use crate::error::{Damage, StoreError};
 use crate::store::JournalEntry;
-use redb::ReadableTableMetadata;
+use redb::{ReadableTableMetadata, TableHandle};
 
 /// A checkpoint is due once the journal tail holds this many entries...
 #[cfg(not(test))]
@@ -42,7 +42,10 @@ pub(super) const TAIL_ENTRIES_MAX: u64 = 12;
 pub(super) const DIRTY_ACCOUNTS_MAX: usize = 5;
 /// Balances the cache keeps at most after a checkpoint (all of them clean
 /// then, so it may drop them): about 12 MiB.
+#[cfg(not(test))]
 const CACHED_ACCOUNTS_MAX: usize = 1 << 18;
+#[cfg(test)]
+const CACHED_ACCOUNTS_MAX: usize = 3;
 
 /// An account's balance and newest journal entry, as a commit left them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,11 +61,16 @@ pub(super) struct CachedBalance {
 /// commit rarely reads the table.
 #[derive(Debug, Default)]
 pub(super) struct BalanceCache {
-    pub(super) commit: u64,
+    /// `None` while a snapshot replaces the ledger: no reader matches it.
+    pub(super) commit: Option<u64>,
     pub(super) entries: foldhash::HashMap<AccountId, (u64, u64)>,
     /// Accounts whose balance in `entries` is newer than the table's. Every
     /// one of them is in `entries`.
     pub(super) dirty: foldhash::HashSet<AccountId>,
+    /// Why the journal tail could not be read, on a read-only store opened
+    /// despite damage: every balance read fails with it (the table alone
+    /// would give stale balances).
+    pub(super) damage: Option<Damage>,
 }
 
 impl BalanceCache {
@@ -75,10 +83,20 @@ impl BalanceCache {
         let entries: foldhash::HashMap<_, _> = balance_tail(read)?.into_iter().collect();
         let dirty = entries.keys().copied().collect();
         Ok(BalanceCache {
-            commit,
+            commit: Some(commit),
             entries,
             dirty,
+            damage: None,
         })
+    }
+
+    /// The cache of a read-only store whose journal tail is damaged.
+    pub(super) fn damaged(error: &StoreError, commit: u64) -> BalanceCache {
+        BalanceCache {
+            commit: Some(commit),
+            damage: Some(Damage::of(error, JOURNAL.name())),
+            ..BalanceCache::default()
+        }
     }
 
     /// Takes in what a commit changed; `checkpointed` when it wrote every
@@ -93,7 +111,7 @@ impl BalanceCache {
             self.dirty.clear();
             // Trimmed only when the commit moves on: a reader of the commit
             // before the checkpoint must still find what its table lacks.
-            if commit != self.commit && self.entries.len() > CACHED_ACCOUNTS_MAX {
+            if Some(commit) != self.commit && self.entries.len() > CACHED_ACCOUNTS_MAX {
                 self.entries.clear();
             }
         }
@@ -104,7 +122,7 @@ impl BalanceCache {
                 self.dirty.insert(account);
             }
         }
-        self.commit = commit;
+        self.commit = Some(commit);
     }
 }
 
