@@ -1250,7 +1250,12 @@ fn verify_tail(read: &redb::ReadTransaction) -> Result<(), StoreError> {
             "the journal is empty but its chain has a head".into(),
         ));
     }
-    // The live state a leader is built from: every balance and lone half.
+    // The live state a leader is built from: every account (its key hash
+    // authenticates phones), balance and lone half.
+    for row in read.open_table(ACCOUNTS)?.iter()? {
+        let (id, value) = row?;
+        seal::unseal(ACCOUNTS.name(), id.value(), value.value())?;
+    }
     let balance_table = read.open_table(BALANCES)?;
     for row in balance_table.iter()? {
         let (account, value) = row?;

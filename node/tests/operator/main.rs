@@ -419,8 +419,8 @@ async fn backup_of_a_running_node_restores_and_serves() {
 
 /// Goal: a tampered ledger fails `audit` with exit status 1 naming the
 /// account, and offline commands read and top up a stopped node's ledger.
-/// Method: pay, stop, top up offline, then raise one balance with redb
-/// directly.
+/// Method: pay, stop, top up offline, then change one account's record
+/// with redb directly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_names_a_tampered_account_and_exits_one() {
     let data = DataDirectory::init();
@@ -453,19 +453,22 @@ async fn audit_names_a_tampered_account_and_exits_one() {
         let write = database.begin_write().unwrap();
         {
             // The store's layout (schema 5): account -> checksum (16 bytes),
-            // balance, newest journal entry of its history. Change the
-            // balance and leave the checksum: the damage a disk does.
-            let balances: redb::TableDefinition<u64, &[u8]> =
-                redb::TableDefinition::new("balances");
-            let mut table = write.open_table(balances).unwrap();
+            // then its record. (Balances are written behind: a ledger this
+            // young holds them in its journal tail, not in `balances`.)
+            // Change the record and leave the checksum: the damage a disk
+            // does.
+            let accounts: redb::TableDefinition<u64, &[u8]> =
+                redb::TableDefinition::new("accounts");
+            let mut table = write.open_table(accounts).unwrap();
             use redb::ReadableTable;
             let mut record = table
                 .get(bob.id)
                 .unwrap()
-                .expect("bob's balance")
+                .expect("bob's account")
                 .value()
                 .to_vec();
-            record[16..24].copy_from_slice(&9_999u64.to_le_bytes());
+            let last = record.len() - 1;
+            record[last] ^= 0x5a;
             table.insert(bob.id, record.as_slice()).unwrap();
         }
         write.commit().unwrap();
@@ -486,7 +489,7 @@ async fn audit_names_a_tampered_account_and_exits_one() {
     let stderr = text(&refused.stderr);
     assert_eq!(refused.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("failed its integrity check") && stderr.contains("balances"),
+        stderr.contains("failed its integrity check") && stderr.contains("accounts"),
         "{stderr}"
     );
     // Unless asked to serve it for inspection: HTTP only, never ready, the
@@ -496,7 +499,7 @@ async fn audit_names_a_tampered_account_and_exits_one() {
     let (status, body) = http_get(inspected.1, "/readyz").await;
     assert_eq!(status, 503, "{body}");
     assert!(
-        body.contains("damaged") && body.contains("balances"),
+        body.contains("damaged") && body.contains("accounts"),
         "{body}"
     );
     let (status, body) = within(tapledger_node::telemetry::admin_request(
