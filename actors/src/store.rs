@@ -1925,6 +1925,9 @@ struct Tables<'txn> {
     cache: &'txn std::sync::Mutex<BalanceCache>,
     /// What this transaction changed in them, published after it commits.
     balance_changes: BalanceChanges,
+    /// A record being built (journal entries): one allocation per
+    /// transaction, not per entry.
+    record: Vec<u8>,
 }
 
 /// The balances one write transaction changed or read, for the cache.
@@ -1974,6 +1977,7 @@ impl<'txn> Tables<'txn> {
             raft: write.open_table(RAFT)?,
             cache,
             balance_changes: BalanceChanges::default(),
+            record: Vec::with_capacity(1024),
         })
     }
 
@@ -2187,15 +2191,19 @@ impl Batch<'_, '_> {
             entry,
             previous: &previous[..moved],
         };
-        let encoded = encode(&stored)?;
-        let link = seal::chain_link(self.journal_head, seq, &encoded);
+        // Built in one buffer the transaction reuses: checksum ‖ chain
+        // link ‖ entry.
+        const LINK_AT: usize = seal::CHECKSUM_LEN;
+        const ENTRY_AT: usize = LINK_AT + 16;
+        let buffer = &mut self.tables.record;
+        buffer.clear();
+        buffer.resize(ENTRY_AT, 0);
+        rmp_serde::encode::write(buffer, &stored)?;
+        let link = seal::chain_link(self.journal_head, seq, &buffer[ENTRY_AT..]);
         self.journal_head = link;
-        let mut payload = Vec::with_capacity(16 + encoded.len());
-        payload.extend_from_slice(&link.to_le_bytes());
-        payload.extend_from_slice(&encoded);
-        self.tables
-            .journal
-            .insert(seq, seal::seal(JOURNAL.name(), seq, &payload).as_slice())?;
+        buffer[LINK_AT..ENTRY_AT].copy_from_slice(&link.to_le_bytes());
+        seal::seal_in_place(JOURNAL.name(), seq, buffer);
+        self.tables.journal.insert(seq, buffer.as_slice())?;
         Ok(seq)
     }
 

@@ -324,9 +324,15 @@ impl LogStore {
         write.set_durability(redb::Durability::Immediate)?;
         {
             let mut log = write.open_table(LOG)?;
+            // Encoded straight after room for the checksum, in one buffer
+            // (an entry is up to a few MiB): no copy to seal it.
+            let mut sealed = Vec::new();
             for entry in &entries {
                 let index = entry.log_id.index;
-                let sealed = seal::seal(LOG.name(), index, &super::encode(entry)?);
+                sealed.clear();
+                sealed.resize(seal::CHECKSUM_LEN, 0);
+                rmp_serde::encode::write(&mut sealed, entry)?;
+                seal::seal_in_place(LOG.name(), index, &mut sealed);
                 log.insert(index, sealed.as_slice())?;
             }
         }
