@@ -80,6 +80,7 @@ impl LeaderServices {
             clock: config.clock.clone(),
             matchers: matcher_slot.clone(),
             stats: stats.clone(),
+            interval: config.commit_interval_min,
         });
         let registry = Registry::new(store.clone());
         let matcher_config = MatcherConfig {
