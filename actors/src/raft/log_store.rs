@@ -6,14 +6,16 @@
 //! hears that entries are flushed only after the fsync returned, so an entry
 //! counts toward a majority only once it is on this disk. The vote is written
 //! the same way (a replica must never forget whom it voted for). The
-//! committed log id is only a hint for re-applying after a restart, so it is
-//! written without an fsync of its own; the next durable write carries it.
+//! committed log id is only a hint for re-applying after a restart, so it
+//! gets no transaction of its own: the next append writes it with its
+//! entries.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, OptionalSend, RaftLogReader, StorageIOError};
@@ -47,8 +49,11 @@ const STATE_KNOWN: &str = "known";
 pub struct LogStore {
     db: Arc<crate::store::Handle<Database>>,
     io: StorageIo,
-    /// The committed log id openraft last reported, for status reports.
+    /// The committed log id openraft last reported, for status reports and
+    /// for the next append to write.
     committed: Arc<std::sync::Mutex<Option<LogId>>>,
+    /// `committed` changed since an append last wrote it.
+    committed_unsaved: Arc<std::sync::atomic::AtomicBool>,
     /// The newest entries appended by this process, exactly as stored: the
     /// state machine and replication read them back from here instead of
     /// decoding them again.
@@ -130,6 +135,7 @@ impl LogStore {
             db: Arc::new(crate::store::Handle::new(db)),
             io,
             committed: Arc::default(),
+            committed_unsaved: Arc::default(),
             recent: Arc::default(),
         })
     }
@@ -319,7 +325,7 @@ impl LogStore {
         }
     }
 
-    fn append_now(&self, entries: Vec<Entry>) -> Result<(), StoreError> {
+    pub(super) fn append_now(&self, entries: Vec<Entry>) -> Result<(), StoreError> {
         let mut write = self.db.begin_write()?;
         write.set_durability(redb::Durability::Immediate)?;
         {
@@ -335,8 +341,18 @@ impl LogStore {
                 seal::seal_in_place(LOG.name(), index, &mut sealed);
                 log.insert(index, sealed.as_slice())?;
             }
+            if self.committed_unsaved.swap(false, Ordering::SeqCst) {
+                let committed = *self.committed.lock().expect("committed lock");
+                write.open_table(STATE)?.insert(
+                    STATE_COMMITTED,
+                    sealed_state(STATE_COMMITTED, &committed)?.as_slice(),
+                )?;
+            }
         }
-        write.commit()?;
+        if let Err(error) = write.commit() {
+            self.committed_unsaved.store(true, Ordering::SeqCst);
+            return Err(error.into());
+        }
         let mut recent = self.recent.lock().expect("log cache lock");
         for entry in entries {
             let index = entry.log_id.index;
@@ -454,20 +470,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // Written by the next append (see the module's notes): a
+        // transaction of its own per commit cost more than the rest of
+        // this call.
         *self.committed.lock().expect("committed lock") = committed;
-        self.run(
-            move |store| store.put(STATE_COMMITTED, &committed, redb::Durability::None),
-            write_error,
-        )
-        .await
+        self.committed_unsaved.store(true, Ordering::SeqCst);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        self.run(
-            |store| Ok(store.get::<Option<LogId>>(STATE_COMMITTED)?.flatten()),
-            read_error,
-        )
-        .await
+        let saved = self
+            .run(
+                |store| Ok(store.get::<Option<LogId>>(STATE_COMMITTED)?.flatten()),
+                read_error,
+            )
+            .await?;
+        // What this process was told and has not written yet is newer.
+        Ok(saved.max(self.committed()))
     }
 
     async fn append<I>(

@@ -196,3 +196,27 @@ async fn the_log_keeps_its_vote_and_bootstrap_members_across_reopen() {
         .unwrap();
     assert_eq!(log.bootstrap().unwrap().unwrap().len(), 1);
 }
+
+/// Goal: the committed log id, which gets no transaction of its own, is
+/// written durably by the next append and read back after a reopen.
+#[tokio::test]
+async fn the_committed_log_id_is_written_by_the_next_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raft.redb");
+    {
+        let mut log = LogStore::open(&path, StorageIo::Blocking).unwrap();
+        log.append_now(vec![membership(1), membership(2)]).unwrap();
+        log.save_committed(Some(log_id(1, 2))).await.unwrap();
+        assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 2)));
+        log.append_now(vec![membership(3)]).unwrap();
+        // Told after the last append: only this process knows it.
+        log.save_committed(Some(log_id(1, 3))).await.unwrap();
+        assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 3)));
+    }
+    let mut log = LogStore::open(&path, StorageIo::Blocking).unwrap();
+    assert_eq!(
+        log.read_committed().await.unwrap(),
+        Some(log_id(1, 2)),
+        "the append after save_committed wrote it; the later one is a hint lost"
+    );
+}
