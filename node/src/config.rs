@@ -179,6 +179,7 @@ impl std::fmt::Debug for NodeConfig {
             )
             .field("account_idle", &self.ledger.account_idle)
             .field("live_accounts_max", &self.ledger.live_accounts_max)
+            .field("commit_interval_min", &self.ledger.commit_interval_min)
             .finish_non_exhaustive()
     }
 }

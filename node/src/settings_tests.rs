@@ -196,7 +196,8 @@ fn every_ledger_setting_reaches_the_node_config() {
     let file = FileSettings::parse(
         "data = \"/srv/ledger\"\nhalf_ttl_secs = 7\nmax_amount = 1234\nmatcher_shards = 3\n\
          pending_halves_per_account_max = 5\naccount_idle_secs = 2.5\nheartbeat_ms = 70\n\
-         live_accounts_max = 1000\nelection_timeout_ms = 650\nsnapshot_after_entries = 400\n",
+         live_accounts_max = 1000\nelection_timeout_ms = 650\nsnapshot_after_entries = 400\n\
+         commit_interval_ms = 12\n",
         "node.toml",
     )
     .unwrap();
@@ -209,6 +210,7 @@ fn every_ledger_setting_reaches_the_node_config() {
     assert_eq!(ledger.pending_halves_per_account_max, 5);
     assert_eq!(ledger.account_idle, Duration::from_millis(2500));
     assert_eq!(ledger.live_accounts_max, 1000);
+    assert_eq!(ledger.commit_interval_min, Duration::from_millis(12));
     assert_eq!(ledger.replication.heartbeat, Duration::from_millis(70));
     assert_eq!(
         ledger.replication.election_timeout,
