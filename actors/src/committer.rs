@@ -168,6 +168,7 @@ async fn run(
     let mut jobs: Vec<Job> = Vec::with_capacity(COMMIT_BATCH_MAX);
     let mut open = true;
     let mut drain_deadline: Option<tokio::time::Instant> = None;
+    let mut owned = true;
     // The earliest a proposal of fewer than PIPELINE_INTENTS_MIN intents
     // may go out (COMMIT_INTERVAL_MIN).
     let mut paced_until = tokio::time::Instant::now();
@@ -193,7 +194,13 @@ async fn run(
             && (queued >= PIPELINE_INTENTS_MIN || (in_flight.is_empty() && !paced));
         tokio::select! {
             biased;
-            _ = stop.changed(), if how == Stop::Running => {}
+            changed = stop.changed(), if how == Stop::Running && owned => {
+                // The `Committer` was dropped without `stop`: no signal can
+                // come any more (and a closed watch is ready on every poll,
+                // which would spin this loop). Go on until every sender of
+                // jobs is gone and what they sent is answered.
+                owned = changed.is_ok();
+            }
             _ = tokio::time::sleep_until(deadline), if drain_deadline.is_some() => {
                 tracing::warn!(entries = in_flight.len(), "closing with log entries not yet committed");
                 return;
@@ -236,7 +243,8 @@ async fn run(
                     continue;
                 }
                 if intents.len() > 1 {
-                    paced_until = tokio::time::Instant::now() + interval;
+                    let now = tokio::time::Instant::now();
+                    paced_until = now.checked_add(interval).unwrap_or(now);
                 }
                 let entry = LedgerEntry {
                     term,

@@ -28,6 +28,8 @@ pub const LISTEN_DEFAULT: &str = "127.0.0.1:7443";
 /// Where the metrics and health HTTP server listens when nothing says otherwise.
 pub const METRICS_LISTEN_DEFAULT: &str = "127.0.0.1:9464";
 pub const DATA_DEFAULT: &str = "tapledger-data";
+/// The longest `commit_interval_ms` accepted: longer only delays commits.
+const COMMIT_INTERVAL_MS_MAX: u64 = 1_000;
 
 /// Declares one layer of optional settings (what flags, environment or file
 /// may set) and its resolved counterpart (every value present).
@@ -465,6 +467,11 @@ impl Settings {
             return Err(SettingsError::Invalid(
                 "matcher_shards, pending_halves_per_account_max and live_accounts_max must be at least 1".into(),
             ));
+        }
+        if run.commit_interval_ms > COMMIT_INTERVAL_MS_MAX {
+            return Err(SettingsError::Invalid(format!(
+                "commit_interval_ms must be at most {COMMIT_INTERVAL_MS_MAX} (it delays commits under load)"
+            )));
         }
         if run.max_amount == 0 {
             return Err(SettingsError::Invalid(

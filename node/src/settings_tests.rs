@@ -178,6 +178,7 @@ fn flood_defenses_are_settings_that_reach_the_node() {
             "busy_first_request_timeout_secs = 0",
             "busy_first_request_timeout_secs",
         ),
+        ("commit_interval_ms = 1001", "commit_interval_ms"),
     ] {
         let file = FileSettings::parse(bad, "node.toml").unwrap();
         let error =

@@ -254,6 +254,9 @@ impl LogStore {
             }
         }
         write.commit()?;
+        // What this handle was told of the old history is void.
+        *self.committed.lock().expect("committed lock") = after.map(|(last, _)| last);
+        self.committed_unsaved.store(false, Ordering::SeqCst);
         Ok(())
     }
 
@@ -326,6 +329,24 @@ impl LogStore {
     }
 
     pub(super) fn append_now(&self, entries: Vec<Entry>) -> Result<(), StoreError> {
+        let write_committed = self.committed_unsaved.swap(false, Ordering::SeqCst);
+        let appended = self.append_in_one_transaction(&entries, write_committed);
+        if appended.is_err() && write_committed {
+            // Not written after all: the next append tries again.
+            self.committed_unsaved.store(true, Ordering::SeqCst);
+        }
+        appended?;
+        self.remember(entries);
+        Ok(())
+    }
+
+    /// Writes `entries` (and the committed log id, if `write_committed`) in
+    /// one durable write transaction.
+    fn append_in_one_transaction(
+        &self,
+        entries: &[Entry],
+        write_committed: bool,
+    ) -> Result<(), StoreError> {
         let mut write = self.db.begin_write()?;
         write.set_durability(redb::Durability::Immediate)?;
         {
@@ -333,7 +354,7 @@ impl LogStore {
             // Encoded straight after room for the checksum, in one buffer
             // (an entry is up to a few MiB): no copy to seal it.
             let mut sealed = Vec::new();
-            for entry in &entries {
+            for entry in entries {
                 let index = entry.log_id.index;
                 sealed.clear();
                 sealed.resize(seal::CHECKSUM_LEN, 0);
@@ -341,7 +362,7 @@ impl LogStore {
                 seal::seal_in_place(LOG.name(), index, &mut sealed);
                 log.insert(index, sealed.as_slice())?;
             }
-            if self.committed_unsaved.swap(false, Ordering::SeqCst) {
+            if write_committed {
                 let committed = *self.committed.lock().expect("committed lock");
                 write.open_table(STATE)?.insert(
                     STATE_COMMITTED,
@@ -349,10 +370,12 @@ impl LogStore {
                 )?;
             }
         }
-        if let Err(error) = write.commit() {
-            self.committed_unsaved.store(true, Ordering::SeqCst);
-            return Err(error.into());
-        }
+        write.commit()?;
+        Ok(())
+    }
+
+    /// Keeps appended entries in the in-memory tail (`recent`).
+    fn remember(&self, entries: Vec<Entry>) {
         let mut recent = self.recent.lock().expect("log cache lock");
         for entry in entries {
             let index = entry.log_id.index;
@@ -376,7 +399,6 @@ impl LogStore {
                 intents -= intents_in(&oldest);
             }
         }
-        Ok(())
     }
 
     /// Deletes entries with index in `range`, and records `purged` if given,
