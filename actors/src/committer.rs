@@ -68,7 +68,9 @@ pub enum ReplyTo {
         persisted: Persisted,
     },
     /// A caller of the ledger API.
-    Caller(oneshot::Sender<Result<(u64, Applied), LedgerError>>),
+    /// With the ledger commit that applied it (`None` if its entry was
+    /// refused whole).
+    Caller(oneshot::Sender<Result<(Option<u64>, Applied), LedgerError>>),
 }
 
 pub struct Job {
@@ -275,7 +277,7 @@ fn answer_of(
         oneshot::error::RecvError,
     >,
     intents: usize,
-) -> Result<(u64, Vec<Applied>), LedgerError> {
+) -> Result<(Option<u64>, Vec<Applied>), LedgerError> {
     match result {
         Ok(Ok(response)) => {
             let EntryResult { commit, applied } = response.data;
@@ -302,14 +304,14 @@ fn answer_of(
 fn deliver(
     matchers: &std::sync::OnceLock<Vec<ActorRef<MatcherMsg>>>,
     replies: Vec<ReplyTo>,
-    result: Result<(u64, Vec<Applied>), LedgerError>,
+    result: Result<(Option<u64>, Vec<Applied>), LedgerError>,
 ) {
     let Some(matchers) = matchers.get() else {
         unreachable!("matchers are registered before the first half is submitted")
     };
     let (commit, mut applied) = match result {
         Ok((commit, applied)) => (commit, applied.into_iter().map(Ok).collect::<Vec<_>>()),
-        Err(error) => (0, vec![Err(error); replies.len()]),
+        Err(error) => (None, vec![Err(error); replies.len()]),
     };
     assert_eq!(applied.len(), replies.len(), "one result per intent");
     let mut per_shard: Vec<MatcherResults> = (0..matchers.len()).map(|_| Vec::new()).collect();

@@ -148,7 +148,7 @@ impl LeaderServices {
         })
     }
 
-    async fn commit(&self, intent: Intent) -> Result<(u64, Applied), LedgerError> {
+    async fn commit(&self, intent: Intent) -> Result<(Option<u64>, Applied), LedgerError> {
         let (sender, receiver) = oneshot::channel();
         self.commit_queue
             .send(Job {
@@ -180,6 +180,7 @@ impl LeaderServices {
         }
         match self.commit(Intent::TopUp { account, amount }).await? {
             (commit, Applied::ToppedUp { balance }) => {
+                let commit = commit.expect("a top-up is applied in a ledger commit");
                 self.registry
                     .settle(account, Settled::Credit { amount, commit });
                 Ok(balance)

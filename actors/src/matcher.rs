@@ -195,7 +195,8 @@ pub enum MatcherMsg {
     /// Account actors left answers in the shard's [`ReservedInbox`].
     Reserved,
     Committed {
-        commit: u64,
+        /// `None` when the entry failed or was refused whole.
+        commit: Option<u64>,
         results: MatcherResults,
     },
     /// Expire every lone half that is due; `done` hears how many were.
@@ -452,7 +453,7 @@ impl MatcherState {
                         let (effects, answers) = self.core.on_committed(
                             tx_key,
                             Persisted::Decision { reserved: None },
-                            0,
+                            None,
                             Err(error),
                         );
                         debug_assert!(effects.is_empty());
@@ -489,7 +490,7 @@ impl MatcherState {
             // The committer has stopped: the ledger is closing.
             let (effects, answers) =
                 self.core
-                    .on_committed(tx_key, persisted, 0, Err(LedgerError::Closed));
+                    .on_committed(tx_key, persisted, None, Err(LedgerError::Closed));
             for effect in effects {
                 if let Effect::Release { account, amount } = effect {
                     self.settled(account, Settled::Release { amount });

@@ -683,8 +683,9 @@ impl Store {
             (result, tables.key_index, tables.balance_changes)
         };
         self.commit_with_index(write, index)?;
-        self.publish_balances(balances, result.commit);
-        Ok((result.commit, result.applied))
+        let commit = result.commit.expect("applied intents make a commit");
+        self.publish_balances(balances, commit);
+        Ok((commit, result.applied))
     }
 
     /// Writes every balance the journal tail holds to the table now (store
@@ -2082,7 +2083,7 @@ impl<'txn> Tables<'txn> {
                 entry.term
             );
             return Ok(EntryResult {
-                commit: 0,
+                commit: None,
                 applied: vec![Applied::Invalid(reason); entry.intents.len()],
             });
         }
@@ -2120,7 +2121,10 @@ impl<'txn> Tables<'txn> {
             applied.push(batch.apply(intent)?);
         }
         batch.finish(commit)?;
-        Ok(EntryResult { commit, applied })
+        Ok(EntryResult {
+            commit: Some(commit),
+            applied,
+        })
     }
 }
 

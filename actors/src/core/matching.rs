@@ -658,7 +658,7 @@ impl<W: Waiter> Matcher<W> {
         &mut self,
         tx_key: TxKey,
         persisted: Persisted,
-        commit: u64,
+        commit: Option<u64>,
         result: Result<Committed, LedgerError>,
     ) -> (Vec<Effect>, Answers<W>) {
         let mut effects = Vec::new();
@@ -681,7 +681,7 @@ impl<W: Waiter> Matcher<W> {
         &mut self,
         tx_key: TxKey,
         persisted: Persisted,
-        commit: u64,
+        commit: Option<u64>,
         result: Result<Committed, LedgerError>,
         effects: &mut Vec<Effect>,
         answers: &mut Answers<W>,
@@ -711,6 +711,7 @@ impl<W: Waiter> Matcher<W> {
             (Persisted::Decision { reserved }, Ok(Committed::Decided(outcome))) => {
                 if let Outcome::Settled(settlement) = &*outcome {
                     let (sender, amount) = reserved.expect("a settlement holds a reservation");
+                    let commit = commit.expect("a decided settlement comes from a ledger commit");
                     assert_eq!(
                         (sender, amount),
                         (settlement.sender(), settlement.amount()),

@@ -72,7 +72,9 @@ impl Harness {
         commit: u64,
         result: Result<Committed, LedgerError>,
     ) -> Vec<Effect> {
-        let (effects, answers) = self.matcher.on_committed(tx_key, persisted, commit, result);
+        let (effects, answers) = self
+            .matcher
+            .on_committed(tx_key, persisted, Some(commit), result);
         answers.deliver();
         effects
     }
@@ -675,7 +677,7 @@ fn answers_wait_until_the_effects_are_out() {
         Persisted::Decision {
             reserved: Some((1, 50)),
         },
-        2,
+        Some(2),
         Ok(Committed::Decided(outcome)),
     );
     assert_eq!(effects.len(), 2, "debit and credit");

@@ -68,9 +68,9 @@ pub struct LedgerEntry {
 /// What applying one log entry did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntryResult {
-    /// The ledger commit this entry became; 0 for entries that are not
-    /// ledger batches (blank, membership) or that were refused whole.
-    pub commit: u64,
+    /// The ledger commit this entry became; `None` for entries that are
+    /// not ledger batches (blank, membership) or that were refused whole.
+    pub commit: Option<u64>,
     /// One result per intent of a [`LedgerEntry`], in order.
     pub applied: Vec<Applied>,
 }

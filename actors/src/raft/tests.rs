@@ -82,7 +82,7 @@ async fn ledger_entries_apply_with_their_log_id_and_survive_a_snapshot_round_tri
         .await
         .unwrap();
     assert_eq!(results[0], EntryResult::default());
-    assert_eq!(results[1].commit, 1);
+    assert_eq!(results[1].commit, Some(1));
     assert_eq!(
         results[1].applied,
         vec![Applied::AccountOpened(1), Applied::AccountOpened(2)]
@@ -145,7 +145,7 @@ async fn an_entry_proposed_in_an_earlier_term_is_refused_whole_on_every_replica(
         .apply(vec![ledger_entry(3, 2, 1, vec![account(10), account(20)])])
         .await
         .unwrap();
-    assert_eq!(results[0].commit, 0);
+    assert_eq!(results[0].commit, None);
     assert!(
         results[0].applied.iter().all(
             |applied| matches!(applied, Applied::Invalid(reason) if reason.contains("term 1"))
