@@ -127,7 +127,7 @@ async fn a_lone_requester_is_not_held_back_by_commit_pacing() {
     let (_dir, ledger) =
         temp_ledger(|config| config.commit_interval_min = std::time::Duration::from_secs(3600))
             .await;
-    let ids = within(open_accounts(&ledger, &[0, 0])).await;
+    let ids = open_accounts(&ledger, &[0, 0]).await;
     for round in 1..=20 {
         for &account in &ids {
             assert_eq!(within(ledger.top_up(account, 5)).await.unwrap(), 5 * round);

@@ -26,12 +26,13 @@ pub fn new_account_at(bank: &str, opening_balance: u64) -> NewAccount {
 }
 
 /// Opens one [`new_account`] per balance, in order; returns their ids.
+/// Each opening fails the test if it takes longer than [`crate::time::WAIT`]
+/// (a stuck ledger fails the test instead of hanging it).
 pub async fn open_accounts(ledger: &Ledger, balances: &[u64]) -> Vec<AccountId> {
     let mut ids = Vec::new();
     for &balance in balances {
         ids.push(
-            ledger
-                .open_account(new_account(balance))
+            crate::time::within(ledger.open_account(new_account(balance)))
                 .await
                 .expect("open account"),
         );
