@@ -51,7 +51,7 @@ pub const PIPELINE_INTENTS_MIN: usize = 256;
 /// requester (each entry one intent) and an intent after a quiet interval
 /// are proposed at once.
 ///
-/// Measured with `tapledger-sim bench e2e` (README, "Benchmarks"): at
+/// Measured with `tapledger-sim bench e2e` (README's end-to-end command): at
 /// 2,300–2,800 settlements/s the node spent 228–254 µs of CPU per
 /// settlement with 5 ms against 329–353 µs with none, for 2–3 ms more at
 /// p50 under light load.

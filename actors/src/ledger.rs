@@ -139,10 +139,11 @@ pub struct LedgerConfig {
     pub replication: ReplicationConfig,
     /// Where storage work runs (the blocking pool unless a test says).
     pub storage_io: StorageIo,
-    /// The leader proposes a log entry of fewer than
-    /// [`crate::committer::PIPELINE_INTENTS_MIN`] intents at most this soon
-    /// after the previous one ([`crate::committer::COMMIT_INTERVAL_MIN`]);
-    /// zero proposes whenever nothing is in flight.
+    /// After a log entry of more than one intent, the leader proposes the
+    /// next one of fewer than [`crate::committer::PIPELINE_INTENTS_MIN`]
+    /// intents only this long after it
+    /// ([`crate::committer::COMMIT_INTERVAL_MIN`]); zero proposes whenever
+    /// nothing is in flight.
     pub commit_interval_min: Duration,
 }
 

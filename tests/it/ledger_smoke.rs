@@ -1,6 +1,9 @@
 //! The ledger end to end in process: a payment settles, both submitters hear
 //! it, balances and the audit agree, and a restart keeps everything.
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use tapledger_actors::{Resolution, Submission};
 use tapledger_protocol::{Outcome, TxKey};
 
@@ -76,18 +79,18 @@ async fn payment_settles_and_survives_restart() {
 /// interval (an entry of one request does not start the interval).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steady_small_requests_are_paced_into_fuller_commits() {
-    const INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+    const INTERVAL: Duration = Duration::from_millis(100);
     let (_dir, ledger) = temp_ledger(|config| config.commit_interval_min = INTERVAL).await;
-    let ledger = std::sync::Arc::new(ledger);
+    let ledger = Arc::new(ledger);
     let ids = open_accounts(&ledger, &[0; 8]).await;
     let commits_before = ledger.stats().await.commits;
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for &account in &ids {
         let ledger = ledger.clone();
         tasks.spawn(async move {
             let mut top_ups = 0u64;
-            while started.elapsed() < std::time::Duration::from_secs(1) {
+            while started.elapsed() < Duration::from_secs(1) {
                 let balance = within(ledger.top_up(account, 1)).await.expect("top up");
                 top_ups += 1;
                 assert_eq!(balance, top_ups, "each top-up applied once, in order");
@@ -113,10 +116,7 @@ async fn steady_small_requests_are_paced_into_fuller_commits() {
         top_ups_total >= 2 * commits,
         "{top_ups_total} top-ups in {commits} commits: commits not fuller"
     );
-    std::sync::Arc::into_inner(ledger)
-        .expect("tasks done")
-        .close()
-        .await;
+    Arc::into_inner(ledger).expect("tasks done").close().await;
 }
 
 /// Goal: pacing never holds back a lone requester: one request after
@@ -125,8 +125,7 @@ async fn steady_small_requests_are_paced_into_fuller_commits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_requester_is_not_held_back_by_commit_pacing() {
     let (_dir, ledger) =
-        temp_ledger(|config| config.commit_interval_min = std::time::Duration::from_secs(3600))
-            .await;
+        temp_ledger(|config| config.commit_interval_min = Duration::from_secs(3600)).await;
     let ids = open_accounts(&ledger, &[0, 0]).await;
     for round in 1..=20 {
         for &account in &ids {
