@@ -25,10 +25,10 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tapledger_protocol::{AccountId, TxKey};
 use tokio::sync::Mutex;
 
-use crate::core::book::AccountBook;
 use crate::error::LedgerError;
 use crate::matcher::{Reservation, ReservedInbox};
 use crate::store::Store;
+use tapledger_core::book::AccountBook;
 
 /// How long a retiring actor may take to stop before shutdown moves on.
 const ACTOR_STOP_TIMEOUT: Duration = Duration::from_secs(5);

@@ -22,11 +22,11 @@ use tapledger_protocol::TxKey;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::clock::Clock;
-use crate::core::matching::{Committed, Persisted};
 use crate::error::{LeaderHint, LedgerError};
 use crate::matcher::MatcherMsg;
 use crate::raft::{EntryResult, LedgerEntry, Raft, ReplicaId, ReplicaInfo, TypeConfig};
 use crate::store::{Applied, Intent};
+use tapledger_core::matching::{Committed, Persisted};
 
 /// Intents that may wait for the committer before senders are slowed down.
 pub const COMMIT_QUEUE_MAX: usize = 65_536;

@@ -13,8 +13,6 @@ use tokio::sync::oneshot;
 
 use crate::account::{Registry, Settled};
 use crate::committer::{CommitStats, Committer, CommitterArgs, Job, ReplyTo, Stop};
-use crate::core::matching::{MatcherConfig, PendingCounts, PendingHalf};
-use crate::core::rules::HalfContext;
 use crate::error::LedgerError;
 use crate::expiry::{self, ExpiryActor, ExpiryArgs, ExpiryMsg};
 use crate::ledger::BatchHalf;
@@ -25,6 +23,8 @@ use crate::matcher::{
 };
 use crate::raft::Raft;
 use crate::store::{Applied, Intent, NewAccount, Store};
+use tapledger_core::matching::{MatcherConfig, PendingCounts, PendingHalf};
+use tapledger_core::rules::HalfContext;
 
 /// Why a leader's services ended, told to everyone still waiting on them.
 #[derive(Clone, Debug, Default)]

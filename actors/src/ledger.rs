@@ -24,7 +24,6 @@ use tapledger_protocol::{AccountId, Half, Outcome, TxKey};
 use tokio::sync::{oneshot, watch};
 
 use crate::clock::{Clock, SystemClock};
-use crate::core::matching::{PendingHalf, Resolution};
 use crate::error::{LeaderHint, LedgerError, StoreError};
 use crate::leader::{Ended, LeaderServices};
 use crate::matcher::{Heard, Report, ReportSender};
@@ -33,6 +32,7 @@ use crate::raft::{
     TypeConfig,
 };
 use crate::store::{AccountRecord, AuditReport, JournalEntry, NewAccount, Store};
+use tapledger_core::matching::{PendingHalf, Resolution};
 
 /// Default time a lone half waits for its partner.
 pub const HALF_TTL_DEFAULT: Duration = Duration::from_secs(5 * 60);

@@ -14,10 +14,12 @@
 //! This crate opens no sockets and knows nothing of QUIC or TLS: the network
 //! between replicas is passed in.
 
+/// The pure decision logic, its own crate (`actors/core/`).
+pub use tapledger_core as core;
+
 pub mod account;
 pub mod clock;
 pub mod committer;
-pub mod core;
 pub mod error;
 pub mod expiry;
 mod key_index;

@@ -13,14 +13,14 @@ use tokio::sync::{mpsc, oneshot};
 use crate::account::{AccountMsg, Registry, Settled};
 use crate::clock::Clock;
 use crate::committer::{Job, MatcherResults, ReplyTo};
-use crate::core::matching::{
-    Answers, Effect, Matcher, MatcherConfig, PendingCounts, PendingHalf, Persisted, Resolution,
-    Waiter,
-};
-use crate::core::rules::HalfContext;
 use crate::error::LedgerError;
 use crate::leader::Ended;
 use crate::store::{Intent, OutcomeView, Store};
+use tapledger_core::matching::{
+    Answers, Effect, Matcher, MatcherConfig, PendingCounts, PendingHalf, Persisted, Resolution,
+    Waiter,
+};
+use tapledger_core::rules::HalfContext;
 
 /// First answer to a submission.
 #[derive(Debug)]
@@ -57,6 +57,8 @@ impl ChannelWaiter {
 }
 
 impl Waiter for ChannelWaiter {
+    type Error = LedgerError;
+
     fn accepted(&mut self) {
         if let Some(ack) = self.ack.take() {
             // The submitter may have gone away; the half stays pending regardless.
@@ -129,6 +131,8 @@ impl SinkWaiter {
 }
 
 impl Waiter for SinkWaiter {
+    type Error = LedgerError;
+
     fn accepted(&mut self) {
         self.tell(Heard::Pending);
     }
@@ -159,6 +163,8 @@ pub enum Reply {
 }
 
 impl Waiter for Reply {
+    type Error = LedgerError;
+
     fn accepted(&mut self) {
         match self {
             Reply::Channels(waiter) => waiter.accepted(),

@@ -31,12 +31,12 @@ use tapledger_protocol::{
     AccountId, ISSUER_ACCOUNT_ID, Outcome, Rejection, Settlement, Timestamp, TxKey,
 };
 
-use crate::core::matching::{Committed, Decision, PendingHalf};
 use crate::error::StoreError;
 use crate::key_index;
 use crate::overlay::Overlay;
 use crate::raft::{self, EntryResult, LedgerEntry, LogId, SnapshotMeta, StoredMembership};
 use crate::seal;
+use tapledger_core::matching::{Committed, Decision, PendingHalf};
 
 #[path = "store_balances.rs"]
 mod balances;

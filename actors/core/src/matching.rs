@@ -14,8 +14,7 @@ use tapledger_protocol::{
     AccountId, Half, Outcome, ReceiveHalf, RejectCode, SendHalf, Side, Stamped, Timestamp, TxKey,
 };
 
-use super::rules::{self, HalfContext};
-use crate::error::LedgerError;
+use crate::rules::{self, HalfContext};
 
 /// How many recent outcomes each matcher keeps in memory to answer replays
 /// without a storage round trip. Older ones are found in redb.
@@ -33,10 +32,14 @@ pub enum Resolution {
 /// Someone waiting on a half: first to hear that it is durably pending, then
 /// for its resolution.
 pub trait Waiter {
+    /// Why carrying out an effect failed (storage, replication, shutdown):
+    /// the matcher does not look inside, it hands a clone to every waiter on
+    /// the key the failure concerns.
+    type Error: Clone;
     /// The half is durable and waits for its partner.
     fn accepted(&mut self);
     /// The submission is over.
-    fn finish(self, result: Result<Resolution, LedgerError>);
+    fn finish(self, result: Result<Resolution, Self::Error>);
     /// True when nobody listens any more (the submitter went away); such
     /// waiters are dropped instead of piling up on a long-pending half.
     fn is_gone(&self) -> bool {
@@ -48,7 +51,7 @@ pub trait Waiter {
 /// a phone must not hear "settled" before the receiver's live balance holds the
 /// credit, or its very next payment could be refused for funds it has.
 #[must_use = "answers must be delivered after the effects"]
-pub struct Answers<W>(Vec<(W, Result<Resolution, LedgerError>)>);
+pub struct Answers<W: Waiter>(Vec<(W, Result<Resolution, W::Error>)>);
 
 impl<W: Waiter> Answers<W> {
     fn new() -> Answers<W> {
@@ -659,7 +662,7 @@ impl<W: Waiter> Matcher<W> {
         tx_key: TxKey,
         persisted: Persisted,
         commit: Option<u64>,
-        result: Result<Committed, LedgerError>,
+        result: Result<Committed, W::Error>,
     ) -> (Vec<Effect>, Answers<W>) {
         let mut effects = Vec::new();
         let mut answers = Answers::new();
@@ -682,7 +685,7 @@ impl<W: Waiter> Matcher<W> {
         tx_key: TxKey,
         persisted: Persisted,
         commit: Option<u64>,
-        result: Result<Committed, LedgerError>,
+        result: Result<Committed, W::Error>,
         effects: &mut Vec<Effect>,
         answers: &mut Answers<W>,
     ) {

@@ -8,7 +8,7 @@ use tapledger_protocol::{Rejection, Settlement};
 
 use super::*;
 
-type Entry = (u32, &'static str, Option<Result<Resolution, String>>);
+type Entry = (u32, &'static str, Option<Result<Resolution, &'static str>>);
 type Log = Rc<RefCell<Vec<Entry>>>;
 
 /// A waiter that writes what it hears into a shared log under its id.
@@ -18,15 +18,14 @@ struct Recorder {
 }
 
 impl Waiter for Recorder {
+    type Error = &'static str;
     fn accepted(&mut self) {
         self.log.borrow_mut().push((self.id, "accepted", None));
     }
-    fn finish(self, result: Result<Resolution, LedgerError>) {
-        self.log.borrow_mut().push((
-            self.id,
-            "finish",
-            Some(result.map_err(|error| error.to_string())),
-        ));
+    fn finish(self, result: Result<Resolution, &'static str>) {
+        self.log
+            .borrow_mut()
+            .push((self.id, "finish", Some(result)));
     }
 }
 
@@ -70,7 +69,7 @@ impl Harness {
         tx_key: TxKey,
         persisted: Persisted,
         commit: u64,
-        result: Result<Committed, LedgerError>,
+        result: Result<Committed, &'static str>,
     ) -> Vec<Effect> {
         let (effects, answers) = self
             .matcher
@@ -372,7 +371,7 @@ fn a_partner_waiting_on_an_expiry_that_never_commits_is_not_told_700() {
         KEY,
         Persisted::Decision { reserved: None },
         0,
-        Err(LedgerError::NotLeader(None)),
+        Err("not the leader"),
     );
     let log = harness.take_log();
     assert_eq!(log.len(), 2, "{log:?}");
@@ -594,7 +593,7 @@ fn reservation_answered_after_key_resolved_is_released() {
     let mut harness = Harness::new();
     harness.submit(1, 0, send_half(KEY, 1, 50));
     harness.submit(2, 1, receive_half(KEY, 2, 1, 50));
-    let error = LedgerError::Closed;
+    let error = "closed";
     harness.committed(KEY, Persisted::Pending(Side::Send), 1, Err(error));
     assert_eq!(
         harness.take_log().len(),
