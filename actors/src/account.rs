@@ -236,7 +236,7 @@ impl Registry {
             entry.inbox.lock().expect("inbox lock").extend(buffered);
             entries.live.insert(account, entry);
         }
-        Err(LedgerError::Invalid(format!(
+        Err(LedgerError::Actor(format!(
             "account {account} actor cannot be started"
         )))
     }
@@ -261,7 +261,7 @@ impl Registry {
             }
             Err(other) => {
                 entry.inflight.fetch_sub(1, Ordering::AcqRel);
-                Err(LedgerError::Invalid(format!(
+                Err(LedgerError::Actor(format!(
                     "account {account} actor: {other}"
                 )))
             }
@@ -327,7 +327,7 @@ impl Registry {
         let (actor, _join) = Actor::spawn(None, AccountActor, state)
             .await
             .map_err(|error| {
-                LedgerError::Invalid(format!("cannot start actor for account {account}: {error}"))
+                LedgerError::Actor(format!("cannot start actor for account {account}: {error}"))
             })?;
         self.live.fetch_add(1, Ordering::Relaxed);
         self.spawned.fetch_add(1, Ordering::Relaxed);

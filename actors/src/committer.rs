@@ -325,9 +325,9 @@ fn deliver(
             } => {
                 let result = applied.and_then(|applied| match applied {
                     Applied::Matched(committed) => Ok(committed),
-                    Applied::Invalid(reason) => {
-                        tracing::error!(%tx_key, %reason, "storage refused the leader's decision");
-                        Err(LedgerError::Invalid(reason))
+                    Applied::Refused(refusal) => {
+                        tracing::error!(%tx_key, %refusal, "storage refused the leader's decision");
+                        Err(LedgerError::Refused(refusal))
                     }
                     other => unreachable!("matcher intent answered with {other:?}"),
                 });

@@ -3,6 +3,11 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+use tapledger_protocol::{AccountId, RejectCode, TxKey};
+
+use crate::raft::ReplicaId;
+
 /// A failure of the storage layer.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -75,10 +80,57 @@ redb_error_from!(
     redb::SetDurabilityError
 );
 
+/// Why applying an intent changed nothing. Decided from the log entry and
+/// the ledger alone, so every replica refuses the same intents alike.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum Refusal {
+    #[error("a top-up must be at least 1")]
+    ZeroTopUp,
+    #[error("account {0} does not exist")]
+    NoSuchAccount(AccountId),
+    #[error("top-up would overflow")]
+    TopUpOverflow,
+    #[error("opening balance would overflow the issuer's total")]
+    IssuedOverflow,
+    #[error("tx_key {0} already has a pending half")]
+    PendingExists(TxKey),
+    #[error("rejection of {tx_key} with half-only code {code}")]
+    HalfOnlyCode { tx_key: TxKey, code: RejectCode },
+    /// The leader's actors decided a settlement storage cannot apply: a
+    /// broken invariant somewhere, refused rather than money created.
+    #[error("settlement {tx_key}: {why}")]
+    Unpayable { tx_key: TxKey, why: Unpayable },
+    /// Proposed by a leader's actors built in an older term than the one
+    /// that committed it: their view may have been stale.
+    #[error("proposed by the leader of term {proposed} but committed in term {committed}")]
+    StaleTerm { proposed: u64, committed: u64 },
+}
+
+/// Why storage cannot apply a settlement.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum Unpayable {
+    #[error("account {0} pays itself")]
+    SelfPayment(AccountId),
+    #[error("zero amount")]
+    ZeroAmount,
+    #[error("unknown sender {0}")]
+    UnknownSender(AccountId),
+    #[error("unknown receiver {0}")]
+    UnknownReceiver(AccountId),
+    #[error("account {sender} was reserved {amount} but has {balance}")]
+    Underfunded {
+        sender: AccountId,
+        amount: u64,
+        balance: u64,
+    },
+    #[error("account {0} would overflow")]
+    Overflow(AccountId),
+}
+
 /// Where the leader is, as far as this replica knows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaderHint {
-    pub id: crate::raft::ReplicaId,
+    pub id: ReplicaId,
     /// Where phones reach it.
     pub client_addr: String,
 }
@@ -93,8 +145,27 @@ pub enum LedgerError {
     Closed,
     #[error("account {0} does not exist")]
     UnknownAccount(u64),
-    #[error("invalid request: {0}")]
-    Invalid(String),
+    /// The request was applied and changed nothing, for this reason.
+    #[error("refused: {0}")]
+    Refused(Refusal),
+    /// The ledger's settings cannot work (checked when it starts).
+    #[error("invalid settings: {0}")]
+    Settings(String),
+    /// This replica's files say it belongs to a cluster of several voters:
+    /// started alone, it could never be elected.
+    #[error("replica {id} belongs to a cluster with voters {voters:?}: it needs its peers to run")]
+    NeedsPeers {
+        id: ReplicaId,
+        voters: Vec<ReplicaId>,
+    },
+    /// A membership change openraft refused (for instance, removing the
+    /// last voter, or adding a replica that is not a learner yet).
+    #[error("membership change refused: {0}")]
+    Membership(String),
+    /// An actor could not be started or reached: the runtime is shutting
+    /// down or an actor died of a broken invariant.
+    #[error("actor failed: {0}")]
+    Actor(String),
     /// This replica does not lead the cluster (or stopped leading while the
     /// request was in flight: it may still take effect). Ask the leader.
     #[error("{}", not_leader_text(.0))]

@@ -102,7 +102,7 @@ impl LeaderServices {
             };
             let (matcher, _) = Actor::spawn(None, MatcherActor, args)
                 .await
-                .map_err(|error| LedgerError::Invalid(format!("cannot start matcher: {error}")))?;
+                .map_err(|error| LedgerError::Actor(format!("cannot start matcher: {error}")))?;
             matchers.push(matcher);
         }
         matcher_slot
@@ -118,7 +118,7 @@ impl LeaderServices {
             },
         )
         .await
-        .map_err(|error| LedgerError::Invalid(format!("cannot start expiry actor: {error}")))?;
+        .map_err(|error| LedgerError::Actor(format!("cannot start expiry actor: {error}")))?;
         let sweeper = {
             let registry = registry.clone();
             let (idle, live_max) = (config.account_idle, config.live_accounts_max);
@@ -169,7 +169,7 @@ impl LeaderServices {
                 self.accounts_end.fetch_max(id + 1, Ordering::AcqRel);
                 Ok(id)
             }
-            (_, Applied::Invalid(reason)) => Err(LedgerError::Invalid(reason)),
+            (_, Applied::Refused(refusal)) => Err(LedgerError::Refused(refusal)),
             (_, other) => unreachable!("open account answered with {other:?}"),
         }
     }
@@ -185,7 +185,7 @@ impl LeaderServices {
                     .settle(account, Settled::Credit { amount, commit });
                 Ok(balance)
             }
-            (_, Applied::Invalid(reason)) => Err(LedgerError::Invalid(reason)),
+            (_, Applied::Refused(refusal)) => Err(LedgerError::Refused(refusal)),
             (_, other) => unreachable!("top-up answered with {other:?}"),
         }
     }

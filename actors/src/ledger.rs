@@ -107,7 +107,7 @@ impl ReplicationConfig {
             ..openraft::Config::default()
         }
         .validate()
-        .map_err(|error| LedgerError::Invalid(format!("replication settings: {error}")))
+        .map_err(|error| LedgerError::Settings(format!("replication: {error}")))
     }
 }
 
@@ -353,9 +353,10 @@ impl Ledger {
             voters = bootstrap.keys().copied().collect();
         }
         if voters != BTreeSet::from([id]) {
-            return Err(LedgerError::Invalid(format!(
-                "replica {id} belongs to a cluster with voters {voters:?}: it needs its peers to run"
-            )));
+            return Err(LedgerError::NeedsPeers {
+                id,
+                voters: voters.into_iter().collect(),
+            });
         }
         let setup = ReplicaSetup {
             id,
@@ -385,7 +386,7 @@ impl Ledger {
         setup: ReplicaSetup<N>,
     ) -> Result<Ledger, LedgerError> {
         if config.matcher_shards == 0 || config.pending_halves_per_account_max == 0 {
-            return Err(LedgerError::Invalid(
+            return Err(LedgerError::Settings(
                 "matcher_shards and pending_halves_per_account_max must be at least 1".into(),
             ));
         }
@@ -649,7 +650,7 @@ impl Ledger {
             }
             RaftError::APIError(openraft::error::ClientWriteError::ChangeMembershipError(
                 error,
-            )) => LedgerError::Invalid(error.to_string()),
+            )) => LedgerError::Membership(error.to_string()),
             RaftError::Fatal(fatal) => LedgerError::Replication(fatal.to_string()),
         }
     }

@@ -33,7 +33,7 @@ pub mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use core::matching::Resolution;
-pub use error::{LeaderHint, LedgerError, StoreError};
+pub use error::{LeaderHint, LedgerError, Refusal, StoreError, Unpayable};
 pub use ledger::{
     ACCOUNT_IDLE_DEFAULT, BatchHalf, FollowerStatus, HALF_TTL_DEFAULT, LIVE_ACCOUNTS_MAX_DEFAULT,
     Ledger, LedgerConfig, LedgerStats, MAX_AMOUNT_DEFAULT, PENDING_HALVES_PER_ACCOUNT_MAX_DEFAULT,

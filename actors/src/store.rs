@@ -31,7 +31,7 @@ use tapledger_protocol::{
     AccountId, ISSUER_ACCOUNT_ID, Outcome, Rejection, Settlement, Timestamp, TxKey,
 };
 
-use crate::error::StoreError;
+use crate::error::{Refusal, StoreError, Unpayable};
 use crate::key_index;
 use crate::overlay::Overlay;
 use crate::raft::{self, EntryResult, LedgerEntry, LogId, SnapshotMeta, StoredMembership};
@@ -227,7 +227,7 @@ pub enum Applied {
     /// Refused without changing anything (a top-up that would overflow, or
     /// an intent that breaks a ledger rule: a settlement its sender cannot
     /// pay, a second pending half for a key). Every replica refuses it alike.
-    Invalid(String),
+    Refused(Refusal),
     Barrier,
 }
 
@@ -2078,13 +2078,13 @@ impl<'txn> Tables<'txn> {
     ) -> Result<EntryResult, StoreError> {
         let committed_term = log_id.leader_id.term;
         if entry.term != committed_term {
-            let reason = format!(
-                "proposed by the leader of term {} but committed in term {committed_term}",
-                entry.term
-            );
+            let refusal = Refusal::StaleTerm {
+                proposed: entry.term,
+                committed: committed_term,
+            };
             return Ok(EntryResult {
                 commit: None,
-                applied: vec![Applied::Invalid(reason); entry.intents.len()],
+                applied: vec![Applied::Refused(refusal); entry.intents.len()],
             });
         }
         self.apply_intents(entry.at, &entry.intents)
@@ -2243,9 +2243,7 @@ impl Batch<'_, '_> {
             return Ok(Applied::Matched(Committed::AlreadyFinal(outcome)));
         }
         if self.tables.pending.get(tx_key.as_u128())?.is_some() {
-            return Ok(Applied::Invalid(format!(
-                "tx_key {tx_key} already has a pending half"
-            )));
+            return Ok(Applied::Refused(Refusal::PendingExists(tx_key)));
         }
         let key = tx_key.as_u128();
         let sealed = seal::seal(PENDING.name(), key, &encode(half)?);
@@ -2265,8 +2263,8 @@ impl Batch<'_, '_> {
                     receive.half.receiver_id,
                     send.half.amount,
                 );
-                if let Some(reason) = self.unpayable(tx_key, sender, receiver, amount)? {
-                    return Ok(Applied::Invalid(reason));
+                if let Some(why) = self.unpayable(sender, receiver, amount)? {
+                    return Ok(Applied::Refused(Refusal::Unpayable { tx_key, why }));
                 }
                 let (Some(sender_before), Some(receiver_before)) =
                     (self.balance(sender)?, self.balance(receiver)?)
@@ -2291,9 +2289,10 @@ impl Batch<'_, '_> {
                 sender_balance,
             } => {
                 if !code.is_payment_outcome() {
-                    return Ok(Applied::Invalid(format!(
-                        "rejection of {tx_key} with half-only code {code}"
-                    )));
+                    return Ok(Applied::Refused(Refusal::HalfOnlyCode {
+                        tx_key: *tx_key,
+                        code: *code,
+                    }));
                 }
                 Outcome::Rejected(Rejection {
                     tx_key: *tx_key,
@@ -2326,47 +2325,38 @@ impl Batch<'_, '_> {
     /// than the money created.
     fn unpayable(
         &mut self,
-        tx_key: TxKey,
         sender: AccountId,
         receiver: AccountId,
         amount: u64,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<Unpayable>, StoreError> {
         if sender == receiver {
-            return Ok(Some(format!(
-                "settlement {tx_key}: account {sender} pays itself"
-            )));
+            return Ok(Some(Unpayable::SelfPayment(sender)));
         }
         if amount == 0 {
-            return Ok(Some(format!("settlement {tx_key}: zero amount")));
+            return Ok(Some(Unpayable::ZeroAmount));
         }
         let Some(sender_before) = self.balance(sender)? else {
-            return Ok(Some(format!(
-                "settlement {tx_key}: unknown sender {sender}"
-            )));
+            return Ok(Some(Unpayable::UnknownSender(sender)));
         };
         let Some(receiver_before) = self.balance(receiver)? else {
-            return Ok(Some(format!(
-                "settlement {tx_key}: unknown receiver {receiver}"
-            )));
+            return Ok(Some(Unpayable::UnknownReceiver(receiver)));
         };
         if sender_before < amount {
-            return Ok(Some(format!(
-                "settlement {tx_key}: account {sender} was reserved {amount} but has {sender_before}"
-            )));
+            return Ok(Some(Unpayable::Underfunded {
+                sender,
+                amount,
+                balance: sender_before,
+            }));
         }
         if receiver_before.checked_add(amount).is_none() {
-            return Ok(Some(format!(
-                "settlement {tx_key}: account {receiver} would overflow"
-            )));
+            return Ok(Some(Unpayable::Overflow(receiver)));
         }
         Ok(None)
     }
 
     fn open_account(&mut self, new_account: &NewAccount) -> Result<Applied, StoreError> {
         let Some(issued) = self.issued.checked_add(new_account.opening_balance) else {
-            return Ok(Applied::Invalid(
-                "opening balance would overflow the issuer's total".into(),
-            ));
+            return Ok(Applied::Refused(Refusal::IssuedOverflow));
         };
         let id = self.account_next;
         self.account_next += 1;
@@ -2403,17 +2393,15 @@ impl Batch<'_, '_> {
 
     fn top_up(&mut self, account: AccountId, amount: u64) -> Result<Applied, StoreError> {
         if amount == 0 {
-            return Ok(Applied::Invalid("a top-up must be at least 1".into()));
+            return Ok(Applied::Refused(Refusal::ZeroTopUp));
         }
         let Some(before) = self.balance(account)? else {
-            return Ok(Applied::Invalid(format!(
-                "account {account} does not exist"
-            )));
+            return Ok(Applied::Refused(Refusal::NoSuchAccount(account)));
         };
         let (Some(after), Some(issued)) =
             (before.checked_add(amount), self.issued.checked_add(amount))
         else {
-            return Ok(Applied::Invalid("top-up would overflow".into()));
+            return Ok(Applied::Refused(Refusal::TopUpOverflow));
         };
         self.set_balance(account, after);
         self.issued = issued;

@@ -276,11 +276,13 @@ fn invalid_top_ups_change_nothing() {
             ],
         )
         .unwrap();
-    assert!(
-        applied
-            .iter()
-            .all(|applied| matches!(applied, Applied::Invalid(_))),
-        "{applied:?}"
+    assert_eq!(
+        applied,
+        vec![
+            Applied::Refused(Refusal::TopUpOverflow),
+            Applied::Refused(Refusal::NoSuchAccount(99)),
+            Applied::Refused(Refusal::ZeroTopUp),
+        ]
     );
     assert_eq!(store.balance(1).unwrap(), Some(u64::MAX - 1));
     assert!(store.audit().unwrap().is_ok());
@@ -567,7 +569,7 @@ proptest::proptest! {
             }
             let (_, applied) = store.commit_batch(Timestamp(2), &intents).unwrap();
             proptest::prop_assert!(
-                applied.iter().all(|applied| !matches!(applied, Applied::Invalid(_))),
+                applied.iter().all(|applied| !matches!(applied, Applied::Refused(_))),
                 "{applied:?}"
             );
             model = planned;
@@ -743,7 +745,7 @@ proptest::proptest! {
         let one_by_one = store_in(&one_dir);
         for entry in &entries {
             let results = one_by_one.apply_entries(std::slice::from_ref(entry)).unwrap();
-            proptest::prop_assert!(results[0].applied.iter().all(|a| !matches!(a, Applied::Invalid(_))));
+            proptest::prop_assert!(results[0].applied.iter().all(|a| !matches!(a, Applied::Refused(_))));
         }
         let grouped_dir = tempfile::tempdir().unwrap();
         let mut grouped = store_in(&grouped_dir);

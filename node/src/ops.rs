@@ -547,7 +547,7 @@ pub async fn change_cluster(
     let bad = |why: String| (StatusCode::BAD_REQUEST, format!("{why}\n"));
     let refused = |error: LedgerError| match error {
         LedgerError::NotLeader(_) => (StatusCode::CONFLICT, format!("{error}\n")),
-        LedgerError::Invalid(_) => (StatusCode::BAD_REQUEST, format!("{error}\n")),
+        LedgerError::Membership(_) => (StatusCode::BAD_REQUEST, format!("{error}\n")),
         error => (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")),
     };
     let words: Vec<&str> = body.split_whitespace().collect();
@@ -706,7 +706,7 @@ async fn remove_learner(ledger: &Ledger, id: ReplicaId) -> Result<(), LedgerErro
                 LedgerError::NotLeader(ledger.leader_hint())
             }
             RaftError::APIError(ClientWriteError::ChangeMembershipError(error)) => {
-                LedgerError::Invalid(error.to_string())
+                LedgerError::Membership(error.to_string())
             }
             RaftError::Fatal(fatal) => LedgerError::Replication(fatal.to_string()),
         })

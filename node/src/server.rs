@@ -150,10 +150,8 @@ impl RunningNode {
                 let ledger = Ledger::start(config.ledger, store, log)
                     .await
                     .map_err(|error| match error {
-                        tapledger_actors::LedgerError::Invalid(why)
-                            if why.contains("needs its peers") =>
-                        {
-                            NodeError::NeedsPeers(why)
+                        error @ tapledger_actors::LedgerError::NeedsPeers { .. } => {
+                            NodeError::NeedsPeers(error.to_string())
                         }
                         error => NodeError::Ledger(error),
                     })?;

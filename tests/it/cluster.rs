@@ -774,10 +774,7 @@ fn error_kind(error: &LedgerError) -> String {
         LedgerError::NotLeader(_) => "not leader".into(),
         LedgerError::Closed => "closed".into(),
         LedgerError::Replication(_) => "replication stopped".into(),
-        LedgerError::Invalid(reason) => {
-            let reason: String = reason.chars().take(60).collect();
-            format!("invalid: {reason}")
-        }
+        LedgerError::Refused(refusal) => format!("refused: {refusal}"),
         other => format!("other: {other}"),
     }
 }

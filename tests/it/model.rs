@@ -635,7 +635,7 @@ impl Harness {
                     (Err("unknown account"), Err(LedgerError::UnknownAccount(id))) => {
                         assert_eq!(id, account, "{}", self.step)
                     }
-                    (Err("invalid"), Err(LedgerError::Invalid(_))) => {}
+                    (Err("invalid"), Err(LedgerError::Refused(_))) => {}
                     (expected, answer) => {
                         panic!(
                             "{}: top-up expected {expected:?}, got {answer:?}",

@@ -26,7 +26,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tapledger_actors::{FundingKind, JournalEntry, Ledger, LedgerConfig, LedgerError, Resolution};
+use tapledger_actors::{
+    FundingKind, JournalEntry, Ledger, LedgerConfig, LedgerError, Refusal, Resolution,
+};
 use tapledger_protocol::{
     AccountId, Half, ISSUER_ACCOUNT_ID, Outcome, ReceiveHalf, RejectCode, SendHalf, TxKey,
 };
@@ -288,7 +290,7 @@ async fn opening_balance_and_top_up_come_from_the_issuer() {
     assert_eq!(within(ledger.top_up(ids[1], 70)).await.unwrap(), 70);
     assert!(matches!(
         within(ledger.top_up(ids[1], 0)).await,
-        Err(LedgerError::Invalid(_))
+        Err(LedgerError::Refused(Refusal::ZeroTopUp))
     ));
     assert!(matches!(
         within(ledger.top_up(ISSUER_ACCOUNT_ID, 10)).await,

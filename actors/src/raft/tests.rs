@@ -12,6 +12,7 @@ use openraft::{CommittedLeaderId, EntryPayload, RaftSnapshotBuilder};
 use tapledger_protocol::Timestamp;
 
 use super::*;
+use crate::error::Refusal;
 use crate::store::{Applied, NewAccount, Store};
 
 struct Files;
@@ -147,9 +148,13 @@ async fn an_entry_proposed_in_an_earlier_term_is_refused_whole_on_every_replica(
         .unwrap();
     assert_eq!(results[0].commit, None);
     assert!(
-        results[0].applied.iter().all(
-            |applied| matches!(applied, Applied::Invalid(reason) if reason.contains("term 1"))
-        ),
+        results[0].applied.iter().all(|applied| matches!(
+            applied,
+            Applied::Refused(Refusal::StaleTerm {
+                proposed: 1,
+                committed: 3
+            })
+        )),
         "{results:?}"
     );
     let after = machine.store().counters().unwrap();

@@ -2,7 +2,7 @@
 //! funds it from the issuer. Needs the admin credential, not an
 //! authenticated connection; answers once the opening is committed.
 
-use tapledger_actors::{LedgerError, NewAccount};
+use tapledger_actors::{LedgerError, NewAccount, Refusal};
 use tapledger_protocol::{ErrorCode, NodeMessage, RequestId, Secret};
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -40,9 +40,9 @@ async fn open(context: &RequestContext, request_id: RequestId, new_account: NewA
                 })
                 .await;
         }
-        Err(LedgerError::Invalid(reason)) => {
+        Err(LedgerError::Refused(refusal @ Refusal::IssuedOverflow)) => {
             context
-                .fail(request_id, ErrorCode::InvalidAmount, &reason)
+                .fail(request_id, ErrorCode::InvalidAmount, &refusal.to_string())
                 .await
         }
         Err(error) => context.internal(request_id, &error).await,

@@ -1,7 +1,7 @@
 //! `top_up` (operator): moves money from the issuer to an account. Needs
 //! the admin credential; answers with the new balance once committed.
 
-use tapledger_actors::LedgerError;
+use tapledger_actors::{LedgerError, Refusal};
 use tapledger_protocol::{AccountId, ErrorCode, NodeMessage, RequestId, Secret};
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -44,14 +44,14 @@ async fn top_up(
                 })
                 .await;
         }
-        Err(LedgerError::UnknownAccount(_)) => {
+        Err(LedgerError::UnknownAccount(_) | LedgerError::Refused(Refusal::NoSuchAccount(_))) => {
             context
                 .fail(request_id, ErrorCode::UnknownAccount, "no such account")
                 .await
         }
-        Err(LedgerError::Invalid(reason)) => {
+        Err(LedgerError::Refused(refusal @ (Refusal::ZeroTopUp | Refusal::TopUpOverflow))) => {
             context
-                .fail(request_id, ErrorCode::InvalidAmount, &reason)
+                .fail(request_id, ErrorCode::InvalidAmount, &refusal.to_string())
                 .await
         }
         Err(error) => context.internal(request_id, &error).await,
