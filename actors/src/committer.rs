@@ -17,13 +17,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use openraft::error::ClientWriteError;
-use ractor::ActorRef;
+use ractor::DerivedActorRef;
 use tapledger_protocol::TxKey;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::clock::Clock;
 use crate::error::{LeaderHint, LedgerError};
-use crate::matcher::MatcherMsg;
 use crate::raft::{EntryResult, LedgerEntry, Raft, ReplicaId, ReplicaInfo, TypeConfig};
 use crate::store::{Applied, Intent};
 use tapledger_core::matching::{Committed, Persisted};
@@ -78,8 +77,32 @@ pub struct Job {
     pub reply: ReplyTo,
 }
 
-/// One matcher's share of a commit's results.
-pub type MatcherResults = Vec<(TxKey, Persisted, Result<Committed, LedgerError>)>;
+/// What became of one effect a matcher asked for.
+#[derive(Debug)]
+pub struct KeyResult {
+    pub tx_key: TxKey,
+    pub persisted: Persisted,
+    pub result: Result<Committed, LedgerError>,
+}
+
+/// One matcher's share of a commit, sent to every shard for every commit
+/// (with no results if none were its own).
+#[derive(Debug)]
+pub struct CommitResults {
+    /// `None` when the entry failed or was refused whole.
+    pub commit: Option<u64>,
+    pub results: Vec<KeyResult>,
+}
+
+/// The queue matchers and callers send jobs into; made before either the
+/// matchers or the committer, so each gets its end at spawn.
+pub fn queue() -> (mpsc::Sender<Job>, JobQueue) {
+    let (sender, receiver) = mpsc::channel(COMMIT_QUEUE_MAX);
+    (sender, JobQueue(receiver))
+}
+
+/// The committer's end of [`queue`].
+pub struct JobQueue(mpsc::Receiver<Job>);
 
 /// Statistics the benchmark and metrics read.
 #[derive(Debug, Default)]
@@ -111,20 +134,22 @@ pub struct CommitterArgs {
     /// The term this leader's actors were built in; stamped on every entry.
     pub term: u64,
     pub clock: Arc<dyn Clock>,
-    pub matchers: Arc<std::sync::OnceLock<Vec<ActorRef<MatcherMsg>>>>,
+    /// Each matcher shard, by index, as far as the committer may talk to
+    /// it: it only ever sends a shard its share of a commit.
+    pub matchers: Vec<DerivedActorRef<CommitResults>>,
     pub stats: Arc<CommitStats>,
     /// [`COMMIT_INTERVAL_MIN`] unless the ledger's configuration says.
     pub interval: Duration,
 }
 
 impl Committer {
-    /// Starts the commit task. It ends when told to stop, or when every
-    /// sender of `jobs` is dropped and what they sent is answered.
-    pub fn start(args: CommitterArgs) -> (Committer, mpsc::Sender<Job>) {
-        let (sender, receiver) = mpsc::channel(COMMIT_QUEUE_MAX);
+    /// Starts the commit task on `jobs`. It ends when told to stop, or
+    /// when every sender of the queue is dropped and what they sent is
+    /// answered.
+    pub fn start(args: CommitterArgs, jobs: JobQueue) -> Committer {
         let (stop, stop_receiver) = watch::channel(Stop::Running);
-        let task = tokio::spawn(run(args, receiver, stop_receiver));
-        (Committer { task, stop }, sender)
+        let task = tokio::spawn(run(args, jobs.0, stop_receiver));
+        Committer { task, stop }
     }
 
     /// Stops the task as `how` says and waits for it to end.
@@ -302,19 +327,16 @@ fn answer_of(
 }
 
 fn deliver(
-    matchers: &std::sync::OnceLock<Vec<ActorRef<MatcherMsg>>>,
+    matchers: &[DerivedActorRef<CommitResults>],
     replies: Vec<ReplyTo>,
     result: Result<(Option<u64>, Vec<Applied>), LedgerError>,
 ) {
-    let Some(matchers) = matchers.get() else {
-        unreachable!("matchers are registered before the first half is submitted")
-    };
     let (commit, mut applied) = match result {
         Ok((commit, applied)) => (commit, applied.into_iter().map(Ok).collect::<Vec<_>>()),
         Err(error) => (None, vec![Err(error); replies.len()]),
     };
     assert_eq!(applied.len(), replies.len(), "one result per intent");
-    let mut per_shard: Vec<MatcherResults> = (0..matchers.len()).map(|_| Vec::new()).collect();
+    let mut per_shard: Vec<Vec<KeyResult>> = (0..matchers.len()).map(|_| Vec::new()).collect();
     let mut callers = Vec::new();
     for (reply, applied) in replies.into_iter().zip(applied.drain(..)) {
         match reply {
@@ -331,7 +353,11 @@ fn deliver(
                     }
                     other => unreachable!("matcher intent answered with {other:?}"),
                 });
-                per_shard[shard].push((tx_key, persisted, result));
+                per_shard[shard].push(KeyResult {
+                    tx_key,
+                    persisted,
+                    result,
+                });
             }
             ReplyTo::Caller(sender) => callers.push((sender, applied)),
         }
@@ -341,7 +367,7 @@ fn deliver(
     // go of what it read before).
     for (shard, results) in per_shard.into_iter().enumerate() {
         // A matcher that is gone is shutting down; its waiters are told by their dropped channels.
-        let _ = matchers[shard].send_message(MatcherMsg::Committed { commit, results });
+        let _ = matchers[shard].send_message(CommitResults { commit, results });
     }
     // Callers hear last: when `flush` returns, every matcher already has this
     // commit's results queued ahead of anything the caller sends next.

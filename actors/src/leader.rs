@@ -12,14 +12,14 @@ use tapledger_protocol::{AccountId, Half, ISSUER_ACCOUNT_ID, TxKey};
 use tokio::sync::oneshot;
 
 use crate::account::{Registry, Settled};
-use crate::committer::{CommitStats, Committer, CommitterArgs, Job, ReplyTo, Stop};
+use crate::committer::{self, CommitStats, Committer, CommitterArgs, Job, ReplyTo, Stop};
 use crate::error::LedgerError;
 use crate::expiry::{self, ExpiryActor, ExpiryArgs, ExpiryMsg};
 use crate::ledger::BatchHalf;
 use crate::ledger::{LedgerConfig, LedgerStats, Submission, Ticket};
 use crate::matcher::{
-    Ack, ChannelWaiter, MatcherActor, MatcherArgs, MatcherMsg, Reply, ReportSender, SinkWaiter,
-    Submit,
+    Ack, ChannelWaiter, MatcherActor, MatcherArgs, MatcherMsg, MatcherStats, Reply, ReportSender,
+    SinkWaiter, Submit,
 };
 use crate::raft::Raft;
 use crate::store::{Applied, Intent, NewAccount, Store};
@@ -72,16 +72,9 @@ impl LeaderServices {
             restored[shard_of(pending.tx_key(), config.matcher_shards)].push(pending);
         }
 
-        let matcher_slot = Arc::new(OnceLock::new());
-        let stats = Arc::new(CommitStats::default());
-        let (committer, commit_queue) = Committer::start(CommitterArgs {
-            raft,
-            term,
-            clock: config.clock.clone(),
-            matchers: matcher_slot.clone(),
-            stats: stats.clone(),
-            interval: config.commit_interval_min,
-        });
+        // The queue first: matchers get its sending end at spawn, and the
+        // committer, started after them, its receiving end and the matchers.
+        let (commit_queue, jobs) = committer::queue();
         let registry = Registry::new(store.clone());
         let matcher_config = MatcherConfig {
             half_ttl_micros: u64::try_from(config.half_ttl.as_micros()).unwrap_or(u64::MAX),
@@ -105,9 +98,18 @@ impl LeaderServices {
                 .map_err(|error| LedgerError::Actor(format!("cannot start matcher: {error}")))?;
             matchers.push(matcher);
         }
-        matcher_slot
-            .set(matchers.clone())
-            .unwrap_or_else(|_| unreachable!("matchers set once"));
+        let stats = Arc::new(CommitStats::default());
+        let committer = Committer::start(
+            CommitterArgs {
+                raft,
+                term,
+                clock: config.clock.clone(),
+                matchers: matchers.iter().map(ActorRef::get_derived).collect(),
+                stats: stats.clone(),
+                interval: config.commit_interval_min,
+            },
+            jobs,
+        );
 
         let (expiry, _) = Actor::spawn(
             None,
@@ -291,15 +293,16 @@ impl LeaderServices {
         }
     }
 
-    pub(crate) async fn matcher_stats(&self) -> Result<(usize, usize), LedgerError> {
-        let mut totals = (0, 0);
+    pub(crate) async fn matcher_stats(&self) -> Result<MatcherStats, LedgerError> {
+        let mut totals = MatcherStats::default();
         for matcher in &self.matchers {
             let (sender, receiver) = oneshot::channel();
             matcher
                 .send_message(MatcherMsg::Stats(sender))
                 .map_err(|_| self.ended.error())?;
-            let (keys, lone) = receiver.await.map_err(|_| self.ended.error())?;
-            totals = (totals.0 + keys, totals.1 + lone);
+            let shard = receiver.await.map_err(|_| self.ended.error())?;
+            totals.keys_in_flight += shard.keys_in_flight;
+            totals.lone_halves += shard.lone_halves;
         }
         Ok(totals)
     }

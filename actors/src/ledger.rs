@@ -26,7 +26,7 @@ use tokio::sync::{oneshot, watch};
 use crate::clock::{Clock, SystemClock};
 use crate::error::{LeaderHint, LedgerError, StoreError};
 use crate::leader::{Ended, LeaderServices};
-use crate::matcher::{Heard, Report, ReportSender};
+use crate::matcher::{Heard, MatcherStats, Report, ReportSender};
 use crate::raft::{
     LogStore, NoNetwork, Raft, RaftMetrics, ReplicaId, ReplicaInfo, StateMachine, StorageIo,
     TypeConfig,
@@ -601,7 +601,7 @@ impl Ledger {
     }
 
     /// Keys in flight and lone halves, summed over the matcher shards.
-    pub async fn matcher_stats(&self) -> Result<(usize, usize), LedgerError> {
+    pub async fn matcher_stats(&self) -> Result<MatcherStats, LedgerError> {
         self.services()?.matcher_stats().await
     }
 

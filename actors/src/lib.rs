@@ -22,6 +22,7 @@ pub mod clock;
 pub mod committer;
 pub mod error;
 pub mod expiry;
+pub mod finding;
 mod key_index;
 mod leader;
 mod ledger;
@@ -34,12 +35,13 @@ pub mod store;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use core::matching::Resolution;
 pub use error::{LeaderHint, LedgerError, Refusal, StoreError, Unpayable};
+pub use finding::{Finding, accounts_named};
 pub use ledger::{
     ACCOUNT_IDLE_DEFAULT, BatchHalf, FollowerStatus, HALF_TTL_DEFAULT, LIVE_ACCOUNTS_MAX_DEFAULT,
     Ledger, LedgerConfig, LedgerStats, MAX_AMOUNT_DEFAULT, PENDING_HALVES_PER_ACCOUNT_MAX_DEFAULT,
     ReplicaSetup, ReplicaStatus, ReplicationConfig, Submission, Ticket, open_files,
 };
-pub use matcher::{Heard, Report, ReportSender};
+pub use matcher::{Heard, MatcherStats, Report, ReportSender};
 pub use raft::{LogStore, ReplicaId, ReplicaInfo, StorageIo};
 pub use store::{
     AccountRecord, AuditReport, Counters, Funding, FundingKind, JournalEntry, NewAccount, Store,

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::account::{AccountMsg, Registry, Settled};
 use crate::clock::Clock;
-use crate::committer::{Job, MatcherResults, ReplyTo};
+use crate::committer::{CommitResults, Job, KeyResult, ReplyTo};
 use crate::error::LedgerError;
 use crate::leader::Ended;
 use crate::store::{Intent, OutcomeView, Store};
@@ -200,17 +200,39 @@ pub enum MatcherMsg {
     SubmitMany(Vec<Submit>),
     /// Account actors left answers in the shard's [`ReservedInbox`].
     Reserved,
-    Committed {
-        /// `None` when the entry failed or was refused whole.
-        commit: Option<u64>,
-        results: MatcherResults,
-    },
+    /// The committer's report on one commit.
+    Committed(CommitResults),
     /// Expire every lone half that is due; `done` hears how many were.
     ExpireDue {
         done: Option<oneshot::Sender<usize>>,
     },
-    /// (keys in flight, lone halves).
-    Stats(oneshot::Sender<(usize, usize)>),
+    Stats(oneshot::Sender<MatcherStats>),
+}
+
+/// What one matcher shard holds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MatcherStats {
+    /// Keys waiting, reserving or deciding.
+    pub keys_in_flight: usize,
+    /// Lone halves waiting for their partner.
+    pub lone_halves: usize,
+}
+
+// The committer reaches a matcher through a `DerivedActorRef<CommitResults>`.
+impl From<CommitResults> for MatcherMsg {
+    fn from(results: CommitResults) -> MatcherMsg {
+        MatcherMsg::Committed(results)
+    }
+}
+
+impl TryFrom<MatcherMsg> for CommitResults {
+    type Error = MatcherMsg;
+    fn try_from(message: MatcherMsg) -> Result<CommitResults, MatcherMsg> {
+        match message {
+            MatcherMsg::Committed(results) => Ok(results),
+            other => Err(other),
+        }
+    }
 }
 
 /// An account actor's answer to [`Effect::Reserve`].
@@ -360,12 +382,17 @@ impl Actor for MatcherActor {
                 }
                 state.spare = answers;
             }
-            MatcherMsg::Committed { commit, results } => {
+            MatcherMsg::Committed(CommitResults { commit, results }) => {
                 state.outcomes = state.store.outcome_view().ok();
                 // One allocation of effects and answers per commit, not per key.
                 let mut effects = Vec::with_capacity(2 * results.len());
                 let mut answers = Answers::with_capacity(2 * results.len());
-                for (tx_key, persisted, result) in results {
+                for KeyResult {
+                    tx_key,
+                    persisted,
+                    result,
+                } in results
+                {
                     state.core.on_committed_into(
                         tx_key,
                         persisted,
@@ -390,7 +417,10 @@ impl Actor for MatcherActor {
                 }
             }
             MatcherMsg::Stats(reply) => {
-                let _ = reply.send((state.core.keys_in_flight(), state.core.lone_halves()));
+                let _ = reply.send(MatcherStats {
+                    keys_in_flight: state.core.keys_in_flight(),
+                    lone_halves: state.core.lone_halves(),
+                });
             }
         }
         state.flush_settled();

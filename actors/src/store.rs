@@ -32,6 +32,7 @@ use tapledger_protocol::{
 };
 
 use crate::error::{Refusal, StoreError, Unpayable};
+use crate::finding::{Finding, Party};
 use crate::key_index;
 use crate::overlay::Overlay;
 use crate::raft::{self, EntryResult, LedgerEntry, LogId, SnapshotMeta, StoredMembership};
@@ -255,7 +256,7 @@ pub struct AuditReport {
     /// Sum of all user balances; must equal `issued`.
     pub user_balances_total: u128,
     /// Every broken rule found, naming the accounts or keys involved.
-    pub problems: Vec<String>,
+    pub problems: Vec<Finding>,
 }
 
 impl AuditReport {
@@ -1285,13 +1286,13 @@ fn verify_tail(read: &redb::ReadTransaction) -> Result<(), StoreError> {
 /// Other errors (I/O, a closed file) pass through.
 fn guard_damage<T>(
     check: impl FnOnce() -> Result<T, StoreError>,
-    damaged: impl FnOnce(String) -> T,
+    damaged: impl FnOnce(Finding) -> T,
 ) -> Result<T, StoreError> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(check)) {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(error)) if is_damage(&error) => Ok(damaged(damage_problem(&error))),
         Ok(Err(error)) => Err(error),
-        Err(panic) => Ok(damaged(structure_damaged(&*panic))),
+        Err(panic) => Ok(damaged(Finding::FileDamaged(structure_damaged(&*panic)))),
     }
 }
 
@@ -1324,28 +1325,48 @@ pub fn is_damage(error: &StoreError) -> bool {
     )
 }
 
-/// One audit problem naming what `error` found damaged. Accounts are named
-/// "account N" as every other audit problem names them.
-fn damage_problem(error: &StoreError) -> String {
+/// The audit finding of what `error` found damaged.
+fn damage_problem(error: &StoreError) -> Finding {
     match error {
         StoreError::Damaged { table, key, what }
             if table == ACCOUNTS.name() || table == BALANCES.name() =>
         {
-            format!("account {key}: its {table} record is damaged ({what})")
+            match key.parse() {
+                Ok(account) => Finding::AccountDamaged {
+                    account,
+                    table: table.clone(),
+                    what: what.clone(),
+                },
+                Err(_) => Finding::RecordDamaged {
+                    table: table.clone(),
+                    key: key.clone(),
+                    what: what.clone(),
+                },
+            }
         }
-        StoreError::Damaged { table, key, what } if table == JOURNAL.name() => {
-            format!("journal {key}: the record is damaged ({what})")
-        }
-        StoreError::Damaged { table, key, what } => {
-            format!("{table} record {key} is damaged ({what})")
-        }
-        other => format!("the file is damaged: {other}"),
+        StoreError::Damaged { table, key, what } if table == JOURNAL.name() => match key.parse() {
+            Ok(seq) => Finding::JournalDamaged {
+                seq,
+                what: what.clone(),
+            },
+            Err(_) => Finding::RecordDamaged {
+                table: table.clone(),
+                key: key.clone(),
+                what: what.clone(),
+            },
+        },
+        StoreError::Damaged { table, key, what } => Finding::RecordDamaged {
+            table: table.clone(),
+            key: key.clone(),
+            what: what.clone(),
+        },
+        other => Finding::FileDamaged(format!("the file is damaged: {other}")),
     }
 }
 
 impl AuditReport {
     /// The report on a file whose damage stopped the audit.
-    fn damaged(problem: String) -> AuditReport {
+    fn damaged(problem: Finding) -> AuditReport {
         AuditReport {
             problems: vec![problem],
             ..AuditReport::default()
@@ -1383,13 +1404,15 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
         &read.open_table(TX_KEY_CHUNKS)?,
         meta_get(&meta, META_TX_KEY_RUN_NEXT)?,
     )?;
-    report.problems.extend(indexed.problems);
+    report
+        .problems
+        .extend(indexed.problems.into_iter().map(Finding::Index));
     let mut index: HashMap<u128, u64> = HashMap::with_capacity(indexed.entries.len());
     for (key, seq) in indexed.entries {
         if index.insert(key, seq).is_some() {
             report
                 .problems
-                .push(format!("tx_key {} is indexed twice", TxKey::from_u128(key)));
+                .push(Finding::IndexedTwice(TxKey::from_u128(key)));
         }
     }
     if let Err(error) = raft_state_of(&read.open_table(RAFT)?) {
@@ -1412,10 +1435,10 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
         let seq = seq.value();
         report.journal_entries += 1;
         if seq != expected_seq {
-            report.problems.push(format!(
-                "journal {seq}: follows entry {} (entries missing or renumbered)",
-                expected_seq.wrapping_sub(1) as i128
-            ));
+            report.problems.push(Finding::JournalGap {
+                seq,
+                after: expected_seq.wrapping_sub(1) as i128,
+            });
             link = None;
         }
         expected_seq = seq.wrapping_add(1);
@@ -1430,27 +1453,26 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
         if let Some(previous) = link
             && seal::chain_link(previous, seq, encoded) != stored_link
         {
-            report.problems.push(format!(
-                "journal {seq}: the hash chain breaks here (an entry before it was lost, replaced or reordered)"
-            ));
+            report.problems.push(Finding::ChainBroken { seq });
         }
         link = Some(stored_link);
         let StoredEntry { entry, previous } = match decode(encoded) {
             Ok(stored) => stored,
             Err(error) => {
-                report.problems.push(format!(
-                    "journal {seq}: the record cannot be decoded ({error})"
-                ));
+                report.problems.push(Finding::Undecodable {
+                    seq,
+                    error: error.to_string(),
+                });
                 continue;
             }
         };
         let moved = entry.moved_accounts();
         if previous.len() != moved.len() {
-            report.problems.push(format!(
-                "journal {seq}: {} history links for {} accounts",
-                previous.len(),
-                moved.len()
-            ));
+            report.problems.push(Finding::LinkCount {
+                seq,
+                links: previous.len(),
+                accounts: moved.len(),
+            });
         }
         if seq >= balances_at {
             for account in &moved {
@@ -1465,9 +1487,12 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
         for (account, link) in moved.iter().zip(&previous) {
             let expected = last_seq.insert(*account, seq);
             if *link != expected {
-                report.problems.push(format!(
-                    "journal {seq}: history of account {account} links to {link:?}, expected {expected:?}"
-                ));
+                report.problems.push(Finding::HistoryLink {
+                    seq,
+                    account: *account,
+                    link: *link,
+                    expected,
+                });
             }
         }
         match entry {
@@ -1476,33 +1501,36 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
                 funded_total += u128::from(funding.amount);
                 let balance = running.entry(funding.account).or_insert(0);
                 if *balance != funding.balance_before {
-                    report.problems.push(format!(
-                        "journal {seq}: funding of account {} records balance before {} but history gives {}",
-                        funding.account, funding.balance_before, balance
-                    ));
+                    report.problems.push(Finding::FundingBalance {
+                        seq,
+                        account: funding.account,
+                        recorded: funding.balance_before,
+                        history: *balance,
+                    });
                 }
                 match balance.checked_add(funding.amount) {
                     Some(next) => *balance = next,
-                    None => report.problems.push(format!(
-                        "journal {seq}: account {} overflows",
-                        funding.account
-                    )),
+                    None => report.problems.push(Finding::Overflow {
+                        seq,
+                        account: funding.account,
+                    }),
                 }
             }
             JournalEntry::Outcome(outcome) => {
                 let key = outcome.tx_key().as_u128();
                 if !outcome_keys.insert(key) {
-                    report.problems.push(format!(
-                        "journal {seq}: tx_key {} has a second outcome",
-                        outcome.tx_key()
-                    ));
+                    report.problems.push(Finding::SecondOutcome {
+                        seq,
+                        tx_key: outcome.tx_key(),
+                    });
                 }
                 match index.get(&key) {
                     Some(indexed) if *indexed == seq => {}
-                    other => report.problems.push(format!(
-                        "journal {seq}: tx_key {} indexed at {other:?}",
-                        outcome.tx_key()
-                    )),
+                    other => report.problems.push(Finding::IndexedElsewhere {
+                        seq,
+                        tx_key: outcome.tx_key(),
+                        indexed: other.copied(),
+                    }),
                 }
                 match outcome {
                     Outcome::Settled(settlement) => {
@@ -1515,18 +1543,15 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
         }
     }
     if journal_next != report.journal_entries {
-        report.problems.push(format!(
-            "the journal holds {} entries but {journal_next} were written",
-            report.journal_entries
-        ));
+        report.problems.push(Finding::JournalLength {
+            held: report.journal_entries,
+            written: journal_next,
+        });
     }
     if let Some(link) = link
         && link != journal_head(&meta)?
     {
-        report.problems.push(
-            "journal: its newest entry is not the one last written (the newest entries were lost or replaced)"
-                .into(),
-        );
+        report.problems.push(Finding::JournalHead);
     }
 
     let mut opened_since_checkpoint = 0u64;
@@ -1540,9 +1565,10 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
             report.problems.push(damage_problem(&error));
         }
         if id == ISSUER_ACCOUNT_ID || id >= account_next {
-            report.problems.push(format!(
-                "account {id} is outside the assigned range 1..{account_next}"
-            ));
+            report.problems.push(Finding::OutOfRange {
+                account: id,
+                next: account_next,
+            });
         }
         let stored = match balance_get(&balances, id) {
             Ok(stored) => stored,
@@ -1560,9 +1586,11 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
         if let Some((_, head)) = stored
             && expected_head != Some(head)
         {
-            report.problems.push(format!(
-                "account {id}: history starts at journal {head} but its newest entry is {expected_head:?}"
-            ));
+            report.problems.push(Finding::HistoryHead {
+                account: id,
+                head,
+                newest: expected_head,
+            });
         }
         let held = match (stored.map(|(balance, _)| balance), expected) {
             // Opened after the checkpoint: no balance written yet.
@@ -1571,14 +1599,15 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
                 true
             }
             (None, _) => {
-                report.problems.push(format!("account {id} has no balance"));
+                report.problems.push(Finding::NoBalance(id));
                 false
             }
             (Some(stored), expected) if stored != expected.unwrap_or(0) => {
-                report.problems.push(format!(
-                    "account {id}: balance {stored} but its history gives {}",
-                    expected.unwrap_or(0)
-                ));
+                report.problems.push(Finding::Balance {
+                    account: id,
+                    stored,
+                    history: expected.unwrap_or(0),
+                });
                 false
             }
             (Some(_), _) => true,
@@ -1594,36 +1623,34 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
     }
     let balances_held = balances.len()? + opened_since_checkpoint;
     if balances_held != report.accounts {
-        report.problems.push(format!(
-            "{balances_held} balances for {} accounts",
-            report.accounts
-        ));
+        report.problems.push(Finding::BalanceCount {
+            balances: balances_held,
+            accounts: report.accounts,
+        });
     }
     if report.accounts + 1 != account_next {
-        report.problems.push(format!(
-            "{} accounts but ids run to {}",
-            report.accounts,
-            account_next.wrapping_sub(1)
-        ));
+        report.problems.push(Finding::AccountCount {
+            accounts: report.accounts,
+            last: account_next.wrapping_sub(1),
+        });
     }
     if report.user_balances_total != u128::from(report.issued) {
-        report.problems.push(format!(
-            "user balances sum to {} but the issuer paid out {} (books do not sum to zero)",
-            report.user_balances_total, report.issued
-        ));
+        report.problems.push(Finding::NotZeroSum {
+            total: report.user_balances_total,
+            issued: report.issued,
+        });
     }
     if funded_total != u128::from(report.issued) {
-        report.problems.push(format!(
-            "fundings total {funded_total} but issued is {}",
-            report.issued
-        ));
+        report.problems.push(Finding::Funded {
+            funded: funded_total,
+            issued: report.issued,
+        });
     }
     for &key in index.keys() {
         if !outcome_keys.contains(&key) {
-            report.problems.push(format!(
-                "tx_key {} is indexed but has no outcome in the journal",
-                TxKey::from_u128(key)
-            ));
+            report
+                .problems
+                .push(Finding::IndexedWithoutOutcome(TxKey::from_u128(key)));
         }
     }
     for row in pending.iter()? {
@@ -1632,19 +1659,19 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
         report.pending_halves += 1;
         let half = seal::unseal(PENDING.name(), key, value.value()).and_then(decode::<PendingHalf>);
         match half {
-            Ok(half) if half.tx_key().as_u128() != key => report.problems.push(format!(
-                "tx_key {}: the pending half stored under it is for {}",
-                TxKey::from_u128(key),
-                half.tx_key()
-            )),
+            Ok(half) if half.tx_key().as_u128() != key => {
+                report.problems.push(Finding::PendingMisfiled {
+                    key: TxKey::from_u128(key),
+                    half: half.tx_key(),
+                })
+            }
             Ok(_) => {}
             Err(error) => report.problems.push(damage_problem(&error)),
         }
         if outcome_keys.contains(&key) {
-            report.problems.push(format!(
-                "tx_key {} is pending and final",
-                TxKey::from_u128(key)
-            ));
+            report
+                .problems
+                .push(Finding::PendingAndFinal(TxKey::from_u128(key)));
         }
     }
     Ok(report)
@@ -1654,7 +1681,7 @@ fn audit_settlement(
     seq: u64,
     settlement: &Settlement,
     running: &mut HashMap<AccountId, u64>,
-    problems: &mut Vec<String>,
+    problems: &mut Vec<Finding>,
 ) {
     let (sender, receiver, amount) = (
         settlement.sender(),
@@ -1662,34 +1689,49 @@ fn audit_settlement(
         settlement.amount(),
     );
     if sender == receiver {
-        problems.push(format!("journal {seq}: account {sender} paid itself"));
+        problems.push(Finding::PaidItself {
+            seq,
+            account: sender,
+        });
     }
     if amount == 0 {
-        problems.push(format!("journal {seq}: settlement of zero"));
+        problems.push(Finding::ZeroSettlement { seq });
     }
     let sender_balance = running.entry(sender).or_insert(0);
     if *sender_balance != settlement.sender_balance_before {
-        problems.push(format!(
-            "journal {seq}: sender {sender} balance before recorded {} but history gives {}",
-            settlement.sender_balance_before, sender_balance
-        ));
+        problems.push(Finding::SettlementBalance {
+            seq,
+            party: Party::Sender,
+            account: sender,
+            recorded: settlement.sender_balance_before,
+            history: *sender_balance,
+        });
     }
     match sender_balance.checked_sub(amount) {
         Some(next) => *sender_balance = next,
-        None => problems.push(format!(
-            "journal {seq}: account {sender} overdrawn by paying {amount} from {sender_balance}"
-        )),
+        None => problems.push(Finding::Overdrawn {
+            seq,
+            account: sender,
+            amount,
+            balance: *sender_balance,
+        }),
     }
     let receiver_balance = running.entry(receiver).or_insert(0);
     if *receiver_balance != settlement.receiver_balance_before {
-        problems.push(format!(
-            "journal {seq}: receiver {receiver} balance before recorded {} but history gives {}",
-            settlement.receiver_balance_before, receiver_balance
-        ));
+        problems.push(Finding::SettlementBalance {
+            seq,
+            party: Party::Receiver,
+            account: receiver,
+            recorded: settlement.receiver_balance_before,
+            history: *receiver_balance,
+        });
     }
     match receiver_balance.checked_add(amount) {
         Some(next) => *receiver_balance = next,
-        None => problems.push(format!("journal {seq}: account {receiver} overflows")),
+        None => problems.push(Finding::Overflow {
+            seq,
+            account: receiver,
+        }),
     }
 }
 

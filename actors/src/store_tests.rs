@@ -4,6 +4,7 @@
 use tapledger_protocol::{ReceiveHalf, RejectCode, SendHalf, Stamped};
 
 use super::*;
+use crate::finding::Finding;
 
 fn new_account(opening_balance: u64) -> NewAccount {
     NewAccount {
@@ -306,10 +307,14 @@ fn audit_names_an_account_whose_balance_was_tampered_with() {
     let report = store.audit().unwrap();
     assert!(!report.is_ok());
     assert!(
-        report
-            .problems
-            .iter()
-            .any(|problem| problem.contains("account 2")),
+        report.problems.iter().any(|problem| matches!(
+            problem,
+            Finding::Balance {
+                account: 2,
+                stored: 51,
+                ..
+            }
+        )),
         "{:?}",
         report.problems
     );
@@ -317,7 +322,7 @@ fn audit_names_an_account_whose_balance_was_tampered_with() {
         report
             .problems
             .iter()
-            .any(|problem| problem.contains("sum to zero")),
+            .any(|problem| matches!(problem, Finding::NotZeroSum { .. })),
         "{:?}",
         report.problems
     );
@@ -429,10 +434,14 @@ fn audit_names_a_broken_history_head() {
     }
     let report = store.audit().unwrap();
     assert!(
-        report
-            .problems
-            .iter()
-            .any(|problem| problem.contains("account 2: history starts at journal 1")),
+        report.problems.iter().any(|problem| matches!(
+            problem,
+            Finding::HistoryHead {
+                account: 2,
+                head: 1,
+                ..
+            }
+        )),
         "{:?}",
         report.problems
     );
@@ -510,7 +519,8 @@ fn a_damaged_index_chunk_refuses_a_writable_open_and_is_named_by_the_audit() {
         report
             .problems
             .iter()
-            .any(|problem| problem.contains("tx_key_chunks") && problem.contains("checksum")),
+            .any(|problem| matches!(problem, Finding::Index(text)
+                if text.contains("tx_key_chunks") && text.contains("checksum"))),
         "{:?}",
         report.problems
     );
@@ -645,10 +655,13 @@ fn a_checkpoint_writes_every_balance_and_the_audit_checks_the_table_against_it()
     }
     let report = store.audit().unwrap();
     assert!(
-        report
-            .problems
-            .iter()
-            .any(|problem| problem == "account 1: balance 45 but its history gives 50"),
+        report.problems.iter().any(|problem| problem
+            == &Finding::Balance {
+                account: 1,
+                stored: 45,
+                history: 50,
+            }
+            && problem.to_string() == "account 1: balance 45 but its history gives 50"),
         "{:?}",
         report.problems
     );

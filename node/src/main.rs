@@ -937,9 +937,9 @@ async fn audit(settings: &Settings, ledger: Option<PathBuf>) -> anyhow::Result<E
         // A file too damaged to open fails the audit: it says so, exit 1.
         Err(OpenError::Store { source, .. }) if tapledger_actors::store::is_damage(&source) => {
             let report = tapledger_actors::AuditReport {
-                problems: vec![format!(
+                problems: vec![tapledger_actors::Finding::FileDamaged(format!(
                     "the file is damaged: redb's page checksums or structure fail ({source})"
-                )],
+                ))],
                 ..Default::default()
             };
             println!("audit of {}", path.display());

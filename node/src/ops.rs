@@ -177,29 +177,13 @@ pub fn audit_text(report: &AuditReport) -> String {
         for problem in &report.problems {
             let _ = writeln!(text, "  - {problem}");
         }
-        let accounts = accounts_named(&report.problems);
+        let accounts = tapledger_actors::accounts_named(&report.problems);
         if !accounts.is_empty() {
             let list: Vec<String> = accounts.iter().map(u64::to_string).collect();
             let _ = writeln!(text, "accounts involved: {}", list.join(", "));
         }
     }
     text
-}
-
-/// Account ids that audit problems name ("account 7", "sender 7", ...).
-pub fn accounts_named(problems: &[String]) -> Vec<AccountId> {
-    let mut accounts = std::collections::BTreeSet::new();
-    for problem in problems {
-        let words: Vec<&str> = problem.split_whitespace().collect();
-        for pair in words.windows(2) {
-            if matches!(pair[0], "account" | "sender" | "receiver")
-                && let Ok(id) = pair[1].trim_end_matches([':', ',']).parse::<u64>()
-            {
-                accounts.insert(id);
-            }
-        }
-    }
-    accounts.into_iter().collect()
 }
 
 /// Every account as a table: id, type, bank, balance, opened.

@@ -3,6 +3,8 @@
 
 use super::*;
 use crate::export::tests::sample_ledger;
+use tapledger_actors::Finding;
+use tapledger_actors::finding::Party;
 
 #[test]
 fn open_refuses_missing_foreign_and_locked_files_without_touching_them() {
@@ -103,15 +105,32 @@ async fn audit_accounts_and_history_read_well() {
 fn failed_audits_name_the_accounts() {
     let report = AuditReport {
         problems: vec![
-            "account 7: balance 10 but its history gives 5".into(),
-            "journal 3: sender 12 balance before recorded 1 but history gives 2".into(),
-            "user balances sum to 9 but the issuer paid out 8 (books do not sum to zero)".into(),
+            Finding::Balance {
+                account: 7,
+                stored: 10,
+                history: 5,
+            },
+            Finding::SettlementBalance {
+                seq: 3,
+                party: Party::Sender,
+                account: 12,
+                recorded: 1,
+                history: 2,
+            },
+            Finding::NotZeroSum {
+                total: 9,
+                issued: 8,
+            },
         ],
         ..AuditReport::default()
     };
     let text = audit_text(&report);
     assert!(text.contains("FAILED: 3 problem(s)"), "{text}");
     assert!(text.contains("accounts involved: 7, 12"), "{text}");
+    assert!(
+        text.contains("  - journal 3: sender 12 balance before recorded 1 but history gives 2"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

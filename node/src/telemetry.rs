@@ -447,7 +447,11 @@ impl Telemetry {
         progress.intents = stats.intents_committed;
         gauge!(LIVE_ACCOUNT_ACTORS).set(stats.live_account_actors as f64);
         counter!(ACCOUNT_ACTORS_STARTED).absolute(stats.account_actors_started);
-        if let Ok(Ok((keys, lone))) = matcher_stats {
+        if let Ok(Ok(tapledger_actors::MatcherStats {
+            keys_in_flight: keys,
+            lone_halves: lone,
+        })) = matcher_stats
+        {
             gauge!(KEYS_IN_FLIGHT).set(keys as f64);
             gauge!(PENDING_HALVES).set(lone as f64);
         }

@@ -243,7 +243,8 @@ async fn check_after(
             "account {account} live (balance, reserved)"
         );
     }
-    assert_eq!(within(ledger.matcher_stats()).await.unwrap(), (0, 0));
+    let stats = within(ledger.matcher_stats()).await.unwrap();
+    assert_eq!((stats.keys_in_flight, stats.lone_halves), (0, 0));
     settled
 }
 

@@ -81,7 +81,14 @@ fn audit_verdict(path: &Path, image: &[u8], digest: [u8; 32]) -> Verdict {
         Err(error) => return Verdict::Found(format!("refused: {error}")),
     };
     match store.audit() {
-        Ok(report) if !report.is_ok() => Verdict::Found(report.problems.join("; ")),
+        Ok(report) if !report.is_ok() => Verdict::Found(
+            report
+                .problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
         Ok(_) => match store.digest() {
             Ok(found) if found == digest => Verdict::Harmless,
             Ok(_) => panic!("the audit passed on a ledger whose content changed"),

@@ -942,7 +942,8 @@ impl Harness {
         }
 
         // The matchers hold exactly the model's lone halves, nothing in flight.
-        let (in_flight, lone) = within(ledger.matcher_stats()).await.expect("stats");
+        let stats = within(ledger.matcher_stats()).await.expect("stats");
+        let (in_flight, lone) = (stats.keys_in_flight, stats.lone_halves);
         assert_eq!(
             (in_flight, lone),
             (pending, pending),

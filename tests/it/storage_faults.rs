@@ -540,7 +540,7 @@ pub async fn ledger_works_again(what: &str, store: Store, log: LogStore, account
     .unwrap_or_else(|error| panic!("{what}: ledger on the reopened files: {error}"));
     // The leader applied its whole log before it served.
     let pending_now = ledger.store().all_pending().expect("pending").len();
-    let (_, lone) = within(ledger.matcher_stats()).await.unwrap();
+    let lone = within(ledger.matcher_stats()).await.unwrap().lone_halves;
     assert_eq!(lone, pending_now, "{what}: lone halves restored");
     let payer = *accounts
         .iter()

@@ -285,7 +285,10 @@ impl CoreBenchReport {
             failures.push(format!(
                 "audit found {} problems, first: {}",
                 self.audit.problems.len(),
-                self.audit.problems.first().map_or("", String::as_str)
+                self.audit
+                    .problems
+                    .first()
+                    .map_or_else(String::new, ToString::to_string)
             ));
         }
         if self.outcomes_total() != self.payments {
@@ -813,7 +816,10 @@ pub async fn measure(
 
     phase("auditing the books...");
     ledger.flush().await.context("final flush")?;
-    let (keys_in_flight, lone_halves) = ledger.matcher_stats().await?;
+    let tapledger_actors::MatcherStats {
+        keys_in_flight,
+        lone_halves,
+    } = ledger.matcher_stats().await?;
     let audit = {
         let ledger = ledger.clone();
         on_named_thread("bench-audit", move || ledger.audit()).await??

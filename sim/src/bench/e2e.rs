@@ -380,7 +380,7 @@ pub async fn run(config: &E2eConfig) -> anyhow::Result<E2eReport> {
         core_cpu_us_per_settlement: core.usage.run_ns() as f64 / 1e3 / core.settled.max(1) as f64,
         core_failures: core.failures(),
         balance_mismatches,
-        audit_problems: audit.problems,
+        audit_problems: audit.problems.iter().map(ToString::to_string).collect(),
     })
 }
 

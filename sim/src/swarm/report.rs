@@ -331,8 +331,9 @@ impl SwarmReport {
                 .report
                 .problems
                 .iter()
-                .chain(&audit.count_problems)
-                .chain(&audit.replica_problems)
+                .map(ToString::to_string)
+                .chain(audit.count_problems.iter().cloned())
+                .chain(audit.replica_problems.iter().cloned())
             {
                 failures.push(format!("audit: {problem}"));
             }
@@ -536,7 +537,8 @@ impl SwarmReport {
                     thousands_u128(report.user_balances_total),
                     thousands(report.issued)
                 );
-                for problem in report.problems.iter().chain(&audit.count_problems) {
+                let problems = report.problems.iter().map(ToString::to_string);
+                for problem in problems.chain(audit.count_problems.iter().cloned()) {
                     let _ = writeln!(out, "    {problem}");
                 }
                 if audit.replicas.len() > 1 {
@@ -629,7 +631,7 @@ impl SwarmReport {
                 "pending_halves": audit.report.pending_halves,
                 "issued": audit.report.issued,
                 "user_balances_total": audit.report.user_balances_total.to_string(),
-                "problems": audit.report.problems,
+                "problems": audit.report.problems.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "count_problems": audit.count_problems,
                 "replicas": audit.replicas.iter().map(|(id, applied, ok)| json!({
                     "id": id, "applied_index": applied, "ok": ok,
