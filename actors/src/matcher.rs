@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tapledger_protocol::{AccountId, Half, Timestamp, TxKey};
+use tapledger_protocol::{AccountId, Half, Outcome, Timestamp, TxKey};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::account::{AccountMsg, Registry, Settled};
@@ -435,21 +435,39 @@ impl MatcherState {
             half,
             waiter,
         } = submit;
-        let (store, outcomes) = (&self.store, &self.outcomes);
-        let decided = move |tx_key| {
-            let found = match outcomes {
-                Some(view) => view.outcome(tx_key),
-                None => store.outcome(tx_key),
-            };
-            found.ok().flatten().map(Arc::new)
-        };
-        let effects = self.core.submit(now, &context, half, waiter, decided);
+        let effects = self.core.submit(now, &context, half, waiter);
         self.carry_out(effects).await;
     }
 
+    /// Storage's outcome for `tx_key`, read from the view of the last
+    /// commit (no read transaction per lookup). A key that cannot be read
+    /// counts as undecided: storage checks again inside the write
+    /// transaction that would decide it.
+    fn look_up(&self, tx_key: TxKey) -> Option<Arc<Outcome>> {
+        let found = match &self.outcomes {
+            Some(view) => view.outcome(tx_key),
+            None => self.store.outcome(tx_key),
+        };
+        found.ok().flatten().map(Arc::new)
+    }
+
     async fn carry_out(&mut self, effects: Vec<Effect>) {
-        for effect in effects {
+        // In order; a lookup is answered at once and what follows from it
+        // is carried out before the effects after it.
+        let mut effects = std::collections::VecDeque::from(effects);
+        while let Some(effect) = effects.pop_front() {
             match effect {
+                Effect::LookUp { tx_key } => {
+                    let outcome = self.look_up(tx_key);
+                    for (at, next) in self
+                        .core
+                        .on_looked_up(tx_key, outcome)
+                        .into_iter()
+                        .enumerate()
+                    {
+                        effects.insert(at, next);
+                    }
+                }
                 Effect::StorePending(pending) => {
                     let tx_key = pending.tx_key();
                     let side = match &pending {

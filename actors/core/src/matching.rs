@@ -3,8 +3,9 @@
 //! for which key and when each lone half expires.
 //!
 //! It never reads a clock, touches storage or awaits: time arrives as an
-//! argument, and everything that must happen outside (persist, reserve, debit,
-//! credit) leaves as an [`Effect`]. Callers waiting on a half are a generic
+//! argument, and everything that must happen outside (look an outcome up,
+//! persist, reserve, debit, credit) leaves as an [`Effect`], whose result
+//! comes back as an input. Callers waiting on a half are a generic
 //! [`Waiter`], so tests use plain recorders and the actor uses channels.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -130,9 +131,22 @@ impl Decision {
 }
 
 /// Work the matcher asks for. Results come back through
-/// [`Matcher::on_reserved`] and [`Matcher::on_committed`].
+/// [`Matcher::on_looked_up`], [`Matcher::on_reserved`] and
+/// [`Matcher::on_committed`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Effect {
+    /// Say whether storage holds an outcome for `tx_key`. Asked where a key
+    /// this matcher does not remember may already be decided and acting on
+    /// it would have an effect: when a half would be refused for the
+    /// pending cap (a replay of an old key gets its outcome, or 700, rather
+    /// than 800), when a half conflicts with the one waiting (710, unless
+    /// the key is long settled), and when two halves pair, before the
+    /// sender's money is reserved. The last matters after a restart or a
+    /// change of leader: phones resubmit both halves of payments the
+    /// previous leader decided, and a reservation for them, however brief,
+    /// would make the sender's honest payments in the meantime look
+    /// underfunded (100).
+    LookUp { tx_key: TxKey },
     /// Make this lone half durable as pending.
     StorePending(PendingHalf),
     /// Make this decision durable. `reserved` names the sender's reservation it
@@ -196,6 +210,8 @@ struct Slot<H, W> {
 enum Phase {
     /// One half waits for its partner.
     Waiting,
+    /// Both halves are here; storage is asked whether the key is decided.
+    Checking,
     /// Both halves agree; the sender's account is reserving the amount.
     Reserving,
     /// A decision is on its way to storage.
@@ -329,6 +345,14 @@ impl PendingCounts {
     }
 }
 
+/// A half whose fate hangs on whether storage already decided its key.
+enum Held<W> {
+    /// Over the per-account cap: 800 unless the key is decided.
+    OverCap(Half, W),
+    /// Conflicts with the half waiting under its key: 710 unless decided.
+    Conflicting(Half, W),
+}
+
 /// The pairing state of one matcher shard.
 pub struct Matcher<W> {
     config: MatcherConfig,
@@ -341,6 +365,9 @@ pub struct Matcher<W> {
     pending_per_account: std::sync::Arc<PendingCounts>,
     recent: HashMap<TxKey, Arc<Outcome>>,
     recent_order: VecDeque<TxKey>,
+    /// Halves waiting for an [`Effect::LookUp`] of their key; entries in
+    /// phase `Checking` wait for it too.
+    held: HashMap<TxKey, Vec<Held<W>>>,
 }
 
 impl<W: Waiter> Matcher<W> {
@@ -360,6 +387,7 @@ impl<W: Waiter> Matcher<W> {
             pending_per_account: counts,
             recent: HashMap::new(),
             recent_order: VecDeque::new(),
+            held: HashMap::new(),
         }
     }
 
@@ -378,9 +406,15 @@ impl<W: Waiter> Matcher<W> {
         self.add_waiting(tx_key, entry);
     }
 
-    /// Number of keys this matcher tracks (waiting, reserving or deciding).
+    /// Number of keys this matcher tracks (waiting, checking, reserving or
+    /// deciding, or with halves held for a lookup).
     pub fn keys_in_flight(&self) -> usize {
         self.entries.len()
+            + self
+                .held
+                .keys()
+                .filter(|key| !self.entries.contains_key(key))
+                .count()
     }
 
     /// Number of lone halves waiting for a partner.
@@ -393,22 +427,13 @@ impl<W: Waiter> Matcher<W> {
         self.deadlines.first().map(|(deadline, _)| *deadline)
     }
 
-    /// A half arrives at node time `now`. `decided` looks a key's outcome up in
-    /// storage. It is asked where a key this matcher does not remember may
-    /// already be decided and acting on it would have an effect: when a half
-    /// would be refused for the pending cap (a replay of an old key gets its
-    /// outcome, or 700, rather than 800), and when two halves pair, before the
-    /// sender's money is reserved. The second matters after a restart or a
-    /// change of leader: phones resubmit both halves of payments the previous
-    /// leader decided, and a reservation for them, however brief, would make
-    /// the sender's honest payments in the meantime look underfunded (100).
+    /// A half arrives at node time `now`.
     pub fn submit(
         &mut self,
         now: Timestamp,
         context: &HalfContext,
         half: Half,
         waiter: W,
-        decided: impl FnOnce(TxKey) -> Option<Arc<Outcome>>,
     ) -> Vec<Effect> {
         if let Err(code) = rules::check_half(&half, context) {
             waiter.finish(Ok(Resolution::Refused(code)));
@@ -420,7 +445,7 @@ impl<W: Waiter> Matcher<W> {
             return Vec::new();
         }
         let Some(entry) = self.entries.get_mut(&tx_key) else {
-            return self.start_entry(now, half, waiter, decided);
+            return self.start_entry(now, half, waiter);
         };
         // A half for a key already in flight: identical (join), conflicting
         // (refuse, unless storage has the key's outcome), or the missing
@@ -428,7 +453,7 @@ impl<W: Waiter> Matcher<W> {
         match half {
             Half::Send(send) => match &mut entry.send {
                 Some(slot) if slot.stamped.half == send => join(slot, waiter),
-                Some(_) => self.refuse_unless_decided(tx_key, Half::Send(send), waiter, decided),
+                Some(_) => self.hold(tx_key, Held::Conflicting(Half::Send(send), waiter)),
                 None if entry.phase == Phase::Waiting => {
                     entry.send = Some(Slot {
                         stamped: Stamped {
@@ -438,15 +463,13 @@ impl<W: Waiter> Matcher<W> {
                         durable: false,
                         waiters: vec![waiter],
                     });
-                    self.pair(tx_key, decided)
+                    self.pair(tx_key)
                 }
                 None => wait_for_decision(entry, Half::Send(send), waiter),
             },
             Half::Receive(receive) => match &mut entry.receive {
                 Some(slot) if slot.stamped.half == receive => join(slot, waiter),
-                Some(_) => {
-                    self.refuse_unless_decided(tx_key, Half::Receive(receive), waiter, decided)
-                }
+                Some(_) => self.hold(tx_key, Held::Conflicting(Half::Receive(receive), waiter)),
                 None if entry.phase == Phase::Waiting => {
                     entry.receive = Some(Slot {
                         stamped: Stamped {
@@ -456,51 +479,77 @@ impl<W: Waiter> Matcher<W> {
                         durable: false,
                         waiters: vec![waiter],
                     });
-                    self.pair(tx_key, decided)
+                    self.pair(tx_key)
                 }
                 None => wait_for_decision(entry, Half::Receive(receive), waiter),
             },
         }
     }
 
-    /// A half that conflicts with the one waiting under its key: 710, unless
-    /// storage already decided the key (after a restart or a change of
-    /// leader, the waiting half may be a stranger's and the key long
-    /// settled): then the half hears that outcome, or 700.
-    fn refuse_unless_decided(
-        &mut self,
-        tx_key: TxKey,
-        half: Half,
-        waiter: W,
-        decided: impl FnOnce(TxKey) -> Option<Arc<Outcome>>,
-    ) -> Vec<Effect> {
-        match decided(tx_key) {
-            Some(outcome) => {
-                waiter.finish(Ok(resolve_against(&outcome, &half)));
-                Vec::new()
-            }
-            None => refuse(waiter, RejectCode::ConflictingHalf),
+    /// Holds a half until storage says whether its key is decided (a
+    /// conflicting half: after a restart or a change of leader, the waiting
+    /// half may be a stranger's and the key long settled; a half over the
+    /// cap: it may be a replay of an old key). One lookup per key at a time.
+    fn hold(&mut self, tx_key: TxKey, held: Held<W>) -> Vec<Effect> {
+        let checking = self
+            .entries
+            .get(&tx_key)
+            .is_some_and(|entry| entry.phase == Phase::Checking);
+        let holding = self.held.entry(tx_key).or_default();
+        let asked = checking || !holding.is_empty();
+        holding.push(held);
+        if asked {
+            Vec::new()
+        } else {
+            vec![Effect::LookUp { tx_key }]
         }
     }
 
-    fn start_entry(
-        &mut self,
-        now: Timestamp,
-        half: Half,
-        waiter: W,
-        decided: impl FnOnce(TxKey) -> Option<Arc<Outcome>>,
-    ) -> Vec<Effect> {
+    /// Storage answered an [`Effect::LookUp`]: `outcome` is the key's
+    /// outcome if it has one. Halves held for it are answered (their
+    /// outcome or 700 if decided; 710 or 800 if not), and a pair waiting for
+    /// it is resolved or goes on to its reservation.
+    pub fn on_looked_up(&mut self, tx_key: TxKey, outcome: Option<Arc<Outcome>>) -> Vec<Effect> {
+        for held in self.held.remove(&tx_key).into_iter().flatten() {
+            let (half, waiter, code) = match held {
+                Held::OverCap(half, waiter) => (half, waiter, RejectCode::TooManyPending),
+                Held::Conflicting(half, waiter) => (half, waiter, RejectCode::ConflictingHalf),
+            };
+            match &outcome {
+                Some(outcome) => waiter.finish(Ok(resolve_against(outcome, &half))),
+                None => waiter.finish(Ok(Resolution::Refused(code))),
+            }
+        }
+        let checking = self
+            .entries
+            .get(&tx_key)
+            .is_some_and(|entry| entry.phase == Phase::Checking);
+        match outcome {
+            Some(outcome) => {
+                if checking {
+                    let mut answers = Answers::new();
+                    self.resolve(tx_key, &outcome, &mut answers);
+                    answers.deliver();
+                } else if !self.entries.contains_key(&tx_key) {
+                    // A replay of an old key: its next halves need no lookup.
+                    // (A key with an entry, say a stranger's lone half after
+                    // a restart, keeps it until its expiry meets the outcome.)
+                    self.remember(tx_key, outcome);
+                }
+                Vec::new()
+            }
+            None if checking => self.check_pair(tx_key),
+            None => Vec::new(),
+        }
+    }
+
+    fn start_entry(&mut self, now: Timestamp, half: Half, waiter: W) -> Vec<Effect> {
         let party = half.party();
         if !self
             .pending_per_account
             .try_add(party, self.config.pending_halves_per_account_max)
         {
-            if let Some(outcome) = decided(half.tx_key()) {
-                waiter.finish(Ok(resolve_against(&outcome, &half)));
-                self.remember(half.tx_key(), outcome);
-                return Vec::new();
-            }
-            return refuse(waiter, RejectCode::TooManyPending);
+            return self.hold(half.tx_key(), Held::OverCap(half, waiter));
         }
         let tx_key = half.tx_key();
         let (entry, pending) = match half {
@@ -560,23 +609,25 @@ impl<W: Waiter> Matcher<W> {
         self.pending_per_account.remove(party);
     }
 
-    /// Both halves are present: decide what they say together, unless
-    /// storage already holds the key's outcome (then every waiter hears it and
-    /// nothing is reserved).
-    fn pair(
-        &mut self,
-        tx_key: TxKey,
-        decided: impl FnOnce(TxKey) -> Option<Arc<Outcome>>,
-    ) -> Vec<Effect> {
-        if let Some(outcome) = decided(tx_key) {
-            // Still `Waiting`: resolving takes it out of the lone-half books.
-            let mut answers = Answers::new();
-            self.resolve(tx_key, &outcome, &mut answers);
-            answers.deliver();
-            return Vec::new();
-        }
+    /// Both halves are present: ask storage whether the key is decided
+    /// (then every waiter hears its outcome and nothing is reserved) before
+    /// deciding what they say together ([`Matcher::check_pair`]).
+    fn pair(&mut self, tx_key: TxKey) -> Vec<Effect> {
         self.leave_waiting(tx_key);
         let entry = self.entries.get_mut(&tx_key).expect("entry exists");
+        entry.phase = Phase::Checking;
+        if self.held.contains_key(&tx_key) {
+            // A lookup for this key is on its way already.
+            Vec::new()
+        } else {
+            vec![Effect::LookUp { tx_key }]
+        }
+    }
+
+    /// Storage has no outcome for the pair: reserve, or decide a mismatch.
+    fn check_pair(&mut self, tx_key: TxKey) -> Vec<Effect> {
+        let entry = self.entries.get_mut(&tx_key).expect("entry exists");
+        debug_assert_eq!(entry.phase, Phase::Checking);
         let send = &entry.send.as_ref().expect("send half").stamped;
         let receive = &entry.receive.as_ref().expect("receive half").stamped;
         match rules::check_pair(&send.half, &receive.half) {
@@ -852,11 +903,6 @@ fn wait_for_decision<W: Waiter>(entry: &mut Entry<W>, half: Half, waiter: W) -> 
     );
     entry.late.retain(|(_, waiter)| !waiter.is_gone());
     entry.late.push((half, waiter));
-    Vec::new()
-}
-
-fn refuse<W: Waiter>(waiter: W, code: RejectCode) -> Vec<Effect> {
-    waiter.finish(Ok(Resolution::Refused(code)));
     Vec::new()
 }
 

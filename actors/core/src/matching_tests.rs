@@ -58,8 +58,24 @@ impl Harness {
             id,
             log: self.log.clone(),
         };
-        self.matcher
-            .submit(Timestamp(now), &context, half, waiter, |_| None)
+        let effects = self.matcher.submit(Timestamp(now), &context, half, waiter);
+        self.look_up(effects)
+    }
+
+    /// Answers every lookup among `effects` as an empty storage would (no
+    /// key decided), in place, as the actor does.
+    fn look_up(&mut self, effects: Vec<Effect>) -> Vec<Effect> {
+        let mut done = Vec::new();
+        for effect in effects {
+            match effect {
+                Effect::LookUp { tx_key } => {
+                    let more = self.matcher.on_looked_up(tx_key, None);
+                    done.extend(self.look_up(more));
+                }
+                other => done.push(other),
+            }
+        }
+        done
     }
 
     /// Feeds a commit result and delivers its answers after its effects, as
@@ -463,10 +479,9 @@ fn resubmitted_halves_of_a_key_decided_before_a_restart_reserve_nothing() {
             id: 1,
             log: harness.log.clone(),
         },
-        |_| panic!("a first half under the cap needs no lookup"),
     );
+    // A first half under the cap needs no lookup.
     assert!(matches!(first[..], [Effect::StorePending(_)]), "{first:?}");
-    let lookup = stored.clone();
     let second = harness.matcher.submit(
         Timestamp(6),
         &context(2),
@@ -475,8 +490,13 @@ fn resubmitted_halves_of_a_key_decided_before_a_restart_reserve_nothing() {
             id: 2,
             log: harness.log.clone(),
         },
-        move |key| (key == KEY).then_some(lookup),
     );
+    assert_eq!(second, vec![Effect::LookUp { tx_key: KEY }]);
+    assert!(
+        harness.take_log().is_empty(),
+        "nobody hears before the lookup"
+    );
+    let second = harness.matcher.on_looked_up(KEY, Some(stored.clone()));
     assert!(second.is_empty(), "no reservation, no decision: {second:?}");
     let mut log = harness.take_log();
     log.sort_by_key(|entry| entry.0);
@@ -532,8 +552,7 @@ fn after_a_restart_the_recorded_half_hears_its_outcome_though_a_stranger_waits_f
         accounts_end: 100,
         max_amount: 1_000,
     };
-    let lookup = stored.clone();
-    harness.matcher.submit(
+    let effects = harness.matcher.submit(
         Timestamp(6),
         &context,
         recorded,
@@ -541,7 +560,13 @@ fn after_a_restart_the_recorded_half_hears_its_outcome_though_a_stranger_waits_f
             id: 2,
             log: harness.log.clone(),
         },
-        move |key| (key == KEY).then_some(lookup),
+    );
+    assert_eq!(effects, vec![Effect::LookUp { tx_key: KEY }]);
+    assert!(
+        harness
+            .matcher
+            .on_looked_up(KEY, Some(stored.clone()))
+            .is_empty()
     );
     assert_eq!(
         harness.take_log(),
@@ -719,14 +744,79 @@ fn replay_at_the_pending_cap_is_answered_from_storage_not_800() {
         id: 7,
         log: harness.log.clone(),
     };
-    let lookup = stored.clone();
-    harness
-        .matcher
-        .submit(Timestamp(5), &context, half, waiter, move |key| {
-            (key == old_key).then_some(lookup)
-        });
+    let effects = harness.matcher.submit(Timestamp(5), &context, half, waiter);
+    assert_eq!(effects, vec![Effect::LookUp { tx_key: old_key }]);
+    assert!(
+        harness
+            .matcher
+            .on_looked_up(old_key, Some(stored.clone()))
+            .is_empty()
+    );
     assert_eq!(
         harness.take_log(),
-        vec![(7, "finish", Some(Ok(Resolution::Final(stored))))]
+        vec![(7, "finish", Some(Ok(Resolution::Final(stored.clone()))))]
     );
+    // Remembered: the next replay needs no lookup.
+    let waiter = Recorder {
+        id: 8,
+        log: harness.log.clone(),
+    };
+    let replay = send_half(old_key, 1, 5);
+    assert!(
+        harness
+            .matcher
+            .submit(Timestamp(6), &context, replay, waiter)
+            .is_empty()
+    );
+    assert_eq!(
+        harness.take_log(),
+        vec![(8, "finish", Some(Ok(Resolution::Final(stored))))]
+    );
+}
+
+#[test]
+fn a_pair_checking_storage_and_a_conflicting_half_share_one_lookup() {
+    let mut harness = Harness::new();
+    harness.submit(1, 0, send_half(KEY, 1, 50));
+    let context = |party| HalfContext {
+        submitter: party,
+        accounts_end: 100,
+        max_amount: 1_000,
+    };
+    let recorder = |id| Recorder {
+        id,
+        log: harness.log.clone(),
+    };
+    let (second, third) = (recorder(2), recorder(3));
+    let effects = harness.matcher.submit(
+        Timestamp(1),
+        &context(2),
+        receive_half(KEY, 2, 1, 50),
+        second,
+    );
+    assert_eq!(effects, vec![Effect::LookUp { tx_key: KEY }]);
+    // While storage is asked, a conflicting send half: no second lookup.
+    let effects = harness
+        .matcher
+        .submit(Timestamp(2), &context(1), send_half(KEY, 1, 51), third);
+    assert!(effects.is_empty(), "{effects:?}");
+    // Not decided: the conflicting half hears 710, the pair reserves.
+    let effects = harness.matcher.on_looked_up(KEY, None);
+    assert_eq!(
+        effects,
+        vec![Effect::Reserve {
+            tx_key: KEY,
+            sender: 1,
+            amount: 50
+        }]
+    );
+    assert_eq!(
+        harness.take_log(),
+        vec![(
+            3,
+            "finish",
+            Some(Ok(Resolution::Refused(RejectCode::ConflictingHalf)))
+        )]
+    );
+    assert_eq!(harness.matcher.keys_in_flight(), 1);
 }

@@ -1,18 +1,22 @@
 //! The matcher driven by random operations against a model of the world
 //! around it (the shape of quinn's `fuzz/fuzz_targets/streams.rs`): halves
 //! arrive in any order, storage and the sender's account answer effects in
-//! any order, some effects fail, time jumps. The model plays storage (one
-//! outcome per key, balances that must cover every settlement) and the
-//! account actors (an `AccountBook` per account), and checks after every
-//! step what a phone may hear:
+//! any order, some effects fail, time jumps, lookups of old keys are answered
+//! late, and the leader restarts (a new matcher restored from storage's
+//! pending halves, knowing nothing of what was decided, while phones replay
+//! old keys). The model plays storage (one outcome per key, balances that
+//! must cover every settlement) and the account actors (an `AccountBook` per
+//! account), and checks after every step what a phone may hear:
 //!
-//! * every submission is answered exactly once, and "accepted" (durably
-//!   pending) comes before the answer, at most once;
+//! * every submission is answered exactly once (unless the leader that
+//!   held it restarted), and "accepted" (durably pending) comes before the
+//!   answer, at most once;
 //! * a final outcome is the one storage holds for the key, and records the
 //!   very half the phone sent; 700 only when the key's outcome records
 //!   another half; an error only if a failure was injected for the key;
 //! * no settlement is applied that storage's balance cannot cover (a
-//!   reservation precedes every debit), and no reservation outlives its key;
+//!   reservation precedes every debit), no reservation outlives its key,
+//!   and none is asked for a key storage has decided;
 //! * once every effect is answered and every deadline passed, the matcher
 //!   holds nothing and the live books equal storage's balances.
 
@@ -45,6 +49,11 @@ struct Heard {
     half: Option<Half>,
     accepted: u32,
     finished: Option<Result<Resolution, &'static str>>,
+    /// Its matcher was replaced by a restart before it was answered (its
+    /// phone hears "not the leader" and resubmits).
+    abandoned: bool,
+    /// Its answer was checked against storage as it stood when given.
+    checked: bool,
 }
 
 type Log = Rc<RefCell<Vec<Heard>>>;
@@ -122,6 +131,13 @@ enum Op {
     Reserve { pick: usize },
     /// Time passes and due lone halves expire.
     Advance { micros: u64 },
+    /// Storage answers one lookup, as it stands now.
+    LookUp { pick: usize },
+    /// The leader restarts: what its actors had in flight is lost (entries
+    /// it proposed are refused whole in the new term), the new matcher is
+    /// restored from storage's pending halves and the books from its
+    /// balances.
+    Restart,
 }
 
 /// How a half departs from its key's payment.
@@ -197,6 +213,8 @@ fn op() -> impl Strategy<Value = Op> {
         3 => any::<usize>().prop_map(|pick| Op::Reserve { pick }),
         1 => prop::sample::select(vec![1u64, 100, TTL / 2, TTL + 1])
             .prop_map(|micros| Op::Advance { micros }),
+        2 => any::<usize>().prop_map(|pick| Op::LookUp { pick }),
+        1 => Just(Op::Restart),
     ]
 }
 
@@ -209,10 +227,12 @@ struct World {
     storing: Vec<Stored>,
     /// Reservations the accounts have not answered yet.
     reserving: Vec<(TxKey, AccountId, u64)>,
+    /// Keys the matcher asked storage about.
+    looking: Vec<TxKey>,
     /// Storage: one outcome per key, the balances, the durable lone halves.
     outcomes: HashMap<TxKey, Arc<Outcome>>,
     balances: HashMap<AccountId, u64>,
-    pending: HashSet<TxKey>,
+    pending: HashMap<TxKey, PendingHalf>,
     /// The account actors' live books.
     books: HashMap<AccountId, AccountBook>,
     /// Keys for which an effect failed (their waiters may hear an error).
@@ -236,9 +256,10 @@ impl World {
             commit: 0,
             storing: Vec::new(),
             reserving: Vec::new(),
+            looking: Vec::new(),
             outcomes: HashMap::new(),
             balances: accounts.clone().map(|a| (a, OPENING_BALANCE)).collect(),
-            pending: HashSet::new(),
+            pending: HashMap::new(),
             books: accounts
                 .map(|a| (a, AccountBook::new(a, OPENING_BALANCE, 0)))
                 .collect(),
@@ -278,6 +299,15 @@ impl World {
                 let effects = self.matcher.expire_due(Timestamp(self.now));
                 self.carry_out(effects);
             }
+            Op::LookUp { pick } => {
+                if !self.looking.is_empty() {
+                    let tx_key = self.looking.remove(pick % self.looking.len());
+                    let outcome = self.outcomes.get(&tx_key).cloned();
+                    let effects = self.matcher.on_looked_up(tx_key, outcome);
+                    self.carry_out(effects);
+                }
+            }
+            Op::Restart => self.restart(),
         }
         self.check();
     }
@@ -301,13 +331,32 @@ impl World {
             id,
             log: self.log.clone(),
         };
-        let outcomes = &self.outcomes;
         let effects = self
             .matcher
-            .submit(Timestamp(self.now), &context, half, waiter, |tx_key| {
-                outcomes.get(&tx_key).cloned()
-            });
+            .submit(Timestamp(self.now), &context, half, waiter);
         self.carry_out(effects);
+    }
+
+    fn restart(&mut self) {
+        for heard in self.log.borrow_mut().iter_mut() {
+            heard.abandoned |= heard.finished.is_none();
+        }
+        self.storing.clear();
+        self.reserving.clear();
+        self.looking.clear();
+        self.poisoned = false;
+        self.matcher = Matcher::new(MatcherConfig {
+            half_ttl_micros: TTL,
+            pending_halves_per_account_max: PENDING_MAX,
+        });
+        let mut pending: Vec<_> = self.pending.values().cloned().collect();
+        pending.sort_by_key(PendingHalf::tx_key);
+        for half in pending {
+            self.matcher.restore(half);
+        }
+        for (account, book) in self.books.iter_mut() {
+            *book = AccountBook::new(*account, self.balances[account], self.commit);
+        }
     }
 
     /// Carries out effects the matcher asked for: storage and reservations
@@ -316,6 +365,7 @@ impl World {
     fn carry_out(&mut self, effects: Vec<Effect>) {
         for effect in effects {
             match effect {
+                Effect::LookUp { tx_key } => self.looking.push(tx_key),
                 Effect::StorePending(half) => self.storing.push(Stored::Pending(half)),
                 Effect::Decide { decision, reserved } => {
                     if let Some((account, amount)) = reserved {
@@ -330,7 +380,15 @@ impl World {
                     tx_key,
                     sender,
                     amount,
-                } => self.reserving.push((tx_key, sender, amount)),
+                } => {
+                    // A replayed key storage decided is answered from
+                    // storage: no money is held for it, however briefly.
+                    assert!(
+                        !self.outcomes.contains_key(&tx_key),
+                        "a reservation for {tx_key}, decided already"
+                    );
+                    self.reserving.push((tx_key, sender, amount))
+                }
                 Effect::Debit {
                     account,
                     amount,
@@ -391,8 +449,11 @@ impl World {
             _ if self.outcomes.contains_key(&tx_key) => {
                 Committed::AlreadyFinal(self.outcomes[&tx_key].clone())
             }
-            Stored::Pending(_) => {
-                assert!(self.pending.insert(tx_key), "{tx_key} pending twice");
+            Stored::Pending(half) => {
+                assert!(
+                    self.pending.insert(tx_key, half.clone()).is_none(),
+                    "{tx_key} pending twice"
+                );
                 Committed::PendingStored
             }
             Stored::Decide { decision, .. } => {
@@ -459,6 +520,23 @@ impl World {
 
     /// What must hold after every step.
     fn check(&self) {
+        // Refusals come from submissions and lookups, never from a commit:
+        // storage now is storage as it was when they were given.
+        for heard in self.log.borrow_mut().iter_mut() {
+            if let (false, Some(Ok(Resolution::Refused(code)))) = (heard.checked, &heard.finished) {
+                let tx_key = heard.half.as_ref().expect("submitted half").tx_key();
+                if matches!(
+                    code,
+                    RejectCode::ConflictingHalf | RejectCode::TooManyPending
+                ) {
+                    assert!(
+                        !self.outcomes.contains_key(&tx_key),
+                        "{code} for a half of {tx_key}, which storage decided"
+                    );
+                }
+            }
+            heard.checked |= heard.finished.is_some();
+        }
         for (id, heard) in self.log.borrow().iter().enumerate() {
             let half = heard.half.as_ref().expect("submitted half");
             let tx_key = half.tx_key();
@@ -506,11 +584,14 @@ impl World {
     /// is left behind.
     fn settle_down(&mut self) {
         for _ in 0..64 {
-            if self.storing.is_empty() && self.reserving.is_empty() {
+            if self.storing.is_empty() && self.reserving.is_empty() && self.looking.is_empty() {
                 if self.matcher.keys_in_flight() == 0 {
                     break;
                 }
                 self.step(Op::Advance { micros: TTL + 1 });
+            }
+            while !self.looking.is_empty() {
+                self.step(Op::LookUp { pick: 0 });
             }
             while !self.reserving.is_empty() {
                 self.step(Op::Reserve { pick: 0 });
@@ -521,7 +602,10 @@ impl World {
         assert_eq!(self.matcher.lone_halves(), 0);
         assert_eq!(self.matcher.next_deadline(), None);
         for (id, heard) in self.log.borrow().iter().enumerate() {
-            assert!(heard.finished.is_some(), "submission {id} never answered");
+            assert!(
+                heard.finished.is_some() || heard.abandoned,
+                "submission {id} never answered"
+            );
         }
         for (account, book) in &self.books {
             assert_eq!(book.reserved(), 0, "account {account} still reserves");
@@ -599,6 +683,7 @@ fn the_model_catches_a_settlement_storage_cannot_cover() {
         }),
         wrong_submitter: false,
     });
+    world.step(Op::LookUp { pick: 0 });
     world.step(Op::Reserve { pick: 0 });
     world.balances.insert(1, 0);
     world.step(Op::CommitAll);
