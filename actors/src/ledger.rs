@@ -132,7 +132,7 @@ pub struct LedgerConfig {
     pub account_idle: Duration,
     /// Account actors live at once, at most about: above it the least
     /// recently used idle ones retire before `account_idle` (a sweep every
-    /// [`SWEEP_INTERVAL_MAX`] at most), so a ledger of millions of accounts
+    /// `SWEEP_INTERVAL_MAX` at most), so a ledger of millions of accounts
     /// keeps only its busy ones in memory (~6.5 KB each).
     pub live_accounts_max: usize,
     pub clock: Arc<dyn Clock>,

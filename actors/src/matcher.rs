@@ -1,4 +1,4 @@
-//! The matcher actor: a thin shell around [`core::matching::Matcher`]. It
+//! The matcher actor: a thin shell around [`tapledger_core::matching::Matcher`]. It
 //! stamps each half with node time, feeds the core, and carries the core's
 //! effects out: intents to the committer, reservations, debits and credits to
 //! account actors. Keys are partitioned across a few matcher shards by

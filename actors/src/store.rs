@@ -9,7 +9,7 @@
 //! the same ledger on every replica ([`Store::digest`]). It re-checks, inside
 //! the transaction, that a key has no outcome yet and that every settlement
 //! can be paid, so storage has the last word whatever the actors believed; an
-//! intent that breaks a rule is refused ([`Applied::Invalid`]) the same way
+//! intent that breaks a rule is refused ([`Applied::Refused`]) the same way
 //! on every replica, never a panic that would crash-loop them all. Reads use
 //! snapshots and never block the writer. Balances are written behind, at
 //! checkpoints, with the journal tail holding the rest (`store_balances.rs`).
@@ -47,7 +47,7 @@ use balances::{BalanceCache, BalancesView, CachedBalance};
 /// Version 2 added the `raft` table (a replicated ledger); a version 1 file
 /// has no Raft history to join a cluster with. Version 3 sealed every record
 /// with a checksum and chained the journal (`seal.rs`). Version 4 replaced
-/// the `tx_keys` B-tree by the sorted runs of [`crate::key_index`].
+/// the `tx_keys` B-tree by the sorted runs of `key_index`.
 pub const SCHEMA_VERSION: u64 = 5;
 
 /// Every value below is sealed: a checksum over table, key and payload, then
@@ -420,7 +420,7 @@ impl Store {
     /// for which [`is_damage`] holds) before anything is written to it, so
     /// the damage stays as it was found: redb verifies the checksum of
     /// every page of its trees (reading the whole file once, over an
-    /// [`Overlay`]), and [`Store::verify_at_open`] checks the live state.
+    /// `Overlay`), and [`Store::verify_at_open`] checks the live state.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let existing = std::fs::metadata(path).is_ok_and(|metadata| metadata.len() > 0);
         // The index the check loaded (every chunk read) serves the writable
@@ -456,7 +456,7 @@ impl Store {
     /// Opens an existing ledger without writing to it, ever: every write
     /// is refused with [`StoreError::ReadOnly`], and the file is opened
     /// read-only. redb still verifies every page's checksum, and recovers a
-    /// file that was not closed cleanly, both in memory ([`Overlay`]). A
+    /// file that was not closed cleanly, both in memory (`Overlay`). A
     /// file a node holds open is refused (`DatabaseAlreadyOpen`).
     pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
         let (db, lock) = open_overlay(path)?;

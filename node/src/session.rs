@@ -5,7 +5,7 @@
 //! queued in one write.
 //!
 //! Requests are pipelined: each decoded request goes to
-//! [`crate::handlers`], which answers quick ones inline; the halves of one
+//! `handlers`, which answers quick ones inline; the halves of one
 //! read go to the ledger as one batch with one report channel per stream
 //! (no task per half), and the operator requests that wait on a commit run
 //! as tasks. All of them are bounded by `requests_in_flight_max` per

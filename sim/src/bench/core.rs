@@ -12,7 +12,7 @@
 //! It deliberately uses only the public `Ledger` API (no network, no TLS, no
 //! authentication: the submitter is always the half's own party) and changes
 //! nothing inside the ledger; limits are raised only where the workload itself
-//! would trip them (lone halves per account, see [`ledger_config`]).
+//! would trip them (lone halves per account, see `ledger_config`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -875,7 +875,7 @@ pub(crate) fn ledger_config(config: &CoreBenchConfig, dir: &Path) -> LedgerConfi
     ledger_config
 }
 
-/// What [`ledger_config`] changes from the defaults, for a ledger configured
+/// What `ledger_config` changes from the defaults, for a ledger configured
 /// elsewhere (a cluster's replicas).
 pub fn tune_ledger(config: &CoreBenchConfig, ledger_config: &mut LedgerConfig) {
     ledger_config.matcher_shards = config.shards;

@@ -15,7 +15,7 @@
 //! * [`config`] — what to run; [`workload`] — the seeded plan and expectations;
 //! * [`target`] — the node, connections, account opening;
 //! * [`phones`] — the phones and the honest payment; `faults` — each fault;
-//! * [`run`] — dispatch and tally; [`liveness`] — noticing a dead target;
+//! * [`run()`] — dispatch and tally; [`liveness`] — noticing a dead target;
 //! * [`report`] and [`plot`] — the results;
 //! * [`actions`] — single actions for people (`bench e2e` is in `crate::bench::e2e`).
 //!

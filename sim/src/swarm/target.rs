@@ -69,7 +69,7 @@ const START_STAGGER: Duration = Duration::from_millis(97);
 /// How long a killed replica's ports may take to be free again.
 const REBIND_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Closes a phone's connection, waiting at most [`CLOSE_TIMEOUT`] (closing
+/// Closes a phone's connection, waiting at most `CLOSE_TIMEOUT` (closing
 /// waits for the stream's writer, which a stuck peer could hold).
 pub async fn close_bounded(phone: Phone) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, phone.close()).await;
