@@ -10,7 +10,7 @@
 //!   `tapledger-certs` types, so the node's unit tests (which are the
 //!   `tapledger-node` crate itself) can use them: those types are the same
 //!   crates there as in the kit.
-//! * Feature `node`: [`wire`], the helpers that use the node's phone client
+//! * Feature `node`: `wire`, the helpers that use the node's phone client
 //!   and credential file (opening funded accounts over QUIC, authenticated
 //!   phones, a client endpoint pinned to a node process). Only integration
 //!   tests (`node/tests`, `tests/it`, the sim's tests) may call them: in the
