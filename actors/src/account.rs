@@ -66,6 +66,9 @@ pub struct AccountActor;
 pub struct AccountState {
     book: AccountBook,
     inbox: Inbox,
+    /// The inbox's previous buffer, swapped back in empty so that neither
+    /// side allocates once both have grown.
+    spare: Vec<Settled>,
     /// Messages sent through the registry and not yet handled.
     inflight: Arc<AtomicU64>,
     registry: Arc<Registry>,
@@ -126,8 +129,9 @@ impl Actor for AccountActor {
 impl AccountState {
     /// Applies everything settled since the last message, in order.
     fn take_settled(&mut self) {
-        let settled = std::mem::take(&mut *self.inbox.lock().expect("inbox lock"));
-        for settled in settled {
+        let mut taken = std::mem::take(&mut self.spare);
+        std::mem::swap(&mut *self.inbox.lock().expect("inbox lock"), &mut taken);
+        for settled in taken.drain(..) {
             match settled {
                 Settled::Debit { amount, commit } => self.book.debit(amount, commit),
                 Settled::Release { amount } => self.book.release(amount),
@@ -136,6 +140,7 @@ impl AccountState {
                 }
             }
         }
+        self.spare = taken;
     }
 }
 
@@ -321,6 +326,7 @@ impl Registry {
         let state = AccountState {
             book: AccountBook::new(account, balance, commit),
             inbox: inbox.clone(),
+            spare: Vec::new(),
             inflight: inflight.clone(),
             registry: self.clone(),
         };
