@@ -31,7 +31,8 @@ pub enum Finding {
         table: String,
         what: String,
     },
-    #[error("journal {seq}: the record is damaged ({what})")]
+    /// A block of the journal: `seq` is its first entry.
+    #[error("journal {seq}: the block of entries from here is damaged ({what})")]
     JournalDamaged { seq: u64, what: String },
     #[error("{table} record {key} is damaged ({what})")]
     RecordDamaged {

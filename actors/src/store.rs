@@ -42,13 +42,18 @@ use tapledger_core::matching::{Committed, Decision, PendingHalf};
 #[path = "store_balances.rs"]
 mod balances;
 use balances::{BalanceCache, BalancesView, CachedBalance};
+#[path = "store_journal.rs"]
+mod journal;
+use journal::{Block, BlockWriter, JOURNAL};
 
 /// Version of the table layout below. Opening a file of another version fails.
 /// Version 2 added the `raft` table (a replicated ledger); a version 1 file
 /// has no Raft history to join a cluster with. Version 3 sealed every record
 /// with a checksum and chained the journal (`seal.rs`). Version 4 replaced
-/// the `tx_keys` B-tree by the sorted runs of `key_index`.
-pub const SCHEMA_VERSION: u64 = 5;
+/// the `tx_keys` B-tree by the sorted runs of `key_index`. Version 5 wrote
+/// balances behind (`store_balances.rs`). Version 6 stores the journal in
+/// blocks of entries (`store_journal.rs`).
+pub const SCHEMA_VERSION: u64 = 6;
 
 /// Every value below is sealed: a checksum over table, key and payload, then
 /// the payload ([`seal`]). Payloads are little-endian integers or MessagePack.
@@ -73,9 +78,9 @@ const ACCOUNTS: TableDefinition<u64, Sealed> = TableDefinition::new("accounts");
 /// entry links to the previous entry of each account it moves, so history
 /// costs no index writes per settlement.
 const BALANCES: TableDefinition<u64, Sealed> = TableDefinition::new("balances");
-/// Journal sequence -> its chain link (u128, [`seal::chain_link`]) then the
-/// [`StoredEntry`] (MessagePack), in commit order.
-const JOURNAL: TableDefinition<u64, Sealed> = TableDefinition::new("journal");
+// `journal`: blocks of consecutive entries, each its chain link (u128,
+// [`seal::chain_link`]) then the [`StoredEntry`] (MessagePack), in commit
+// order ([`journal`]).
 /// `tx_key` -> journal sequence of its one final outcome: the tables
 /// `tx_key_runs` and `tx_key_chunks` of [`crate::key_index`].
 use crate::key_index::{CHUNKS as TX_KEY_CHUNKS, IndexTables, KeyIndex, RUNS as TX_KEY_RUNS};
@@ -881,16 +886,14 @@ impl Store {
     pub fn journal(&self, from: u64, limit: usize) -> Result<Vec<(u64, JournalEntry)>, StoreError> {
         let read = self.db.begin_read()?;
         let journal = read.open_table(JOURNAL)?;
-        journal
-            .range(from..)?
-            .take(limit)
-            .map(|row| {
-                let (seq, bytes) = row?;
-                let seq = seq.value();
-                let (_, entry) = unseal_journal(seq, bytes.value())?;
-                Ok((seq, decode::<StoredEntry>(entry)?.entry))
-            })
-            .collect()
+        let mut entries = Vec::new();
+        if limit > 0 {
+            journal::for_each_entry(&journal, from, u64::MAX, |record| {
+                entries.push((record.seq, decode::<StoredEntry>(record.encoded)?.entry));
+                Ok(entries.len() < limit)
+            })?;
+        }
+        Ok(entries)
     }
 
     /// Checks the books on one consistent snapshot: every record's checksum
@@ -1221,36 +1224,44 @@ fn verify_tail(read: &redb::ReadTransaction) -> Result<(), StoreError> {
     raft_state_of(&read.open_table(RAFT)?)?;
     let journal = read.open_table(JOURNAL)?;
     let journal_next = meta_get(&meta, META_JOURNAL_NEXT)?;
-    if journal.len()? != journal_next {
-        return Err(corrupted(format!(
-            "the journal holds {} entries but {journal_next} were written",
-            journal.len()?
-        )));
-    }
     let head = journal_head(&meta)?;
-    if let Some(newest) = journal_next.checked_sub(1) {
-        let bytes = journal
-            .get(newest)?
-            .ok_or_else(|| corrupted(format!("missing journal entry {newest}")))?;
-        let (link, encoded) = unseal_journal(newest, bytes.value())?;
-        let previous = match newest.checked_sub(1) {
-            Some(before) => {
-                let bytes = journal
-                    .get(before)?
-                    .ok_or_else(|| corrupted(format!("missing journal entry {before}")))?;
-                unseal_journal(before, bytes.value())?.0
+    match journal.last()? {
+        Some((first, sealed)) => {
+            let block = Block::open(first.value(), sealed.value())?;
+            if block.end() != journal_next {
+                return Err(corrupted(format!(
+                    "the journal ends before entry {} but {journal_next} were written",
+                    block.end()
+                )));
             }
-            None => 0,
-        };
-        if link != head || seal::chain_link(previous, newest, encoded) != link {
+            let newest = block.last();
+            let previous = match newest.seq.checked_sub(1) {
+                Some(before) => match block.get(before) {
+                    Some(record) => record.link,
+                    None => journal::with_entry(&journal, before, |record| Ok(record.link))?
+                        .ok_or_else(|| corrupted(format!("missing journal entry {before}")))?,
+                },
+                None => 0,
+            };
+            if newest.link != head || seal::chain_link(previous, newest.seq, newest.encoded) != head
+            {
+                return Err(corrupted(format!(
+                    "journal {}: the hash chain does not end at the recorded head",
+                    newest.seq
+                )));
+            }
+        }
+        None if journal_next != 0 => {
             return Err(corrupted(format!(
-                "journal {newest}: the hash chain does not end at the recorded head"
+                "the journal is empty but {journal_next} entries were written"
             )));
         }
-    } else if head != 0 {
-        return Err(corrupted(
-            "the journal is empty but its chain has a head".into(),
-        ));
+        None if head != 0 => {
+            return Err(corrupted(
+                "the journal is empty but its chain has a head".into(),
+            ));
+        }
+        None => {}
     }
     // The live state a leader is built from: every account (its key hash
     // authenticates phones), balance and lone half.
@@ -1428,116 +1439,125 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
     let mut before_tail: HashMap<AccountId, (Option<u64>, Option<u64>)> = HashMap::new();
     // The chain link of the entry before, `None` after a damaged one.
     let mut link: Option<u128> = Some(0);
-    let mut expected_seq = 0u64;
 
+    // `None` after a damaged block: how many entries it held is unknown.
+    let mut expected_seq = Some(0u64);
+    let mut entries = Vec::new();
     for row in journal.iter()? {
-        let (seq, bytes) = row?;
-        let seq = seq.value();
-        report.journal_entries += 1;
-        if seq != expected_seq {
+        let (first, sealed) = row?;
+        let first = first.value();
+        if let Some(expected) = expected_seq
+            && first != expected
+        {
             report.problems.push(Finding::JournalGap {
-                seq,
-                after: expected_seq.wrapping_sub(1) as i128,
+                seq: first,
+                after: expected.wrapping_sub(1) as i128,
             });
             link = None;
         }
-        expected_seq = seq.wrapping_add(1);
-        let (stored_link, encoded) = match unseal_journal(seq, bytes.value()) {
-            Ok(record) => record,
+        let block = match Block::open(first, sealed.value()) {
+            Ok(block) => block,
             Err(error) => {
                 report.problems.push(damage_problem(&error));
                 link = None;
+                expected_seq = None;
                 continue;
             }
         };
-        if let Some(previous) = link
-            && seal::chain_link(previous, seq, encoded) != stored_link
-        {
-            report.problems.push(Finding::ChainBroken { seq });
-        }
-        link = Some(stored_link);
-        let StoredEntry { entry, previous } = match decode(encoded) {
-            Ok(stored) => stored,
-            Err(error) => {
-                report.problems.push(Finding::Undecodable {
-                    seq,
+        expected_seq = Some(block.end());
+        entries.clear();
+        for record in block.records() {
+            report.journal_entries += 1;
+            if let Some(previous) = link
+                && seal::chain_link(previous, record.seq, record.encoded) != record.link
+            {
+                report
+                    .problems
+                    .push(Finding::ChainBroken { seq: record.seq });
+            }
+            link = Some(record.link);
+            match decode::<StoredEntry>(record.encoded) {
+                Ok(stored) => entries.push((record.seq, stored)),
+                Err(error) => report.problems.push(Finding::Undecodable {
+                    seq: record.seq,
                     error: error.to_string(),
-                });
-                continue;
-            }
-        };
-        let moved = entry.moved_accounts();
-        if previous.len() != moved.len() {
-            report.problems.push(Finding::LinkCount {
-                seq,
-                links: previous.len(),
-                accounts: moved.len(),
-            });
-        }
-        if seq >= balances_at {
-            for account in &moved {
-                before_tail.entry(*account).or_insert_with(|| {
-                    (
-                        running.get(account).copied(),
-                        last_seq.get(account).copied(),
-                    )
-                });
+                }),
             }
         }
-        for (account, link) in moved.iter().zip(&previous) {
-            let expected = last_seq.insert(*account, seq);
-            if *link != expected {
-                report.problems.push(Finding::HistoryLink {
+        for (seq, StoredEntry { entry, previous }) in entries.drain(..) {
+            let moved = entry.moved_accounts();
+            if previous.len() != moved.len() {
+                report.problems.push(Finding::LinkCount {
                     seq,
-                    account: *account,
-                    link: *link,
-                    expected,
+                    links: previous.len(),
+                    accounts: moved.len(),
                 });
             }
-        }
-        match entry {
-            JournalEntry::Funding(funding) => {
-                report.fundings += 1;
-                funded_total += u128::from(funding.amount);
-                let balance = running.entry(funding.account).or_insert(0);
-                if *balance != funding.balance_before {
-                    report.problems.push(Finding::FundingBalance {
-                        seq,
-                        account: funding.account,
-                        recorded: funding.balance_before,
-                        history: *balance,
+            if seq >= balances_at {
+                for account in &moved {
+                    before_tail.entry(*account).or_insert_with(|| {
+                        (
+                            running.get(account).copied(),
+                            last_seq.get(account).copied(),
+                        )
                     });
-                }
-                match balance.checked_add(funding.amount) {
-                    Some(next) => *balance = next,
-                    None => report.problems.push(Finding::Overflow {
-                        seq,
-                        account: funding.account,
-                    }),
                 }
             }
-            JournalEntry::Outcome(outcome) => {
-                let key = outcome.tx_key().as_u128();
-                if !outcome_keys.insert(key) {
-                    report.problems.push(Finding::SecondOutcome {
+            for (account, link) in moved.iter().zip(&previous) {
+                let expected = last_seq.insert(*account, seq);
+                if *link != expected {
+                    report.problems.push(Finding::HistoryLink {
                         seq,
-                        tx_key: outcome.tx_key(),
+                        account: *account,
+                        link: *link,
+                        expected,
                     });
                 }
-                match index.get(&key) {
-                    Some(indexed) if *indexed == seq => {}
-                    other => report.problems.push(Finding::IndexedElsewhere {
-                        seq,
-                        tx_key: outcome.tx_key(),
-                        indexed: other.copied(),
-                    }),
-                }
-                match outcome {
-                    Outcome::Settled(settlement) => {
-                        report.settlements += 1;
-                        audit_settlement(seq, &settlement, &mut running, &mut report.problems);
+            }
+            match entry {
+                JournalEntry::Funding(funding) => {
+                    report.fundings += 1;
+                    funded_total += u128::from(funding.amount);
+                    let balance = running.entry(funding.account).or_insert(0);
+                    if *balance != funding.balance_before {
+                        report.problems.push(Finding::FundingBalance {
+                            seq,
+                            account: funding.account,
+                            recorded: funding.balance_before,
+                            history: *balance,
+                        });
                     }
-                    Outcome::Rejected(_) => report.rejections += 1,
+                    match balance.checked_add(funding.amount) {
+                        Some(next) => *balance = next,
+                        None => report.problems.push(Finding::Overflow {
+                            seq,
+                            account: funding.account,
+                        }),
+                    }
+                }
+                JournalEntry::Outcome(outcome) => {
+                    let key = outcome.tx_key().as_u128();
+                    if !outcome_keys.insert(key) {
+                        report.problems.push(Finding::SecondOutcome {
+                            seq,
+                            tx_key: outcome.tx_key(),
+                        });
+                    }
+                    match index.get(&key) {
+                        Some(indexed) if *indexed == seq => {}
+                        other => report.problems.push(Finding::IndexedElsewhere {
+                            seq,
+                            tx_key: outcome.tx_key(),
+                            indexed: other.copied(),
+                        }),
+                    }
+                    match outcome {
+                        Outcome::Settled(settlement) => {
+                            report.settlements += 1;
+                            audit_settlement(seq, &settlement, &mut running, &mut report.problems);
+                        }
+                        Outcome::Rejected(_) => report.rejections += 1,
+                    }
                 }
             }
         }
@@ -1904,31 +1924,21 @@ fn raft_put<T: Serialize>(
     Ok(())
 }
 
-/// A journal record's chain link and encoded [`StoredEntry`].
-fn unseal_journal(seq: u64, sealed: &[u8]) -> Result<(u128, &[u8]), StoreError> {
-    let payload = seal::unseal(JOURNAL.name(), seq, sealed)?;
-    let (link, entry) = payload
-        .split_first_chunk::<16>()
-        .ok_or_else(|| StoreError::Damaged {
-            table: JOURNAL.name().to_string(),
-            key: seq.to_string(),
-            what: "too short for its chain link".into(),
-        })?;
-    Ok((u128::from_le_bytes(*link), entry))
-}
-
+/// Journal entry `seq`.
 fn stored_at(
     journal: &impl ReadableTable<u64, Sealed>,
     seq: u64,
 ) -> Result<StoredEntry, StoreError> {
-    let bytes = journal
-        .get(seq)?
-        .ok_or_else(|| corrupted(format!("missing journal entry {seq}")))?;
-    decode(unseal_journal(seq, bytes.value())?.1)
+    journal::with_entry(journal, seq, |record| decode(record.encoded))?
+        .ok_or_else(|| corrupted(format!("missing journal entry {seq}")))
 }
 
 fn outcome_at(journal: &impl ReadableTable<u64, Sealed>, seq: u64) -> Result<Outcome, StoreError> {
-    match stored_at(journal, seq)?.entry {
+    outcome_of(seq, stored_at(journal, seq)?)
+}
+
+fn outcome_of(seq: u64, stored: StoredEntry) -> Result<Outcome, StoreError> {
+    match stored.entry {
         JournalEntry::Outcome(outcome) => Ok(outcome),
         JournalEntry::Funding(_) => {
             Err(corrupted(format!("tx_key index names funding entry {seq}")))
@@ -1968,9 +1978,9 @@ struct Tables<'txn> {
     cache: &'txn std::sync::Mutex<BalanceCache>,
     /// What this transaction changed in them, published after it commits.
     balance_changes: BalanceChanges,
-    /// A record being built (journal entries): one allocation per
-    /// transaction, not per entry.
-    record: Vec<u8>,
+    /// The journal entries of the commit being applied, on their way into
+    /// blocks: buffers allocated once per transaction, not per entry.
+    journal_writer: BlockWriter,
 }
 
 /// The balances one write transaction changed or read, for the cache.
@@ -2020,8 +2030,17 @@ impl<'txn> Tables<'txn> {
             raft: write.open_table(RAFT)?,
             cache,
             balance_changes: BalanceChanges::default(),
-            record: Vec::with_capacity(1024),
+            journal_writer: BlockWriter::default(),
         })
+    }
+
+    /// The outcome recorded in journal entry `seq`, which this transaction
+    /// may not have written into a block yet.
+    fn outcome_at(&self, seq: u64) -> Result<Outcome, StoreError> {
+        match self.journal_writer.get(seq) {
+            Some(encoded) => outcome_of(seq, decode(encoded)?),
+            None => outcome_at(&self.journal, seq),
+        }
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, BalanceCache> {
@@ -2237,19 +2256,15 @@ impl Batch<'_, '_> {
             entry,
             previous: &previous[..moved],
         };
-        // Built in one buffer the transaction reuses: checksum ‖ chain
-        // link ‖ entry.
-        const LINK_AT: usize = seal::CHECKSUM_LEN;
-        const ENTRY_AT: usize = LINK_AT + 16;
-        let buffer = &mut self.tables.record;
-        buffer.clear();
-        buffer.resize(ENTRY_AT, 0);
-        rmp_serde::encode::write(buffer, &stored)?;
-        let link = seal::chain_link(self.journal_head, seq, &buffer[ENTRY_AT..]);
-        self.journal_head = link;
-        buffer[LINK_AT..ENTRY_AT].copy_from_slice(&link.to_le_bytes());
-        seal::seal_in_place(JOURNAL.name(), seq, buffer);
-        self.tables.journal.insert(seq, buffer.as_slice())?;
+        let tables = &mut *self.tables;
+        self.journal_head = tables
+            .journal_writer
+            .append(seq, self.journal_head, |buffer| {
+                Ok(rmp_serde::encode::write(buffer, &stored)?)
+            })?;
+        if tables.journal_writer.is_full() {
+            tables.journal_writer.flush(&mut tables.journal)?;
+        }
         Ok(seq)
     }
 
@@ -2270,7 +2285,7 @@ impl Batch<'_, '_> {
             None => self.tables.key_index.get(&self.tables.index.chunks, key)?,
         };
         match seq {
-            Some(seq) => Ok(Some(Arc::new(outcome_at(&self.tables.journal, seq)?))),
+            Some(seq) => Ok(Some(Arc::new(self.tables.outcome_at(seq)?))),
             None => Ok(None),
         }
     }
@@ -2499,6 +2514,8 @@ impl Batch<'_, '_> {
             commit_seq,
             decided,
         )?;
+        // A block never spans two commits (see `journal`).
+        self.tables.journal_writer.flush(&mut self.tables.journal)?;
         let balances_at = meta_get(&self.tables.meta, META_BALANCES_AT)?;
         if self.journal_next - balances_at >= balances::TAIL_ENTRIES_MAX
             || self.tables.dirty_accounts() >= balances::DIRTY_ACCOUNTS_MAX

@@ -21,7 +21,7 @@ use tapledger_protocol::{AccountId, Outcome};
 
 use super::{
     BALANCES, JOURNAL, META, META_BALANCES_AT, META_JOURNAL_NEXT, Sealed, StoredEntry, balance_get,
-    corrupted, decode, meta_get, unseal_journal,
+    corrupted, decode, journal, meta_get,
 };
 use crate::error::{Damage, StoreError};
 use crate::store::JournalEntry;
@@ -137,11 +137,9 @@ pub(super) fn balance_tail(
     let to = meta_get(&meta, META_JOURNAL_NEXT)?;
     let journal = read.open_table(JOURNAL)?;
     let mut tail = HashMap::new();
-    for row in journal.range(from..to)? {
-        let (seq, bytes) = row?;
-        let seq = seq.value();
-        let (_, encoded) = unseal_journal(seq, bytes.value())?;
-        let stored: StoredEntry = decode(encoded)?;
+    journal::for_each_entry(&journal, from, to, |record| {
+        let seq = record.seq;
+        let stored: StoredEntry = decode(record.encoded)?;
         let overflow = || corrupted(format!("journal {seq}: a balance after it overflows"));
         match stored.entry {
             JournalEntry::Funding(funding) => {
@@ -166,7 +164,8 @@ pub(super) fn balance_tail(
             }
             JournalEntry::Outcome(Outcome::Rejected(_)) => {}
         }
-    }
+        Ok(true)
+    })?;
     Ok(tail)
 }
 

@@ -894,3 +894,124 @@ fn a_read_only_store_with_a_damaged_journal_tail_refuses_balances_it_cannot_give
     assert!(read_only.history(1).is_err());
     assert!(!read_only.audit().unwrap().is_ok());
 }
+
+/// The first sequence of each journal block, as stored.
+fn journal_blocks(store: &Store) -> Vec<u64> {
+    raw_rows(store, JOURNAL)
+        .into_iter()
+        .map(|(key, _)| u64::from_le_bytes(key.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_commit_writes_its_entries_in_blocks_read_back_by_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_in(&dir);
+    open_two(&store, 1_000, 1_000);
+    // Seven settlements in one commit, with a key decided twice: once
+    // while its entry is still being built into a block, once after its
+    // block was written inside the same transaction.
+    let intents: Vec<Intent> = (1..=7)
+        .map(|key| settle(key, 1 + key as u64 % 2, 2 - key as u64 % 2, 10))
+        .chain([settle(7, 2, 1, 10), settle(1, 2, 1, 10)])
+        .collect();
+    let (_, applied) = store.commit_batch(Timestamp(2), &intents).unwrap();
+    for (at, first) in [(7, 6), (8, 0)] {
+        let (
+            Applied::Matched(Committed::Decided(outcome)),
+            Applied::Matched(Committed::AlreadyFinal(again)),
+        ) = (&applied[first], &applied[at])
+        else {
+            panic!("{:?} then {:?}", applied[first], applied[at]);
+        };
+        assert_eq!(again, outcome);
+    }
+    // Openings 0..=1 in one block; settlements 2..=8 in blocks of 3, none
+    // spanning the two commits.
+    assert_eq!(journal_blocks(&store), vec![0, 2, 5, 8]);
+    let all: Vec<u64> = store
+        .journal(0, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|(seq, _)| seq)
+        .collect();
+    assert_eq!(all, (0..=8).collect::<Vec<_>>());
+    // Pages that start and end inside blocks.
+    for from in 0..=9 {
+        for limit in 0..=4 {
+            let page: Vec<u64> = store
+                .journal(from, limit)
+                .unwrap()
+                .into_iter()
+                .map(|(seq, _)| seq)
+                .collect();
+            let expected: Vec<u64> = (from..=8).take(limit).collect();
+            assert_eq!(page, expected, "journal({from}, {limit})");
+        }
+    }
+    // Key 5's outcome is entry 6, the middle of the second block.
+    let outcome = store.outcome(TxKey::from_u128(5)).unwrap().unwrap();
+    assert_eq!(
+        store.journal(6, 1).unwrap()[0].1,
+        JournalEntry::Outcome(outcome)
+    );
+    let history: Vec<u64> = store
+        .history(1)
+        .unwrap()
+        .into_iter()
+        .map(|(seq, _)| seq)
+        .collect();
+    assert_eq!(history, (0..=8).filter(|seq| *seq != 1).collect::<Vec<_>>());
+    let report = store.audit().unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_eq!(report.journal_entries, 9);
+    drop(store);
+    let reopened = store_in(&dir);
+    reopened.verify_at_open().unwrap();
+    assert_eq!(reopened.balance(1).unwrap(), Some(1_000 + 40 - 30));
+}
+
+#[test]
+fn audit_names_a_lost_and_a_damaged_journal_block() {
+    let tamper = |change: &dyn Fn(&mut redb::Table<u64, Sealed>)| {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_in(&dir);
+        open_two(&store, 1_000, 1_000);
+        let intents: Vec<Intent> = (1..=7).map(|key| settle(key, 1, 2, 10)).collect();
+        store.commit_batch(Timestamp(2), &intents).unwrap();
+        assert_eq!(journal_blocks(&store), vec![0, 2, 5, 8]);
+        {
+            let write = store.db.begin_write().unwrap();
+            change(&mut write.open_table(JOURNAL).unwrap());
+            write.commit().unwrap();
+        }
+        store.audit().unwrap().problems
+    };
+    let lost = tamper(&|journal| {
+        journal.remove(5).unwrap();
+    });
+    assert!(
+        lost.contains(&Finding::JournalGap { seq: 8, after: 4 }),
+        "{lost:?}"
+    );
+    assert!(
+        lost.contains(&Finding::JournalLength {
+            held: 6,
+            written: 9
+        }),
+        "{lost:?}"
+    );
+    let damaged = tamper(&|journal| {
+        let mut bytes = journal.get(5).unwrap().unwrap().value().to_vec();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 1;
+        journal.insert(5, bytes.as_slice()).unwrap();
+    });
+    assert!(
+        damaged.iter().any(|problem| matches!(
+            problem,
+            Finding::JournalDamaged { seq: 5, what } if what == "checksum mismatch"
+        )),
+        "{damaged:?}"
+    );
+}
