@@ -531,7 +531,9 @@ impl Ledger {
     /// partner) and then exactly one [`Heard::Resolved`]. The halves reach
     /// each matcher shard in the order given, one message per shard, so a
     /// caller with many halves in flight pays per batch what
-    /// [`Ledger::submit`] pays per half. If this replica does not lead,
+    /// [`Ledger::submit`] pays per half. A half whose partner is in the same
+    /// batch is never written pending (nor hears `Pending`): the pair's
+    /// decision is what becomes durable. If this replica does not lead,
     /// every half is resolved at once with that error.
     pub fn submit_batch(&self, halves: Vec<BatchHalf>, sink: &ReportSender) {
         match self.services() {

@@ -364,9 +364,16 @@ impl Actor for MatcherActor {
             }
             MatcherMsg::SubmitMany(submits) => {
                 let now = state.clock.now();
-                for submit in submits {
-                    state.submit(now, submit).await;
-                }
+                let halves = submits.into_iter().map(|submit| {
+                    let Submit {
+                        context,
+                        half,
+                        waiter,
+                    } = submit;
+                    (context, half, waiter)
+                });
+                let effects = state.core.submit_many(now, halves);
+                state.carry_out(effects).await;
             }
             MatcherMsg::Reserved => {
                 let mut answers = state.reserved.take(std::mem::take(&mut state.spare));

@@ -368,6 +368,11 @@ pub struct Matcher<W> {
     /// Halves waiting for an [`Effect::LookUp`] of their key; entries in
     /// phase `Checking` wait for it too.
     held: HashMap<TxKey, Vec<Held<W>>>,
+    /// True while [`Matcher::submit_many`] runs; `batch_lone` then holds
+    /// the keys whose first half arrived in the batch, to be written as
+    /// pending at its end if still alone.
+    batching: bool,
+    batch_lone: Vec<TxKey>,
 }
 
 impl<W: Waiter> Matcher<W> {
@@ -388,6 +393,8 @@ impl<W: Waiter> Matcher<W> {
             recent: HashMap::new(),
             recent_order: VecDeque::new(),
             held: HashMap::new(),
+            batching: false,
+            batch_lone: Vec::new(),
         }
     }
 
@@ -425,6 +432,52 @@ impl<W: Waiter> Matcher<W> {
     /// The earliest time at which [`Matcher::expire_due`] has work.
     pub fn next_deadline(&self) -> Option<Timestamp> {
         self.deadlines.first().map(|(deadline, _)| *deadline)
+    }
+
+    /// Halves arrive together at node time `now`, handled in order. A first
+    /// half whose partner arrives in the same batch is never written as
+    /// pending (the pair's decision is what becomes durable, and its first
+    /// waiter hears that instead of "accepted"): only halves still alone at
+    /// the end of the batch are, in the effects after everything else.
+    pub fn submit_many(
+        &mut self,
+        now: Timestamp,
+        halves: impl IntoIterator<Item = (HalfContext, Half, W)>,
+    ) -> Vec<Effect> {
+        self.batching = true;
+        let mut effects = Vec::new();
+        for (context, half, waiter) in halves {
+            effects.extend(self.submit(now, &context, half, waiter));
+        }
+        self.batching = false;
+        let mut lone = std::mem::take(&mut self.batch_lone);
+        for tx_key in lone.drain(..) {
+            if let Some(pending) = self.still_lone(tx_key) {
+                effects.push(Effect::StorePending(pending));
+            }
+        }
+        // Kept for its capacity.
+        self.batch_lone = lone;
+        effects
+    }
+
+    /// The half of `tx_key` as it is to be written pending, if the entry is
+    /// still one lone half not yet written.
+    fn still_lone(&self, tx_key: TxKey) -> Option<PendingHalf> {
+        let entry = self.entries.get(&tx_key)?;
+        if entry.phase != Phase::Waiting {
+            return None;
+        }
+        match entry.first {
+            Side::Send => {
+                let slot = entry.send.as_ref().expect("first half present");
+                (!slot.durable).then(|| PendingHalf::Send(slot.stamped.clone()))
+            }
+            Side::Receive => {
+                let slot = entry.receive.as_ref().expect("first half present");
+                (!slot.durable).then(|| PendingHalf::Receive(slot.stamped.clone()))
+            }
+        }
     }
 
     /// A half arrives at node time `now`.
@@ -552,31 +605,32 @@ impl<W: Waiter> Matcher<W> {
             return self.hold(half.tx_key(), Held::OverCap(half, waiter));
         }
         let tx_key = half.tx_key();
-        let (entry, pending) = match half {
+        let entry = match half {
             Half::Send(send) => {
                 let stamped = Stamped {
                     half: send,
                     received_at: now,
                 };
-                (
-                    Entry::new_send(stamped.clone(), false, vec![waiter]),
-                    PendingHalf::Send(stamped),
-                )
+                Entry::new_send(stamped, false, vec![waiter])
             }
             Half::Receive(receive) => {
                 let stamped = Stamped {
                     half: receive,
                     received_at: now,
                 };
-                (
-                    Entry::new_receive(stamped.clone(), false, vec![waiter]),
-                    PendingHalf::Receive(stamped),
-                )
+                Entry::new_receive(stamped, false, vec![waiter])
             }
         };
         // Counted against the cap above already.
         self.insert_waiting(tx_key, entry);
-        vec![Effect::StorePending(pending)]
+        if self.batching {
+            // Written at the end of the batch if its partner is not in it.
+            self.batch_lone.push(tx_key);
+            return Vec::new();
+        }
+        vec![Effect::StorePending(
+            self.still_lone(tx_key).expect("just added, alone"),
+        )]
     }
 
     /// Records a waiting entry and counts its lone half.

@@ -820,3 +820,54 @@ fn a_pair_checking_storage_and_a_conflicting_half_share_one_lookup() {
     );
     assert_eq!(harness.matcher.keys_in_flight(), 1);
 }
+
+#[test]
+fn a_pair_meeting_in_one_batch_writes_nothing_pending_and_a_lone_half_is_written_last() {
+    let mut harness = Harness::new();
+    let lone = TxKey::from_u128(7);
+    let context = |half: &Half| HalfContext {
+        submitter: half.party(),
+        accounts_end: 100,
+        max_amount: 1_000,
+    };
+    let halves = [
+        send_half(KEY, 1, 50),
+        send_half(lone, 3, 5),
+        receive_half(KEY, 2, 1, 50),
+    ];
+    let batch: Vec<_> = halves
+        .into_iter()
+        .enumerate()
+        .map(|(id, half)| {
+            let waiter = Recorder {
+                id: id as u32,
+                log: harness.log.clone(),
+            };
+            (context(&half), half, waiter)
+        })
+        .collect();
+    let effects = harness.matcher.submit_many(Timestamp(10), batch);
+    // The pair asks storage about its key; the lone half is written
+    // pending after everything the batch asked for.
+    assert!(
+        matches!(
+            effects.as_slice(),
+            [
+                Effect::LookUp { tx_key },
+                Effect::StorePending(PendingHalf::Send(stamped)),
+            ] if *tx_key == KEY && stamped.half.tx_key == lone
+        ),
+        "{effects:?}"
+    );
+    assert_eq!(harness.matcher.lone_halves(), 1);
+    // The pair goes on to its reservation as if its halves came one by one.
+    let effects = harness.look_up(vec![Effect::LookUp { tx_key: KEY }]);
+    assert!(
+        matches!(
+            effects.as_slice(),
+            [Effect::Reserve { tx_key, sender: 1, amount: 50 }] if *tx_key == KEY
+        ),
+        "{effects:?}"
+    );
+    assert!(harness.take_log().is_empty(), "nobody hears anything yet");
+}

@@ -122,6 +122,9 @@ impl Stored {
 enum Op {
     /// A phone sends a half (`wrong_submitter`: authenticated as someone else).
     Submit { half: Half, wrong_submitter: bool },
+    /// Several halves arrive in one batch ([`Matcher::submit_many`]): a
+    /// first half that meets its partner in it is never written pending.
+    SubmitMany { halves: Vec<(Half, bool)> },
     /// Storage commits every queued effect, in order, in one commit.
     CommitAll,
     /// Storage commits (or fails, and from then on fails every commit) one
@@ -207,6 +210,8 @@ fn op() -> impl Strategy<Value = Op> {
             half,
             wrong_submitter
         }),
+        2 => prop::collection::vec((half(), prop::bool::weighted(0.05)), 1..5)
+            .prop_map(|halves| Op::SubmitMany { halves }),
         2 => Just(Op::CommitAll),
         3 => (any::<usize>(), prop::bool::weighted(0.02))
             .prop_map(|(pick, fail)| Op::CommitOne { pick, fail }),
@@ -274,6 +279,7 @@ impl World {
                 half,
                 wrong_submitter,
             } => self.submit(half, wrong_submitter),
+            Op::SubmitMany { halves } => self.submit_many(halves),
             Op::CommitAll => {
                 let batch = std::mem::take(&mut self.storing);
                 self.commit_batch(batch, false);
@@ -313,6 +319,27 @@ impl World {
     }
 
     fn submit(&mut self, half: Half, wrong_submitter: bool) {
+        let (context, waiter) = self.submission(&half, wrong_submitter);
+        let effects = self
+            .matcher
+            .submit(Timestamp(self.now), &context, half, waiter);
+        self.carry_out(effects);
+    }
+
+    fn submit_many(&mut self, halves: Vec<(Half, bool)>) {
+        let submissions: Vec<_> = halves
+            .into_iter()
+            .map(|(half, wrong_submitter)| {
+                let (context, waiter) = self.submission(&half, wrong_submitter);
+                (context, half, waiter)
+            })
+            .collect();
+        let effects = self.matcher.submit_many(Timestamp(self.now), submissions);
+        self.carry_out(effects);
+    }
+
+    /// Logs a submission of `half`: what it is checked against, and who hears.
+    fn submission(&mut self, half: &Half, wrong_submitter: bool) -> (HalfContext, Probe) {
         let id = {
             let mut log = self.log.borrow_mut();
             log.push(Heard {
@@ -331,10 +358,7 @@ impl World {
             id,
             log: self.log.clone(),
         };
-        let effects = self
-            .matcher
-            .submit(Timestamp(self.now), &context, half, waiter);
-        self.carry_out(effects);
+        (context, waiter)
     }
 
     fn restart(&mut self) {
@@ -587,6 +611,14 @@ impl World {
             if self.storing.is_empty() && self.reserving.is_empty() && self.looking.is_empty() {
                 if self.matcher.keys_in_flight() == 0 {
                     break;
+                }
+                // Nothing is on its way: whoever still waits has a lone
+                // half, and was told it is durably pending.
+                for (id, heard) in self.log.borrow().iter().enumerate() {
+                    assert!(
+                        heard.finished.is_some() || heard.abandoned || heard.accepted > 0,
+                        "submission {id} waits for a partner but was never written pending"
+                    );
                 }
                 self.step(Op::Advance { micros: TTL + 1 });
             }
