@@ -603,9 +603,11 @@ impl Store {
 
     /// The integrity check a node runs before it serves, beyond redb's page
     /// checksums: every counter, Raft record, balance and pending half
-    /// passes its checksum, the journal holds as many entries as were
-    /// written and its newest entry is the one the chain's head names, and
-    /// there is one balance per account. It reads the live state, not the
+    /// passes its checksum, the journal's last block ends where as many
+    /// entries as were written end and its newest entry is the one the
+    /// chain's head names, and there is one balance per account. (A block
+    /// missing from the middle of the journal is for the audit to find:
+    /// its gap check walks every block.) It reads the live state, not the
     /// journal's history: [`Store::audit`] checks everything.
     pub fn verify_at_open(&self) -> Result<(), StoreError> {
         if let Some(damage) = self.indexes().current.damage() {
@@ -1451,7 +1453,7 @@ fn audit_books(read: &redb::ReadTransaction) -> Result<AuditReport, StoreError> 
         {
             report.problems.push(Finding::JournalGap {
                 seq: first,
-                after: expected.wrapping_sub(1) as i128,
+                after: i128::from(expected) - 1,
             });
             link = None;
         }

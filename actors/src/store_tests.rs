@@ -1015,3 +1015,23 @@ fn audit_names_a_lost_and_a_damaged_journal_block() {
         "{damaged:?}"
     );
 }
+
+#[test]
+fn a_lost_first_journal_block_is_a_gap_after_entry_minus_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_in(&dir);
+    open_two(&store, 1_000, 1_000);
+    store
+        .commit_batch(Timestamp(2), &[settle(1, 1, 2, 10)])
+        .unwrap();
+    {
+        let write = store.db.begin_write().unwrap();
+        write.open_table(JOURNAL).unwrap().remove(0).unwrap();
+        write.commit().unwrap();
+    }
+    let problems = store.audit().unwrap().problems;
+    assert!(
+        problems.contains(&Finding::JournalGap { seq: 2, after: -1 }),
+        "{problems:?}"
+    );
+}
