@@ -605,32 +605,35 @@ impl<W: Waiter> Matcher<W> {
             return self.hold(half.tx_key(), Held::OverCap(half, waiter));
         }
         let tx_key = half.tx_key();
-        let entry = match half {
+        // In a batch, written at its end if the partner is not in it.
+        let write_now = !self.batching;
+        let (entry, pending) = match half {
             Half::Send(send) => {
                 let stamped = Stamped {
                     half: send,
                     received_at: now,
                 };
-                Entry::new_send(stamped, false, vec![waiter])
+                let pending = write_now.then(|| PendingHalf::Send(stamped.clone()));
+                (Entry::new_send(stamped, false, vec![waiter]), pending)
             }
             Half::Receive(receive) => {
                 let stamped = Stamped {
                     half: receive,
                     received_at: now,
                 };
-                Entry::new_receive(stamped, false, vec![waiter])
+                let pending = write_now.then(|| PendingHalf::Receive(stamped.clone()));
+                (Entry::new_receive(stamped, false, vec![waiter]), pending)
             }
         };
         // Counted against the cap above already.
         self.insert_waiting(tx_key, entry);
-        if self.batching {
-            // Written at the end of the batch if its partner is not in it.
-            self.batch_lone.push(tx_key);
-            return Vec::new();
+        match pending {
+            Some(pending) => vec![Effect::StorePending(pending)],
+            None => {
+                self.batch_lone.push(tx_key);
+                Vec::new()
+            }
         }
-        vec![Effect::StorePending(
-            self.still_lone(tx_key).expect("just added, alone"),
-        )]
     }
 
     /// Records a waiting entry and counts its lone half.
