@@ -60,7 +60,7 @@ impl ChunkId {
 }
 
 impl RecordKey for ChunkId {
-    fn write_to(self, hasher: &mut XxHash3_128) {
+    fn write_to(self, hasher: &mut crate::seal::Hashing) {
         self.key().write_to(hasher);
     }
     fn describe(self) -> String {

@@ -1948,8 +1948,13 @@ fn outcome_of(seq: u64, stored: StoredEntry) -> Result<Outcome, StoreError> {
     }
 }
 
-/// An empty map for `capacity` entries, hashed with foldhash: for keys the
-/// ledger assigns (account ids), never for keys clients choose.
+/// Maps and sets of keys clients choose (`tx_key`s), hashed with foldhash's
+/// quality hasher under a random seed per map (see `tapledger_core::matching`).
+type KeyMap<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
+type KeySet<K> = HashSet<K, foldhash::quality::RandomState>;
+
+/// An empty map for `capacity` entries, hashed with foldhash's fast hasher:
+/// for keys the ledger assigns (account ids); see [`KeyMap`] for the others.
 fn new_map<K, V>(capacity: usize) -> foldhash::HashMap<K, V> {
     foldhash::HashMap::with_capacity_and_hasher(capacity, Default::default())
 }
@@ -2167,9 +2172,9 @@ impl<'txn> Tables<'txn> {
             issued: meta_get(&self.meta, META_ISSUED)?,
             tables: self,
             touched: new_map(2 * intents.len()),
-            decided_in_batch: HashSet::with_capacity(intents.len()),
-            skipped_pending: HashSet::new(),
-            decided: HashMap::with_capacity(intents.len()),
+            decided_in_batch: KeySet::with_capacity_and_hasher(intents.len(), Default::default()),
+            skipped_pending: KeySet::default(),
+            decided: KeyMap::with_capacity_and_hasher(intents.len(), Default::default()),
         };
         let commit = meta_get(&batch.tables.meta, META_COMMIT_SEQ)? + 1;
         // Halves that meet their partner inside this batch need never be
@@ -2198,14 +2203,13 @@ struct Batch<'a, 'txn> {
     /// Balances read or changed in this batch, with each account's newest
     /// journal entry; written back once at the end.
     touched: foldhash::HashMap<AccountId, Touched>,
-    /// Keys that reach a decision somewhere in this batch (keyed by what
-    /// clients chose: SipHash, not foldhash).
-    decided_in_batch: HashSet<TxKey>,
+    /// Keys that reach a decision somewhere in this batch.
+    decided_in_batch: KeySet<TxKey>,
     /// Lone halves of this batch not written because their key is decided in it.
-    skipped_pending: HashSet<TxKey>,
+    skipped_pending: KeySet<TxKey>,
     /// Keys this batch decided, with their journal entries: the index's
     /// next run.
-    decided: HashMap<u128, u64>,
+    decided: KeyMap<u128, u64>,
     journal_next: u64,
     /// The chain link of the newest journal entry.
     journal_head: u128,

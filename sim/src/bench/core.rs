@@ -1239,7 +1239,8 @@ struct Driver {
     concurrency: usize,
     next: u64,
     done: u64,
-    paying: std::collections::HashMap<u64, Paying>,
+    /// By payment index (the driver's own keys, so foldhash's fast hasher).
+    paying: foldhash::HashMap<u64, Paying>,
     /// Halves to hand over with the next batch.
     queued: Vec<BatchHalf>,
     tally: Tally,
@@ -1252,7 +1253,7 @@ impl Driver {
             concurrency,
             next: 0,
             done: 0,
-            paying: std::collections::HashMap::with_capacity(concurrency),
+            paying: foldhash::HashMap::with_capacity_and_hasher(concurrency, Default::default()),
             queued: Vec::new(),
             tally: Tally::new(),
         }
