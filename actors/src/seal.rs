@@ -57,7 +57,6 @@ impl RecordKey for &str {
     }
 }
 
-/// The checksum of `payload` stored under `key` in `table`.
 /// XXH3-128 over everything written to it, as if written in one piece.
 ///
 /// Up to [`Hashing::INLINE`] bytes are gathered on the stack and hashed in
@@ -104,6 +103,7 @@ impl Hashing {
     }
 }
 
+/// The checksum of `payload` stored under `key` in `table`.
 pub(crate) fn checksum(table: &str, key: impl RecordKey, payload: &[u8]) -> u128 {
     let mut hasher = Hashing::new();
     hasher.write(&(table.len() as u64).to_le_bytes());

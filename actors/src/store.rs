@@ -37,7 +37,7 @@ use crate::key_index;
 use crate::overlay::Overlay;
 use crate::raft::{self, EntryResult, LedgerEntry, LogId, SnapshotMeta, StoredMembership};
 use crate::seal;
-use tapledger_core::matching::{Committed, Decision, PendingHalf};
+use tapledger_core::matching::{Committed, Decision, KeyMap, KeySet, PendingHalf};
 
 #[path = "store_balances.rs"]
 mod balances;
@@ -1947,11 +1947,6 @@ fn outcome_of(seq: u64, stored: StoredEntry) -> Result<Outcome, StoreError> {
         }
     }
 }
-
-/// Maps and sets of keys clients choose (`tx_key`s), hashed with foldhash's
-/// quality hasher under a random seed per map (see `tapledger_core::matching`).
-type KeyMap<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
-type KeySet<K> = HashSet<K, foldhash::quality::RandomState>;
 
 /// An empty map for `capacity` entries, hashed with foldhash's fast hasher:
 /// for keys the ledger assigns (account ids); see [`KeyMap`] for the others.

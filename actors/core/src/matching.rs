@@ -9,13 +9,6 @@
 //! [`Waiter`], so tests use plain recorders and the actor uses channels.
 
 use std::collections::{BTreeSet, VecDeque};
-
-/// Maps keyed by what clients choose (`tx_key`s, account ids): foldhash's
-/// quality hasher, seeded at random per map, like ahash. std's SipHash cost
-/// about 110 instructions per 16-byte key, over 20 lookups a payment (5k of
-/// about 47k instructions per settlement in `bench core`); a random seed
-/// keeps a client from choosing keys that collide.
-type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::quality::RandomState>;
 use std::sync::Arc;
 
 use tapledger_protocol::{
@@ -23,6 +16,16 @@ use tapledger_protocol::{
 };
 
 use crate::rules::{self, HalfContext};
+
+/// Maps and sets keyed by what clients choose (`tx_key`s, account ids):
+/// foldhash's quality hasher, seeded at random per map, like ahash. std's
+/// SipHash cost about 110 instructions per 16-byte key, over 20 lookups a
+/// payment (5k of about 47k instructions per settlement in `bench core`); a
+/// random seed keeps a client from choosing keys that collide.
+pub type KeyMap<K, V> = std::collections::HashMap<K, V, foldhash::quality::RandomState>;
+/// See [`KeyMap`].
+pub type KeySet<K> = std::collections::HashSet<K, foldhash::quality::RandomState>;
+type HashMap<K, V> = KeyMap<K, V>;
 
 /// How many recent outcomes each matcher keeps in memory to answer replays
 /// without a storage round trip. Older ones are found in redb.
