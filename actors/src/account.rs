@@ -257,14 +257,60 @@ impl Registry {
         )))
     }
 
+    /// [`Self::send`] for each of `messages`, in order: those to live actors
+    /// under one registry lock and one clock read, then the rest one at a
+    /// time (each starts its actor). An account's messages keep their order
+    /// (the map does not change under the lock, so an account's messages
+    /// are either all sent there or all left for after). Returns the
+    /// position in `messages` and the error of each that could not be sent.
+    pub async fn send_many(
+        self: &Arc<Self>,
+        messages: Vec<(AccountId, AccountMsg)>,
+    ) -> Vec<(usize, LedgerError)> {
+        let mut failed = Vec::new();
+        let mut not_live = Vec::new();
+        {
+            let mut entries = self.entries();
+            let now = Instant::now();
+            for (at, (account, message)) in messages.into_iter().enumerate() {
+                match Self::send_to_live_in(&mut entries, &self.live, now, account, message) {
+                    Ok(Sent::Done) => {}
+                    Ok(Sent::NotLive(message)) => not_live.push((at, account, message)),
+                    Err(error) => failed.push((at, error)),
+                }
+            }
+        }
+        for (at, account, message) in not_live {
+            if let Err(error) = self.send(account, message).await {
+                failed.push((at, error));
+            }
+        }
+        failed
+    }
+
     /// Sends `message` if `account` has a live actor (and counts it in
     /// flight); gives it back if not.
     fn send_to_live(&self, account: AccountId, message: AccountMsg) -> Result<Sent, LedgerError> {
-        let mut entries = self.entries();
+        Self::send_to_live_in(
+            &mut self.entries(),
+            &self.live,
+            Instant::now(),
+            account,
+            message,
+        )
+    }
+
+    fn send_to_live_in(
+        entries: &mut Actors,
+        live: &AtomicUsize,
+        now: Instant,
+        account: AccountId,
+        message: AccountMsg,
+    ) -> Result<Sent, LedgerError> {
         let Some(entry) = entries.live.get_mut(&account) else {
             return Ok(Sent::NotLive(message));
         };
-        entry.last_used = Instant::now();
+        entry.last_used = now;
         entry.mailbox.inflight.fetch_add(1, Ordering::AcqRel);
         match entry.actor.send_message(message) {
             Ok(()) => Ok(Sent::Done),
@@ -272,7 +318,7 @@ impl Registry {
                 // The actor died (only a broken invariant does that); start afresh.
                 tracing::error!(account, "account actor died; restarting it from storage");
                 entries.live.remove(&account);
-                self.live.fetch_sub(1, Ordering::Relaxed);
+                live.fetch_sub(1, Ordering::Relaxed);
                 Ok(Sent::NotLive(returned))
             }
             Err(other) => {

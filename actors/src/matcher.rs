@@ -461,8 +461,15 @@ impl MatcherState {
     async fn carry_out(&mut self, effects: Vec<Effect>) {
         // In order; a lookup is answered at once and what follows from it
         // is carried out before the effects after it.
+        // Reservations are asked for together, up to the next effect that
+        // is neither a reservation nor a lookup (a lookup reads storage
+        // only, so a reservation may wait past it).
         let mut effects = std::collections::VecDeque::from(effects);
+        let mut reserving = Vec::new();
         while let Some(effect) = effects.pop_front() {
+            if !matches!(effect, Effect::Reserve { .. } | Effect::LookUp { .. }) {
+                self.reserve(std::mem::take(&mut reserving)).await;
+            }
             match effect {
                 Effect::LookUp { tx_key } => {
                     let outcome = self.look_up(tx_key);
@@ -502,24 +509,8 @@ impl MatcherState {
                     sender,
                     amount,
                 } => {
-                    self.flush_settled();
-                    let message = AccountMsg::Reserve {
-                        tx_key,
-                        amount,
-                        reply_to: self.reserved.clone(),
-                    };
-                    if let Err(error) = self.registry.send(sender, message).await {
-                        tracing::error!(%error, %tx_key, sender, "reservation could not be asked for");
-                        // Fail the key's submissions rather than leave them hanging.
-                        let (effects, answers) = self.core.on_committed(
-                            tx_key,
-                            Persisted::Decision { reserved: None },
-                            None,
-                            Err(error),
-                        );
-                        debug_assert!(effects.is_empty());
-                        answers.deliver();
-                    }
+                    reserving.push((tx_key, sender, amount));
+                    continue;
                 }
                 Effect::Debit {
                     account,
@@ -535,6 +526,42 @@ impl MatcherState {
                     commit,
                 } => self.settled(account, Settled::Credit { amount, commit }),
             }
+        }
+        self.reserve(reserving).await;
+    }
+
+    /// Asks the senders' account actors for `reservations` (key, sender,
+    /// amount), in order and in one registry lock, after leaving what was
+    /// settled before in their inboxes (so an account decides on money
+    /// settled before). A reservation that cannot be asked for fails its
+    /// key's submissions rather than leave them hanging.
+    async fn reserve(&mut self, reservations: Vec<(TxKey, AccountId, u64)>) {
+        if reservations.is_empty() {
+            return;
+        }
+        self.flush_settled();
+        let messages = reservations
+            .iter()
+            .map(|&(tx_key, sender, amount)| {
+                let message = AccountMsg::Reserve {
+                    tx_key,
+                    amount,
+                    reply_to: self.reserved.clone(),
+                };
+                (sender, message)
+            })
+            .collect();
+        for (at, error) in self.registry.send_many(messages).await {
+            let (tx_key, sender, _) = reservations[at];
+            tracing::error!(%error, %tx_key, sender, "reservation could not be asked for");
+            let (effects, answers) = self.core.on_committed(
+                tx_key,
+                Persisted::Decision { reserved: None },
+                None,
+                Err(error),
+            );
+            debug_assert!(effects.is_empty());
+            answers.deliver();
         }
     }
 

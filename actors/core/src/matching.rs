@@ -288,20 +288,20 @@ impl<W> Entry<W> {
         (received_at.saturating_add_micros(half_ttl_micros), party)
     }
 
-    fn waiters(self) -> impl Iterator<Item = (Half, W)> {
-        let send = self.send.into_iter().flat_map(|slot| {
-            let half = Half::Send(slot.stamped.half);
-            slot.waiters
-                .into_iter()
-                .map(move |waiter| (half.clone(), waiter))
-        });
-        let receive = self.receive.into_iter().flat_map(|slot| {
-            let half = Half::Receive(slot.stamped.half);
-            slot.waiters
-                .into_iter()
-                .map(move |waiter| (half.clone(), waiter))
-        });
-        send.chain(receive).chain(self.late)
+    /// Each half of the entry with the waiters who sent it (the halves
+    /// moved, not cloned: every waiter of one half hears the same answer).
+    fn waiters(self) -> impl Iterator<Item = (Half, Vec<W>)> {
+        let send = self
+            .send
+            .map(|slot| (Half::Send(slot.stamped.half), slot.waiters));
+        let receive = self
+            .receive
+            .map(|slot| (Half::Receive(slot.stamped.half), slot.waiters));
+        let late = self
+            .late
+            .into_iter()
+            .map(|(half, waiter)| (half, vec![waiter]));
+        send.into_iter().chain(receive).chain(late)
     }
 }
 
@@ -876,7 +876,7 @@ impl<W: Waiter> Matcher<W> {
                     effects.push(Effect::Release { account, amount });
                 }
                 if let Some(entry) = self.remove_entry(tx_key) {
-                    for (_, waiter) in entry.waiters() {
+                    for waiter in entry.waiters().flat_map(|(_, waiters)| waiters) {
                         answers.0.push((waiter, Err(error.clone())));
                     }
                 }
@@ -913,10 +913,13 @@ impl<W: Waiter> Matcher<W> {
     /// Ends every submission for `tx_key` against its final outcome.
     fn resolve(&mut self, tx_key: TxKey, outcome: &Arc<Outcome>, answers: &mut Answers<W>) {
         if let Some(entry) = self.remove_entry(tx_key) {
-            for (half, waiter) in entry.waiters() {
-                answers
-                    .0
-                    .push((waiter, Ok(resolve_against(outcome, &half))));
+            for (half, waiters) in entry.waiters() {
+                let resolution = resolve_against(outcome, &half);
+                answers.0.extend(
+                    waiters
+                        .into_iter()
+                        .map(|waiter| (waiter, Ok(resolution.clone()))),
+                );
             }
         }
         self.remember(tx_key, outcome.clone());
