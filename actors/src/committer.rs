@@ -336,7 +336,10 @@ fn deliver(
         Err(error) => (None, vec![Err(error); replies.len()]),
     };
     assert_eq!(applied.len(), replies.len(), "one result per intent");
-    let mut per_shard: Vec<Vec<KeyResult>> = (0..matchers.len()).map(|_| Vec::new()).collect();
+    let per_shard_capacity = shard_capacity(replies.len(), matchers.len());
+    let mut per_shard: Vec<Vec<KeyResult>> = (0..matchers.len())
+        .map(|_| Vec::with_capacity(per_shard_capacity))
+        .collect();
     let mut callers = Vec::new();
     for (reply, applied) in replies.into_iter().zip(applied.drain(..)) {
         match reply {
@@ -375,4 +378,11 @@ fn deliver(
         // The caller may have given up waiting; the change is durable regardless.
         let _ = sender.send(applied.map(|applied| (commit, applied)));
     }
+}
+
+/// Room for one shard's share of `items` spread over `shards` by key hash:
+/// a fair share and an eighth more, so that a batch's vectors are not
+/// regrown (and copied) as they fill.
+pub(crate) fn shard_capacity(items: usize, shards: usize) -> usize {
+    items / shards.max(1) + items / 8 + 1
 }

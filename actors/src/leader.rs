@@ -231,7 +231,9 @@ impl LeaderServices {
     pub(crate) fn submit_batch(&self, halves: Vec<BatchHalf>, sink: &ReportSender) {
         let accounts_end = self.accounts_end.load(Ordering::Acquire);
         let shards = self.matchers.len();
-        let mut per_shard: Vec<Vec<Submit>> = (0..shards).map(|_| Vec::new()).collect();
+        let capacity = crate::committer::shard_capacity(halves.len(), shards);
+        let mut per_shard: Vec<Vec<Submit>> =
+            (0..shards).map(|_| Vec::with_capacity(capacity)).collect();
         for BatchHalf {
             tag,
             submitter,

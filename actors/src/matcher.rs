@@ -377,17 +377,22 @@ impl Actor for MatcherActor {
             }
             MatcherMsg::Reserved => {
                 let mut answers = state.reserved.take(std::mem::take(&mut state.spare));
-                for answer in answers.drain(..) {
-                    let Reservation {
-                        tx_key,
-                        sender,
-                        amount,
-                        result,
-                    } = answer;
-                    let effects = state.core.on_reserved(tx_key, sender, amount, result);
-                    state.carry_out(effects).await;
-                }
+                // Each answer's decision, in the order answered, carried out
+                // together.
+                let effects = answers
+                    .drain(..)
+                    .filter_map(|answer| {
+                        let Reservation {
+                            tx_key,
+                            sender,
+                            amount,
+                            result,
+                        } = answer;
+                        state.core.on_reserved(tx_key, sender, amount, result)
+                    })
+                    .collect();
                 state.spare = answers;
+                state.carry_out(effects).await;
             }
             MatcherMsg::Committed(CommitResults { commit, results }) => {
                 state.outcomes = state.store.outcome_view().ok();
@@ -473,13 +478,8 @@ impl MatcherState {
             match effect {
                 Effect::LookUp { tx_key } => {
                     let outcome = self.look_up(tx_key);
-                    for (at, next) in self
-                        .core
-                        .on_looked_up(tx_key, outcome)
-                        .into_iter()
-                        .enumerate()
-                    {
-                        effects.insert(at, next);
+                    if let Some(next) = self.core.on_looked_up(tx_key, outcome) {
+                        effects.push_front(next);
                     }
                 }
                 Effect::StorePending(pending) => {

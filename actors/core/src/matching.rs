@@ -213,8 +213,11 @@ struct Slot<H, W> {
     stamped: Stamped<H>,
     /// True once storage confirmed the half as pending.
     durable: bool,
-    waiters: Vec<W>,
+    waiters: Waiters<W>,
 }
+
+/// Who wait on one half: nearly always one phone, so kept inline.
+type Waiters<W> = smallvec::SmallVec<[W; 1]>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -245,7 +248,7 @@ struct Entry<W> {
 }
 
 impl<W> Entry<W> {
-    fn new_send(stamped: Stamped<SendHalf>, durable: bool, waiters: Vec<W>) -> Entry<W> {
+    fn new_send(stamped: Stamped<SendHalf>, durable: bool, waiters: Waiters<W>) -> Entry<W> {
         Entry {
             send: Some(Slot {
                 stamped,
@@ -259,7 +262,7 @@ impl<W> Entry<W> {
         }
     }
 
-    fn new_receive(stamped: Stamped<ReceiveHalf>, durable: bool, waiters: Vec<W>) -> Entry<W> {
+    fn new_receive(stamped: Stamped<ReceiveHalf>, durable: bool, waiters: Waiters<W>) -> Entry<W> {
         Entry {
             send: None,
             receive: Some(Slot {
@@ -290,7 +293,7 @@ impl<W> Entry<W> {
 
     /// Each half of the entry with the waiters who sent it (the halves
     /// moved, not cloned: every waiter of one half hears the same answer).
-    fn waiters(self) -> impl Iterator<Item = (Half, Vec<W>)> {
+    fn waiters(self) -> impl Iterator<Item = (Half, Waiters<W>)> {
         let send = self
             .send
             .map(|slot| (Half::Send(slot.stamped.half), slot.waiters));
@@ -300,7 +303,7 @@ impl<W> Entry<W> {
         let late = self
             .late
             .into_iter()
-            .map(|(half, waiter)| (half, vec![waiter]));
+            .map(|(half, waiter)| (half, smallvec::smallvec![waiter]));
         send.into_iter().chain(receive).chain(late)
     }
 }
@@ -417,8 +420,8 @@ impl<W: Waiter> Matcher<W> {
             "pending half {tx_key} restored twice"
         );
         let entry = match pending {
-            PendingHalf::Send(stamped) => Entry::new_send(stamped, true, Vec::new()),
-            PendingHalf::Receive(stamped) => Entry::new_receive(stamped, true, Vec::new()),
+            PendingHalf::Send(stamped) => Entry::new_send(stamped, true, Waiters::new()),
+            PendingHalf::Receive(stamped) => Entry::new_receive(stamped, true, Waiters::new()),
         };
         self.add_waiting(tx_key, entry);
     }
@@ -455,9 +458,11 @@ impl<W: Waiter> Matcher<W> {
         halves: impl IntoIterator<Item = (HalfContext, Half, W)>,
     ) -> Vec<Effect> {
         self.batching = true;
-        let mut effects = Vec::new();
+        let halves = halves.into_iter();
+        // About one effect per half (a lookup or a reservation).
+        let mut effects = Vec::with_capacity(halves.size_hint().0);
         for (context, half, waiter) in halves {
-            effects.extend(self.submit(now, &context, half, waiter));
+            effects.extend(self.submit_one(now, &context, half, waiter));
         }
         self.batching = false;
         let mut lone = std::mem::take(&mut self.batch_lone);
@@ -498,14 +503,28 @@ impl<W: Waiter> Matcher<W> {
         half: Half,
         waiter: W,
     ) -> Vec<Effect> {
+        self.submit_one(now, context, half, waiter)
+            .into_iter()
+            .collect()
+    }
+
+    /// [`Matcher::submit`]: a half brings at most one effect (a lookup, or
+    /// its pending write outside a batch), so no vector is made for it.
+    fn submit_one(
+        &mut self,
+        now: Timestamp,
+        context: &HalfContext,
+        half: Half,
+        waiter: W,
+    ) -> Option<Effect> {
         if let Err(code) = rules::check_half(&half, context) {
             waiter.finish(Ok(Resolution::Refused(code)));
-            return Vec::new();
+            return None;
         }
         let tx_key = half.tx_key();
         if let Some(outcome) = self.recent.get(&tx_key) {
             waiter.finish(Ok(resolve_against(outcome, &half)));
-            return Vec::new();
+            return None;
         }
         let Some(entry) = self.entries.get_mut(&tx_key) else {
             return self.start_entry(now, half, waiter);
@@ -524,7 +543,7 @@ impl<W: Waiter> Matcher<W> {
                             received_at: now,
                         },
                         durable: false,
-                        waiters: vec![waiter],
+                        waiters: smallvec::smallvec![waiter],
                     });
                     self.pair(tx_key)
                 }
@@ -540,7 +559,7 @@ impl<W: Waiter> Matcher<W> {
                             received_at: now,
                         },
                         durable: false,
-                        waiters: vec![waiter],
+                        waiters: smallvec::smallvec![waiter],
                     });
                     self.pair(tx_key)
                 }
@@ -553,7 +572,7 @@ impl<W: Waiter> Matcher<W> {
     /// conflicting half: after a restart or a change of leader, the waiting
     /// half may be a stranger's and the key long settled; a half over the
     /// cap: it may be a replay of an old key). One lookup per key at a time.
-    fn hold(&mut self, tx_key: TxKey, held: Held<W>) -> Vec<Effect> {
+    fn hold(&mut self, tx_key: TxKey, held: Held<W>) -> Option<Effect> {
         let checking = self
             .entries
             .get(&tx_key)
@@ -561,18 +580,15 @@ impl<W: Waiter> Matcher<W> {
         let holding = self.held.entry(tx_key).or_default();
         let asked = checking || !holding.is_empty();
         holding.push(held);
-        if asked {
-            Vec::new()
-        } else {
-            vec![Effect::LookUp { tx_key }]
-        }
+        (!asked).then_some(Effect::LookUp { tx_key })
     }
 
     /// Storage answered an [`Effect::LookUp`]: `outcome` is the key's
     /// outcome if it has one. Halves held for it are answered (their
     /// outcome or 700 if decided; 710 or 800 if not), and a pair waiting for
-    /// it is resolved or goes on to its reservation.
-    pub fn on_looked_up(&mut self, tx_key: TxKey, outcome: Option<Arc<Outcome>>) -> Vec<Effect> {
+    /// it is resolved or goes on to its reservation (the one effect it may
+    /// bring).
+    pub fn on_looked_up(&mut self, tx_key: TxKey, outcome: Option<Arc<Outcome>>) -> Option<Effect> {
         for held in self.held.remove(&tx_key).into_iter().flatten() {
             let (half, waiter, code) = match held {
                 Held::OverCap(half, waiter) => (half, waiter, RejectCode::TooManyPending),
@@ -599,14 +615,14 @@ impl<W: Waiter> Matcher<W> {
                     // a restart, keeps it until its expiry meets the outcome.)
                     self.remember(tx_key, outcome);
                 }
-                Vec::new()
+                None
             }
-            None if checking => self.check_pair(tx_key),
-            None => Vec::new(),
+            None if checking => Some(self.check_pair(tx_key)),
+            None => None,
         }
     }
 
-    fn start_entry(&mut self, now: Timestamp, half: Half, waiter: W) -> Vec<Effect> {
+    fn start_entry(&mut self, now: Timestamp, half: Half, waiter: W) -> Option<Effect> {
         let party = half.party();
         if !self
             .pending_per_account
@@ -624,7 +640,10 @@ impl<W: Waiter> Matcher<W> {
                     received_at: now,
                 };
                 let pending = write_now.then(|| PendingHalf::Send(stamped.clone()));
-                (Entry::new_send(stamped, false, vec![waiter]), pending)
+                (
+                    Entry::new_send(stamped, false, smallvec::smallvec![waiter]),
+                    pending,
+                )
             }
             Half::Receive(receive) => {
                 let stamped = Stamped {
@@ -632,16 +651,19 @@ impl<W: Waiter> Matcher<W> {
                     received_at: now,
                 };
                 let pending = write_now.then(|| PendingHalf::Receive(stamped.clone()));
-                (Entry::new_receive(stamped, false, vec![waiter]), pending)
+                (
+                    Entry::new_receive(stamped, false, smallvec::smallvec![waiter]),
+                    pending,
+                )
             }
         };
         // Counted against the cap above already.
         self.insert_waiting(tx_key, entry);
         match pending {
-            Some(pending) => vec![Effect::StorePending(pending)],
+            Some(pending) => Some(Effect::StorePending(pending)),
             None => {
                 self.batch_lone.push(tx_key);
-                Vec::new()
+                None
             }
         }
     }
@@ -679,20 +701,16 @@ impl<W: Waiter> Matcher<W> {
     /// Both halves are present: ask storage whether the key is decided
     /// (then every waiter hears its outcome and nothing is reserved) before
     /// deciding what they say together ([`Matcher::check_pair`]).
-    fn pair(&mut self, tx_key: TxKey) -> Vec<Effect> {
+    fn pair(&mut self, tx_key: TxKey) -> Option<Effect> {
         self.leave_waiting(tx_key);
         let entry = self.entries.get_mut(&tx_key).expect("entry exists");
         entry.phase = Phase::Checking;
-        if self.held.contains_key(&tx_key) {
-            // A lookup for this key is on its way already.
-            Vec::new()
-        } else {
-            vec![Effect::LookUp { tx_key }]
-        }
+        // Unless a lookup for this key is on its way already.
+        (!self.held.contains_key(&tx_key)).then_some(Effect::LookUp { tx_key })
     }
 
     /// Storage has no outcome for the pair: reserve, or decide a mismatch.
-    fn check_pair(&mut self, tx_key: TxKey) -> Vec<Effect> {
+    fn check_pair(&mut self, tx_key: TxKey) -> Effect {
         let entry = self.entries.get_mut(&tx_key).expect("entry exists");
         debug_assert_eq!(entry.phase, Phase::Checking);
         let send = &entry.send.as_ref().expect("send half").stamped;
@@ -700,11 +718,11 @@ impl<W: Waiter> Matcher<W> {
         match rules::check_pair(&send.half, &receive.half) {
             Ok(()) => {
                 entry.phase = Phase::Reserving;
-                vec![Effect::Reserve {
+                Effect::Reserve {
                     tx_key,
                     sender: send.half.sender_id,
                     amount: send.half.amount,
-                }]
+                }
             }
             Err(code) => {
                 entry.phase = Phase::Deciding;
@@ -715,35 +733,33 @@ impl<W: Waiter> Matcher<W> {
                     receive: Some(receive.clone()),
                     sender_balance: None,
                 };
-                vec![Effect::Decide {
+                Effect::Decide {
                     decision,
                     reserved: None,
-                }]
+                }
             }
         }
     }
 
     /// The sender's account answered a reservation: `Ok` if it holds the
-    /// amount, `Err(available)` if it could not.
+    /// amount, `Err(available)` if it could not. Brings the key's decision,
+    /// or a release if the key was resolved meanwhile.
     pub fn on_reserved(
         &mut self,
         tx_key: TxKey,
         sender: AccountId,
         amount: u64,
         result: Result<(), u64>,
-    ) -> Vec<Effect> {
+    ) -> Option<Effect> {
         let entry = match self.entries.get_mut(&tx_key) {
             Some(entry) if entry.phase == Phase::Reserving => entry,
             // The key was resolved meanwhile (storage reported an older outcome):
             // give back what was reserved.
             _ => {
-                return match result {
-                    Ok(()) => vec![Effect::Release {
-                        account: sender,
-                        amount,
-                    }],
-                    Err(_) => Vec::new(),
-                };
+                return result.is_ok().then_some(Effect::Release {
+                    account: sender,
+                    amount,
+                });
             }
         };
         entry.phase = Phase::Deciding;
@@ -756,11 +772,11 @@ impl<W: Waiter> Matcher<W> {
             .clone();
         debug_assert_eq!((send.half.sender_id, send.half.amount), (sender, amount));
         match result {
-            Ok(()) => vec![Effect::Decide {
+            Ok(()) => Some(Effect::Decide {
                 decision: Decision::Settle { send, receive },
                 reserved: Some((sender, amount)),
-            }],
-            Err(available) => vec![Effect::Decide {
+            }),
+            Err(available) => Some(Effect::Decide {
                 decision: Decision::Reject {
                     tx_key,
                     code: RejectCode::InsufficientFunds,
@@ -769,7 +785,7 @@ impl<W: Waiter> Matcher<W> {
                     sender_balance: Some(available),
                 },
                 reserved: None,
-            }],
+            }),
         }
     }
 
@@ -954,18 +970,18 @@ fn resolve_against(outcome: &Arc<Outcome>, half: &Half) -> Resolution {
 }
 
 /// An identical resubmission joins the half's waiters.
-fn join<H, W: Waiter>(slot: &mut Slot<H, W>, mut waiter: W) -> Vec<Effect> {
+fn join<H, W: Waiter>(slot: &mut Slot<H, W>, mut waiter: W) -> Option<Effect> {
     if slot.durable {
         waiter.accepted();
     }
     slot.waiters.retain(|waiter| !waiter.is_gone());
     slot.waiters.push(waiter);
-    Vec::new()
+    None
 }
 
 /// The missing side of a key whose lone half is being expired: it hears the
 /// decision once storage has it.
-fn wait_for_decision<W: Waiter>(entry: &mut Entry<W>, half: Half, waiter: W) -> Vec<Effect> {
+fn wait_for_decision<W: Waiter>(entry: &mut Entry<W>, half: Half, waiter: W) -> Option<Effect> {
     debug_assert_eq!(
         entry.phase,
         Phase::Deciding,
@@ -973,7 +989,7 @@ fn wait_for_decision<W: Waiter>(entry: &mut Entry<W>, half: Half, waiter: W) -> 
     );
     entry.late.retain(|(_, waiter)| !waiter.is_gone());
     entry.late.push((half, waiter));
-    Vec::new()
+    None
 }
 
 #[cfg(test)]

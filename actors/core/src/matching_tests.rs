@@ -69,7 +69,7 @@ impl Harness {
         for effect in effects {
             match effect {
                 Effect::LookUp { tx_key } => {
-                    let more = self.matcher.on_looked_up(tx_key, None);
+                    let more = Vec::from_iter(self.matcher.on_looked_up(tx_key, None));
                     done.extend(self.look_up(more));
                 }
                 other => done.push(other),
@@ -187,7 +187,7 @@ fn agreeing_halves_reserve_then_settle_and_both_phones_hear() {
             amount: 50
         }]
     );
-    let effects = harness.matcher.on_reserved(KEY, 1, 50, Ok(()));
+    let effects = Vec::from_iter(harness.matcher.on_reserved(KEY, 1, 50, Ok(())));
     assert_eq!(effects.len(), 1);
     let outcome = settled(&effects[0]);
     let effects = harness.committed(
@@ -291,7 +291,7 @@ fn insufficient_funds_records_the_senders_available_balance() {
     let mut harness = Harness::new();
     harness.submit(1, 1, send_half(KEY, 1, 50));
     harness.submit(2, 2, receive_half(KEY, 2, 1, 50));
-    let effects = harness.matcher.on_reserved(KEY, 1, 50, Err(49));
+    let effects = Vec::from_iter(harness.matcher.on_reserved(KEY, 1, 50, Err(49)));
     let outcome = rejected(&effects[0]);
     assert_eq!(outcome.code(), Some(RejectCode::InsufficientFunds));
     let Outcome::Rejected(rejection) = &*outcome else {
@@ -411,7 +411,7 @@ fn replay_of_a_decided_key_returns_the_outcome_or_700() {
     let mut harness = Harness::new();
     harness.submit(1, 0, send_half(KEY, 1, 50));
     harness.submit(2, 1, receive_half(KEY, 2, 1, 50));
-    let effects = harness.matcher.on_reserved(KEY, 1, 50, Ok(()));
+    let effects = Vec::from_iter(harness.matcher.on_reserved(KEY, 1, 50, Ok(())));
     let outcome = settled(&effects[0]);
     harness.committed(
         KEY,
@@ -497,7 +497,7 @@ fn resubmitted_halves_of_a_key_decided_before_a_restart_reserve_nothing() {
         "nobody hears before the lookup"
     );
     let second = harness.matcher.on_looked_up(KEY, Some(stored.clone()));
-    assert!(second.is_empty(), "no reservation, no decision: {second:?}");
+    assert!(second.is_none(), "no reservation, no decision: {second:?}");
     let mut log = harness.take_log();
     log.sort_by_key(|entry| entry.0);
     assert_eq!(
@@ -566,7 +566,7 @@ fn after_a_restart_the_recorded_half_hears_its_outcome_though_a_stranger_waits_f
         harness
             .matcher
             .on_looked_up(KEY, Some(stored.clone()))
-            .is_empty()
+            .is_none()
     );
     assert_eq!(
         harness.take_log(),
@@ -594,7 +594,7 @@ fn storage_reporting_an_older_outcome_releases_the_reservation() {
     let mut harness = Harness::new();
     harness.submit(1, 0, send_half(KEY, 1, 50));
     harness.submit(2, 1, receive_half(KEY, 2, 1, 50));
-    let effects = harness.matcher.on_reserved(KEY, 1, 50, Ok(()));
+    let effects = Vec::from_iter(harness.matcher.on_reserved(KEY, 1, 50, Ok(())));
     let older = settled(&effects[0]);
     let effects = harness.committed(
         KEY,
@@ -625,7 +625,7 @@ fn reservation_answered_after_key_resolved_is_released() {
         2,
         "both submitters hear the failure"
     );
-    let effects = harness.matcher.on_reserved(KEY, 1, 50, Ok(()));
+    let effects = Vec::from_iter(harness.matcher.on_reserved(KEY, 1, 50, Ok(())));
     assert_eq!(
         effects,
         vec![Effect::Release {
@@ -694,7 +694,7 @@ fn answers_wait_until_the_effects_are_out() {
     let mut harness = Harness::new();
     harness.submit(1, 0, send_half(KEY, 1, 50));
     harness.submit(2, 1, receive_half(KEY, 2, 1, 50));
-    let effects = harness.matcher.on_reserved(KEY, 1, 50, Ok(()));
+    let effects = Vec::from_iter(harness.matcher.on_reserved(KEY, 1, 50, Ok(())));
     let outcome = settled(&effects[0]);
     let (effects, answers) = harness.matcher.on_committed(
         KEY,
@@ -750,7 +750,7 @@ fn replay_at_the_pending_cap_is_answered_from_storage_not_800() {
         harness
             .matcher
             .on_looked_up(old_key, Some(stored.clone()))
-            .is_empty()
+            .is_none()
     );
     assert_eq!(
         harness.take_log(),
@@ -801,7 +801,7 @@ fn a_pair_checking_storage_and_a_conflicting_half_share_one_lookup() {
         .submit(Timestamp(2), &context(1), send_half(KEY, 1, 51), third);
     assert!(effects.is_empty(), "{effects:?}");
     // Not decided: the conflicting half hears 710, the pair reserves.
-    let effects = harness.matcher.on_looked_up(KEY, None);
+    let effects = Vec::from_iter(harness.matcher.on_looked_up(KEY, None));
     assert_eq!(
         effects,
         vec![Effect::Reserve {

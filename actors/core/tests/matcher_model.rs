@@ -296,7 +296,8 @@ impl World {
                         self.reserving.remove(pick % self.reserving.len());
                     let book = self.books.get_mut(&sender).expect("sender's book");
                     let result = book.reserve(amount);
-                    let effects = self.matcher.on_reserved(tx_key, sender, amount, result);
+                    let effects =
+                        Vec::from_iter(self.matcher.on_reserved(tx_key, sender, amount, result));
                     self.carry_out(effects);
                 }
             }
@@ -309,7 +310,7 @@ impl World {
                 if !self.looking.is_empty() {
                     let tx_key = self.looking.remove(pick % self.looking.len());
                     let outcome = self.outcomes.get(&tx_key).cloned();
-                    let effects = self.matcher.on_looked_up(tx_key, outcome);
+                    let effects = Vec::from_iter(self.matcher.on_looked_up(tx_key, outcome));
                     self.carry_out(effects);
                 }
             }

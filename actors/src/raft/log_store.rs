@@ -352,8 +352,11 @@ impl LogStore {
         {
             let mut log = write.open_table(LOG)?;
             // Encoded straight after room for the checksum, in one buffer
-            // (an entry is up to a few MiB): no copy to seal it.
-            let mut sealed = Vec::new();
+            // (an entry is up to a few MiB): no copy to seal it. Sized for
+            // the largest entry (a decision encodes to about 200 bytes), so
+            // that it is not regrown, and copied, as it fills.
+            let largest = entries.iter().map(intents_in).max().unwrap_or(0);
+            let mut sealed = Vec::with_capacity(seal::CHECKSUM_LEN + 64 + largest * 256);
             for entry in entries {
                 let index = entry.log_id.index;
                 sealed.clear();

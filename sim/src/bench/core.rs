@@ -1295,7 +1295,8 @@ impl Driver {
                 },
             );
         }
-        std::mem::take(&mut self.queued)
+        let room = self.queued.len();
+        std::mem::replace(&mut self.queued, Vec::with_capacity(room))
     }
 
     fn heard(&mut self, report: Report) {
