@@ -2099,33 +2099,32 @@ impl<'txn> Tables<'txn> {
                 .count()
     }
 
-    /// Writes every balance not in the table yet: the checkpoint.
+    /// Writes every balance not in the table yet: the checkpoint. The
+    /// balances go in in account order, so the table's B-tree is walked
+    /// once, leaf after leaf, instead of a random page per account.
     fn checkpoint(&mut self) -> Result<(), StoreError> {
+        let mut writes: Vec<(AccountId, (u64, u64))> = Vec::new();
         if !self.balance_changes.checkpointed {
             // Copied out first: readers need the cache while the table is
             // written.
-            let earlier: Vec<(AccountId, (u64, u64))> = {
-                let cache = self.cache();
+            let cache = self.cache();
+            writes.extend(
                 cache
                     .dirty
                     .iter()
                     .filter(|account| !self.balance_changes.changed.contains_key(account))
-                    .map(|account| (*account, cache.entries[account]))
-                    .collect()
-            };
-            for (account, stored) in earlier {
-                balance_put(&mut self.balances, account, stored)?;
-            }
+                    .map(|account| (*account, cache.entries[account])),
+            );
         }
         for (account, changed) in &mut self.balance_changes.changed {
             if changed.dirty {
-                balance_put(
-                    &mut self.balances,
-                    *account,
-                    (changed.balance, changed.last_seq),
-                )?;
+                writes.push((*account, (changed.balance, changed.last_seq)));
                 changed.dirty = false;
             }
+        }
+        writes.sort_unstable_by_key(|(account, _)| *account);
+        for (account, stored) in writes {
+            balance_put(&mut self.balances, account, stored)?;
         }
         self.balance_changes.checkpointed = true;
         Ok(())
