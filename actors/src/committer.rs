@@ -1,9 +1,12 @@
-//! Group commit through Raft: one task takes every intent that queued while
-//! the previous entry was in flight, proposes them all as one log entry, and
-//! answers each requester only once that entry is committed (durable on a
-//! majority of replicas) and applied to this replica's ledger. Under a
-//! steady load of small entries it proposes at most one per
-//! [`COMMIT_INTERVAL_MIN`], so that each holds more.
+//! Group commit through Raft: one task takes intents off its queue as they
+//! come, proposes what has gathered as one log entry, and answers each
+//! requester only once that entry is committed (durable on a majority of
+//! replicas) and applied to this replica's ledger. Up to
+//! [`COMMITS_IN_FLIGHT`] entries are in flight at once: the next is
+//! proposed while the previous one is still replicated or applied once
+//! [`PIPELINE_INTENTS_MIN`] intents wait for it, so a fsync overlaps the
+//! apply before it. Under a steady load of small entries it proposes at
+//! most one per [`COMMIT_INTERVAL_MIN`], so that each holds more.
 //!
 //! Nobody hears of an outcome before then. Entries are answered in log order,
 //! so the results of one commit always reach a matcher before those of the
@@ -109,6 +112,8 @@ pub struct JobQueue(mpsc::Receiver<Job>);
 pub struct CommitStats {
     pub commits: std::sync::atomic::AtomicU64,
     pub intents: std::sync::atomic::AtomicU64,
+    /// Entries proposed while an earlier one was still in flight.
+    pub pipelined: std::sync::atomic::AtomicU64,
 }
 
 /// How the committer should stop.
@@ -210,15 +215,56 @@ async fn run(
             }
             _ => {}
         }
-        if !open && in_flight.is_empty() {
+        if !open && in_flight.is_empty() && jobs.is_empty() {
             return;
         }
         let now = tokio::time::Instant::now();
-        let deadline = drain_deadline.unwrap_or_else(|| now + Duration::from_secs(3600));
-        let queued = receiver.len();
         let paced = drain_deadline.is_none() && now < paced_until;
-        let may_propose = in_flight.len() < COMMITS_IN_FLIGHT
-            && (queued >= PIPELINE_INTENTS_MIN || (in_flight.is_empty() && !paced));
+        // Jobs are taken off the queue as they come, whether or not an
+        // entry may go out yet, so that the count of those waiting is seen
+        // to pass PIPELINE_INTENTS_MIN while an entry is in flight.
+        let may_propose = !jobs.is_empty()
+            && in_flight.len() < COMMITS_IN_FLIGHT
+            && (jobs.len() >= PIPELINE_INTENTS_MIN || (in_flight.is_empty() && !paced));
+        if may_propose {
+            let mut intents = Vec::with_capacity(jobs.len());
+            let replies: Vec<ReplyTo> = jobs
+                .drain(..)
+                .map(|job| {
+                    intents.push(job.intent);
+                    job.reply
+                })
+                .collect();
+            if let Some(error) = &failed {
+                deliver(&matchers, replies, Err(error.clone()));
+                continue;
+            }
+            if intents.len() > 1 {
+                paced_until = now.checked_add(interval).unwrap_or(now);
+            }
+            let entry = LedgerEntry {
+                term,
+                at: clock.now(),
+                intents: intents.into(),
+            };
+            match raft.client_write_ff(entry).await {
+                Ok(answer) => {
+                    if !in_flight.is_empty() {
+                        stats.pipelined.fetch_add(1, Ordering::Relaxed);
+                    }
+                    in_flight.push_back(InFlight { replies, answer });
+                }
+                Err(fatal) => {
+                    tracing::error!(error = %fatal, "replication stopped; refusing further writes");
+                    let error = LedgerError::Replication(fatal.to_string());
+                    failed = Some(error.clone());
+                    deliver(&matchers, replies, Err(error));
+                }
+            }
+            continue;
+        }
+        let deadline = drain_deadline.unwrap_or_else(|| now + Duration::from_secs(3600));
+        let room = COMMIT_BATCH_MAX - jobs.len();
         tokio::select! {
             biased;
             changed = stop.changed(), if how == Stop::Running && owned => {
@@ -244,48 +290,13 @@ async fn run(
                 deliver(&matchers, done.replies, result);
             }
             // Held back by the pacing: look again once it ends.
-            _ = tokio::time::sleep_until(paced_until), if open && paced && in_flight.is_empty() => {}
-            first = receiver.recv(), if open && may_propose => {
-                let Some(first) = first else {
+            _ = tokio::time::sleep_until(paced_until),
+                if paced && in_flight.is_empty() && !jobs.is_empty() => {}
+            received = receiver.recv_many(&mut jobs, room),
+                if open && room > 0 && in_flight.len() < COMMITS_IN_FLIGHT =>
+            {
+                if received == 0 {
                     open = false;
-                    continue;
-                };
-                jobs.push(first);
-                while jobs.len() < COMMIT_BATCH_MAX {
-                    match receiver.try_recv() {
-                        Ok(job) => jobs.push(job),
-                        Err(_) => break,
-                    }
-                }
-                let mut intents = Vec::with_capacity(jobs.len());
-                let replies: Vec<ReplyTo> = jobs
-                    .drain(..)
-                    .map(|job| {
-                        intents.push(job.intent);
-                        job.reply
-                    })
-                    .collect();
-                if let Some(error) = &failed {
-                    deliver(&matchers, replies, Err(error.clone()));
-                    continue;
-                }
-                if intents.len() > 1 {
-                    let now = tokio::time::Instant::now();
-                    paced_until = now.checked_add(interval).unwrap_or(now);
-                }
-                let entry = LedgerEntry {
-                    term,
-                    at: clock.now(),
-                    intents: intents.into(),
-                };
-                match raft.client_write_ff(entry).await {
-                    Ok(answer) => in_flight.push_back(InFlight { replies, answer }),
-                    Err(fatal) => {
-                        tracing::error!(error = %fatal, "replication stopped; refusing further writes");
-                        let error = LedgerError::Replication(fatal.to_string());
-                        failed = Some(error.clone());
-                        deliver(&matchers, replies, Err(error));
-                    }
                 }
             }
         }

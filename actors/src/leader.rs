@@ -290,6 +290,7 @@ impl LeaderServices {
         LedgerStats {
             commits: self.stats.commits.load(Ordering::Relaxed),
             intents_committed: self.stats.intents.load(Ordering::Relaxed),
+            commits_pipelined: self.stats.pipelined.load(Ordering::Relaxed),
             live_account_actors: self.registry.live(),
             account_actors_started: self.registry.spawned(),
         }

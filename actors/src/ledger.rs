@@ -247,6 +247,9 @@ pub struct BatchHalf {
 pub struct LedgerStats {
     pub commits: u64,
     pub intents_committed: u64,
+    /// Log entries proposed while an earlier one was still in flight
+    /// (replicated while that one was applied).
+    pub commits_pipelined: u64,
     pub live_account_actors: usize,
     pub account_actors_started: u64,
 }

@@ -215,6 +215,8 @@ pub struct CoreBenchReport {
     /// Commits and intents during the payment phase only.
     pub commits: u64,
     pub intents_committed: u64,
+    /// Commits proposed while the one before was still in flight.
+    pub commits_pipelined: u64,
     pub fsync: Rate,
     pub redb_commit: Rate,
     /// Sequential write bandwidth; `count` is bytes.
@@ -358,6 +360,7 @@ impl CoreBenchReport {
         let rss_per_live_actor = self.actor_memory.map(|memory| memory.bytes_per_actor());
         let details = serde_json::json!({
             "intents_committed": self.intents_committed,
+            "commits_pipelined": self.commits_pipelined,
             "payments": self.payments,
             "accounts": self.accounts,
             "shards": self.shards,
@@ -492,11 +495,12 @@ impl CoreBenchReport {
         );
         let _ = writeln!(
             out,
-            "  commits       {:>12}      {:.0} /s, {:.1} settlements and {:.1} intents per commit",
+            "  commits       {:>12}      {:.0} /s, {:.1} settlements and {:.1} intents per commit; {} proposed while the one before was in flight",
             thousands(self.commits),
             self.commits_per_sec(),
             self.settlements_per_commit(),
-            per(self.intents_committed as f64, self.commits as f64)
+            per(self.intents_committed as f64, self.commits as f64),
+            thousands(self.commits_pipelined)
         );
         let _ = writeln!(
             out,
@@ -849,6 +853,7 @@ pub async fn measure(
         latency,
         commits: stats_after.commits - stats_before.commits,
         intents_committed: stats_after.intents_committed - stats_before.intents_committed,
+        commits_pipelined: stats_after.commits_pipelined - stats_before.commits_pipelined,
         fsync: disk.fsync,
         redb_commit: disk.redb_commit,
         write_bandwidth: disk.write_bandwidth,

@@ -74,6 +74,26 @@ async fn tiny_run_accounts_for_every_payment_and_passes_the_audit() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
+/// Under a load that keeps intents queued, the committer proposes the next
+/// entry while the previous one is still being replicated and applied
+/// (a loop that only looked at its queue between answers once proposed
+/// strictly one entry at a time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_load_keeps_two_commits_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CoreBenchConfig {
+        payments: 20_000,
+        accounts: 1_000,
+        concurrency: 4_096,
+        dir: Some(dir.path().to_owned()),
+        probe: Duration::from_millis(20),
+        ..CoreBenchConfig::default()
+    };
+    let report = run_clean(&config).await;
+    assert!(report.commits_pipelined > 0, "{}", report.render());
+    assert!(report.commits_pipelined < report.commits);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequential_halves_settle_too() {
     let dir = tempfile::tempdir().unwrap();
