@@ -1,8 +1,9 @@
 //! One connection: authentication state shared by its streams, and per stream
-//! a reader that decodes frames into requests, a report task that turns the
-//! ledger's reports on the stream's halves into answers, and a writer that
-//! sends answers and pushed outcomes back on the same stream, as many as are
-//! queued in one write.
+//! a reader that decodes frames into requests and a writer that sends the
+//! answers back on the same stream, as many as are ready in one write: the
+//! outbox's (inline answers, operator requests) and those it makes itself
+//! from the ledger's reports on the stream's halves (accepted, pushed
+//! outcomes), with no task in between.
 //!
 //! Requests are pipelined: each decoded request goes to
 //! `handlers`, which answers quick ones inline; the halves of one
@@ -27,7 +28,7 @@ use tracing::Instrument;
 
 use crate::admission::AccountSlot;
 use crate::config::Limits;
-use crate::handlers::submit_half::{self, HalvesInFlight};
+use crate::handlers::submit_half::{self, Answerer, HalvesInFlight};
 use crate::handlers::{Dispatched, RequestContext};
 use crate::server::{NodeCounters, Shared};
 
@@ -44,6 +45,8 @@ const OUTBOX_MESSAGES_MAX: usize = 1024;
 /// How long a finished stream waits for the client to acknowledge its last
 /// answers before the stream task ends.
 const STREAM_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// A write gathers ready answers up to about this many bytes.
+const WRITE_BYTES_MAX: usize = 64 * 1024;
 /// Bytes read from a stream at a time.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 
@@ -236,27 +239,27 @@ async fn serve_stream(
     shared: Arc<Shared>,
 ) {
     let (outbox, outbox_receiver) = mpsc::channel(OUTBOX_MESSAGES_MAX);
-    let writer = tokio::spawn(write_loop(send, outbox_receiver).in_current_span());
+    // Every half of this stream reports on one channel, which the writer
+    // turns into answers: no task, channel or span per half.
+    let halves = Arc::new(HalvesInFlight::default());
+    let (sink, reports) = mpsc::unbounded_channel();
+    let (reader_done, reader_done_receiver) = oneshot::channel::<()>();
+    let (answered, answered_receiver) = oneshot::channel::<()>();
+    let answerer = Answerer::new(
+        shared.clone(),
+        halves.clone(),
+        reports,
+        reader_done_receiver,
+    );
+    let mut writer = AbortOnDrop(tokio::spawn(
+        write_loop(send, outbox_receiver, answerer, answered).in_current_span(),
+    ));
     let context = RequestContext {
         shared,
         state,
         connection: connection.clone(),
         outbox,
     };
-    // Every half of this stream reports on one channel, which one task turns
-    // into answers: no task, channel or span per half.
-    let halves = Arc::new(HalvesInFlight::default());
-    let (sink, reports) = mpsc::unbounded_channel();
-    let (reader_done, reader_done_receiver) = oneshot::channel::<()>();
-    let answering = AbortOnDrop(tokio::spawn(
-        submit_half::answer_reports(
-            context.clone(),
-            halves.clone(),
-            reports,
-            reader_done_receiver,
-        )
-        .in_current_span(),
-    ));
     let mut requests = JoinSet::new();
     read_requests(&mut recv, &context, &halves, &sink, &mut requests).await;
     drop(sink);
@@ -264,9 +267,12 @@ async fn serve_stream(
     // The client finished sending, or the node is shutting down: let requests
     // in flight answer (pending halves answer at once on shutdown), then finish.
     let _ = recv.stop(VarInt::from_u32(0));
-    drain(requests, answering, &connection).await;
+    let answered = drain(requests, answered_receiver, &connection).await;
+    // The writer ends once every handle to the outbox is gone.
     drop(context);
-    let _ = writer.await;
+    if answered {
+        let _ = (&mut writer.0).await;
+    }
 }
 
 /// Reads and handles requests until the client finishes sending, the stream
@@ -335,26 +341,28 @@ async fn handle_frames(
     true
 }
 
-/// Waits until every request and half in flight is answered. Once the
-/// connection itself is gone nobody can hear those answers: stop waiting
-/// rather than hold the connection's slot until a lone half's partner
-/// arrives or it expires. The halves stay durable; the phone reconnects and
-/// asks.
+/// Waits until every request and half in flight is answered (true). Once
+/// the connection itself is gone nobody can hear those answers: stop
+/// waiting (false) rather than hold the connection's slot until a lone
+/// half's partner arrives or it expires. The halves stay durable; the phone
+/// reconnects and asks.
 async fn drain(
     mut requests: JoinSet<()>,
-    mut answering: AbortOnDrop,
+    mut answered: oneshot::Receiver<()>,
     connection: &quinn::Connection,
-) {
+) -> bool {
     let closed = connection.closed();
     tokio::pin!(closed);
-    let mut answered = false;
+    // A writer that ended early (its stream broke) drops its sender: it
+    // answers nothing more either way.
+    let mut halves_answered = false;
     loop {
-        if answered && requests.is_empty() {
-            return;
+        if halves_answered && requests.is_empty() {
+            return true;
         }
         tokio::select! {
             Some(_) = requests.join_next(), if !requests.is_empty() => {}
-            _ = &mut answering.0, if !answered => answered = true,
+            _ = &mut answered, if !halves_answered => halves_answered = true,
             _ = &mut closed => break,
         }
     }
@@ -362,10 +370,7 @@ async fn drain(
     // Aborting is asynchronous: wait until the tasks are gone, so none
     // outlives its connection holding the node's state.
     while requests.join_next().await.is_some() {}
-    if !answered {
-        answering.0.abort();
-        let _ = (&mut answering.0).await;
-    }
+    false
 }
 
 /// Answers an unusable frame and counts it against the connection; true
@@ -401,21 +406,51 @@ async fn bad_frame(error: &DecodeError, context: &RequestContext) -> bool {
     true
 }
 
-async fn write_loop(mut send: quinn::SendStream, mut outbox: mpsc::Receiver<NodeMessage>) {
+/// The stream's one writer: answers from the outbox (inline answers,
+/// operator requests) and from the stream's halves' reports, as many as are
+/// ready in one write. Tells `answered` once no half is owed an answer, and
+/// ends once the outbox is closed too.
+async fn write_loop(
+    mut send: quinn::SendStream,
+    mut outbox: mpsc::Receiver<NodeMessage>,
+    mut answerer: Answerer,
+    answered: oneshot::Sender<()>,
+) {
     let mut frames = Vec::with_capacity(4096);
-    while let Some(message) = outbox.recv().await {
-        frames.clear();
-        push_frame(&message, &mut frames);
-        // Send whatever else is ready in the same write.
-        while frames.len() < 64 * 1024 {
+    let mut answered = Some(answered);
+    let mut outbox_open = true;
+    while outbox_open || answered.is_some() {
+        tokio::select! {
+            message = outbox.recv(), if outbox_open => match message {
+                Some(message) => push_frame(&message, &mut frames),
+                None => outbox_open = false,
+            },
+            more = answerer.next(), if answered.is_some() => {
+                if !more && let Some(answered) = answered.take() {
+                    let _ = answered.send(());
+                }
+            }
+        }
+        // Write whatever else is ready in the same write.
+        if answered.is_some() {
+            answerer.ready();
+        }
+        for answer in answerer.answers.drain(..) {
+            push_frame(&answer, &mut frames);
+        }
+        while outbox_open && frames.len() < WRITE_BYTES_MAX {
             match outbox.try_recv() {
                 Ok(message) => push_frame(&message, &mut frames),
                 Err(_) => break,
             }
         }
+        if frames.is_empty() {
+            continue;
+        }
         if send.write_all(&frames).await.is_err() {
             return;
         }
+        frames.clear();
     }
     let _ = send.finish();
     // Closing a connection discards stream data not yet delivered, and at

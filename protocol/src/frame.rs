@@ -267,7 +267,8 @@ pub fn encode_frame<M: Serialize>(message: &M, out: &mut Vec<u8>) -> Result<usiz
 
 /// `encode_frame` into a fresh buffer.
 pub fn encode_frame_to_vec<M: Serialize>(message: &M) -> Result<Vec<u8>, EncodeError> {
-    let mut out = Vec::new();
+    // Room for a typical request or answer, so that one allocation holds it.
+    let mut out = Vec::with_capacity(256);
     encode_frame(message, &mut out)?;
     Ok(out)
 }

@@ -27,7 +27,7 @@ use tapledger_protocol::{
     OutcomeReport, QueryStatus, RejectCode, RequestId, SALT_BYTES_MIN, Secret, TxKey,
     encode_frame_to_vec, key_hash,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 pub mod tls;
 
@@ -294,7 +294,18 @@ impl std::ops::Add for Datagrams {
     }
 }
 
-type Routes = Arc<Mutex<HashMap<RequestId, mpsc::UnboundedSender<NodeMessage>>>>;
+/// Where each request's next answer goes: one oneshot per answer, not a
+/// channel per request (an unbounded channel allocates room for 32 messages
+/// up front, and a request gets one answer, or two after `accepted`).
+type Routes = Arc<Mutex<HashMap<RequestId, oneshot::Sender<Answer>>>>;
+
+/// An answer to a request. `accepted` is followed by the outcome: the reader
+/// hands it over with the receiver that outcome will arrive on.
+#[derive(Debug)]
+struct Answer {
+    message: NodeMessage,
+    then: Option<oneshot::Receiver<Answer>>,
+}
 
 /// One phone's connection to a node.
 pub struct Phone {
@@ -346,17 +357,13 @@ impl Submitted {
 #[derive(Debug)]
 pub struct PendingHalf {
     pub tx_key: TxKey,
-    receiver: mpsc::UnboundedReceiver<NodeMessage>,
+    outcome: oneshot::Receiver<Answer>,
 }
 
 impl PendingHalf {
-    pub async fn answer(mut self) -> Result<HalfAnswer, ClientError> {
-        let message = self
-            .receiver
-            .recv()
-            .await
-            .ok_or(ClientError::Disconnected)?;
-        half_answer(message)
+    pub async fn answer(self) -> Result<HalfAnswer, ClientError> {
+        let answer = self.outcome.await.map_err(|_| ClientError::Disconnected)?;
+        half_answer(answer.message)
     }
 }
 
@@ -415,15 +422,15 @@ impl Phone {
         self.next_request.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Sends `message` (with its request id already set) and returns the
-    /// channel its answers arrive on.
+    /// Sends `message` (with its request id already set) and returns where
+    /// its first answer arrives.
     async fn request(
         &self,
         message: ClientMessage,
-    ) -> Result<mpsc::UnboundedReceiver<NodeMessage>, ClientError> {
+    ) -> Result<oneshot::Receiver<Answer>, ClientError> {
         let frame = encode_frame_to_vec(&message)
             .map_err(|error| ClientError::Unexpected(error.to_string()))?;
-        let (sender, receiver) = mpsc::unbounded_channel();
+        let (sender, receiver) = oneshot::channel();
         self.routes
             .lock()
             .expect("routes lock")
@@ -440,8 +447,7 @@ impl Phone {
     }
 
     async fn single_answer(&self, message: ClientMessage) -> Result<NodeMessage, ClientError> {
-        let mut receiver = self.request(message).await?;
-        let answer = receiver.recv().await.ok_or(ClientError::Disconnected)?;
+        let answer = first_answer(self.request(message).await?).await?;
         match answer {
             NodeMessage::Error { .. } => Err(node_error(answer)),
             answer => Ok(answer),
@@ -465,8 +471,7 @@ impl Phone {
         mut message: ClientMessage,
     ) -> Result<NodeMessage, ClientError> {
         set_request_id(&mut message, self.next_request_id());
-        let mut receiver = self.request(message).await?;
-        receiver.recv().await.ok_or(ClientError::Disconnected)
+        first_answer(self.request(message).await?).await
     }
 
     /// The next node message that answered no request (an `error` about an
@@ -516,14 +521,15 @@ impl Phone {
     pub async fn submit(&self, half: Half) -> Result<Submitted, ClientError> {
         let request_id = self.next_request_id();
         let tx_key = half.tx_key();
-        let mut receiver = self
+        let receiver = self
             .request(ClientMessage::SubmitHalf { request_id, half })
             .await?;
-        match receiver.recv().await.ok_or(ClientError::Disconnected)? {
-            NodeMessage::Accepted { .. } => {
-                Ok(Submitted::Accepted(PendingHalf { tx_key, receiver }))
+        let answer = receiver.await.map_err(|_| ClientError::Disconnected)?;
+        match (answer.message, answer.then) {
+            (NodeMessage::Accepted { .. }, Some(outcome)) => {
+                Ok(Submitted::Accepted(PendingHalf { tx_key, outcome }))
             }
-            other => half_answer(other).map(Submitted::Answered),
+            (other, _) => half_answer(other).map(Submitted::Answered),
         }
     }
 
@@ -649,6 +655,11 @@ fn half_answer(message: NodeMessage) -> Result<HalfAnswer, ClientError> {
     }
 }
 
+async fn first_answer(receiver: oneshot::Receiver<Answer>) -> Result<NodeMessage, ClientError> {
+    let answer = receiver.await.map_err(|_| ClientError::Disconnected)?;
+    Ok(answer.message)
+}
+
 fn unexpected(message: &NodeMessage) -> ClientError {
     ClientError::Unexpected(message.type_name().to_owned())
 }
@@ -684,20 +695,19 @@ fn route(routes: &Routes, unrouted: &mpsc::UnboundedSender<NodeMessage>, message
         return;
     };
     let mut routes = routes.lock().expect("routes lock");
-    // `accepted` is followed by the outcome; every other answer is final.
-    let sender = if matches!(message, NodeMessage::Accepted { .. }) {
-        routes.get(&request_id).cloned()
-    } else {
-        routes.remove(&request_id)
+    let Some(sender) = routes.remove(&request_id) else {
+        let _ = unrouted.send(message);
+        return;
     };
-    match sender {
-        Some(sender) => {
-            let _ = sender.send(message);
-        }
-        None => {
-            let _ = unrouted.send(message);
-        }
-    }
+    // `accepted` is followed by the outcome; every other answer is final.
+    let then = matches!(message, NodeMessage::Accepted { .. }).then(|| {
+        let (outcome, then) = oneshot::channel();
+        routes.insert(request_id, outcome);
+        then
+    });
+    // A requester that stopped waiting hears nothing; its outcome, if one
+    // follows, finds the route and goes nowhere either.
+    let _ = sender.send(Answer { message, then });
 }
 
 #[cfg(test)]

@@ -5,11 +5,11 @@
 use super::*;
 use tapledger_protocol::examples::EXAMPLE_TX_KEY;
 
-fn routes_with(ids: &[RequestId]) -> (Routes, Vec<mpsc::UnboundedReceiver<NodeMessage>>) {
+fn routes_with(ids: &[RequestId]) -> (Routes, Vec<oneshot::Receiver<Answer>>) {
     let routes: Routes = Arc::new(Mutex::new(HashMap::new()));
     let mut receivers = Vec::new();
     for id in ids {
-        let (sender, receiver) = mpsc::unbounded_channel();
+        let (sender, receiver) = oneshot::channel();
         routes.lock().unwrap().insert(*id, sender);
         receivers.push(receiver);
     }
@@ -18,7 +18,7 @@ fn routes_with(ids: &[RequestId]) -> (Routes, Vec<mpsc::UnboundedReceiver<NodeMe
 
 #[test]
 fn accepted_keeps_the_route_for_the_pushed_outcome_and_a_final_answer_ends_it() {
-    let (routes, mut receivers) = routes_with(&[7]);
+    let (routes, receivers) = routes_with(&[7]);
     let (unrouted, mut unrouted_receiver) = mpsc::unbounded_channel();
     let accepted = NodeMessage::Accepted {
         request_id: 7,
@@ -29,8 +29,13 @@ fn accepted_keeps_the_route_for_the_pushed_outcome_and_a_final_answer_ends_it() 
     let refused = NodeMessage::refused(7, EXAMPLE_TX_KEY, RejectCode::TxKeyAlreadyUsed);
     route(&routes, &unrouted, refused.clone());
     assert!(routes.lock().unwrap().is_empty());
-    assert_eq!(receivers[0].try_recv().unwrap(), accepted);
-    assert_eq!(receivers[0].try_recv().unwrap(), refused);
+    let [mut first] = <[_; 1]>::try_from(receivers).unwrap();
+    let first = first.try_recv().unwrap();
+    assert_eq!(first.message, accepted);
+    let mut then = first.then.expect("accepted hands over the outcome's route");
+    let last = then.try_recv().unwrap();
+    assert_eq!(last.message, refused);
+    assert!(last.then.is_none(), "a final answer has nothing after it");
     assert!(unrouted_receiver.try_recv().is_err());
 }
 

@@ -210,33 +210,14 @@ impl RequestContext {
         self.answer(self.internal_answer(request_id, error)).await;
     }
 
-    /// The answer to a request the ledger could not serve: 1102 when
-    /// leadership moved, 1101 at shutdown, 1100 otherwise (logged, repeats
-    /// counted).
+    /// The answer to a request the ledger could not serve (see
+    /// [`internal_answer`]).
     pub(crate) fn internal_answer(
         &self,
         request_id: RequestId,
         error: &LedgerError,
     ) -> NodeMessage {
-        let code = match error {
-            LedgerError::NotLeader(hint) => {
-                tracing::info!(%error, request_id, "request ended by a change of leader");
-                return NodeMessage::not_leader(Some(request_id), leader_ref(hint.clone()));
-            }
-            LedgerError::Closed => ErrorCode::ShuttingDown,
-            _ => ErrorCode::Internal,
-        };
-        let message = error.to_string();
-        if let Some(repeated) = self
-            .shared
-            .request_errors
-            .check(&message, std::time::Instant::now())
-        {
-            // `not_logged_since`: requests that failed the same way since
-            // this error was last logged.
-            tracing::error!(%error, request_id, not_logged_since = repeated, "request failed");
-        }
-        NodeMessage::error(Some(request_id), code, &message)
+        internal_answer(&self.shared, request_id, error)
     }
 
     /// Counts a failed credential (API key or admin) and answers it; after
@@ -281,6 +262,34 @@ impl RequestContext {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         self.connection.close(code, reason);
     }
+}
+
+/// The answer to a request the ledger could not serve: 1102 when
+/// leadership moved, 1101 at shutdown, 1100 otherwise (logged, repeats
+/// counted).
+pub(crate) fn internal_answer(
+    shared: &Shared,
+    request_id: RequestId,
+    error: &LedgerError,
+) -> NodeMessage {
+    let code = match error {
+        LedgerError::NotLeader(hint) => {
+            tracing::info!(%error, request_id, "request ended by a change of leader");
+            return NodeMessage::not_leader(Some(request_id), leader_ref(hint.clone()));
+        }
+        LedgerError::Closed => ErrorCode::ShuttingDown,
+        _ => ErrorCode::Internal,
+    };
+    let message = error.to_string();
+    if let Some(repeated) = shared
+        .request_errors
+        .check(&message, std::time::Instant::now())
+    {
+        // `not_logged_since`: requests that failed the same way since
+        // this error was last logged.
+        tracing::error!(%error, request_id, not_logged_since = repeated, "request failed");
+    }
+    NodeMessage::error(Some(request_id), code, &message)
 }
 
 /// Resolves once the node starts shutting down.

@@ -7,12 +7,15 @@
 //! ([`Queued`]) and hands them to the ledger in one
 //! [`Ledger::submit_batch`](tapledger_actors::Ledger::submit_batch)
 //! ([`submit`]); every half's fate comes back on the stream's one report
-//! channel, and [`answer_reports`], one task per stream, turns the reports
-//! into answers on the stream's outbox. The halves still owed an answer
+//! channel, and the stream's writer turns the reports into answers through
+//! its [`Answerer`] and writes them with whatever else is queued (no task
+//! and no channel hop between a report and its answer's write). The halves still owed an answer
 //! ([`HalvesInFlight`]) hold their places among the connection's requests in
 //! flight. Spans and metric look-ups are per stream, not per half.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
@@ -23,11 +26,12 @@ use tapledger_protocol::{
 };
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
-use super::{RequestContext, stopping};
+use super::{RequestContext, internal_answer, stopping};
+use crate::server::Shared;
 use crate::telemetry::{HalfFate, HalfHistograms};
 
-/// Reports turned into answers per turn of [`answer_reports`], so that one
-/// busy stream's outbox is fed in bounded steps.
+/// Reports turned into answers per turn of the [`Answerer`], so that one
+/// busy stream's writer works in bounded steps.
 const REPORTS_PER_TURN_MAX: usize = 256;
 
 const SHUTTING_DOWN_DETAIL: &str =
@@ -137,46 +141,99 @@ pub(crate) fn submit(
     context.shared.ledger.submit_batch(batch, sink);
 }
 
-/// One stream's report task: turns every half's reports into answers, in
-/// the order they arrive (so `accepted` precedes its `outcome`), until the
-/// reader is done and no half is owed an answer. At shutdown each accepted
-/// half is answered 1101 at once (it stays durable and pending).
-pub(crate) async fn answer_reports(
-    context: RequestContext,
+/// One stream's halves in flight and the reports that answer them: the
+/// stream's writer waits on [`Answerer::next`] beside its outbox and writes
+/// the answers it leaves, in the order the reports arrive (so `accepted`
+/// precedes its `outcome`). Done once the reader is done and no half is
+/// owed an answer, or the ledger is gone. At shutdown each accepted half is
+/// answered 1101 at once (it stays durable and pending).
+pub(crate) struct Answerer {
+    shared: Arc<Shared>,
     in_flight: Arc<HalvesInFlight>,
-    mut reports: mpsc::UnboundedReceiver<Report>,
-    mut reader_done: oneshot::Receiver<()>,
-) {
-    let histograms = HalfHistograms::new();
-    let stop = stopping(context.shared.shutdown.clone());
-    tokio::pin!(stop);
-    let mut stopped = false;
-    let mut reading = true;
-    let mut turn = Vec::with_capacity(REPORTS_PER_TURN_MAX);
-    let mut answers = Vec::new();
-    loop {
-        if !reading && in_flight.is_empty() {
-            break;
+    reports: mpsc::UnboundedReceiver<Report>,
+    reader_done: oneshot::Receiver<()>,
+    stop: Pin<Box<dyn Future<Output = ()> + Send>>,
+    histograms: HalfHistograms,
+    stopped: bool,
+    reading: bool,
+    turn: Vec<Report>,
+    /// Answers made and not yet taken by the writer.
+    pub(crate) answers: Vec<NodeMessage>,
+}
+
+impl Answerer {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        in_flight: Arc<HalvesInFlight>,
+        reports: mpsc::UnboundedReceiver<Report>,
+        reader_done: oneshot::Receiver<()>,
+    ) -> Answerer {
+        let stop = Box::pin(stopping(shared.shutdown.clone()));
+        Answerer {
+            shared,
+            in_flight,
+            reports,
+            reader_done,
+            stop,
+            histograms: HalfHistograms::new(),
+            stopped: false,
+            reading: true,
+            turn: Vec::with_capacity(REPORTS_PER_TURN_MAX),
+            answers: Vec::new(),
+        }
+    }
+
+    /// Waits for reports (or the shutdown, or the reader's end) and turns
+    /// them into [`Answerer::answers`]; false once no half of this stream
+    /// will be answered any more. Cancel-safe: nothing is taken before the
+    /// wait ends.
+    pub(crate) async fn next(&mut self) -> bool {
+        if self.is_done() {
+            return false;
         }
         tokio::select! {
-            received = reports.recv_many(&mut turn, REPORTS_PER_TURN_MAX) => {
+            received = self.reports.recv_many(&mut self.turn, REPORTS_PER_TURN_MAX) => {
                 if received == 0 {
-                    break;
+                    return false;
                 }
-                let mut table = in_flight.lock();
-                for report in turn.drain(..) {
-                    let answering = Answering { context: &context, histograms: &histograms, stopped };
-                    answering.report(&mut table, report, &mut answers);
-                }
+                self.answer_turn();
             }
-            _ = &mut stop, if !stopped => {
-                stopped = true;
-                shut_down_accepted(&mut in_flight.lock(), &mut answers);
+            _ = &mut self.stop, if !self.stopped => {
+                self.stopped = true;
+                shut_down_accepted(&mut self.in_flight.lock(), &mut self.answers);
             }
-            _ = &mut reader_done, if reading => reading = false,
+            _ = &mut self.reader_done, if self.reading => self.reading = false,
         }
-        for answer in answers.drain(..) {
-            context.answer(answer).await;
+        !self.is_done()
+    }
+
+    /// Turns the reports already queued into answers, without waiting.
+    pub(crate) fn ready(&mut self) {
+        while self.turn.len() < REPORTS_PER_TURN_MAX {
+            match self.reports.try_recv() {
+                Ok(report) => self.turn.push(report),
+                Err(_) => break,
+            }
+        }
+        self.answer_turn();
+    }
+
+    fn is_done(&self) -> bool {
+        !self.reading && self.in_flight.is_empty()
+    }
+
+    fn answer_turn(&mut self) {
+        if self.turn.is_empty() {
+            return;
+        }
+        let mut table = self.in_flight.lock();
+        let answering = Answering {
+            shared: &self.shared,
+            histograms: &self.histograms,
+            stopped: self.stopped,
+        };
+        for report in self.turn.drain(..) {
+            answering.report(&mut table, report, &mut self.answers);
         }
     }
 }
@@ -208,7 +265,7 @@ fn shutting_down(request_id: RequestId) -> NodeMessage {
 
 /// What turning one report into answers needs.
 struct Answering<'a> {
-    context: &'a RequestContext,
+    shared: &'a Shared,
     histograms: &'a HalfHistograms,
     /// The node is shutting down: a half accepted now is answered 1101 too.
     stopped: bool,
@@ -254,7 +311,7 @@ impl Answering<'_> {
     ) -> NodeMessage {
         let resolution = match result {
             Ok(resolution) => resolution,
-            Err(error) => return self.context.internal_answer(waiting.request_id, &error),
+            Err(error) => return internal_answer(self.shared, waiting.request_id, &error),
         };
         if !waiting.accepted {
             self.histograms
