@@ -267,25 +267,25 @@ impl KeyIndex {
         while let Some(level) = full_level(&runs) {
             let (merging, kept): (Vec<_>, Vec<_>) =
                 runs.into_iter().partition(|run| run.level == level);
-            let mut entries = Vec::with_capacity(merging.iter().map(|run| run.keys as usize).sum());
+            let mut sorted = Vec::with_capacity(merging.len());
             for run in &merging {
+                let mut entries = Vec::with_capacity(run.keys as usize);
                 read_run(&tables.chunks, run, &mut entries)?;
                 tables.runs.remove(run.id)?;
                 for chunk in 0..run.chunks() {
                     tables.chunks.remove(ChunkId { run: run.id, chunk }.key())?;
                 }
+                sorted.push(entries);
             }
-            // Each run is sorted: the sort merges them.
-            entries.sort_unstable_by_key(|(key, _)| *key);
-            if let Some(pair) = entries.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+            let entries = merge_runs(sorted).map_err(|key| {
                 // Storage checks a key has no outcome before adding it, so
                 // only a damaged index gets here.
-                return Err(StoreError::Damaged {
+                StoreError::Damaged {
                     table: CHUNKS.name().into(),
-                    key: tapledger_protocol::TxKey::from_u128(pair[0].0).to_string(),
+                    key: tapledger_protocol::TxKey::from_u128(key).to_string(),
                     what: "indexed twice".into(),
-                });
-            }
+                }
+            })?;
             runs = kept;
             runs.push(self.write_run(tables, next_run, level + 1, &entries)?);
             runs.sort_by_key(|run| std::cmp::Reverse(run.id));
@@ -370,20 +370,70 @@ fn full_level(runs: &[Arc<Run>]) -> Option<u8> {
         .map(|(level, _)| level)
 }
 
+/// Appends `run`'s entries to `into`, checking they come in strictly
+/// increasing key order (the merge relies on it).
 fn read_run(
     chunks: &impl ReadableTable<u128, Sealed>,
     run: &Run,
     into: &mut Vec<(u128, u64)>,
 ) -> Result<(), StoreError> {
+    let mut previous: Option<u128> = None;
     for chunk in 0..run.chunks() {
         let id = ChunkId { run: run.id, chunk };
         let bytes = chunks
             .get(id.key())?
             .ok_or_else(|| damaged(id, "missing"))?;
         let entries = unseal_chunk(id, bytes.value())?;
-        into.extend((0..entries.len() / ENTRY_LEN).map(|position| entry(entries, position)));
+        for position in 0..entries.len() / ENTRY_LEN {
+            let (key, seq) = entry(entries, position);
+            if previous.is_some_and(|previous| previous >= key) {
+                return Err(damaged(id, "keys out of order"));
+            }
+            previous = Some(key);
+            into.push((key, seq));
+        }
     }
     Ok(())
+}
+
+/// Merges runs whose entries are each in strictly increasing key order into
+/// one such run, pairwise (one comparison per entry per round, two rounds
+/// for [`FAN_IN`] runs, where sorting them together cost a full sort); the
+/// key found in two runs, if any.
+fn merge_runs(mut runs: Vec<Vec<(u128, u64)>>) -> Result<Vec<(u128, u64)>, u128> {
+    while runs.len() > 1 {
+        let mut merged = Vec::with_capacity(runs.len().div_ceil(2));
+        let mut pairs = runs.into_iter();
+        while let Some(left) = pairs.next() {
+            merged.push(match pairs.next() {
+                Some(right) => merge_two(&left, &right)?,
+                None => left,
+            });
+        }
+        runs = merged;
+    }
+    Ok(runs.pop().unwrap_or_default())
+}
+
+fn merge_two(left: &[(u128, u64)], right: &[(u128, u64)]) -> Result<Vec<(u128, u64)>, u128> {
+    let mut merged = Vec::with_capacity(left.len() + right.len());
+    let (mut l, mut r) = (0, 0);
+    while l < left.len() && r < right.len() {
+        match left[l].0.cmp(&right[r].0) {
+            std::cmp::Ordering::Less => {
+                merged.push(left[l]);
+                l += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                merged.push(right[r]);
+                r += 1;
+            }
+            std::cmp::Ordering::Equal => return Err(left[l].0),
+        }
+    }
+    merged.extend_from_slice(&left[l..]);
+    merged.extend_from_slice(&right[r..]);
+    Ok(merged)
 }
 
 /// What the audit reads of the stored index.
@@ -530,9 +580,11 @@ impl Filter {
         }
     }
 
-    /// The block and the 7 bit positions within it for `hash`.
+    /// The block and the 7 bit positions within it for `hash`. The block is
+    /// the low half of the hash scaled to the block count (a multiply and a
+    /// shift: a 64-bit division per run checked cost more than the probes).
     fn probes(&self, hash: u128) -> (usize, impl Iterator<Item = usize> + use<>) {
-        let block = ((hash as u64) % self.blocks.len() as u64) as usize;
+        let block = ((u128::from(hash as u64) * self.blocks.len() as u128) >> 64) as usize;
         let bits = (hash >> 64) as u64;
         (
             block,

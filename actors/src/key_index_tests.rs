@@ -190,3 +190,32 @@ fn the_filter_passes_every_key_it_holds_and_few_others() {
     // About 1 % expected; 3 % leaves room for chance.
     assert!(false_positives < 3_000, "{false_positives} of 100,000");
 }
+
+#[test]
+fn merging_runs_gives_every_entry_once_in_key_order_and_names_a_key_found_twice() {
+    let mut keys = Keys(11);
+    for runs in 1..=FAN_IN + 1 {
+        let mut all = Vec::new();
+        let sorted: Vec<Vec<(u128, u64)>> = (0..runs)
+            .map(|run| {
+                let mut entries: Vec<_> = (0..100 * run as u64 + 7)
+                    .map(|seq| (keys.key(), seq))
+                    .collect();
+                entries.sort_unstable();
+                all.extend_from_slice(&entries);
+                entries
+            })
+            .collect();
+        all.sort_unstable();
+        assert_eq!(merge_runs(sorted.clone()).unwrap(), all, "{runs} runs");
+        if runs > 1 {
+            let mut twice = sorted;
+            let repeated = twice[0][3].0;
+            let last = twice.len() - 1;
+            twice[last].push((repeated, 1));
+            twice[last].sort_unstable();
+            assert_eq!(merge_runs(twice), Err(repeated), "{runs} runs");
+        }
+    }
+    assert_eq!(merge_runs(Vec::new()), Ok(Vec::new()));
+}
