@@ -270,9 +270,12 @@ async fn serve_stream(
     let answered = drain(requests, answered_receiver, &connection).await;
     // The writer ends once every handle to the outbox is gone.
     drop(context);
-    if answered {
-        let _ = (&mut writer.0).await;
+    if !answered {
+        // Nobody can hear the rest: stop it, and wait until it is gone so
+        // that it does not outlive its connection holding the node's state.
+        writer.0.abort();
     }
+    let _ = (&mut writer.0).await;
 }
 
 /// Reads and handles requests until the client finishes sending, the stream
@@ -419,6 +422,7 @@ async fn write_loop(
     let mut frames = Vec::with_capacity(4096);
     let mut answered = Some(answered);
     let mut outbox_open = true;
+    let mut writable = true;
     while outbox_open || answered.is_some() {
         tokio::select! {
             message = outbox.recv(), if outbox_open => match message {
@@ -447,10 +451,16 @@ async fn write_loop(
         if frames.is_empty() {
             continue;
         }
-        if send.write_all(&frames).await.is_err() {
-            return;
+        // A stream the client stopped or reset takes nothing more, but its
+        // halves are still answered (into nothing), so that each gives back
+        // its place among the connection's requests in flight.
+        if writable && send.write_all(&frames).await.is_err() {
+            writable = false;
         }
         frames.clear();
+    }
+    if !writable {
+        return;
     }
     let _ = send.finish();
     // Closing a connection discards stream data not yet delivered, and at

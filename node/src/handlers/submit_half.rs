@@ -99,7 +99,7 @@ pub(super) fn queue(
 }
 
 /// Hands the halves of one read to the ledger in one batch; their fates
-/// reach `sink`, which [`answer_reports`] reads.
+/// reach `sink`, which the stream's [`Answerer`] reads.
 pub(crate) fn submit(
     context: &RequestContext,
     in_flight: &HalvesInFlight,
