@@ -356,8 +356,8 @@ async fn drain(
 ) -> bool {
     let closed = connection.closed();
     tokio::pin!(closed);
-    // A writer that ended early (its stream broke) drops its sender: it
-    // answers nothing more either way.
+    // A writer that is gone (it panicked) drops its sender: it answers
+    // nothing more either way.
     let mut halves_answered = false;
     loop {
         if halves_answered && requests.is_empty() {

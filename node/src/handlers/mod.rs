@@ -205,19 +205,10 @@ impl RequestContext {
     }
 
     /// Answers a request the ledger could not serve (see
-    /// [`RequestContext::internal_answer`]).
-    pub(crate) async fn internal(&self, request_id: RequestId, error: &LedgerError) {
-        self.answer(self.internal_answer(request_id, error)).await;
-    }
-
-    /// The answer to a request the ledger could not serve (see
     /// [`internal_answer`]).
-    pub(crate) fn internal_answer(
-        &self,
-        request_id: RequestId,
-        error: &LedgerError,
-    ) -> NodeMessage {
-        internal_answer(&self.shared, request_id, error)
+    pub(crate) async fn internal(&self, request_id: RequestId, error: &LedgerError) {
+        self.answer(internal_answer(&self.shared, request_id, error))
+            .await;
     }
 
     /// Counts a failed credential (API key or admin) and answers it; after

@@ -9,9 +9,9 @@
 //! ([`submit`]); every half's fate comes back on the stream's one report
 //! channel, and the stream's writer turns the reports into answers through
 //! its [`Answerer`] and writes them with whatever else is queued (no task
-//! and no channel hop between a report and its answer's write). The halves still owed an answer
-//! ([`HalvesInFlight`]) hold their places among the connection's requests in
-//! flight. Spans and metric look-ups are per stream, not per half.
+//! and no channel hop between a report and its answer's write). The halves
+//! still owed an answer ([`HalvesInFlight`]) hold their places among the
+//! connection's requests in flight. Spans and metric look-ups are per stream, not per half.
 
 use std::collections::HashMap;
 use std::future::Future;
